@@ -1,0 +1,557 @@
+"""The coordinator: the one process that writes a store.
+
+Design
+------
+``CoordinatorServer(...)`` only records its settings; :meth:`CoordinatorServer.run`
+takes over the process (gunicorn's ``Worker.__init__`` / ``run`` split):
+
+1. Take the store's lock: ``flock`` on ``/shmstore.NAME@lock``. The kernel drops it when
+   the holder dies, so a second coordinator is refused while one lives, and a dead one's
+   lock never needs cleaning.
+2. Adopt the existing data segment (its previous coordinator is dead: we hold the lock),
+   repairing what a death mid-write can leave (see ``_recovery``), or create a new one.
+3. Make a fresh write channel, doorbell and reply semaphores, then publish our pid,
+   start time and a new incarnation in the header. Clients of the previous incarnation
+   notice and re-register.
+4. Loop: wait on the doorbell (a short spin first, then block with a tick timeout);
+   drain every client's ring; apply everything as one group; make it durable
+   (the journal seam); then publish replies and ``DONE`` counters and post each served
+   client's reply semaphore. Every tick: heartbeat, reclaim dead clients, parent check.
+
+Signals (handlers only record the signal; the loop acts on it):
+
+=======  ===================================================================
+SIGTERM  graceful: finish the group in hand, sync, close the channel, exit 0
+SIGINT   the same, sooner: stop after the group in hand
+SIGHUP   ignored for now (no reloadable settings yet)
+=======  ===================================================================
+
+On any exit the header's incarnation and pid go to 0, so clients fail fast with
+``CoordinatorUnavailableError`` while readers keep reading the segment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import sys
+import time
+from typing import Callable
+
+import msgspec
+import posix_ipc
+
+from shmstore import _channel as C
+from shmstore import _layout as L
+from shmstore._errors import (
+    CoordinatorRunningError,
+    IncompatibleStoreError,
+    ProtocolError,
+    RequestTooLargeError,
+    SchemaMismatchError,
+    ShmStoreError,
+)
+from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
+
+from ._engine import Engine
+from ._journal import Journal, NullJournal
+from ._recovery import RedoArea, repair
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_REFUSED = 3  # another coordinator serves the store
+
+TICK = 0.1  # seconds between heartbeats / reclaim scans
+_decode = msgspec.msgpack.Decoder().decode
+_encode = msgspec.msgpack.Encoder().encode
+
+DEFAULT_CAPACITY = 100_000
+DEFAULT_KEY_SIZE = 64
+DEFAULT_VALUE_SIZE = 1024
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_RING_SIZE = 256 * 1024
+DEFAULT_REPLY_SIZE = 1024 * 1024
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings of one coordinator run. ``None`` sizes mean: the existing segment's,
+    or the defaults for a new store."""
+
+    name: str
+    capacity: int | None = None
+    key_size: int | None = None
+    value_size: int | None = None
+    schema_fp: int = 0
+    schema_given: bool = False
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    ring_size: int = DEFAULT_RING_SIZE
+    reply_size: int = DEFAULT_REPLY_SIZE
+    spin_us: float = 50.0
+    parent_pid: int = 0  # stop when this process is gone (0: never)
+    path: str | None = None
+    sync: str = "never"
+
+
+class CoordinatorServer:
+    """Serve one store until stopped. Construction changes no process-wide state."""
+
+    def __init__(self, config: ServerConfig, *, journal: Journal | None = None,
+                 ready: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.name = L.check_name(config.name)
+        self.journal = journal or NullJournal()
+        self._ready = ready
+        self._signal: int | None = None
+        self.lock_fd = -1
+        self.seg: Segment | None = None
+        self.chan: C.ChannelMap | None = None
+        self.bell: posix_ipc.Semaphore | None = None
+        self.reply_sems: list[posix_ipc.Semaphore] = []
+        self.stopping = False
+
+    # -- signals ---------------------------------------------------------------------
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum
+
+    def _handle_signal(self) -> None:
+        sig, self._signal = self._signal, None
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+
+    # -- startup ---------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        shm = posix_ipc.SharedMemory(L.lock_name(self.name), posix_ipc.O_CREAT, mode=0o600, size=0)
+        fd = shm.fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = "unknown"
+            try:
+                seg = open_segment(self.name, timeout=0.5)
+                pid = seg.q[L.H_COORD_PID] or "starting"
+                seg.close()
+            except ShmStoreError:
+                pass
+            raise CoordinatorRunningError(
+                f"store {self.name!r} is already served by a coordinator (pid {pid}); "
+                f"connect to it with shmstore.connect({self.name!r}) or stop it first"
+            ) from None
+        self.lock_fd = fd
+
+    def _open_segment(self) -> Segment:
+        cfg = self.config
+        try:
+            seg = open_segment(self.name, writable=True, timeout=0.2)
+        except ShmStoreError as e:
+            if type(e).__name__ == "StoreNotFoundError":
+                seg = None
+            elif type(e).__name__ == "StoreTimeoutError":
+                # A creator died before finishing the header: nothing was ever published.
+                unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
+                seg = None
+            else:
+                raise
+        if seg is not None:
+            lay = seg.layout
+            want = (cfg.capacity, cfg.key_size, cfg.value_size)
+            have = (lay.capacity, lay.key_size, lay.value_size)
+            if any(w is not None and w != h for w, h in zip(want, have)):
+                seg.close()
+                raise IncompatibleStoreError(
+                    f"store {self.name!r} exists with capacity={have[0]}, key_size={have[1]}, "
+                    f"value_size={have[2]}; serve it with those sizes (or none), or destroy it "
+                    f"first with shmstore.destroy({self.name!r})"
+                )
+            if cfg.schema_given and seg.q[L.H_SCHEMA_FP] != cfg.schema_fp:
+                seg.close()
+                raise SchemaMismatchError(
+                    f"store {self.name!r} was created with another value_type (schema "
+                    f"fingerprint differs); serve it with the same value_type or destroy it"
+                )
+            return seg
+        layout = L.Layout(
+            capacity=cfg.capacity or DEFAULT_CAPACITY,
+            key_size=cfg.key_size or DEFAULT_KEY_SIZE,
+            value_size=cfg.value_size or DEFAULT_VALUE_SIZE,
+        ).validate()
+        return create_segment(self.name, layout, cfg.schema_fp)
+
+    def _open_ipc(self) -> None:
+        cfg = self.config
+        n = self.name
+        self.incarnation = int.from_bytes(os.urandom(8), "little") | 1
+        for i in range(cfg.max_clients):
+            unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(n, i))
+            self.reply_sems.append(
+                posix_ipc.Semaphore(L.reply_sem_name(n, i), posix_ipc.O_CREX, mode=0o600, initial_value=0)
+            )
+        unlink_quietly(posix_ipc.Semaphore, L.bell_name(n))
+        self.bell = posix_ipc.Semaphore(L.bell_name(n), posix_ipc.O_CREX, mode=0o600, initial_value=0)
+        self.chan = C.create_channel(
+            n, C.ChannelLayout(max_clients=cfg.max_clients, ring_size=cfg.ring_size, reply_size=cfg.reply_size),
+            self.incarnation,
+        )
+
+    def setup(self) -> None:
+        """Everything up to serving: lock, segment, repair, channel, header."""
+        cfg = self.config
+        for field, value, lo in (("max_clients", cfg.max_clients, 1), ("ring_size", cfg.ring_size, 4096),
+                                 ("reply_size", cfg.reply_size, 4096)):
+            if not isinstance(value, int) or value < lo:
+                raise L.InvalidLayoutError(f"{field} must be an integer >= {lo}, got {value!r}")
+        L.check_platform()
+        self._take_lock()
+        self.seg = self._open_segment()
+        seg = self.seg
+        q = seg.q
+        q[L.H_COORD_INCARNATION] = 0
+        self.engine = Engine(seg)
+        self.redo = RedoArea(self.name, cfg.ring_size)
+        self.repair_report = repair(seg, self.engine, self.redo)
+        self.engine.redo = self.redo
+        self.journal.open(seg, self.engine)
+        self._open_ipc()
+        ch = self.chan
+        self.sessions = ch.words(C.C_SESSION)
+        self.acks = ch.words(C.C_ACK)
+        self.heads = ch.words(C.C_HEAD)
+        self.tails = ch.words(C.C_TAIL)
+        self.done = [0] * cfg.max_clients
+        self.active: list[int] = []
+        q[L.H_MAX_CLIENTS] = cfg.max_clients
+        q[L.H_RING_SIZE] = cfg.ring_size
+        q[L.H_REPLY_SIZE] = cfg.reply_size
+        q[L.H_COORD_PID] = os.getpid()
+        q[L.H_COORD_START] = process_start_ms(os.getpid()) or 0
+        q[L.H_HEARTBEAT] = time.time_ns()
+        q[L.H_STATE] = L.STATE_READY
+        q[L.H_COORD_INCARNATION] = self.incarnation
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a signal, ``stop()`` or the parent's death. Returns an exit code."""
+        old = {s: signal.signal(s, self._record_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            self.setup()
+            if self._ready:
+                self._ready()
+            self.loop()
+            return EXIT_OK
+        finally:
+            self.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def loop(self) -> None:
+        bell = self.bell
+        spin_ns = int(self.config.spin_us * 1000)
+        next_tick = 0.0
+        while not self.stopping:
+            # Wait for the doorbell: spin briefly (a wake-up costs ~80 us), then block.
+            got = bell.value > 0
+            if not got and spin_ns:
+                t_end = time.perf_counter_ns() + spin_ns
+                while time.perf_counter_ns() < t_end:
+                    if bell.value > 0:
+                        got = True
+                        break
+            if not got:
+                try:
+                    bell.acquire(TICK)
+                except posix_ipc.BusyError:
+                    pass
+                except posix_ipc.SignalError:
+                    pass
+            # Swallow every pending ring: the drain below sees all published frames.
+            while bell.value > 0:
+                try:
+                    bell.acquire(0)
+                except posix_ipc.BusyError:
+                    break
+            if self._signal is not None:
+                self._handle_signal()
+            self.serve_group()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self.tick()
+        # Drain what is already queued before going away (graceful stop).
+        self.serve_group()
+
+    def tick(self) -> None:
+        q = self.seg.q
+        q[L.H_HEARTBEAT] = time.time_ns()
+        self.journal.tick()
+        self.reclaim_dead_clients()
+        ppid = self.config.parent_pid
+        if ppid and os.getppid() != ppid:
+            self.stopping = True
+
+    def reclaim_dead_clients(self) -> None:
+        """Free the blocks of clients whose process is gone (their OFD lock dropped)."""
+        ch = self.chan
+        for i in list(self.active):
+            if C.lock_byte(ch.fd, i):
+                # We hold the lock: nobody can claim the block while we reset it.
+                self._forget_client(i)
+                C.unlock_byte(ch.fd, i)
+                self.seg.q[L.H_CLIENTS_RECLAIMED] += 1
+
+    def _forget_client(self, i: int) -> None:
+        q = self.chan.q
+        w = self.chan.layout.block(i) // 8
+        q[w + C.C_ACK] = 0
+        q[w + C.C_SESSION] = 0
+        q[w + C.C_TAIL] = q[w + C.C_HEAD]
+        if i in self.active:
+            self.active.remove(i)
+
+    def _handshake(self, i: int) -> None:
+        q = self.chan.q
+        w = self.chan.layout.block(i) // 8
+        session = q[w + C.C_SESSION]
+        q[w + C.C_TAIL] = 0
+        q[w + C.C_DONE] = 0
+        q[w + C.C_REPLY_LEN] = 0
+        q[w + C.C_ERR_TICKET] = 0
+        q[w + C.C_ERR_LEN] = 0
+        q[w + C.C_ERR_COUNT] = 0
+        self.done[i] = 0
+        q[w + C.C_ACK] = session
+        if i not in self.active:
+            self.active.append(i)
+        self.reply_sems[i].release()
+
+    def serve_group(self) -> None:
+        """Drain every client's ring, apply as one group, sync, then reply."""
+        import numpy as np
+
+        new = np.flatnonzero((self.sessions != self.acks) & (self.sessions != 0))
+        for i in new.tolist():
+            self._handshake(i)
+        heads = self.heads
+        tails = self.tails
+        served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
+        nframes = 0
+        for i in self.active:
+            if heads[i] > tails[i]:
+                reply, err, n = self._drain_client(i)
+                served.append((i, reply, err))
+                nframes += n
+        if not served:
+            return
+        self.journal.commit()
+        q = self.seg.q
+        q[L.H_GROUPS] += 1
+        q[L.H_FRAMES] += nframes
+        if nframes > q[L.H_MAX_GROUP]:
+            q[L.H_MAX_GROUP] = nframes
+        ch = self.chan
+        cq = ch.q
+        mv = ch.mv
+        lay = ch.layout
+        for i, reply, err in served:
+            base = lay.block(i)
+            w = base // 8
+            if reply is not None:
+                o = base + C.CONTROL + lay.ring_size
+                mv[o : o + len(reply)] = reply
+                cq[w + C.C_REPLY_LEN] = len(reply)
+            if err is not None:
+                ticket, blob = err
+                o = base + C.CONTROL + lay.ring_size + lay.reply_size
+                mv[o : o + len(blob)] = blob
+                cq[w + C.C_ERR_LEN] = len(blob)
+                cq[w + C.C_ERR_TICKET] = ticket
+            # Invariant: DONE is stored after the reply bytes it vouches for.
+            cq[w + C.C_DONE] = self.done[i]
+            self.reply_sems[i].release()
+
+    def _drain_client(self, i: int) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
+        ch = self.chan
+        cq = ch.q
+        mv = ch.mv
+        lay = ch.layout
+        R = lay.ring_size
+        base = lay.block(i)
+        w = base // 8
+        ring = base + C.CONTROL
+        head = cq[w + C.C_HEAD]
+        tail = cq[w + C.C_TAIL]
+        frames = []
+        while tail < head:
+            off = tail % R
+            (n,) = struct.unpack_from("<I", mv, ring + off)
+            if n == C.PAD_MARK:
+                tail += R - off
+                continue
+            if n > R - off - 8:
+                frames.append(None)
+                tail = head
+                break
+            frames.append(bytes(mv[ring + off + 8 : ring + off + 8 + n]))
+            tail += 8 + ((n + 7) & ~7)
+        cq[w + C.C_TAIL] = tail  # the client may reuse the space now: we hold copies
+        reply = None
+        err = None
+        has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
+        for payload in frames:
+            self.done[i] += 1
+            ticket = self.done[i]
+            wait = True
+            try:
+                if payload is None:
+                    raise ProtocolError("a frame overruns the client ring; the client is out of sync")
+                try:
+                    op = _decode(payload)
+                    wait = bool(op[1])
+                except (msgspec.DecodeError, IndexError, TypeError) as e:
+                    raise ProtocolError(f"undecodable request: {e}") from None
+                result = self.apply(op, payload)
+                status = C.ST_OK
+            except ShmStoreError as e:
+                status = C.ST_ERROR
+                result = [type(e).__name__, e.message]
+                self.seg.q[L.H_ERRORS] += 1
+            if wait:
+                blob = _encode([ticket, status, result])
+                if len(blob) > lay.reply_size:
+                    blob = _encode([ticket, C.ST_ERROR, ["RequestTooLargeError",
+                                   f"the reply is {len(blob)} bytes, more than reply_size={lay.reply_size}; "
+                                   f"ask for fewer keys at once or serve with a larger reply_size"]])
+                reply = blob
+            elif status == C.ST_ERROR:
+                cq[w + C.C_ERR_COUNT] += 1
+                if not has_err and err is None:
+                    err = (ticket, _encode(result)[: C.ERR_AREA])
+        return reply, err, len(frames)
+
+    def apply(self, op: list, payload: bytes) -> object:
+        """Apply one decoded request; returns its result or raises a ShmStoreError."""
+        e = self.engine
+        q = self.seg.q
+        kind = op[0]
+        try:
+            if kind == C.OP_PUT:
+                _, _, kb, vb, expiry = op
+                e.check_key(kb)
+                e.check_value(vb)
+                epoch0 = e.epoch
+                result = e.put(kb, vb, expiry)
+                q[L.H_PUTS] += 1
+            elif kind == C.OP_DELETE:
+                _, _, kb = op
+                e.check_key(kb)
+                epoch0 = e.epoch
+                result = e.delete(kb)
+                q[L.H_DELETES] += 1
+                if not result:
+                    return result
+            elif kind == C.OP_CAS:
+                _, _, kb, vb, version, expiry = op
+                e.check_key(kb)
+                e.check_value(vb)
+                epoch0 = e.epoch
+                result = e.cas(kb, vb, version, expiry)
+                q[L.H_CAS] += 1
+            elif kind == C.OP_INCR:
+                _, _, kb, delta = op
+                e.check_key(kb)
+                if not isinstance(delta, int):
+                    raise ProtocolError("incr needs an integer delta")
+                epoch0 = e.epoch
+                result = e.incr(kb, delta)
+                q[L.H_INCRS] += 1
+            elif kind == C.OP_BATCH:
+                _, _, ops = op
+                epoch0 = e.epoch
+                result = e.batch(ops, payload)
+                q[L.H_BATCHES] += 1
+            elif kind == C.OP_GET_MANY:
+                _, _, keys = op
+                q[L.H_FALLBACK_READS] += 1
+                return [e.get(kb) for kb in keys], e.epoch
+            elif kind == C.OP_PING:
+                return e.epoch
+            else:
+                raise ProtocolError(f"unknown op {kind!r}")
+        except ValueError as err:  # wrong arity in the unpacking above
+            if isinstance(err, ShmStoreError):
+                raise
+            raise ProtocolError(f"malformed {C.OP_NAMES.get(kind, kind)} request: {err}") from None
+        q[L.H_OPS] += 1
+        self.journal.append(epoch0, payload)
+        return result
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the segment for readers; remove the channel; release the lock."""
+        if self.seg is not None and not self.seg.closed:
+            q = self.seg.q
+            if q[L.H_COORD_PID] == os.getpid():
+                q[L.H_COORD_INCARNATION] = 0
+                q[L.H_COORD_PID] = 0
+        self.journal.close()
+        redo = self.__dict__.pop("redo", None)
+        if redo is not None:
+            redo.close()
+        if self.chan is not None:
+            self.chan.close()
+            unlink_quietly(posix_ipc.SharedMemory, L.channel_name(self.name))
+            self.chan = None
+        if self.bell is not None:
+            self.bell.close()
+            unlink_quietly(posix_ipc.Semaphore, L.bell_name(self.name))
+            self.bell = None
+        for i, s in enumerate(self.reply_sems):
+            s.close()
+            unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(self.name, i))
+        self.reply_sems = []
+        if self.seg is not None:
+            for attr in ("sessions", "acks", "heads", "tails"):
+                self.__dict__.pop(attr, None)
+            self.engine = None
+            self.seg.close()
+            self.seg = None
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # drops the flock
+            self.lock_fd = -1
+
+
+def main_serve(config: ServerConfig, *, ready_fd: int = -1) -> int:
+    """Run a coordinator in this process; report readiness by writing to ``ready_fd``."""
+
+    def ready() -> None:
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    server = CoordinatorServer(config, ready=ready)
+    try:
+        return server.run()
+    except CoordinatorRunningError as e:
+        _report(ready_fd, e)
+        return EXIT_REFUSED
+    except ShmStoreError as e:
+        _report(ready_fd, e)
+        return EXIT_ERROR
+
+
+def _report(ready_fd: int, e: ShmStoreError) -> None:
+    msg = f"{type(e).__name__}: {e.message}"
+    print(f"shmstore coordinator: {msg}", file=sys.stderr)
+    if ready_fd >= 0:
+        try:
+            os.write(ready_fd, ("error " + msg + "\n").encode())
+        except OSError:
+            pass

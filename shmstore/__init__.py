@@ -1,0 +1,66 @@
+"""shmstore: a record store shared by many processes on one host.
+
+Readers in any process read records straight out of a POSIX shared-memory segment
+without taking a lock; one coordinator process applies every write. See README.md.
+"""
+
+from ._api import Coordinator, DurabilityUnavailableError, connect, destroy, open, serve
+from ._errors import (
+    CoordinatorRunningError,
+    CoordinatorUnavailableError,
+    CorruptionError,
+    IncompatibleStoreError,
+    InvalidKeyError,
+    InvalidLayoutError,
+    InvalidNameError,
+    KeyTooLongError,
+    ProtocolError,
+    RequestTooLargeError,
+    SchemaMismatchError,
+    ShmStoreError,
+    StoreClosedError,
+    StoreFullError,
+    StoreNotFoundError,
+    StoreTimeoutError,
+    TooManyClientsError,
+    UnsupportedPlatformError,
+    ValueEncodingError,
+    ValueTooLargeError,
+    VersionConflictError,
+)
+from ._store import Batch, Store, StoreStats
+from ._version import __version__
+
+__all__ = [
+    "Batch",
+    "Coordinator",
+    "CoordinatorRunningError",
+    "CoordinatorUnavailableError",
+    "CorruptionError",
+    "DurabilityUnavailableError",
+    "IncompatibleStoreError",
+    "InvalidKeyError",
+    "InvalidLayoutError",
+    "InvalidNameError",
+    "KeyTooLongError",
+    "ProtocolError",
+    "RequestTooLargeError",
+    "SchemaMismatchError",
+    "ShmStoreError",
+    "Store",
+    "StoreClosedError",
+    "StoreFullError",
+    "StoreNotFoundError",
+    "StoreStats",
+    "StoreTimeoutError",
+    "TooManyClientsError",
+    "UnsupportedPlatformError",
+    "ValueEncodingError",
+    "ValueTooLargeError",
+    "VersionConflictError",
+    "__version__",
+    "connect",
+    "destroy",
+    "open",
+    "serve",
+]

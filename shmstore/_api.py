@@ -1,0 +1,306 @@
+"""Starting, attaching to and removing stores: serve, connect, open, destroy."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgspec
+import posix_ipc
+
+from . import _layout as L
+from ._errors import (
+    CoordinatorRunningError,
+    CoordinatorUnavailableError,
+    InvalidLayoutError,
+    ShmStoreError,
+    StoreNotFoundError,
+    rebuild,
+)
+from ._segment import coordinator_alive, open_segment, unlink_quietly
+from ._store import Store
+
+SYNC_MODES = ("always", "periodic", "never")
+
+
+class DurabilityUnavailableError(ShmStoreError, NotImplementedError):
+    """``path=`` asked for a durable store, which this version cannot provide yet."""
+
+
+class Coordinator:
+    """A handle on a coordinator process started by :func:`serve`.
+
+    The process serves the store until :meth:`stop`, until the process that started it
+    exits (it watches its parent), or until it gets SIGTERM/SIGINT. Leaving a ``with``
+    block stops it. Stopping a coordinator leaves the segment readable; writers get
+    :class:`CoordinatorUnavailableError` until another coordinator serves the store.
+    """
+
+    def __init__(self, name: str, proc: subprocess.Popen) -> None:
+        self.name = name
+        self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Stop gracefully (SIGTERM: drain, sync, exit); SIGKILL after ``timeout``.
+
+        Returns:
+            The process's exit code. Idempotent.
+        """
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the coordinator (for crash tests) and reap it."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<shmstore.Coordinator {self.name!r} pid={self.pid} {'running' if self.alive() else 'stopped'}>"
+
+
+def serve(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    capacity: int | None = None,
+    key_size: int | None = None,
+    value_size: int | None = None,
+    value_type: Any = None,
+    sync: str = "never",
+    max_clients: int = 64,
+    ring_size: int = 256 * 1024,
+    reply_size: int = 1024 * 1024,
+    detach: bool = False,
+    timeout: float = 10.0,
+) -> Coordinator:
+    """Start a coordinator process for store ``name`` and wait until it serves.
+
+    If the store's segment exists (its previous coordinator stopped or died), the new
+    coordinator adopts it, repairing anything a death mid-write left; sizes left as
+    None then mean "the existing segment's" (defaults for a new store: capacity
+    100_000, key_size 64, value_size 1024).
+
+    Args:
+        name: the store name, 1-64 characters of ``[A-Za-z0-9_.-]``.
+        path: a data directory for a durable store. Not supported by this version:
+            anything but None raises :class:`DurabilityUnavailableError` rather than
+            pretend to persist.
+        capacity: the most records the store holds.
+        key_size: the longest key, in bytes.
+        value_size: the largest msgpack-encoded value, in bytes.
+        value_type: a msgspec Struct or type; values are validated on write and decoded
+            to it. Its schema fingerprint is fixed in the segment.
+        sync: durability mode; memory-only stores accept only ``"never"``.
+        max_clients: processes that can write at once (each claims a client block).
+        ring_size: bytes of each client's request queue (bounds the largest batch).
+        reply_size: bytes of each client's reply area (bounds a get_many fallback).
+        detach: keep serving after this process exits (default: stop with it).
+        timeout: seconds to wait for the coordinator to come up.
+
+    Raises:
+        CoordinatorRunningError: a coordinator already serves the store.
+        IncompatibleStoreError: the existing segment has other sizes or value_type.
+    """
+    L.check_platform()
+    L.check_name(name)
+    if sync not in SYNC_MODES:
+        raise InvalidLayoutError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
+    if path is not None:
+        raise DurabilityUnavailableError(
+            f"path={os.fspath(path)!r}: durable stores (write-ahead log, checkpoints) are not "
+            f"in this version; serve with path=None for a memory-only store"
+        )
+    if sync != "never":
+        raise InvalidLayoutError(f"sync={sync!r} needs path=; a memory-only store has only sync='never'")
+    if capacity is not None or key_size is not None or value_size is not None:
+        L.Layout(capacity=capacity or 1, key_size=key_size or 1, value_size=value_size or 1).validate()
+    from shmstore.coordinator import ServerConfig  # noqa: PLC0415  (one-way dependency at call time)
+
+    config = ServerConfig(
+        name=name, capacity=capacity, key_size=key_size, value_size=value_size,
+        schema_fp=L.schema_fingerprint(value_type), schema_given=value_type is not None,
+        max_clients=max_clients, ring_size=ring_size, reply_size=reply_size,
+        parent_pid=0 if detach else os.getpid(),
+    )
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmstore.coordinator", "--config", msgspec.json.encode(config).decode(),
+             "--ready-fd", str(w)],
+            pass_fds=(w,), stdin=subprocess.DEVNULL, close_fds=True,
+            start_new_session=detach,
+        )
+    finally:
+        os.close(w)
+    try:
+        line = _read_line(r, timeout)
+    finally:
+        os.close(r)
+    if line.startswith("ok"):
+        return Coordinator(name, proc)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if line.startswith("error "):
+        type_name, _, message = line[6:].partition(": ")
+        raise rebuild(type_name, message.strip())
+    raise CoordinatorUnavailableError(
+        f"the coordinator for {name!r} did not come up within {timeout} s "
+        f"(exit code {proc.returncode}); see its stderr above"
+    )
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us: float = 50.0) -> Store:
+    """Attach to an existing store. Reads work at once, even while no coordinator runs.
+
+    Args:
+        name: the store name.
+        value_type: the type the store was served with, to decode to and validate
+            against; None decodes plain msgpack (and makes a typed store read-only).
+        timeout: seconds a write waits for the coordinator (and its queue) before it
+            raises, and for a segment that is still being created.
+        spin_us: microseconds a write spins for its reply before sleeping.
+
+    Raises:
+        StoreNotFoundError: no such store.
+        SchemaMismatchError: ``value_type`` is not the store's.
+    """
+    return Store(name, value_type=value_type, timeout=timeout, spin_us=spin_us)
+
+
+def open(  # noqa: A001 - the public name is part of the API
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    value_type: Any = None,
+    timeout: float = 5.0,
+    **serve_kwargs: Any,
+) -> Store:
+    """Connect to a store, first starting a coordinator for it if none runs.
+
+    The coordinator started here lives until this process exits or ``store.coordinator
+    .stop()``; if another process started one first, this connects to that one.
+    ``serve_kwargs`` are :func:`serve`'s (capacity, key_size, value_size, ...).
+    """
+    coord = None
+    try:
+        seg = open_segment(name, timeout=timeout)
+        running = coordinator_alive(seg)
+        seg.close()
+    except StoreNotFoundError:
+        running = False
+    if not running:
+        try:
+            coord = serve(name, path=path, value_type=value_type, timeout=max(timeout, 10.0), **serve_kwargs)
+        except CoordinatorRunningError:
+            pass  # another process won the race; use its coordinator
+    store = connect(name, value_type=value_type, timeout=timeout)
+    store.coordinator = coord
+    return store
+
+
+def destroy(name: str) -> bool:
+    """Remove a store's segment and IPC objects. Handles still open notice and fail.
+
+    Returns:
+        True if anything of the store existed.
+
+    Raises:
+        CoordinatorRunningError: a coordinator still serves it; stop that first.
+    """
+    L.check_name(name)
+    try:
+        lock = posix_ipc.SharedMemory(L.lock_name(name))
+    except posix_ipc.ExistentialError:
+        lock = None
+    if lock is not None:
+        try:
+            fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close_fd()
+            raise CoordinatorRunningError(
+                f"store {name!r} is still served by a coordinator; stop it before destroy()"
+            ) from None
+    try:
+        found = lock is not None
+        max_clients = 0
+        try:
+            seg = open_segment(name, writable=True, timeout=0.1)
+        except ShmStoreError:
+            seg = None
+        if seg is not None:
+            max_clients = seg.q[L.H_MAX_CLIENTS]
+            # Invariant: marked before unlinking, so every mapping sees it is stale.
+            seg.q[L.H_STATE] = L.STATE_DESTROYED
+            seg.close()
+        found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
+        found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name) + "@redo")
+        found |= unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
+        found |= unlink_quietly(posix_ipc.Semaphore, L.bell_name(name))
+        for i in range(max(max_clients, _reply_sems_on_disk(name))):
+            found |= unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(name, i))
+        unlink_quietly(posix_ipc.SharedMemory, L.lock_name(name))
+        return found
+    finally:
+        if lock is not None:
+            lock.close_fd()
+
+
+def _reply_sems_on_disk(name: str) -> int:
+    """1 + the highest reply semaphore number of the store present in /dev/shm."""
+    prefix = f"sem.shmstore.{name}@r"
+    top = 0
+    try:
+        for entry in os.listdir("/dev/shm"):
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                top = max(top, int(entry[len(prefix):]) + 1)
+    except FileNotFoundError:
+        pass
+    return top

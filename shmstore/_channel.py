@@ -1,0 +1,447 @@
+"""The write channel between clients and the coordinator.
+
+Design
+------
+A second shared-memory segment per store (``/shmstore.NAME@ch``, mode 0600), made new
+by every coordinator run, holds one *client block* per attached process::
+
+    channel header (4 KiB): magic, incarnation, max_clients, ring_size, reply_size, stride
+    client block i (stride bytes each):
+      +0     control words, client-written   SESSION HEAD PID START ERR_ACK ...
+      +128   control words, coordinator-written  ACK TAIL DONE REPLY_LEN ERR_TICKET ...
+      +256   request ring (ring_size bytes)  frames written by the client
+      ...    reply area (reply_size bytes)   the reply to the client's latest waiting frame
+      ...    error area (ERR_AREA bytes)     the first unacknowledged error of an async frame
+
+Every control word has exactly one writer, so no atomics are needed; each is one aligned
+u64 written and read through ``memoryview.cast('Q')``.
+
+A frame in the ring::
+
+    +--------+--------+-------------------------------+---------+
+    | len u32| 0 u32  | payload: msgpack [op, wait, *args] | pad to 8 |
+    +--------+--------+-------------------------------+---------+
+
+``len = 0xFFFFFFFF`` marks the rest of the ring as padding: the next frame starts at
+ring offset 0. ``HEAD`` and ``TAIL`` count bytes ever written / consumed, so
+``HEAD - TAIL`` is the queue depth and a full ring blocks the client (backpressure).
+
+Claiming a block: a client takes an OFD lock (``F_OFD_SETLK``) on byte ``LOCK_BASE + i``
+of the channel segment. The kernel drops it when the process dies, however it dies, so a
+SIGKILLed client holds nothing anyone waits for, and a reused pid is never mistaken for
+it. Then the handshake: the client zeroes ``HEAD``, writes a fresh random ``SESSION``
+and rings; the coordinator resets its words for the block and echoes ``ACK = SESSION``.
+The coordinator reclaims a block by taking the same lock itself, so it never races a
+new claimant.
+
+Wake-ups: the client posts the coordinator's doorbell semaphore after every publish
+(``sem_post`` costs no syscall when nobody sleeps on it) and then spins briefly on
+``DONE`` before sleeping on its own reply semaphore, which the coordinator posts after
+each group it served the client in.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+
+import msgspec
+import numpy as np
+import posix_ipc
+
+from . import _layout as L
+from ._errors import (
+    CoordinatorUnavailableError,
+    RequestTooLargeError,
+    StoreTimeoutError,
+    TooManyClientsError,
+)
+
+CH_MAGIC = 0x4843_5453_4D48_53  # b"SHMSTCH"
+CH_HEADER = 4096
+# channel header words
+CH_W_MAGIC = 0
+CH_W_INCARNATION = 1
+CH_W_MAX_CLIENTS = 2
+CH_W_RING = 3
+CH_W_REPLY = 4
+CH_W_STRIDE = 5
+
+# client block words, client-written
+C_SESSION = 0
+C_HEAD = 1
+C_PID = 2
+C_START = 3
+C_ERR_ACK = 4
+C_READS = 8  # per-client counters (one writer: the client)
+C_READ_RETRIES = 9
+C_WRITES = 10
+C_TIMEOUTS = 11
+# client block words, coordinator-written
+C_ACK = 16
+C_TAIL = 17
+C_DONE = 18
+C_REPLY_LEN = 19
+C_ERR_TICKET = 20
+C_ERR_LEN = 21
+C_ERR_COUNT = 22
+CONTROL = 256
+ERR_AREA = 1024
+
+PAD_MARK = 0xFFFFFFFF
+LOCK_BASE = 1 << 40
+
+# ops
+OP_PUT = 1
+OP_DELETE = 2
+OP_CAS = 3
+OP_INCR = 4
+OP_BATCH = 5
+OP_GET_MANY = 6
+OP_PING = 7
+OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_INCR: "incr",
+            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping"}
+
+# reply status
+ST_OK = 0
+ST_ERROR = 1
+
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def lock_byte(fd: int, client: int, *, test: bool = False) -> bool:
+    """Take (or, with ``test``, probe) the OFD write lock on a client block's byte.
+
+    Returns:
+        True if the lock was taken (or, when testing, is free).
+    """
+    arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, LOCK_BASE + client, 1, 0)
+    if test:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
+        return _FLOCK.unpack(got)[0] == fcntl.F_UNLCK
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+        return True
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def unlock_byte(fd: int, client: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, LOCK_BASE + client, 1, 0))
+
+
+class ChannelLayout(msgspec.Struct, frozen=True):
+    """Sizes of the channel segment (chosen by the coordinator at start)."""
+
+    max_clients: int
+    ring_size: int
+    reply_size: int
+
+    @property
+    def stride(self) -> int:
+        return L.align(CONTROL + self.ring_size + self.reply_size + ERR_AREA, L.PAGE)
+
+    @property
+    def size(self) -> int:
+        return CH_HEADER + self.max_clients * self.stride
+
+    def block(self, client: int) -> int:
+        """Byte offset of a client block."""
+        return CH_HEADER + client * self.stride
+
+
+class ChannelMap:
+    """A mapping of the channel segment (both sides use it)."""
+
+    def __init__(self, mm: mmap.mmap, fd: int) -> None:
+        self.mm = mm
+        self.fd = fd
+        self.mv = memoryview(mm)
+        self.q = self.mv.cast("Q")
+        q = self.q
+        if q[CH_W_MAGIC] != CH_MAGIC:
+            self.close()
+            raise CoordinatorUnavailableError("the write channel is not initialized yet")
+        self.incarnation = q[CH_W_INCARNATION]
+        self.layout = ChannelLayout(
+            max_clients=q[CH_W_MAX_CLIENTS], ring_size=q[CH_W_RING], reply_size=q[CH_W_REPLY]
+        )
+
+    def words(self, word: int) -> np.ndarray:
+        """A numpy view of one control word across every client block."""
+        lay = self.layout
+        return np.ndarray(
+            (lay.max_clients,), dtype=np.uint64, buffer=self.mm, offset=CH_HEADER + word * 8,
+            strides=(lay.stride,),
+        )
+
+    def close(self) -> None:
+        for attr in ("q", "mv"):
+            v = self.__dict__.pop(attr, None)
+            if v is not None:
+                v.release()
+        mm = self.__dict__.pop("mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        fd = self.__dict__.pop("fd", -1)
+        if fd >= 0:
+            os.close(fd)
+
+    def drop_after_fork(self) -> None:
+        """In a forked child: let go of the parent's channel without touching it.
+
+        Closing the child's copy of the fd does not release the parent's OFD lock; it
+        only stops the child from keeping the parent's block alive after the parent dies.
+        """
+        fd = self.__dict__.pop("fd", -1)
+        if fd >= 0:
+            os.close(fd)
+        for attr in ("q", "mv"):
+            v = self.__dict__.pop(attr, None)
+            if v is not None:
+                v.release()
+        self.__dict__.pop("mm", None)
+
+
+def open_channel(name: str) -> ChannelMap:
+    """Map the live channel segment read-write, keeping its fd open for OFD locks."""
+    try:
+        shm = posix_ipc.SharedMemory(L.channel_name(name))
+    except posix_ipc.ExistentialError:
+        raise CoordinatorUnavailableError(
+            f"store {name!r} has no running coordinator; start one with shmstore serve {name}"
+        ) from None
+    fd = shm.fd
+    size = os.fstat(fd).st_size
+    if size < CH_HEADER:
+        os.close(fd)
+        raise CoordinatorUnavailableError("the write channel is not initialized yet")
+    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return ChannelMap(mm, fd)
+
+
+def create_channel(name: str, layout: ChannelLayout, incarnation: int) -> ChannelMap:
+    """Create a fresh channel segment (coordinator only), replacing any old one."""
+    from ._segment import unlink_quietly
+
+    unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
+    shm = posix_ipc.SharedMemory(L.channel_name(name), posix_ipc.O_CREX, mode=0o600, size=layout.size)
+    fd = shm.fd
+    mm = mmap.mmap(fd, layout.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    q = memoryview(mm).cast("Q")
+    q[CH_W_INCARNATION] = incarnation
+    q[CH_W_MAX_CLIENTS] = layout.max_clients
+    q[CH_W_RING] = layout.ring_size
+    q[CH_W_REPLY] = layout.reply_size
+    q[CH_W_STRIDE] = layout.stride
+    q[CH_W_MAGIC] = CH_MAGIC
+    q.release()
+    return ChannelMap(mm, fd)
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_reply = msgspec.msgpack.Decoder().decode
+
+
+class ClientChannel:
+    """One process's claimed client block: publishes frames and waits for replies.
+
+    Not thread-safe by itself: the Store serializes callers with a process-local lock
+    (writes only; reads take no lock).
+    """
+
+    def __init__(self, name: str, seg_q: memoryview, *, spin_us: float, timeout: float) -> None:
+        self.name = name
+        self.seg_q = seg_q
+        self.spin_ns = int(spin_us * 1000)
+        self.chan = open_channel(name)
+        ch = self.chan
+        lay = ch.layout
+        self.ring_size = lay.ring_size
+        self.client = -1
+        for i in range(lay.max_clients):
+            if lock_byte(ch.fd, i):
+                self.client = i
+                break
+        if self.client < 0:
+            ch.close()
+            raise TooManyClientsError(
+                f"store {name!r}: all {lay.max_clients} client blocks are taken; start the "
+                f"coordinator with a larger max_clients, or close idle handles"
+            )
+        base = lay.block(self.client)
+        self.w = base // 8  # first control word
+        self.ring_ofs = base + CONTROL
+        self.reply_ofs = self.ring_ofs + lay.ring_size
+        self.err_ofs = self.reply_ofs + lay.reply_size
+        self.bell = posix_ipc.Semaphore(L.bell_name(name))
+        self.reply_sem = posix_ipc.Semaphore(L.reply_sem_name(name, self.client))
+        self.head = 0
+        self.ticket = 0  # frames published
+        self.incarnation = ch.incarnation
+        q = ch.q
+        w = self.w
+        q[w + C_HEAD] = 0
+        q[w + C_ERR_ACK] = 0
+        from ._segment import process_start_ms
+
+        q[w + C_PID] = os.getpid()
+        q[w + C_START] = process_start_ms(os.getpid()) or 0
+        self.session = int.from_bytes(os.urandom(8), "little") | 1
+        q[w + C_SESSION] = self.session
+        self.bell.release()
+        deadline = time.monotonic() + timeout
+        while q[w + C_ACK] != self.session:
+            self._sleep_for_reply(0.01)
+            if time.monotonic() > deadline:
+                self.close()
+                raise CoordinatorUnavailableError(
+                    f"store {name!r}: the coordinator did not answer the client handshake "
+                    f"within {timeout} s"
+                )
+
+    def _sleep_for_reply(self, t: float) -> None:
+        try:
+            self.reply_sem.acquire(t)
+        except posix_ipc.BusyError:
+            pass
+
+    def alive(self) -> bool:
+        """The coordinator that made this channel still serves the store."""
+        return self.seg_q[L.H_COORD_INCARNATION] == self.incarnation
+
+    # -- publish ---------------------------------------------------------------------
+
+    def publish(self, payload: bytes, deadline: float) -> int:
+        """Append one frame and ring the doorbell; returns its ticket.
+
+        Blocks while the ring is full (backpressure) until ``deadline``.
+
+        Raises:
+            RequestTooLargeError: the frame can never fit the ring.
+            StoreTimeoutError: the ring stayed full until the deadline.
+            CoordinatorUnavailableError: the coordinator went away while we waited.
+        """
+        n = len(payload)
+        need = 8 + ((n + 7) & ~7)
+        R = self.ring_size
+        if need > R:
+            raise RequestTooLargeError(
+                f"a request of {n} bytes does not fit the client queue ({R} bytes); split "
+                f"the batch or serve the store with a larger ring_size"
+            )
+        q = self.chan.q
+        mv = self.chan.mv
+        w = self.w
+        head = self.head
+        off = head % R
+        pad = R - off if off + need > R else 0
+        if head + pad + need - q[w + C_TAIL] > R:
+            self.bell.release()
+            while head + pad + need - q[w + C_TAIL] > R:
+                if not self.alive():
+                    raise CoordinatorUnavailableError(
+                        f"store {self.name!r}: the coordinator stopped while this client's queue was full"
+                    )
+                if time.monotonic() > deadline:
+                    q[w + C_TIMEOUTS] += 1
+                    raise StoreTimeoutError(
+                        f"store {self.name!r}: the write queue stayed full until the timeout; "
+                        f"the coordinator is behind (slow disk or too many writers) - retry, "
+                        f"raise timeout=, or write less"
+                    )
+                self._sleep_for_reply(0.005)
+        if pad:
+            struct.pack_into("<I", mv, self.ring_ofs + off, PAD_MARK)
+            off = 0
+        base = self.ring_ofs + off
+        struct.pack_into("<II", mv, base, n, 0)
+        mv[base + 8 : base + 8 + n] = payload
+        self.head = head + pad + need
+        self.ticket += 1
+        # Invariant: HEAD is stored after the frame's bytes (x86-64 keeps store order).
+        q[w + C_HEAD] = self.head
+        q[w + C_WRITES] += 1
+        self.bell.release()
+        return self.ticket
+
+    def wait_done(self, ticket: int, deadline: float, what: str) -> None:
+        """Wait until the coordinator has completed frame ``ticket``.
+
+        Spins for ``spin_us`` first: a wake-up costs tens of microseconds here.
+        """
+        q = self.chan.q
+        i = self.w + C_DONE
+        if q[i] >= ticket:
+            return
+        t_spin = time.perf_counter_ns() + self.spin_ns
+        while time.perf_counter_ns() < t_spin:
+            if q[i] >= ticket:
+                return
+        next_check = time.monotonic() + 0.05
+        while q[i] < ticket:
+            self._sleep_for_reply(0.01)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.05
+                if q[i] >= ticket:
+                    return
+                if not self.alive() or not _seg_alive(self.seg_q):
+                    raise CoordinatorUnavailableError(
+                        f"store {self.name!r}: the coordinator stopped with this {what} in "
+                        f"flight; it may or may not have been applied - read the key to see"
+                    )
+            if now > deadline:
+                q[self.w + C_TIMEOUTS] += 1
+                raise StoreTimeoutError(
+                    f"store {self.name!r}: no reply to {what} within the timeout; it may "
+                    f"still be applied. The coordinator is alive but behind."
+                )
+
+    def reply(self) -> object:
+        """Decode the reply area (valid right after ``wait_done`` of a waiting frame)."""
+        q = self.chan.q
+        n = q[self.w + C_REPLY_LEN]
+        raw = bytes(self.chan.mv[self.reply_ofs : self.reply_ofs + n])
+        return _decode_reply(raw)
+
+    def take_error(self) -> tuple[int, str, str] | None:
+        """The first unacknowledged error of an async frame, acknowledged now."""
+        q = self.chan.q
+        w = self.w
+        t = q[w + C_ERR_TICKET]
+        if t <= q[w + C_ERR_ACK]:
+            return None
+        n = q[w + C_ERR_LEN]
+        type_name, message = _decode_reply(bytes(self.chan.mv[self.err_ofs : self.err_ofs + n]))
+        q[w + C_ERR_ACK] = t
+        return t, type_name, message
+
+    def close(self) -> None:
+        """Give the block back: the coordinator reclaims it when the lock drops."""
+        for sem in ("bell", "reply_sem"):
+            s = self.__dict__.pop(sem, None)
+            if s is not None:
+                s.close()
+        self.chan.close()
+
+    def drop_after_fork(self) -> None:
+        for sem in ("bell", "reply_sem"):
+            self.__dict__.pop(sem, None)
+        self.chan.drop_after_fork()
+
+
+def _seg_alive(seg_q: memoryview) -> bool:
+    from ._segment import pid_alive
+
+    return seg_q[L.H_COORD_INCARNATION] != 0 and pid_alive(seg_q[L.H_COORD_PID], seg_q[L.H_COORD_START])

@@ -1,0 +1,134 @@
+"""The exception hierarchy.
+
+Every error shmstore raises derives from :class:`ShmStoreError`. Subclasses are split by
+what the caller can do about them, and also inherit the stdlib class callers already
+catch (``KeyError``, ``ValueError``, ``TimeoutError``), the way filelock's ``Timeout``
+is a ``TimeoutError``.
+
+Errors cross the coordinator protocol as ``(type name, message)`` and are rebuilt by
+:func:`rebuild` from a registry filled in automatically for every subclass, so a new
+error needs no hand-kept list. Every exception pickles (it crosses Pool boundaries):
+``__reduce__`` rebuilds it from its message alone.
+"""
+
+from __future__ import annotations
+
+_REGISTRY: dict[str, type[ShmStoreError]] = {}
+
+
+class ShmStoreError(Exception):
+    """Base class of every error raised by shmstore."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.message,))
+
+
+_REGISTRY["ShmStoreError"] = ShmStoreError
+
+
+class InvalidNameError(ShmStoreError, ValueError):
+    """A store name is empty, too long or has characters outside ``[A-Za-z0-9_.-]``."""
+
+
+class InvalidLayoutError(ShmStoreError, ValueError):
+    """capacity, key_size, value_size or another store parameter is out of range."""
+
+
+class KeyTooLongError(ShmStoreError, ValueError):
+    """A key is longer than the store's ``key_size``."""
+
+
+class InvalidKeyError(ShmStoreError, TypeError):
+    """A key is not ``str`` or ``bytes``, or is empty."""
+
+
+class ValueTooLargeError(ShmStoreError, ValueError):
+    """An encoded value is larger than the store's ``value_size``."""
+
+
+class ValueEncodingError(ShmStoreError, TypeError):
+    """A value cannot be encoded, or does not match the store's ``value_type``."""
+
+
+class StoreFullError(ShmStoreError):
+    """Every slot holds a record; nothing new fits until something is deleted."""
+
+
+class StoreNotFoundError(ShmStoreError, FileNotFoundError):
+    """No store of that name exists on this host."""
+
+
+class IncompatibleStoreError(ShmStoreError):
+    """A segment or data directory was made with another layout, format or schema."""
+
+
+class SchemaMismatchError(IncompatibleStoreError):
+    """The ``value_type`` given does not match the one the store was created with."""
+
+
+class VersionConflictError(ShmStoreError):
+    """A compare-and-set found another version than the one it was given."""
+
+
+class CoordinatorUnavailableError(ShmStoreError):
+    """No live coordinator serves the store, so writes cannot be applied."""
+
+
+class CoordinatorRunningError(ShmStoreError):
+    """A coordinator already serves the store; a second one is refused."""
+
+
+class TooManyClientsError(ShmStoreError):
+    """Every client block of the store's write channel is taken."""
+
+
+class ProtocolError(ShmStoreError):
+    """The coordinator could not decode a request (a client of another version?)."""
+
+
+class StoreTimeoutError(ShmStoreError, TimeoutError):
+    """A blocking call (a full queue, a slow reply) did not finish within its timeout."""
+
+
+class RequestTooLargeError(ShmStoreError, ValueError):
+    """One request (usually a batch) is larger than the client's queue can ever hold."""
+
+
+class CorruptionError(ShmStoreError):
+    """Stored bytes fail a check (checksum, layout, index); never returned as data."""
+
+
+class StoreClosedError(ShmStoreError):
+    """The handle was closed; open a new one with ``shmstore.connect``."""
+
+
+class UnsupportedPlatformError(ShmStoreError, OSError):
+    """This CPU architecture or OS cannot run the lock-free read protocol safely."""
+
+
+def rebuild(type_name: str, message: str) -> ShmStoreError:
+    """Rebuild an error that crossed the coordinator protocol.
+
+    Args:
+        type_name: the class name the coordinator sent.
+        message: its message.
+
+    Returns:
+        An instance of the registered class, or of :class:`ShmStoreError` for a name
+        this version does not know (a newer coordinator), with the name kept in front.
+    """
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        return ShmStoreError(f"{type_name}: {message}")
+    return cls(message)

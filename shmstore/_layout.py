@@ -1,0 +1,241 @@
+"""Layout of the data segment, and the names of a store's IPC objects.
+
+Design
+------
+One POSIX shared-memory segment per store holds three regions, each 4 KiB aligned::
+
+    +--------------------+  0
+    | header (4 KiB)     |  u64 words, see the H_* indices below
+    +--------------------+  SLOTS_OFFSET
+    | slots              |  nslots x slot_size bytes
+    +--------------------+  index_offset
+    | index              |  nbuckets x u64 (open addressing, linear probing)
+    +--------------------+
+
+A slot::
+
+    0   seq      u64  the seqlock word: 2E+1 while epoch E writes it, 2E+2 after
+    8   version  u64  the epoch that last wrote the record's value
+    16  expiry   u64  0, or the wall-clock ns after which the record reads as missing
+    24  meta     u64  key length (bits 0-15) | flags (16-31) | value length (32-63)
+    32  key      key_size bytes
+    ..  value    value_size bytes
+
+An index bucket is one u64: 0 is empty, otherwise ``(hash << 32) | (slot + 1)``
+where ``hash`` is the key's CRC-32 (stable across processes, unlike ``hash()``). A
+bucket is always written with one aligned 8-byte store, so a reader sees either the old
+or the new bucket, never half of one.
+
+Writes are copy-on-write: the coordinator writes a new or changed record into a free
+slot, then points the bucket at it with one store, then frees the old slot. A slot that
+the index points to is never written, so a coordinator that dies mid-write leaves the
+published state intact; the torn slot is unreferenced and the next coordinator frees it.
+``nslots = capacity + 1``: the spare slot lets an update succeed in a full store.
+
+Invariant: only the coordinator writes the segment; clients map it read-only.
+Invariant: every write op takes the next epoch, so no slot ever carries the same even
+seq twice (the ABA case of seqlocks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import sys
+
+import msgspec
+
+from ._errors import InvalidLayoutError, InvalidNameError, UnsupportedPlatformError
+
+MAGIC = 0x31_4D_54_53_4D_48_53  # b"SHMSTM1" little-endian, 7 bytes
+FORMAT_VERSION = 1
+PAGE = 4096
+HEADER_SIZE = PAGE
+SLOTS_OFFSET = HEADER_SIZE
+
+# Header word indices (u64 each).
+H_MAGIC = 0
+H_FORMAT = 1
+H_LAYOUT_FP = 2  # fingerprint of (capacity, slot size, key size, value size, buckets)
+H_SCHEMA_FP = 3  # fingerprint of the value_type, 0 for untyped stores
+H_CAPACITY = 4
+H_NSLOTS = 5
+H_SLOT_SIZE = 6
+H_KEY_SIZE = 7
+H_VALUE_SIZE = 8
+H_NBUCKETS = 9
+H_INSTANCE = 10  # random id of this segment; a recreated store gets a new one
+H_STATE = 11  # STATE_* below
+H_EPOCH = 16  # the last epoch whose op (or whole batch) is fully applied
+H_INDEX_GEN = 17  # odd while buckets move; bumped by every move or removal
+H_COUNT = 18  # records in the store
+H_LAST_DELETE_EPOCH = 19  # epoch of the newest removal of a key
+H_BATCH_SEQ = 20  # odd while a multi-op batch is being applied
+H_COORD_PID = 24
+H_COORD_START = 25  # the coordinator's process start time, ms since the Unix epoch
+H_HEARTBEAT = 26  # wall-clock ns of the coordinator's last tick
+H_COORD_INCARNATION = 27  # random id of the running coordinator (0: none running)
+H_LAST_CHECKPOINT_EPOCH = 28
+H_MAX_CLIENTS = 29
+H_RING_SIZE = 30
+H_REPLY_SIZE = 31
+# Coordinator counters (one writer: the coordinator).
+H_OPS = 40
+H_GROUPS = 41
+H_FRAMES = 42
+H_ERRORS = 43
+H_CLIENTS_RECLAIMED = 44
+H_MAX_GROUP = 45
+H_PUTS = 46
+H_DELETES = 47
+H_CAS = 48
+H_INCRS = 49
+H_BATCHES = 50
+H_FALLBACK_READS = 51
+H_WORDS = HEADER_SIZE // 8
+
+STATE_INIT = 0
+STATE_READY = 1
+STATE_DESTROYED = 2
+
+# Slot word offsets (in u64 words from the slot start).
+S_SEQ = 0
+S_VERSION = 1
+S_EXPIRY = 2
+S_META = 3
+SLOT_HEADER = 32
+
+FLAG_FREE = 1  # the slot holds no record (its key is kept for change feeds)
+
+MAX_KEY_SIZE = 4096
+MAX_VALUE_SIZE = 64 * 1024 * 1024
+MAX_CAPACITY = (1 << 31) - 2
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_platform() -> None:
+    """Refuse to run where the lock-free read protocol is not known to be safe.
+
+    The seqlock readers rely on x86-64's total store order: aligned 8-byte loads and
+    stores issued from Python are not reordered against each other. ARM64 and other
+    weakly ordered CPUs can reorder them, and pure Python cannot issue barriers, so
+    shmstore refuses to run there rather than risk accepting a torn read.
+
+    Raises:
+        UnsupportedPlatformError: not Linux on x86-64.
+    """
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        raise UnsupportedPlatformError(
+            f"shmstore's lock-free reads need x86-64 memory ordering; this CPU is "
+            f"{platform.machine()!r}, where they could return torn values. "
+            f"Run on an x86-64 host."
+        )
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedPlatformError(
+            f"shmstore needs Linux (POSIX shared memory, OFD locks); this is {sys.platform!r}."
+        )
+
+
+def check_name(name: object) -> str:
+    """Validate a store name and return it.
+
+    Raises:
+        InvalidNameError: not a 1-64 character string of ``[A-Za-z0-9_.-]``.
+    """
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidNameError(
+            f"invalid store name {name!r}: use 1 to 64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return name
+
+
+# IPC object names. '@' cannot appear in a store name, so no store's objects can
+# collide with another's.
+def data_name(name: str) -> str:
+    return f"/shmstore.{name}"
+
+
+def channel_name(name: str) -> str:
+    return f"/shmstore.{name}@ch"
+
+
+def lock_name(name: str) -> str:
+    return f"/shmstore.{name}@lock"
+
+
+def bell_name(name: str) -> str:
+    return f"/shmstore.{name}@bell"
+
+
+def reply_sem_name(name: str, client: int) -> str:
+    return f"/shmstore.{name}@r{client}"
+
+
+def align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class Layout(msgspec.Struct, frozen=True):
+    """The sizes a store is created with; fixed for its lifetime."""
+
+    capacity: int
+    key_size: int
+    value_size: int
+
+    @property
+    def nslots(self) -> int:
+        return self.capacity + 1
+
+    @property
+    def slot_size(self) -> int:
+        return align(SLOT_HEADER + self.key_size + self.value_size, 8)
+
+    @property
+    def nbuckets(self) -> int:
+        n = 8
+        while n < 2 * self.nslots:
+            n <<= 1
+        return n
+
+    @property
+    def index_offset(self) -> int:
+        return align(SLOTS_OFFSET + self.nslots * self.slot_size, PAGE)
+
+    @property
+    def size(self) -> int:
+        return align(self.index_offset + self.nbuckets * 8, PAGE)
+
+    @property
+    def fingerprint(self) -> int:
+        raw = f"{FORMAT_VERSION}:{self.capacity}:{self.slot_size}:{self.key_size}:{self.value_size}:{self.nbuckets}"
+        return int.from_bytes(hashlib.sha256(raw.encode()).digest()[:8], "little") or 1
+
+    def validate(self) -> Layout:
+        """Check the sizes and return self.
+
+        Raises:
+            InvalidLayoutError: a size is not an integer in its range.
+        """
+        for field, value, lo, hi in (
+            ("capacity", self.capacity, 1, MAX_CAPACITY),
+            ("key_size", self.key_size, 1, MAX_KEY_SIZE),
+            ("value_size", self.value_size, 1, MAX_VALUE_SIZE),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidLayoutError(f"{field} must be an integer from {lo} to {hi}, got {value!r}")
+        return self
+
+
+def schema_fingerprint(value_type: object) -> int:
+    """A stable 64-bit fingerprint of a value type (0 for untyped stores).
+
+    It is taken from msgspec's JSON schema of the type, so two processes that define
+    the same Struct agree, and any change of fields or types changes it.
+    """
+    if value_type is None:
+        return 0
+    schema = msgspec.json.encode(msgspec.json.schema(value_type), order="sorted")
+    return int.from_bytes(hashlib.sha256(schema).digest()[:8], "little") or 1

@@ -1,0 +1,412 @@
+"""Mapping the data segment, and the lock-free seqlock reads out of it.
+
+Design
+------
+Readers never take a lock and never write the segment (clients map it PROT_READ).
+Every 8-byte word that the protocol depends on (slot ``seq``, ``meta``, index buckets,
+header counters) is read through ``memoryview.cast('Q')``: CPython copies such an item
+with one aligned 8-byte load. ``struct.unpack('<Q')`` would copy it byte by byte.
+
+Reading one slot (:meth:`Segment.read_slot`)::
+
+    s1 = seq;  odd -> back off and retry
+    copy meta, version, expiry, key bytes, value bytes (lengths clamped to the slot)
+    s2 = seq;  s1 != s2 -> retry
+    only now look at the copied bytes
+
+Looking a key up (:meth:`Segment.lookup`) probes the index from ``crc32(key)``. For a
+bucket whose hash matches it reads the slot, then re-reads the bucket: if the bucket
+changed meanwhile (the record was rewritten into another slot) it probes that bucket
+again, so an update never shows up as a false miss. A miss ends at an empty bucket and
+is trusted only if the index generation (odd while buckets move, bumped on each move)
+was even and unchanged across the whole probe; otherwise the probe starts over.
+
+A slot the index points to is never written (see ``_layout``), so a reader can only meet
+an odd ``seq`` through a stale bucket; it then re-reads the bucket rather than wait.
+Waiting happens only on an odd index generation: bounded spinning, then yields, then
+sleeps, and after ``stall_timeout`` a check that the coordinator is alive, raising
+:class:`CoordinatorUnavailableError` if it died mid-change.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import posix_ipc
+
+from . import _layout as L
+from ._errors import (
+    CoordinatorUnavailableError,
+    IncompatibleStoreError,
+    StoreNotFoundError,
+    StoreTimeoutError,
+)
+
+crc32 = zlib.crc32
+
+#: lookup() result for a missing key.
+MISS = None
+
+
+class Backoff:
+    """Bounded waiting for a transient state: spin, then yield, then sleep.
+
+    Args:
+        on_stall: called once each time ``stall_timeout`` passes; it raises to give up.
+        stall_timeout: seconds between calls of ``on_stall``.
+    """
+
+    __slots__ = ("n", "deadline", "on_stall", "stall_timeout")
+
+    def __init__(self, on_stall: Callable[[], None], stall_timeout: float) -> None:
+        self.n = 0
+        self.deadline = 0.0
+        self.on_stall = on_stall
+        self.stall_timeout = stall_timeout
+
+    def wait(self) -> None:
+        n = self.n = self.n + 1
+        if n < 64:
+            return
+        if n == 64:
+            self.deadline = time.monotonic() + self.stall_timeout
+        if n < 256:
+            os.sched_yield()
+            return
+        time.sleep(min(0.001, 0.00001 * (n - 255)))
+        if time.monotonic() > self.deadline:
+            self.on_stall()
+            self.deadline = time.monotonic() + self.stall_timeout
+
+
+class Segment:
+    """One process's mapping of a store's data segment.
+
+    Attributes are plain ints and views so the read path touches no properties.
+    ``q`` views the whole segment as u64 words, ``mv`` as bytes.
+    """
+
+    def __init__(self, name: str, mm: mmap.mmap, writable: bool) -> None:
+        self.name = name
+        self.mm = mm
+        self.writable = writable
+        self.mv = memoryview(mm)
+        self.q = self.mv.cast("Q")
+        q = self.q
+        if len(self.mv) < L.HEADER_SIZE or q[L.H_MAGIC] != L.MAGIC:
+            self.close()
+            raise IncompatibleStoreError(
+                f"segment {L.data_name(name)} is not a shmstore segment (bad magic); "
+                f"remove it with shmstore.destroy({name!r})"
+            )
+        if q[L.H_FORMAT] != L.FORMAT_VERSION:
+            fmt = q[L.H_FORMAT]
+            self.close()
+            raise IncompatibleStoreError(
+                f"store {name!r} has segment format {fmt}, this shmstore reads format "
+                f"{L.FORMAT_VERSION}; stop its coordinator and destroy or migrate it"
+            )
+        self.layout = L.Layout(
+            capacity=q[L.H_CAPACITY], key_size=q[L.H_KEY_SIZE], value_size=q[L.H_VALUE_SIZE]
+        )
+        lay = self.layout
+        if (
+            q[L.H_LAYOUT_FP] != lay.fingerprint
+            or q[L.H_NSLOTS] != lay.nslots
+            or q[L.H_SLOT_SIZE] != lay.slot_size
+            or q[L.H_NBUCKETS] != lay.nbuckets
+            or len(self.mv) < lay.size
+        ):
+            self.close()
+            raise IncompatibleStoreError(
+                f"store {name!r}: the segment's layout fields disagree with its "
+                f"fingerprint or size; it is damaged or from another build. Destroy it "
+                f"(shmstore destroy {name}) and recover from the data directory."
+            )
+        self.instance = q[L.H_INSTANCE]
+        self.key_size = lay.key_size
+        self.value_size = lay.value_size
+        self.nslots = lay.nslots
+        self.slot_size = lay.slot_size
+        self.slot_words = lay.slot_size // 8
+        self.slot0 = L.SLOTS_OFFSET // 8  # first slot, in words
+        self.nbuckets = lay.nbuckets
+        self.mask = lay.nbuckets - 1
+        self.idx0 = lay.index_offset // 8  # first bucket, in words
+        self.stall_timeout = 1.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the mapping. Views handed out must be gone first."""
+        for attr in ("q", "mv"):
+            view = self.__dict__.pop(attr, None)
+            if view is not None:
+                view.release()
+        mm = self.__dict__.pop("mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a numpy view still exports it; the GC unmaps later
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return "mm" not in self.__dict__
+
+    # -- numpy views (vectorized scans) ----------------------------------------------
+
+    def slot_words_view(self) -> np.ndarray:
+        """A (nslots, 4) u64 view of every slot's header words, for vectorized scans."""
+        return np.ndarray(
+            (self.nslots, 4),
+            dtype=np.uint64,
+            buffer=self.mm,
+            offset=L.SLOTS_OFFSET,
+            strides=(self.slot_size, 8),
+        )
+
+    def index_view(self) -> np.ndarray:
+        return np.ndarray((self.nbuckets,), dtype=np.uint64, buffer=self.mm, offset=self.idx0 * 8)
+
+    # -- the read protocol -------------------------------------------------------------
+
+    def read_slot(self, slot: int, backoff: Backoff | None = None) -> tuple[int, int, int, int, bytes, bytes]:
+        """Copy one slot out under its seqlock.
+
+        Returns:
+            ``(seq, version, expiry, flags, key, value)``, all from one validated read.
+        """
+        q = self.q
+        mv = self.mv
+        w = self.slot0 + slot * self.slot_words
+        kofs = w * 8 + L.SLOT_HEADER
+        vofs = kofs + self.key_size
+        ksz = self.key_size
+        vsz = self.value_size
+        while True:
+            s1 = q[w]
+            if s1 & 1:
+                if backoff is None:
+                    backoff = Backoff(self._check_coordinator, self.stall_timeout)
+                backoff.wait()
+                continue
+            version = q[w + 1]
+            expiry = q[w + 2]
+            meta = q[w + 3]
+            klen = meta & 0xFFFF
+            vlen = meta >> 32
+            # Invariant: nothing read before validation is trusted; clamp lengths so
+            # a torn meta word can at worst make us copy the wrong bytes, never fault.
+            if klen > ksz:
+                klen = ksz
+            if vlen > vsz:
+                vlen = vsz
+            key = bytes(mv[kofs : kofs + klen])
+            value = bytes(mv[vofs : vofs + vlen])
+            if q[w] == s1:
+                return s1, version, expiry, (meta >> 16) & 0xFFFF, key, value
+
+    def lookup(self, kb: bytes) -> tuple[int, int, int, bytes] | None:
+        """Find a key. Lock-free; never returns a torn value or a false miss.
+
+        Args:
+            kb: the key's bytes.
+
+        Returns:
+            ``(slot, seq, version, value_bytes)`` or None when the key is missing or
+            expired (``expiry`` is checked against the wall clock).
+        """
+        q = self.q
+        mv = self.mv
+        mask = self.mask
+        idx0 = self.idx0
+        h = crc32(kb)
+        backoff = None
+        while True:
+            g1 = q[L.H_INDEX_GEN]
+            if g1 & 1:
+                if backoff is None:
+                    backoff = Backoff(self._check_coordinator, self.stall_timeout)
+                backoff.wait()
+                continue
+            pos = h & mask
+            while True:
+                b = q[idx0 + pos]
+                if b == 0:
+                    if q[L.H_INDEX_GEN] == g1:
+                        return MISS
+                    break  # buckets moved under us: probe again
+                if b >> 32 == h:
+                    slot = (b & 0xFFFFFFFF) - 1
+                    w = self.slot0 + slot * self.slot_words
+                    s1 = q[w]
+                    if not s1 & 1:
+                        meta = q[w + 3]
+                        version = q[w + 1]
+                        expiry = q[w + 2]
+                        klen = meta & 0xFFFF
+                        kofs = w * 8 + L.SLOT_HEADER
+                        key = bytes(mv[kofs : kofs + min(klen, self.key_size)])
+                        vofs = kofs + self.key_size
+                        vlen = min(meta >> 32, self.value_size)
+                        value = bytes(mv[vofs : vofs + vlen])
+                        if q[w] == s1 and q[idx0 + pos] == b:
+                            # Validated: the slot was stable and still the bucket's.
+                            if key == kb and not (meta >> 16) & L.FLAG_FREE:
+                                if expiry and expiry <= time.time_ns():
+                                    return MISS
+                                return slot, s1, version, value
+                            pos = (pos + 1) & mask
+                            continue
+                    # The slot or the bucket moved under us: read this bucket again.
+                    # (A slot the index points to is never odd, so this is brief.)
+                    if backoff is None:
+                        backoff = Backoff(self._check_coordinator, self.stall_timeout)
+                    backoff.wait()
+                    continue
+                pos = (pos + 1) & mask
+
+    def _check_coordinator(self) -> None:
+        """Called after a reader waited ``stall_timeout`` on a transient state."""
+        if not coordinator_alive(self):
+            raise CoordinatorUnavailableError(
+                f"store {self.name!r}: the coordinator died while moving index entries, so a "
+                f"missing key cannot be told from a moved one. Start a coordinator "
+                f"(shmstore serve {self.name}); it repairs the index on start."
+            )
+
+    # -- header ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> int:
+        return self.q[L.H_STATE]
+
+    @property
+    def epoch(self) -> int:
+        return self.q[L.H_EPOCH]
+
+
+# -- processes ---------------------------------------------------------------------
+
+
+def process_start_ms(pid: int) -> int | None:
+    """The start time of a live, non-zombie process in ms, or None if there is none."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(p.create_time() * 1000)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return None
+
+
+def pid_alive(pid: int, start_ms: int) -> bool:
+    """True if ``pid`` runs and is the same process that started at ``start_ms``.
+
+    A reused pid has another start time; a killed process still waiting for its parent
+    to reap it (a zombie) counts as dead.
+    """
+    if pid <= 0:
+        return False
+    got = process_start_ms(pid)
+    # psutil's create_time has ~10 ms resolution (clock ticks); allow for rounding.
+    return got is not None and abs(got - start_ms) <= 20
+
+
+def coordinator_alive(seg: Segment) -> bool:
+    q = seg.q
+    return q[L.H_COORD_INCARNATION] != 0 and pid_alive(q[L.H_COORD_PID], q[L.H_COORD_START])
+
+
+# -- opening -----------------------------------------------------------------------
+
+
+def _map(shm: posix_ipc.SharedMemory, writable: bool) -> mmap.mmap:
+    try:
+        size = os.fstat(shm.fd).st_size
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=prot)
+    finally:
+        shm.close_fd()
+
+
+def open_segment(name: str, *, writable: bool = False, timeout: float = 5.0) -> Segment:
+    """Map an existing store's data segment.
+
+    Clients map it read-only; only the coordinator passes ``writable=True``.
+
+    Raises:
+        StoreNotFoundError: no segment of that name.
+        IncompatibleStoreError: another format or a damaged header.
+        StoreTimeoutError: the segment stayed half-initialized for ``timeout`` seconds.
+    """
+    L.check_platform()
+    L.check_name(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            shm = posix_ipc.SharedMemory(L.data_name(name), read_only=not writable)
+        except posix_ipc.ExistentialError:
+            raise StoreNotFoundError(
+                f"no store named {name!r} on this host; start one with "
+                f"shmstore.serve({name!r}) or shmstore.open({name!r})"
+            ) from None
+        mm = _map(shm, writable)
+        if len(mm) >= L.HEADER_SIZE:
+            # Invariant: the creator writes STATE_READY last, after every header field.
+            state = memoryview(mm).cast("Q")[L.H_STATE]
+            if state != L.STATE_INIT:
+                return Segment(name, mm, writable)
+        mm.close()
+        if time.monotonic() > deadline:
+            raise StoreTimeoutError(
+                f"store {name!r}: its segment is still being created after {timeout} s; "
+                f"the creating coordinator may have died (shmstore cleanup)"
+            )
+        time.sleep(0.005)
+
+
+def create_segment(name: str, layout: L.Layout, schema_fp: int) -> Segment:
+    """Create a new data segment, mode 0600 (coordinator only).
+
+    Raises:
+        posix_ipc.ExistentialError: it exists already.
+    """
+    shm = posix_ipc.SharedMemory(
+        L.data_name(name), posix_ipc.O_CREX, mode=0o600, size=layout.size
+    )
+    mm = _map(shm, True)
+    q = memoryview(mm).cast("Q")
+    q[L.H_FORMAT] = L.FORMAT_VERSION
+    q[L.H_LAYOUT_FP] = layout.fingerprint
+    q[L.H_SCHEMA_FP] = schema_fp
+    q[L.H_CAPACITY] = layout.capacity
+    q[L.H_NSLOTS] = layout.nslots
+    q[L.H_SLOT_SIZE] = layout.slot_size
+    q[L.H_KEY_SIZE] = layout.key_size
+    q[L.H_VALUE_SIZE] = layout.value_size
+    q[L.H_NBUCKETS] = layout.nbuckets
+    q[L.H_INSTANCE] = int.from_bytes(os.urandom(8), "little") | 1
+    q[L.H_MAGIC] = L.MAGIC
+    q.release()
+    return Segment(name, mm, True)
+
+
+def unlink_quietly(kind: type, name: str) -> bool:
+    """Unlink a POSIX shm segment or semaphore; False if it did not exist."""
+    try:
+        if kind is posix_ipc.Semaphore:
+            posix_ipc.unlink_semaphore(name)
+        else:
+            posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False

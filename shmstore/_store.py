@@ -1,0 +1,558 @@
+"""The client handle users hold: :class:`Store`."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import Any, Iterable, Iterator
+
+import msgspec
+
+from . import _channel as C
+from . import _layout as L
+from ._errors import (
+    CoordinatorUnavailableError,
+    InvalidKeyError,
+    KeyTooLongError,
+    SchemaMismatchError,
+    ShmStoreError,
+    StoreClosedError,
+    StoreNotFoundError,
+    ValueEncodingError,
+    ValueTooLargeError,
+    rebuild,
+)
+from ._segment import Segment, coordinator_alive, open_segment
+
+#: get_many() validates optimistically this many times before asking the coordinator.
+OPTIMISTIC_TRIES = 8
+
+_frame = msgspec.msgpack.Encoder().encode
+_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Store:
+    """A handle on a shared store: lock-free reads, writes through the coordinator.
+
+    Concurrency: reads take no lock of any kind and never block the coordinator; they
+    return a value that was published at some instant during the call, never a torn
+    one. Writes from several threads of one process are serialized on a process-local
+    lock (one request in flight per handle); ordering per handle is kept, also for
+    pipelined writes (``wait=False``).
+
+    Fork: a handle inherited across ``fork()`` keeps reading through the inherited
+    mapping; the child's first write opens a write channel of its own. Nothing of the
+    parent's channel is used or released by the child.
+
+    Durability: a write returns once the coordinator has applied it and made it as
+    durable as the store's ``sync`` mode promises (memory-only stores: applied and
+    visible to every reader). A write that fails with
+    :class:`CoordinatorUnavailableError` *after* it was sent may or may not have been
+    applied; the message says so.
+
+    Keys are ``str`` (its UTF-8 bytes) or ``bytes``; values are anything msgspec
+    encodes as msgpack, or instances of ``value_type`` when given.
+    """
+
+    def __init__(self, name: str, *, value_type: Any = None, timeout: float = 5.0,
+                 spin_us: float = 50.0) -> None:
+        self.name = L.check_name(name)
+        self.timeout = timeout
+        self._spin_us = spin_us
+        self._value_type = value_type
+        self._schema_fp = L.schema_fingerprint(value_type)
+        self._seg: Segment | None = open_segment(name, timeout=timeout)
+        self._check_schema(self._seg)
+        self._decode = (msgspec.msgpack.Decoder(value_type) if value_type is not None
+                        else msgspec.msgpack.Decoder()).decode
+        self._decode_list = (msgspec.msgpack.Decoder(list[value_type]) if value_type is not None
+                             else msgspec.msgpack.Decoder(list)).decode
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._wlock = threading.Lock()
+        self._chan: C.ClientChannel | None = None
+        self._pid = os.getpid()
+        self._last_ticket = 0
+        self._reads = 0
+        self._read_retries = 0
+        self._writes = 0
+        #: the Coordinator that shmstore.open() started for this handle, if it did
+        self.coordinator = None
+        _STORES.add(self)
+
+    # -- attach / fork / close -------------------------------------------------------
+
+    def _check_schema(self, seg: Segment) -> None:
+        have = seg.q[L.H_SCHEMA_FP]
+        self._writable_schema = have == self._schema_fp
+        if self._value_type is not None and have != self._schema_fp:
+            seg.close()
+            raise SchemaMismatchError(
+                f"store {self.name!r} holds values of another type than "
+                f"{getattr(self._value_type, '__name__', self._value_type)!r} (schema "
+                f"fingerprints differ); connect with the value_type it was served with"
+            )
+
+    def _live_segment(self) -> Segment:
+        seg = self._seg
+        if seg is None:
+            raise StoreClosedError(f"store handle {self.name!r} is closed; connect again")
+        if seg.q[L.H_STATE] == L.STATE_DESTROYED:
+            return self._reattach()
+        return seg
+
+    def _reattach(self) -> Segment:
+        """The segment was destroyed: attach to its successor, if there is one."""
+        old = self._seg
+        try:
+            seg = open_segment(self.name, timeout=self.timeout)
+        except StoreNotFoundError:
+            raise StoreNotFoundError(
+                f"store {self.name!r} was destroyed; serve it again before reading"
+            ) from None
+        self._check_schema(seg)
+        self._seg = seg
+        self._drop_channel()
+        if old is not None:
+            old.close()
+        return seg
+
+    def _after_fork(self) -> None:
+        self._wlock = threading.Lock()
+        self._pid = os.getpid()
+        if self._chan is not None:
+            self._chan.drop_after_fork()
+            self._chan = None
+        self._last_ticket = 0
+
+    def _drop_channel(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+
+    def close(self) -> None:
+        """Release the handle. Idempotent. Pending pipelined writes are flushed first."""
+        if self._seg is None:
+            return
+        if self._chan is not None and self._pid == os.getpid():
+            try:
+                self.flush()
+            except ShmStoreError:
+                pass  # the coordinator is gone: nothing left to flush to
+            self._drop_channel()
+        self._seg.close()
+        self._seg = None
+        _STORES.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._seg is None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._seg is None else f"{len(self)} records"
+        return f"<shmstore.Store {self.name!r} {state}>"
+
+    # -- keys and values -------------------------------------------------------------
+
+    def _key(self, key: object, seg: Segment) -> bytes:
+        if key.__class__ is str:
+            kb = key.encode()  # type: ignore[union-attr]
+        elif isinstance(key, (bytes, bytearray, memoryview)):
+            kb = bytes(key)
+        elif isinstance(key, str):
+            kb = key.encode()
+        else:
+            raise InvalidKeyError(f"keys are str or bytes, not {type(key).__name__}")
+        if len(kb) > seg.key_size:
+            raise KeyTooLongError(
+                f"key {key!r:.80} is {len(kb)} bytes; store {self.name!r} has key_size="
+                f"{seg.key_size}. Use shorter keys or recreate the store with a larger key_size."
+            )
+        if not kb:
+            raise InvalidKeyError("the empty key is not allowed")
+        return kb
+
+    def _value(self, value: object, seg: Segment) -> bytes:
+        if not self._writable_schema:
+            raise SchemaMismatchError(
+                f"store {self.name!r} is typed; connect with its value_type to write to it"
+            )
+        try:
+            vb = self._encode(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueEncodingError(f"cannot encode a {type(value).__name__} as msgpack: {e}") from e
+        if self._value_type is not None:
+            try:
+                self._decode(vb)
+            except msgspec.ValidationError as e:
+                raise ValueEncodingError(
+                    f"value does not match value_type {getattr(self._value_type, '__name__', self._value_type)}: {e}"
+                ) from e
+        if len(vb) > seg.value_size:
+            raise ValueTooLargeError(
+                f"value encodes to {len(vb)} bytes; store {self.name!r} has value_size="
+                f"{seg.value_size}. Store less per key or recreate the store with a larger value_size."
+            )
+        return vb
+
+    # -- reads (lock-free) ---------------------------------------------------------------
+
+    def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` if it is missing. Never blocks writers."""
+        seg = self._seg
+        if seg is None or seg.q[L.H_STATE] != L.STATE_READY:
+            seg = self._live_segment()
+        kb = key.encode() if key.__class__ is str else self._key(key, seg)
+        if len(kb) > seg.key_size or not kb:
+            self._key(key, seg)
+        self._reads += 1
+        r = seg.lookup(kb)
+        if r is None:
+            return default
+        return self._decode(r[3])
+
+    def __getitem__(self, key: str | bytes) -> Any:
+        seg = self._live_segment()
+        r = seg.lookup(self._key(key, seg))
+        self._reads += 1
+        if r is None:
+            raise KeyError(key)
+        return self._decode(r[3])
+
+    def __contains__(self, key: object) -> bool:
+        seg = self._live_segment()
+        return seg.lookup(self._key(key, seg)) is not None
+
+    def version(self, key: str | bytes) -> int | None:
+        """The record's version (the epoch that last wrote it), or None if missing."""
+        seg = self._live_segment()
+        r = seg.lookup(self._key(key, seg))
+        return None if r is None else r[2]
+
+    def __len__(self) -> int:
+        return self._live_segment().q[L.H_COUNT]
+
+    @property
+    def epoch(self) -> int:
+        """The store's commit epoch: every op up to it is applied."""
+        return self._live_segment().q[L.H_EPOCH]
+
+    def get_many(self, keys: Iterable[str | bytes], default: Any = None) -> list:
+        """Values of several keys as of one epoch: never half of a batch.
+
+        Reads optimistically without locks: it notes the commit epoch E, reads every
+        key, and accepts the result only if no record it found was written after E
+        and, if any key was missing, no key was deleted after E. After
+        ``OPTIMISTIC_TRIES`` failed tries (writers keep changing these keys) it asks
+        the coordinator, whose answer is consistent because it applies writes one at a
+        time, so the call always ends.
+        """
+        seg = self._live_segment()
+        kbs = [self._key(k, seg) for k in keys]
+        q = seg.q
+        lookup = seg.lookup
+        for _ in range(OPTIMISTIC_TRIES):
+            e1 = q[L.H_EPOCH]
+            limit = 2 * e1 + 2  # a slot stamped after E has seq > 2E+2
+            values = []
+            missing = False
+            for kb in kbs:
+                r = lookup(kb)
+                if r is None:
+                    missing = True
+                    values.append(None)
+                elif r[1] > limit:
+                    break
+                else:
+                    values.append(r[3])
+            else:
+                if not missing or q[L.H_LAST_DELETE_EPOCH] <= e1:
+                    self._reads += len(kbs)
+                    return self._decode_values(values, default)
+            self._read_retries += 1
+        found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
+        self._reads += len(kbs)
+        return self._decode_values([None if r is None else r[1] for r in found], default)
+
+    def _decode_values(self, raw: list, default: Any) -> list:
+        out = [default] * len(raw)
+        present = [i for i, v in enumerate(raw) if v is not None]
+        if present:
+            # One decode call for all of them: a msgpack array header + the values.
+            n = len(present)
+            head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                                                     else b"\xdd" + n.to_bytes(4, "big"))
+            decoded = self._decode_list(head + b"".join(raw[i] for i in present))
+            for i, v in zip(present, decoded):
+                out[i] = v
+        return out
+
+    def _scan_keys(self) -> Iterator[bytes]:
+        """Keys of live-looking slots, read under their seqlocks (may repeat)."""
+        import numpy as np
+
+        seg = self._live_segment()
+        words = seg.slot_words_view()
+        meta = words[:, L.S_META]
+        not_free = ((meta >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) == 0
+        has_key = (meta & np.uint64(0xFFFF)) != 0
+        live = np.flatnonzero(not_free & has_key)
+        del words, meta
+        for slot in live.tolist():
+            _, _, _, flags, kb, _ = seg.read_slot(slot)
+            if kb and not flags & L.FLAG_FREE:
+                yield kb
+
+    def keys(self) -> Iterator[bytes]:
+        """Iterate the keys (as bytes) of the records, each once, each validated.
+
+        Not a snapshot: a record written during the scan may or may not appear.
+        """
+        for kb, _ in self._iter_records():
+            yield kb
+
+    def items(self) -> Iterator[tuple[bytes, Any]]:
+        """Iterate ``(key bytes, value)`` pairs, each key once, each value validated."""
+        for kb, vb in self._iter_records():
+            yield kb, self._decode(vb)
+
+    def _iter_records(self) -> Iterator[tuple[bytes, bytes]]:
+        seen: set[bytes] = set()
+        seg = self._live_segment()
+        for kb in self._scan_keys():
+            if kb in seen:
+                continue
+            r = seg.lookup(kb)  # the index's record, not a slot being replaced
+            if r is not None:
+                seen.add(kb)
+                yield kb, r[3]
+
+    __iter__ = keys
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _channel(self, seg: Segment, deadline: float) -> C.ClientChannel:
+        """This process's write channel, (re)opened as needed; caller holds _wlock."""
+        ch = self._chan
+        if ch is not None and ch.alive():
+            stale = time.time_ns() - seg.q[L.H_HEARTBEAT] > 2_000_000_000
+            if not stale or coordinator_alive(seg):
+                return ch
+        if ch is not None:
+            self._drop_channel()
+        while True:
+            if seg.q[L.H_COORD_INCARNATION] and coordinator_alive(seg):
+                try:
+                    self._chan = C.ClientChannel(self.name, seg.q, spin_us=self._spin_us,
+                                                 timeout=max(0.1, deadline - time.monotonic()))
+                    return self._chan
+                except CoordinatorUnavailableError:
+                    pass  # it went away during the handshake: wait for the next one
+            if time.monotonic() > deadline:
+                raise CoordinatorUnavailableError(
+                    f"store {self.name!r}: no coordinator is running (waited "
+                    f"{self.timeout} s). Reads still work; start one with "
+                    f"shmstore.serve({self.name!r}) or `shmstore serve {self.name}`."
+                )
+            time.sleep(0.01)
+
+    def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
+        seg = self._live_segment()
+        payload = _frame(frame)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._wlock:
+            if self._pid != os.getpid():  # forked without the at-fork hook (vfork-ish)
+                self._after_fork()
+            ch = self._channel(seg, deadline)
+            ticket = ch.publish(payload, deadline)
+            self._last_ticket = ticket
+            self._writes += 1
+            if not wait:
+                return None
+            ch.wait_done(ticket, deadline, what)
+            t, status, result = ch.reply()
+            if t != ticket:
+                raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
+        if status != C.ST_OK:
+            raise rebuild(result[0], result[1])
+        return result
+
+    def put(self, key: str | bytes, value: Any, *, wait: bool = True, timeout: float | None = None) -> int | None:
+        """Write a record. Returns its new version, or None with ``wait=False``.
+
+        With ``wait=False`` the op is queued and the call returns at once (it blocks
+        only while the queue is full); :meth:`flush` waits for it and raises its error.
+        """
+        seg = self._live_segment()
+        kb = self._key(key, seg)
+        return self._request([C.OP_PUT, int(wait), kb, self._value(value, seg), 0], "put",
+                             wait=wait, timeout=timeout)
+
+    def __setitem__(self, key: str | bytes, value: Any) -> None:
+        self.put(key, value)
+
+    def delete(self, key: str | bytes, *, wait: bool = True, timeout: float | None = None) -> bool | None:
+        """Remove a record. Returns whether it existed (None with ``wait=False``)."""
+        seg = self._live_segment()
+        return self._request([C.OP_DELETE, int(wait), self._key(key, seg)], "delete",
+                             wait=wait, timeout=timeout)
+
+    def __delitem__(self, key: str | bytes) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def compare_and_set(self, key: str | bytes, value: Any, *, version: int,
+                        timeout: float | None = None) -> int:
+        """Write only if the record's version is ``version`` (0: it must not exist).
+
+        Returns:
+            The new version.
+
+        Raises:
+            VersionConflictError: the version differs; nothing was written.
+        """
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        seg = self._live_segment()
+        return self._request([C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version, 0],
+                             "compare_and_set", timeout=timeout)
+
+    def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
+        """Add ``delta`` to an integer record atomically; a missing key counts from 0.
+
+        Returns:
+            The new value.
+        """
+        if not isinstance(delta, int) or isinstance(delta, bool):
+            raise ValueEncodingError(f"incr needs an int delta, got {type(delta).__name__}")
+        seg = self._live_segment()
+        if not self._writable_schema:
+            self._value(0, seg)  # raises the schema error
+        if self._value_type is not None:
+            try:
+                msgspec.convert(0, self._value_type)
+            except msgspec.ValidationError:
+                raise ValueEncodingError(
+                    f"incr stores integers, which value_type {self._value_type!r} does not accept"
+                ) from None
+        return self._request([C.OP_INCR, 1, self._key(key, seg), delta], "incr", timeout=timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write this handle queued is applied.
+
+        Raises:
+            ShmStoreError: the first error any queued write met since the last flush.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._wlock:
+            ch = self._chan
+            if ch is None or self._last_ticket == 0:
+                return
+            ch.wait_done(self._last_ticket, deadline, "queued writes")
+            err = ch.take_error()
+        if err is not None:
+            _, type_name, message = err
+            raise rebuild(type_name, message)
+
+    def batch(self, *, wait: bool = True) -> Batch:
+        """Collect puts and deletes, applied atomically when the ``with`` block exits.
+
+        Readers see all of the batch or none of it through :meth:`get_many`.
+        """
+        return Batch(self, wait)
+
+    # -- stats -----------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        """A snapshot of the store's counters (coordinator) and this handle's."""
+        seg = self._live_segment()
+        q = seg.q
+        return StoreStats(
+            name=self.name,
+            records=q[L.H_COUNT],
+            capacity=seg.layout.capacity,
+            key_size=seg.key_size,
+            value_size=seg.value_size,
+            epoch=q[L.H_EPOCH],
+            coordinator_pid=q[L.H_COORD_PID] if coordinator_alive(seg) else None,
+            ops=q[L.H_OPS],
+            groups=q[L.H_GROUPS],
+            frames=q[L.H_FRAMES],
+            max_group=q[L.H_MAX_GROUP],
+            errors=q[L.H_ERRORS],
+            clients_reclaimed=q[L.H_CLIENTS_RECLAIMED],
+            fallback_reads=q[L.H_FALLBACK_READS],
+            reads=self._reads,
+            read_retries=self._read_retries,
+            writes=self._writes,
+        )
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    """What :meth:`Store.stats` returns."""
+
+    name: str
+    records: int
+    capacity: int
+    key_size: int
+    value_size: int
+    epoch: int
+    coordinator_pid: int | None
+    ops: int
+    groups: int
+    frames: int
+    max_group: int
+    errors: int
+    clients_reclaimed: int
+    fallback_reads: int
+    reads: int
+    read_retries: int
+    writes: int
+
+
+class Batch:
+    """Puts and deletes applied atomically on exit of its ``with`` block.
+
+    Nothing is sent if the block raises. Sizes are checked as ops are added.
+    """
+
+    def __init__(self, store: Store, wait: bool) -> None:
+        self._store = store
+        self._wait = wait
+        self._ops: list[list] = []
+        self.results: list | None = None
+
+    def put(self, key: str | bytes, value: Any) -> None:
+        seg = self._store._live_segment()
+        self._ops.append([C.OP_PUT, self._store._key(key, seg), self._store._value(value, seg), 0])
+
+    def delete(self, key: str | bytes) -> None:
+        seg = self._store._live_segment()
+        self._ops.append([C.OP_DELETE, self._store._key(key, seg)])
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None or not self._ops:
+            return
+        self.results = self._store._request([C.OP_BATCH, int(self._wait), self._ops], "batch",
+                                            wait=self._wait)

@@ -1,0 +1,1 @@
+"""Integrations with process managers (installed as ``shmstore.workers``)."""
