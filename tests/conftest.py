@@ -1,0 +1,79 @@
+"""Fixtures: unique store names, a served store, and a leak check per test.
+
+Every test gets names of its own (xdist-safe); whatever a test creates is destroyed in
+teardown even when the test fails, and the teardown fails the test if anything of its
+stores is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import shmstore
+from tests.helpers.processes import shm_objects, unique_name
+
+
+class Names:
+    """Hands out unique store names and destroys them all at teardown."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.coordinators: list[shmstore.Coordinator] = []
+
+    def __call__(self, tag: str = "") -> str:
+        name = unique_name(tag)
+        self.names.append(name)
+        return name
+
+    def cleanup(self) -> list[str]:
+        for c in self.coordinators:
+            c.stop(timeout=5)
+        leaks = []
+        for name in self.names:
+            try:
+                shmstore.destroy(name)
+            except shmstore.CoordinatorRunningError:
+                leaks.append(f"{name}: a coordinator still runs")
+            left = shm_objects(name)
+            if left:
+                leaks.append(f"{name}: {left}")
+        return leaks
+
+
+@pytest.fixture
+def names():
+    n = Names()
+    try:
+        yield n
+    finally:
+        leaks = n.cleanup()
+    assert not leaks, f"shared-memory objects leaked: {leaks}"
+
+
+@pytest.fixture
+def name(names):
+    return names()
+
+
+@pytest.fixture
+def served(names):
+    """Start a coordinator for a fresh store; returns a function taking serve() kwargs."""
+
+    def start(tag: str = "", **kwargs) -> tuple[str, shmstore.Coordinator]:
+        n = names(tag)
+        coord = shmstore.serve(n, **kwargs)
+        names.coordinators.append(coord)
+        return n, coord
+
+    return start
+
+
+@pytest.fixture
+def store(served):
+    """A connected handle on a fresh memory-only store (capacity 1000)."""
+    n, coord = served(capacity=1000)
+    s = shmstore.connect(n)
+    try:
+        yield s
+    finally:
+        s.close()
