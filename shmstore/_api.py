@@ -143,7 +143,11 @@ def serve(
     if sync != "never":
         raise InvalidLayoutError(f"sync={sync!r} needs path=; a memory-only store has only sync='never'")
     if capacity is not None or key_size is not None or value_size is not None:
-        L.Layout(capacity=capacity or 1, key_size=key_size or 1, value_size=value_size or 1).validate()
+        L.Layout(
+            capacity=1 if capacity is None else capacity,
+            key_size=1 if key_size is None else key_size,
+            value_size=1 if value_size is None else value_size,
+        ).validate()
     from shmstore.coordinator import ServerConfig  # noqa: PLC0415  (one-way dependency at call time)
 
     config = ServerConfig(

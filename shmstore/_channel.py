@@ -137,6 +137,10 @@ def unlock_byte(fd: int, client: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, LOCK_BASE + client, 1, 0))
 
 
+class NotConsumed(Exception):
+    """Internal: the coordinator died before reading the frame, so it was not applied."""
+
+
 class ChannelLayout(msgspec.Struct, frozen=True):
     """Sizes of the channel segment (chosen by the coordinator at start)."""
 
@@ -397,6 +401,9 @@ class ClientChannel:
                 if q[i] >= ticket:
                     return
                 if not self.alive() or not _seg_alive(self.seg_q):
+                    if q[self.w + C_TAIL] < self.head:
+                        # It never read our frame: certainly not applied, safe to resend.
+                        raise NotConsumed(what)
                     raise CoordinatorUnavailableError(
                         f"store {self.name!r}: the coordinator stopped with this {what} in "
                         f"flight; it may or may not have been applied - read the key to see"

@@ -378,13 +378,21 @@ class Store:
         with self._wlock:
             if self._pid != os.getpid():  # forked without the at-fork hook (vfork-ish)
                 self._after_fork()
-            ch = self._channel(seg, deadline)
-            ticket = ch.publish(payload, deadline)
-            self._last_ticket = ticket
-            self._writes += 1
-            if not wait:
-                return None
-            ch.wait_done(ticket, deadline, what)
+            while True:
+                ch = self._channel(seg, deadline)
+                ticket = ch.publish(payload, deadline)
+                self._last_ticket = ticket
+                self._writes += 1
+                if not wait:
+                    return None
+                try:
+                    ch.wait_done(ticket, deadline, what)
+                    break
+                except C.NotConsumed:
+                    if self._unflushed_lost(ch, ticket - 1):
+                        raise
+                    # The coordinator died before reading it: wait for the next one.
+                    self._drop_channel()
             t, status, result = ch.reply()
             if t != ticket:
                 raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
@@ -452,6 +460,17 @@ class Store:
                 ) from None
         return self._request([C.OP_INCR, 1, self._key(key, seg), delta], "incr", timeout=timeout)
 
+    def _unflushed_lost(self, ch: C.ClientChannel, last: int) -> bool:
+        """True (and raise) if queued writes before ``last`` died with the coordinator."""
+        done = ch.chan.q[ch.w + C.C_DONE]
+        if done < last:
+            self._drop_channel()
+            raise CoordinatorUnavailableError(
+                f"store {self.name!r}: the coordinator stopped before applying "
+                f"{last - done} queued write(s) of this handle; they were not applied"
+            )
+        return False
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every write this handle queued is applied.
 
@@ -463,7 +482,10 @@ class Store:
             ch = self._chan
             if ch is None or self._last_ticket == 0:
                 return
-            ch.wait_done(self._last_ticket, deadline, "queued writes")
+            try:
+                ch.wait_done(self._last_ticket, deadline, "queued writes")
+            except C.NotConsumed:
+                self._unflushed_lost(ch, self._last_ticket)
             err = ch.take_error()
         if err is not None:
             _, type_name, message = err

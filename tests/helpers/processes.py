@@ -50,6 +50,12 @@ def reap(*procs: subprocess.Popen, timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
 
 
 def reap_pids(pids: list[int], timeout: float = 5.0) -> None:
