@@ -280,8 +280,8 @@ class ClientChannel:
         if self.client < 0:
             ch.close()
             raise TooManyClientsError(
-                f"store {name!r}: all {lay.max_clients} client blocks are taken; start the "
-                f"coordinator with a larger max_clients, or close idle handles"
+                f"store {name!r}: all {lay.max_clients} client blocks stayed taken until the "
+                f"timeout; serve the store with a larger max_clients, or close idle handles"
             )
         base = lay.block(self.client)
         self.w = base // 8  # first control word

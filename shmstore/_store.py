@@ -20,6 +20,7 @@ from ._errors import (
     ShmStoreError,
     StoreClosedError,
     StoreNotFoundError,
+    TooManyClientsError,
     ValueEncodingError,
     ValueTooLargeError,
     rebuild,
@@ -363,6 +364,10 @@ class Store:
                     return self._chan
                 except CoordinatorUnavailableError:
                     pass  # it went away during the handshake: wait for the next one
+                except TooManyClientsError:
+                    # A dead client's block comes back within a coordinator tick.
+                    if time.monotonic() > deadline:
+                        raise
             if time.monotonic() > deadline:
                 raise CoordinatorUnavailableError(
                     f"store {self.name!r}: no coordinator is running (waited "

@@ -1,0 +1,48 @@
+"""The built wheel installs one import namespace: shmstore, shmstore.coordinator,
+shmstore.workers, and nothing called coordinator or workers at the top level."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_maps_coordinator_and_workers_into_the_shmstore_namespace(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "tests", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
+                   check=True, capture_output=True, text=True)
+    (wheel,) = wheels.glob("shmstore-*.whl")
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert "shmstore" in tops
+    assert not {"coordinator", "workers"} & tops, tops
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "shmstore/coordinator/__main__.py" in names and "shmstore/workers/__init__.py" in names
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    assert not (target / "coordinator").exists() and not (target / "workers").exists()
+    code = (
+        "import importlib.util, shmstore, shmstore.coordinator, shmstore.workers;"
+        "print(shmstore.__file__);"
+        "print(shmstore.coordinator.__file__);"
+        "print(importlib.util.find_spec('coordinator'), importlib.util.find_spec('workers'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         check=True, capture_output=True, text=True).stdout.splitlines()
+    assert out[0].startswith(str(target)) and out[1].startswith(str(target / "shmstore" / "coordinator"))
+    assert out[2] == "None None"
+    # The installed console script entry point and python -m both answer --help.
+    r = subprocess.run([sys.executable, "-m", "shmstore.coordinator", "--help"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "coordinator" in r.stdout
