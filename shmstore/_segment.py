@@ -410,3 +410,96 @@ def unlink_quietly(kind: type, name: str) -> bool:
         return True
     except posix_ipc.ExistentialError:
         return False
+
+
+def make_readers(seg: Segment, decode: Callable[[bytes], object],
+                 on_stale: Callable[..., object]) -> tuple[Callable, Callable]:
+    """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
+
+    Returns ``(get, probe_many)``. ``probe_many(kbs)`` returns the raw values (None
+    for a miss) and the highest slot seq it accepted, for ``Store.get_many``.
+
+    The common case (the key's first probe position holds it, or is empty) runs
+    inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
+    decode. Anything else (a hash collision, an odd seq, a moving index, a long key,
+    a non-str key, an expiry, a destroyed segment) takes the full :meth:`Segment.lookup`
+    path, which has the same protocol plus backoff.
+    """
+    q = seg.q
+    mv = seg.mv
+    mask = seg.mask
+    idx0 = seg.idx0
+    slot0 = seg.slot0
+    sw = seg.slot_words
+    ksz = seg.key_size
+    vsz = seg.value_size
+    lookup = seg.lookup
+    H_STATE = L.H_STATE
+    H_GEN = L.H_INDEX_GEN
+    READY = L.STATE_READY
+    HDR = L.SLOT_HEADER
+    FREE = L.FLAG_FREE << 16
+
+    def get(key: object, default: object = None) -> object:
+        if key.__class__ is str and q[H_STATE] == READY:
+            kb = key.encode()
+            n = len(kb)
+            if 0 < n <= ksz:
+                h = crc32(kb)
+                g = q[H_GEN]
+                pos = idx0 + (h & mask)
+                b = q[pos]
+                if b == 0:
+                    if not g & 1 and q[H_GEN] == g:
+                        return default
+                elif b >> 32 == h:
+                    w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
+                    s1 = q[w]
+                    meta = q[w + 3]
+                    vlen = meta >> 32
+                    expiry = q[w + 2]
+                    o = w * 8 + HDR
+                    raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+                    # Invariant: every word used below was read between s1 and s2.
+                    if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
+                            and not meta & FREE and not expiry and raw.startswith(kb)):
+                        return decode(raw[ksz:])
+        return on_stale(key, default)
+
+    def probe_many(kbs: list[bytes]) -> tuple[list, int]:
+        values = []
+        append = values.append
+        top = 0
+        for kb in kbs:
+            h = crc32(kb)
+            g = q[H_GEN]
+            pos = idx0 + (h & mask)
+            b = q[pos]
+            if b == 0:
+                if not g & 1 and q[H_GEN] == g:
+                    append(None)
+                    continue
+            elif b >> 32 == h:
+                w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
+                s1 = q[w]
+                meta = q[w + 3]
+                vlen = meta >> 32
+                expiry = q[w + 2]
+                o = w * 8 + HDR
+                raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+                if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
+                        and not meta & FREE and not expiry and raw.startswith(kb)):
+                    append(raw[ksz:])
+                    if s1 > top:
+                        top = s1
+                    continue
+            r = lookup(kb)
+            if r is None:
+                append(None)
+            else:
+                append(r[3])
+                if r[1] > top:
+                    top = r[1]
+        return values, top
+
+    return get, probe_many

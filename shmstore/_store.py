@@ -25,7 +25,7 @@ from ._errors import (
     ValueTooLargeError,
     rebuild,
 )
-from ._segment import Segment, coordinator_alive, open_segment
+from ._segment import Segment, coordinator_alive, make_readers, open_segment
 
 #: get_many() validates optimistically this many times before asking the coordinator.
 OPTIMISTIC_TRIES = 8
@@ -79,6 +79,7 @@ class Store:
         self._decode_list = (msgspec.msgpack.Decoder(list[value_type]) if value_type is not None
                              else msgspec.msgpack.Decoder(list)).decode
         self._encode = msgspec.msgpack.Encoder().encode
+        self._bind_fast_get()
         self._wlock = threading.Lock()
         self._chan: C.ClientChannel | None = None
         self._pid = os.getpid()
@@ -122,6 +123,7 @@ class Store:
             ) from None
         self._check_schema(seg)
         self._seg = seg
+        self._bind_fast_get()
         self._drop_channel()
         if old is not None:
             old.close()
@@ -150,6 +152,7 @@ class Store:
             except ShmStoreError:
                 pass  # the coordinator is gone: nothing left to flush to
             self._drop_channel()
+        self.__dict__.pop("get", None)  # the fast path holds views of the mapping
         self._seg.close()
         self._seg = None
         _STORES.discard(self)
@@ -214,18 +217,19 @@ class Store:
     # -- reads (lock-free) ---------------------------------------------------------------
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` if it is missing. Never blocks writers."""
-        seg = self._seg
-        if seg is None or seg.q[L.H_STATE] != L.STATE_READY:
-            seg = self._live_segment()
-        kb = key.encode() if key.__class__ is str else self._key(key, seg)
-        if len(kb) > seg.key_size or not kb:
-            self._key(key, seg)
-        self._reads += 1
-        r = seg.lookup(kb)
+        """The value of ``key``, or ``default`` if it is missing. Never blocks writers.
+
+        (Each handle replaces this method with a fast closure bound to its mapping,
+        see ``_segment.make_get``; this is the general path it falls back to.)
+        """
+        seg = self._live_segment()
+        r = seg.lookup(self._key(key, seg))
         if r is None:
             return default
         return self._decode(r[3])
+
+    def _bind_fast_get(self) -> None:
+        self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self))
 
     def __getitem__(self, key: str | bytes) -> Any:
         seg = self._live_segment()
@@ -264,27 +268,20 @@ class Store:
         time, so the call always ends.
         """
         seg = self._live_segment()
-        kbs = [self._key(k, seg) for k in keys]
+        ksz = seg.key_size
+        kbs = [k.encode() if k.__class__ is str else self._key(k, seg) for k in keys]
+        for kb in kbs:
+            if not 0 < len(kb) <= ksz:
+                self._key(kb, seg)  # raises the right error
         q = seg.q
-        lookup = seg.lookup
         for _ in range(OPTIMISTIC_TRIES):
             e1 = q[L.H_EPOCH]
-            limit = 2 * e1 + 2  # a slot stamped after E has seq > 2E+2
-            values = []
-            missing = False
-            for kb in kbs:
-                r = lookup(kb)
-                if r is None:
-                    missing = True
-                    values.append(None)
-                elif r[1] > limit:
-                    break
-                else:
-                    values.append(r[3])
-            else:
-                if not missing or q[L.H_LAST_DELETE_EPOCH] <= e1:
-                    self._reads += len(kbs)
-                    return self._decode_values(values, default)
+            values, top = self._probe_many(kbs)
+            # Accept only if no record read was written after E (its seq would exceed
+            # 2E+2) and, when a key was missing, no key was deleted after E.
+            if top <= 2 * e1 + 2 and (None not in values or q[L.H_LAST_DELETE_EPOCH] <= e1):
+                self._reads += len(kbs)
+                return self._decode_values(values, default)
             self._read_retries += 1
         found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
         self._reads += len(kbs)
