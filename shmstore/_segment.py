@@ -440,30 +440,37 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     HDR = L.SLOT_HEADER
     FREE = L.FLAG_FREE << 16
 
+    def probe(kb: bytes) -> tuple[bytes, int] | None:
+        """The first-probe fast path: (value bytes, seq), None for a miss, or the full
+        lookup's answer when anything is unusual."""
+        h = crc32(kb)
+        g = q[H_GEN]
+        pos = idx0 + (h & mask)
+        b = q[pos]
+        if b == 0:
+            if not g & 1 and q[H_GEN] == g:
+                return None
+        elif b >> 32 == h:
+            w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
+            s1 = q[w]
+            meta = q[w + 3]
+            vlen = meta >> 32
+            expiry = q[w + 2]
+            o = w * 8 + HDR
+            raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+            # Invariant: every word used below was read between s1 and s2.
+            if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
+                    and not meta & FREE and not expiry and raw.startswith(kb)):
+                return raw[ksz:], s1
+        r = lookup(kb)
+        return None if r is None else (r[3], r[1])
+
     def get(key: object, default: object = None) -> object:
         if key.__class__ is str and q[H_STATE] == READY:
             kb = key.encode()
-            n = len(kb)
-            if 0 < n <= ksz:
-                h = crc32(kb)
-                g = q[H_GEN]
-                pos = idx0 + (h & mask)
-                b = q[pos]
-                if b == 0:
-                    if not g & 1 and q[H_GEN] == g:
-                        return default
-                elif b >> 32 == h:
-                    w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
-                    s1 = q[w]
-                    meta = q[w + 3]
-                    vlen = meta >> 32
-                    expiry = q[w + 2]
-                    o = w * 8 + HDR
-                    raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
-                    # Invariant: every word used below was read between s1 and s2.
-                    if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
-                            and not meta & FREE and not expiry and raw.startswith(kb)):
-                        return decode(raw[ksz:])
+            if 0 < len(kb) <= ksz:
+                r = probe(kb)
+                return default if r is None else decode(r[0])
         return on_stale(key, default)
 
     def probe_many(kbs: list[bytes]) -> tuple[list, int]:
@@ -471,33 +478,11 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         append = values.append
         top = 0
         for kb in kbs:
-            h = crc32(kb)
-            g = q[H_GEN]
-            pos = idx0 + (h & mask)
-            b = q[pos]
-            if b == 0:
-                if not g & 1 and q[H_GEN] == g:
-                    append(None)
-                    continue
-            elif b >> 32 == h:
-                w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
-                s1 = q[w]
-                meta = q[w + 3]
-                vlen = meta >> 32
-                expiry = q[w + 2]
-                o = w * 8 + HDR
-                raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
-                if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
-                        and not meta & FREE and not expiry and raw.startswith(kb)):
-                    append(raw[ksz:])
-                    if s1 > top:
-                        top = s1
-                    continue
-            r = lookup(kb)
+            r = probe(kb)
             if r is None:
                 append(None)
             else:
-                append(r[3])
+                append(r[0])
                 if r[1] > top:
                     top = r[1]
         return values, top
