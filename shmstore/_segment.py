@@ -465,7 +465,11 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         r = lookup(kb)
         return None if r is None else (r[3], r[1])
 
+    reads = 0  # gets through this closure (one writer: this process)
+
     def get(key: object, default: object = None) -> object:
+        nonlocal reads
+        reads += 1
         if key.__class__ is str and q[H_STATE] == READY:
             kb = key.encode()
             if 0 < len(kb) <= ksz:
@@ -487,4 +491,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                     top = r[1]
         return values, top
 
+    def count() -> int:
+        return reads
+
+    get.reads = count
     return get, probe_many

@@ -521,7 +521,7 @@ class Store:
             errors=q[L.H_ERRORS],
             clients_reclaimed=q[L.H_CLIENTS_RECLAIMED],
             fallback_reads=q[L.H_FALLBACK_READS],
-            reads=self._reads,
+            reads=self._reads + self.get.reads(),
             read_retries=self._read_retries,
             writes=self._writes,
         )

@@ -319,6 +319,12 @@ def test_stats_count_ops(store):
     assert st.ops - before.ops == 11 and st.writes == 11
     assert st.epoch == store.epoch and st.coordinator_pid is not None
     assert st.groups >= 1 and st.max_group >= 1
+    r0 = st.reads
+    for _ in range(5):
+        store.get("k1")  # the fast path
+    store.get(b"k2")  # the general path
+    store.get_many(["k3", "k4"])
+    assert store.stats().reads - r0 == 8
 
 
 def test_header_layout_constants_are_consistent():
