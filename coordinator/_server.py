@@ -435,7 +435,8 @@ class CoordinatorServer:
             elif status == C.ST_ERROR:
                 cq[w + C.C_ERR_COUNT] += 1
                 if not has_err and err is None:
-                    err = (ticket, _encode(result)[: C.ERR_AREA])
+                    # Cut the message, never the encoding: the client must decode it.
+                    err = (ticket, _encode([result[0][:100], result[1][: C.ERR_AREA - 200]]))
         return reply, err, len(frames)
 
     def apply(self, op: list, payload: bytes) -> object:

@@ -332,3 +332,4 @@ def test_header_layout_constants_are_consistent():
     assert lay.slot_size % 8 == 0 and lay.index_offset % L.PAGE == 0
     assert lay.nbuckets >= 2 * lay.nslots and lay.nbuckets & (lay.nbuckets - 1) == 0
     assert L.Layout(capacity=1000, key_size=13, value_size=101).fingerprint != lay.fingerprint
+
