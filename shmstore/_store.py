@@ -9,6 +9,7 @@ import weakref
 from typing import Any, Iterable, Iterator
 
 import msgspec
+import numpy as np
 
 from . import _channel as C
 from . import _layout as L
@@ -270,18 +271,25 @@ class Store:
         seg = self._live_segment()
         ksz = seg.key_size
         kbs = [k.encode() if k.__class__ is str else self._key(k, seg) for k in keys]
-        for kb in kbs:
-            if not 0 < len(kb) <= ksz:
-                self._key(kb, seg)  # raises the right error
+        lens = np.fromiter(map(len, kbs), np.int64, len(kbs))
+        if len(kbs) and (lens.min() < 1 or lens.max() > ksz):
+            self._key(kbs[int(np.flatnonzero((lens < 1) | (lens > ksz))[0])], seg)  # raises
         q = seg.q
         for _ in range(OPTIMISTIC_TRIES):
             e1 = q[L.H_EPOCH]
-            values, top = self._probe_many(kbs)
+            fast, blob, found, top = self._probe_many(kbs, lens)
             # Accept only if no record read was written after E (its seq would exceed
             # 2E+2) and, when a key was missing, no key was deleted after E.
-            if top <= 2 * e1 + 2 and (None not in values or q[L.H_LAST_DELETE_EPOCH] <= e1):
+            missing = len(fast) + len(found) < len(kbs)
+            if top <= 2 * e1 + 2 and (not missing or q[L.H_LAST_DELETE_EPOCH] <= e1):
                 self._reads += len(kbs)
-                return self._decode_values(values, default)
+                out = [default] * len(kbs)
+                if len(fast):
+                    for i, v in zip(fast.tolist(), self._decode_list(_array_header(len(fast)) + blob)):
+                        out[i] = v
+                for i, raw in found.items():
+                    out[i] = self._decode(raw)
+                return out
             self._read_retries += 1
         found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
         self._reads += len(kbs)
@@ -291,11 +299,7 @@ class Store:
         out = [default] * len(raw)
         present = [i for i, v in enumerate(raw) if v is not None]
         if present:
-            # One decode call for all of them: a msgpack array header + the values.
-            n = len(present)
-            head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                                     else b"\xdd" + n.to_bytes(4, "big"))
-            decoded = self._decode_list(head + b"".join(raw[i] for i in present))
+            decoded = self._decode_list(_array_header(len(present)) + b"".join(raw[i] for i in present))
             for i, v in zip(present, decoded):
                 out[i] = v
         return out
@@ -525,6 +529,15 @@ class Store:
             read_retries=self._read_retries,
             writes=self._writes,
         )
+
+
+def _array_header(n: int) -> bytes:
+    """A msgpack array header: values concatenated after it decode in one call."""
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class StoreStats(msgspec.Struct, frozen=True):
