@@ -454,6 +454,8 @@ class Store:
         """
         if not isinstance(delta, int) or isinstance(delta, bool):
             raise ValueEncodingError(f"incr needs an int delta, got {type(delta).__name__}")
+        if not -(1 << 63) <= delta < (1 << 64):
+            raise ValueEncodingError(f"incr delta {delta} is outside the 64-bit range msgpack stores")
         seg = self._live_segment()
         if not self._writable_schema:
             self._value(0, seg)  # raises the schema error

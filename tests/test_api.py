@@ -69,6 +69,11 @@ def test_incr_counts_from_zero_and_refuses_non_integers(store):
     assert store.get("s") == "text"
     with pytest.raises(shmstore.ValueEncodingError):
         store.incr("n", 1.5)
+    with pytest.raises(shmstore.ValueEncodingError):
+        store.incr("n", 2**64)
+    with pytest.raises(shmstore.ValueEncodingError):
+        store.incr("n", -(2**63) - 1)
+    assert store.get("n") == 40
 
 
 def test_batch_is_all_or_nothing(served):
