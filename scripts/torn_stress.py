@@ -1,0 +1,497 @@
+"""Torn-read stress: writer processes rewrite self-checking records while reader
+processes verify every value they read.
+
+What it proves
+--------------
+The seqlock protocol of DESIGN.md section 2 promises that a lock-free read returns a
+value that some write published, never bytes assembled from two writes. Every record
+this script writes checks itself::
+
+    value = [key, counter, payload, checksum]
+    payload  = bytes derived from (key, counter), ``--value-size`` long
+    checksum = crc32(key | counter | payload)
+
+so a reader can recompute it from the value alone. A value glued from two writes (of
+one key, or of two keys that shared a slot) fails the check, and so does one whose
+bytes could not even be decoded. The invariant is checked two independent ways:
+
+1. each reader process checks every value it reads (``get``, ``get_many`` and the
+   ``store[key]`` lookup path in turn) and that each key's counter never goes back;
+2. at the end the parent reads every key and compares it with the last counter its
+   writer reports having written (each writer owns a disjoint set of keys).
+
+Shape (like filelock's stress tests): N processes, released together by a barrier,
+each doing its share; a deadline that only guards against hangs; one verdict with
+every worker's report. Workers get only names and ints as arguments (nothing shared
+is pickled) and report through small JSON files; forked children leave through
+``os._exit``.
+
+Usage::
+
+    python scripts/torn_stress.py --seconds 5
+    python scripts/torn_stress.py --readers 3 --writers 2 --seconds 30 --start-method spawn
+
+It exits 0 when no torn read was accepted, 1 otherwise, and prints the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import msgspec
+import posix_ipc
+
+import shmstore
+
+#: Bytes of msgpack framing around the payload (array header, key, counter, bin
+#: header, checksum); the store's value_size is the payload size plus this.
+VALUE_OVERHEAD = 64
+#: key_size of the store (keys are "k" + 6 digits).
+KEY_SIZE = 32
+
+
+class TornRead(Exception):
+    """A value that no writer wrote: the seqlock accepted a torn read."""
+
+
+# -- the self-checking record -----------------------------------------------------
+
+
+def key_of(i: int) -> str:
+    """The name of key number ``i``."""
+    return f"k{i:06d}"
+
+
+def payload_for(key: str, counter: int, size: int) -> bytes:
+    """Payload bytes derived from ``(key, counter)``: every 12 bytes repeat both."""
+    head = counter.to_bytes(8, "little") + zlib.crc32(key.encode()).to_bytes(4, "little")
+    return (head * (size // len(head) + 1))[:size]
+
+
+def checksum(key: str, counter: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(f"{key}|{counter}|".encode()))
+
+
+def make_record(key: str, counter: int, size: int) -> list:
+    """The value written for ``key`` at ``counter``."""
+    payload = payload_for(key, counter, size)
+    return [key, counter, payload, checksum(key, counter, payload)]
+
+
+def check_record(key: str, value: object, size: int) -> int:
+    """Verify a value read for ``key``; return its counter.
+
+    Raises:
+        TornRead: the value is not one :func:`make_record` produces for ``key``.
+    """
+    if not isinstance(value, list) or len(value) != 4:
+        raise TornRead(f"{key}: not a 4-item record: {value!r:.120}")
+    k, counter, payload, crc = value
+    if k != key:
+        raise TornRead(f"{key}: record of another key {k!r:.40}")
+    if not isinstance(counter, int) or counter < 0:
+        raise TornRead(f"{key}: bad counter {counter!r:.40}")
+    if not isinstance(payload, bytes) or payload != payload_for(key, counter, size):
+        raise TornRead(f"{key}: payload does not match counter {counter}")
+    if crc != checksum(key, counter, payload):
+        raise TornRead(f"{key}: checksum mismatch at counter {counter}")
+    return counter
+
+
+def check_encoded(key: str, raw: bytes, size: int) -> int:
+    """:func:`check_record` on raw msgpack bytes (an undecodable value is torn too)."""
+    try:
+        value = msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError as e:
+        raise TornRead(f"{key}: undecodable value ({e})") from None
+    return check_record(key, value, size)
+
+
+class ReadStats(msgspec.Struct):
+    """What one reader counted."""
+
+    reads: int = 0
+    torn: int = 0  # values that failed check_record (torn reads accepted)
+    violations: int = 0  # a key's counter went back
+    missing: int = 0  # a key that is never deleted read as missing
+    errors: int = 0  # any other exception from the read path
+    examples: list[str] = []
+
+    def note(self, what: str) -> None:
+        if len(self.examples) < 5:
+            self.examples.append(what)
+
+
+def verify(stats: ReadStats, last: dict[str, int], key: str, value: object, size: int) -> None:
+    """Check one read value and the key's counter monotonicity, counting into ``stats``."""
+    stats.reads += 1
+    if value is None:
+        stats.missing += 1
+        stats.note(f"{key}: missing")
+        return
+    try:
+        counter = check_record(key, value, size)
+    except TornRead as e:
+        stats.torn += 1
+        stats.note(str(e))
+        return
+    if counter < last.get(key, 0):
+        stats.violations += 1
+        stats.note(f"{key}: counter went back from {last[key]} to {counter}")
+    else:
+        last[key] = counter
+
+
+def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
+               stats: ReadStats, last: dict[str, int]) -> None:
+    """Read every key once through one of the read paths and verify each value.
+
+    Args:
+        mode: 0 ``get`` (fast path), 1 ``get_many`` (vectorized), 2 ``store[key]``
+            (the full lookup).
+    """
+    try:
+        if mode == 1:
+            for key, value in zip(keys, store.get_many(keys)):
+                verify(stats, last, key, value, size)
+            return
+        for key in keys:
+            if mode == 0:
+                value = store.get(key)
+            else:
+                try:
+                    value = store[key]
+                except KeyError:
+                    value = None
+            verify(stats, last, key, value, size)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        # The store handed the decoder bytes that are no encoding: accepted torn bytes.
+        stats.reads += 1
+        stats.torn += 1
+        stats.note(f"undecodable value accepted: {e}")
+    except Exception as e:  # noqa: BLE001 - every failure is a finding, reported
+        stats.reads += 1
+        stats.errors += 1
+        stats.note(f"{type(e).__name__}: {e}")
+
+
+def check_final(store: shmstore.Store, finals: dict[str, int], size: int) -> list[str]:
+    """Compare the store with the last counter written per key; return the problems."""
+    problems = []
+    for key, want in finals.items():
+        value = store.get(key)
+        try:
+            got = check_record(key, value, size)
+        except TornRead as e:
+            problems.append(f"final {e}")
+            continue
+        if got != want:
+            problems.append(f"final {key}: store holds counter {got}, its writer wrote {want} last")
+    return problems
+
+
+# -- workers (arguments: names and ints only) ----------------------------------------
+
+
+def _sem_names(name: str) -> tuple[str, str, str]:
+    return f"/{name}-torn-ready", f"/{name}-torn-go", f"/{name}-torn-stop"
+
+
+def _open_barrier(name: str, timeout: float) -> None:
+    """Say "ready", then wait for the parent's "go" (both by semaphore name)."""
+    ready_name, go_name, _ = _sem_names(name)
+    ready = posix_ipc.Semaphore(ready_name)
+    go = posix_ipc.Semaphore(go_name)
+    try:
+        ready.release()
+        go.acquire(timeout)
+    finally:
+        ready.close()
+        go.close()
+
+
+def _report(result_dir: str, tag: str, doc: dict) -> None:
+    path = Path(result_dir) / f"{tag}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(doc))
+    os.replace(tmp, path)
+
+
+def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: int,
+                seconds: float, result_dir: str, limit: float) -> None:
+    """Rewrite this writer's keys (``i % nwriters == wid``) with rising counters.
+
+    Stops after ``ops`` writes (0: no limit) or ``seconds`` (0: no limit), whichever
+    comes first; ``limit`` seconds is the hang guard. Every 10th write is a batch of
+    two keys. Reports ``writes`` and the last counter of each key it owns.
+    """
+    code = 1
+    doc: dict = {"role": "writer", "id": wid, "writes": 0, "final": {}, "errors": []}
+    try:
+        mine = [key_of(i) for i in range(nkeys) if i % nwriters == wid]
+        finals = {k: 0 for k in mine}
+        store = shmstore.connect(name, timeout=30)
+        _open_barrier(name, limit)
+        t_end = time.monotonic() + (seconds if seconds > 0 else limit)
+        i = 0
+        writes = 0
+        try:
+            while (ops <= 0 or writes < ops) and time.monotonic() < t_end and mine:
+                i += 1
+                if i % 10 == 0 and len(mine) > 1:
+                    a, b = mine[i % len(mine)], mine[(i + 1) % len(mine)]
+                    with store.batch() as batch:
+                        for k in (a, b):
+                            finals[k] += 1
+                            batch.put(k, make_record(k, finals[k], size))
+                    writes += 2
+                else:
+                    k = mine[i % len(mine)]
+                    finals[k] += 1
+                    store.put(k, make_record(k, finals[k], size))
+                    writes += 1
+        finally:
+            doc["writes"] = writes
+            doc["final"] = finals
+            store.close()
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
+        doc["errors"].append(f"{type(e).__name__}: {e}")
+    finally:
+        try:
+            _report(result_dir, f"writer-{wid}", doc)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def reader_main(name: str, rid: int, nkeys: int, size: int, result_dir: str, limit: float) -> None:
+    """Read and verify every key, rotating the read paths, until the stop flag is up.
+
+    ``limit`` seconds is the hang guard (the parent normally raises the flag).
+    """
+    code = 1
+    stats = ReadStats()
+    doc: dict = {"role": "reader", "id": rid}
+    try:
+        keys = [key_of(i) for i in range(nkeys)]
+        last: dict[str, int] = {}
+        store = shmstore.connect(name, timeout=30)
+        stop = posix_ipc.Semaphore(_sem_names(name)[2])
+        _open_barrier(name, limit)
+        t_end = time.monotonic() + limit
+        rounds = 0
+        try:
+            while stop.value == 0 and time.monotonic() < t_end:
+                read_round(store, keys, (rounds + rid) % 3, size, stats, last)
+                rounds += 1
+            # One last round after the writers are done: the settled state.
+            read_round(store, keys, 0, size, stats, last)
+        finally:
+            stop.close()
+            store.close()
+        code = 0
+    except BaseException as e:  # noqa: BLE001
+        stats.errors += 1
+        stats.note(f"{type(e).__name__}: {e}")
+    finally:
+        try:
+            doc.update(msgspec.to_builtins(stats))
+            _report(result_dir, f"reader-{rid}", doc)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+# -- the parent ----------------------------------------------------------------------
+
+
+class Report(msgspec.Struct):
+    """The outcome of one run. ``ok`` is the verdict; ``text()`` the evidence."""
+
+    method: str
+    readers: int
+    writers: int
+    keys: int
+    value_size: int
+    reads: int = 0
+    writes: int = 0
+    torn: int = 0
+    violations: int = 0
+    missing: int = 0
+    errors: int = 0
+    final_problems: list[str] = []
+    problems: list[str] = []  # hangs, exit codes, missing reports
+    workers: list[dict] = []
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.torn == 0 and self.violations == 0 and self.missing == 0
+                and self.errors == 0 and not self.final_problems and not self.problems
+                and self.reads > 0 and self.writes > 0)
+
+    def text(self) -> str:
+        lines = [
+            f"torn-read stress ({self.method}): {self.readers} readers, {self.writers} writers, "
+            f"{self.keys} keys, {self.value_size}-byte payloads, {self.seconds:.1f} s",
+            f"  reads {self.reads}  writes {self.writes}  torn reads accepted {self.torn}  "
+            f"monotonicity violations {self.violations}  missing {self.missing}  errors {self.errors}",
+        ]
+        for w in self.workers:
+            if w.get("role") == "reader":
+                lines.append(f"  reader {w['id']}: reads {w['reads']} torn {w['torn']} "
+                             f"violations {w['violations']} missing {w['missing']} "
+                             f"errors {w['errors']} {w['examples'] or ''}")
+            else:
+                lines.append(f"  writer {w['id']}: writes {w['writes']} {w['errors'] or ''}")
+        lines += [f"  {p}" for p in self.problems + self.final_problems[:10]]
+        return "\n".join(lines)
+
+
+def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_size: int = 256,
+        ops: int = 0, seconds: float = 5.0, method: str = "fork", deadline: float = 120.0) -> Report:
+    """Serve store ``name``, run the workers, stop the coordinator, return the report.
+
+    The store must not exist yet; it is left (stopped) for the caller to destroy.
+
+    Args:
+        ops: writes per writer (0: write until ``seconds``).
+        seconds: how long writers write (0: until ``ops``). At least one must be set.
+        method: the multiprocessing start method, ``fork`` or ``spawn``.
+        deadline: seconds after which a worker that has not finished counts as hung
+            and is killed. Only a guard: it never decides a passing run.
+    """
+    if ops <= 0 and seconds <= 0:
+        raise ValueError("set ops or seconds")
+    report = Report(method=method, readers=readers, writers=writers, keys=keys, value_size=value_size)
+    coord = shmstore.serve(name, capacity=keys, key_size=KEY_SIZE,
+                           value_size=value_size + VALUE_OVERHEAD, max_clients=writers + 4)
+    sems = []
+    procs: list = []
+    t0 = time.monotonic()
+    guard = t0 + deadline
+    try:
+        with shmstore.connect(name) as s:
+            for i in range(keys):
+                s.put(key_of(i), make_record(key_of(i), 0, value_size))
+        for sem_name in _sem_names(name):
+            sems.append(posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600, initial_value=0))
+        ready, go, stop = sems
+        ctx = mp.get_context(method)
+        with tempfile.TemporaryDirectory(prefix="torn-") as result_dir:
+            limit = float(deadline)
+            wprocs = [ctx.Process(target=writer_main, name=f"torn-writer-{w}",
+                                  args=(name, w, writers, keys, value_size, ops, seconds, result_dir, limit))
+                      for w in range(writers)]
+            rprocs = [ctx.Process(target=reader_main, name=f"torn-reader-{r}",
+                                  args=(name, r, keys, value_size, result_dir, limit))
+                      for r in range(readers)]
+            procs = wprocs + rprocs
+            for p in procs:
+                p.start()
+            # The barrier: every worker attached and waiting, then all go at once.
+            waiting = len(procs)
+            while waiting and time.monotonic() < guard:
+                try:
+                    ready.acquire(0.1)
+                    waiting -= 1
+                except posix_ipc.BusyError:
+                    if any(p.exitcode not in (None, 0) for p in procs):
+                        break  # a worker died before the barrier: reported below
+            if waiting:
+                report.problems.append(f"{waiting} worker(s) never reached the barrier")
+            t_go = time.monotonic()
+            for _ in procs:
+                go.release()
+            for p in wprocs:
+                p.join(max(0.0, guard - time.monotonic()))
+            stop.release()
+            for p in rprocs:
+                p.join(max(0.0, guard - time.monotonic()))
+            report.seconds = time.monotonic() - t_go
+            for p in procs:
+                if p.is_alive():
+                    report.problems.append(f"hang guard: {p.name} still running after {deadline} s; killed")
+                    p.kill()
+                    p.join()
+                elif p.exitcode != 0:
+                    report.problems.append(f"{p.name} exited with {p.exitcode}")
+            finals: dict[str, int] = {key_of(i): 0 for i in range(keys)}
+            for tag in [f"writer-{w}" for w in range(writers)] + [f"reader-{r}" for r in range(readers)]:
+                path = Path(result_dir) / f"{tag}.json"
+                if not path.exists():
+                    report.problems.append(f"{tag} wrote no report")
+                    continue
+                doc = msgspec.json.decode(path.read_bytes())
+                report.workers.append(doc)
+                if doc["role"] == "writer":
+                    report.writes += doc["writes"]
+                    finals.update(doc["final"])
+                    report.errors += len(doc["errors"])
+                else:
+                    for field in ("reads", "torn", "violations", "missing", "errors"):
+                        setattr(report, field, getattr(report, field) + doc[field])
+        with shmstore.connect(name) as s:
+            report.final_problems = check_final(s, finals, value_size)
+        return report
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for sem in sems:
+            sem.close()
+        for sem_name in _sem_names(name)[: len(sems)]:
+            try:
+                posix_ipc.unlink_semaphore(sem_name)
+            except posix_ipc.ExistentialError:
+                pass
+        coord.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Torn-read stress for shmstore: writer processes rewrite self-checking "
+                    "records, reader processes verify every read (seqlock, DESIGN.md section 2).")
+    parser.add_argument("--readers", type=int, default=3, help="reader processes (default 3)")
+    parser.add_argument("--writers", type=int, default=2,
+                        help="writer processes, each with its own Store handle (default 2)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long the writers write (default 10)")
+    parser.add_argument("--ops", type=int, default=0, help="writes per writer; 0 = until --seconds (default 0)")
+    parser.add_argument("--keys", type=int, default=64, help="records in the store (default 64)")
+    parser.add_argument("--value-size", type=int, default=256, help="payload bytes per record (default 256)")
+    parser.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
+                        help="multiprocessing start method (default fork)")
+    parser.add_argument("--name", default=None, help="store name (default: a fresh one, destroyed after)")
+    args = parser.parse_args(argv)
+    if args.readers < 1 or args.writers < 1 or args.keys < 1 or args.value_size < 1:
+        parser.error("--readers, --writers, --keys and --value-size must be at least 1")
+    if args.writers > args.keys:
+        parser.error("need at least one key per writer (--keys >= --writers)")
+    name = args.name or f"torn-{uuid.uuid4().hex[:12]}"
+    try:
+        report = run(name, readers=args.readers, writers=args.writers, keys=args.keys,
+                     value_size=args.value_size, ops=args.ops, seconds=args.seconds,
+                     method=args.start_method, deadline=max(120.0, 4 * args.seconds + 60))
+    finally:
+        shmstore.destroy(name)
+    print(report.text())
+    rate = report.reads / report.seconds if report.seconds else 0.0
+    print(f"  {rate:,.0f} verified reads/s, {report.writes / max(report.seconds, 1e-9):,.0f} writes/s")
+    print("OK: no torn read accepted" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
