@@ -1,0 +1,127 @@
+"""scripts/bench.py --quick runs end to end, reports every measure, and cleans up.
+
+No speed is asserted here: the figures depend on the machine. What is checked is the
+shape of the outputs (JSON and Markdown) and that the run leaves nothing behind: no
+shared-memory objects of its store, no temp dir, no child process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
+
+#: Every row the benchmark reports, "measure.system" (pinned here on purpose).
+EXPECTED = [
+    "get_hot.shmstore", "get_hot.lmdb_txn", "get_hot.lmdb_txn_decode", "get_hot.lmdb_txn_per_get",
+    "get_hot.redis", "get_hot.manager", "get_hot.dict", "get_hot.numpy_copy",
+    "get_random.shmstore", "get_random.lmdb_txn", "get_random.lmdb_txn_decode",
+    "get_random.lmdb_txn_per_get", "get_random.redis", "get_random.manager", "get_random.dict",
+    "get_many.shmstore", "get_many.lmdb_loop", "get_many.lmdb_loop_decode", "get_many.redis_mget",
+    "get_many.dict", "get_many.numpy_copy",
+    "put.shmstore", "put.redis", "put.lmdb_sync", "put.lmdb_nosync", "put.manager", "put.dict",
+    "put.socketpair",
+    "put_pipelined.shmstore", "put_pipelined.redis_pipeline", "put_pipelined.lmdb_one_txn",
+    "writes_2proc.shmstore", "writes_2proc.redis", "writes_2proc.lmdb_nosync", "writes_2proc.lmdb_sync",
+]
+REDIS_ROWS = {"get_hot.redis", "get_random.redis", "get_many.redis_mget", "put.redis",
+              "put_pipelined.redis_pipeline", "writes_2proc.redis"}
+TARGET_BASELINES = {"get_hot.lmdb_txn", "get_random.lmdb_txn", "get_many.lmdb_loop",
+                    "get_many.redis_mget", "put.redis", "writes_2proc.redis"}
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _cells(line: str) -> list[str]:
+    # split on unescaped pipes; the line starts and ends with one
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_bench_quick_runs_reports_everything_and_cleans_up(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    out_md = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(out_json), "--markdown", str(out_md)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, f"bench.py --quick failed:\n{proc.stderr[-4000:]}"
+
+    doc = json.loads(out_json.read_text())
+    redis_present = shutil.which("redis-server") is not None
+
+    # -- machine info and config
+    machine = doc["machine"]
+    for key in ("cpu_model", "nproc", "python", "packages"):
+        assert machine.get(key), f"machine info lacks {key}"
+    assert machine["packages"].get("shmstore")
+    assert doc["config"]["quick"] is True
+
+    # -- every measure: a positive median (or, for Redis without its binary, a reason)
+    measures = doc["measures"]
+    assert list(measures) == EXPECTED
+    repeats = doc["config"]["repeats"]
+    for mid, m in measures.items():
+        if m.get("skipped"):
+            assert mid in REDIS_ROWS and not redis_present, f"{mid} skipped: {m['skipped']}"
+            assert "redis" in m["skipped"].lower()
+            continue
+        assert _positive(m["median"]), f"{mid}: median {m['median']!r}"
+        assert len(m["runs"]) == repeats and all(_positive(r) for r in m["runs"]), mid
+        assert m["unit"] in ("ns/op", "ops/s"), mid
+    if not redis_present:
+        assert doc["redis_skipped"], "Redis absent but no skip reason recorded"
+
+    # -- targets are reported, never asserted
+    targets = doc["targets"]
+    assert {t["baseline"] for t in targets} == TARGET_BASELINES
+    for t in targets:
+        assert t["status"] in ("pass", "miss", "skipped")
+        assert t["status"] == "skipped" or _positive(t["speedup"])
+
+    # -- the Markdown table: header, separator, one row per measure, same width
+    md = out_md.read_text()
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    header, sep, rows = _cells(table[0]), _cells(table[1]), table[2:]
+    assert header[0] == "measure" and "median" in header and "status" in header
+    assert len(sep) == len(header) and all(re.fullmatch(r":?-{3,}:?", c) for c in sep), table[1]
+    assert len(rows) == len(EXPECTED)
+    ids = []
+    for row in rows:
+        cells = _cells(row)
+        assert len(cells) == len(header), row
+        ids.append(cells[0].strip("`"))
+    assert ids == EXPECTED
+    assert not any(line.startswith("|") for line in lines[start + len(table):])
+
+    # -- nothing left behind: shm objects of the store, temp dir, child processes
+    name = doc["config"]["store_name"]
+    assert name.startswith("bench-")
+    left = [e for e in os.listdir("/dev/shm")
+            if e.startswith(f"shmstore.{name}") or e.startswith(f"sem.shmstore.{name}")]
+    assert not left, f"bench left shared memory behind: {left}"
+    tmpdir = doc["config"]["tmpdir"]
+    assert tmpdir and not os.path.exists(tmpdir), f"bench left {tmpdir}"
+    stray = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if name in cmd or tmpdir in cmd:
+            stray.append((p.info["pid"], cmd[:200]))
+    assert not stray, f"bench left processes running: {stray}"
