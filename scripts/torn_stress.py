@@ -8,17 +8,27 @@ value that some write published, never bytes assembled from two writes. Every re
 this script writes checks itself::
 
     value = [key, counter, payload, checksum]
-    payload  = bytes derived from (key, counter), ``--value-size`` long
+    payload  = bytes derived from (key, counter), about ``--value-size`` long
+               (the length varies with the counter)
     checksum = crc32(key | counter | payload)
 
 so a reader can recompute it from the value alone. A value glued from two writes (of
-one key, or of two keys that shared a slot) fails the check, and so does one whose
-bytes could not even be decoded. The invariant is checked two independent ways:
+one key, or of two keys that shared a slot; or the length of one write with the bytes
+of another) fails the check, and so does one whose bytes could not even be decoded.
+The invariant is checked two independent ways:
 
-1. each reader process checks every value it reads (``get``, ``get_many`` and the
-   ``store[key]`` lookup path in turn) and that each key's counter never goes back;
+1. each reader process checks every value it reads and that each key's counter never
+   goes back. Readers rotate through ``get`` (fast path), ``get_many`` (numpy
+   passes), ``store[key]`` (full lookup) and a full lookup that stalls ~20 us between
+   loading the meta word and copying the bytes, as a preempted reader would; the
+   stall is what makes writes land in the middle of reads often enough to matter;
 2. at the end the parent reads every key and compares it with the last counter its
    writer reports having written (each writer owns a disjoint set of keys).
+
+Writers rewrite keys so that records move out of a slot and back into it (batches of
+four writes of one key, two puts in a row of one key): the ABA case, where only a new
+stamp per write lets the reader notice. Run against an engine that gives a batch one
+epoch, or an update the previous op's epoch, this reports torn reads within seconds.
 
 Shape (like filelock's stress tests): N processes, released together by a barrier,
 each doing its share; a deadline that only guards against hangs; one verdict with
@@ -71,9 +81,15 @@ def key_of(i: int) -> str:
 
 
 def payload_for(key: str, counter: int, size: int) -> bytes:
-    """Payload bytes derived from ``(key, counter)``: every 12 bytes repeat both."""
+    """Payload bytes derived from ``(key, counter)``: every 12 bytes repeat both.
+
+    Its length varies with the counter (``size`` down to ``size - 15``), so a read
+    that took the length of one write and the bytes of another cannot decode to a
+    valid record.
+    """
     head = counter.to_bytes(8, "little") + zlib.crc32(key.encode()).to_bytes(4, "little")
-    return (head * (size // len(head) + 1))[:size]
+    n = max(1, size - counter % 16)
+    return (head * (n // len(head) + 1))[:n]
 
 
 def checksum(key: str, counter: int, payload: bytes) -> int:
@@ -150,13 +166,53 @@ def verify(stats: ReadStats, last: dict[str, int], key: str, value: object, size
         last[key] = counter
 
 
+class _DawdlingBytes:
+    """Stands in for ``Segment.mv``: sleeps a little before every slice it hands out.
+
+    A reader using it is the worst-timed reader there is: it has loaded ``seq`` and the
+    meta word and then stalls (as if preempted) before copying the bytes, so the
+    writers get to rewrite the slot, often several times, in the middle of the read.
+    Only the timing changes; the read protocol is the library's own.
+    """
+
+    def __init__(self, mv: memoryview, pause: float) -> None:
+        self.mv = mv
+        self.pause = pause
+
+    def __getitem__(self, s: slice) -> memoryview:
+        time.sleep(self.pause)
+        return self.mv[s]
+
+    def __len__(self) -> int:
+        return len(self.mv)
+
+
+#: Seconds a dawdling read stalls between loading the meta word and copying bytes.
+DAWDLE = 0.00002
+
+
+def dawdling_segment(name: str):
+    """A read-only mapping of the store whose reads stall mid-read (see above)."""
+    from shmstore._segment import open_segment
+
+    seg = open_segment(name)
+    seg.mv = _DawdlingBytes(seg.mv, DAWDLE)
+    return seg
+
+
+def close_dawdling(seg) -> None:
+    seg.mv = seg.mv.mv
+    seg.close()
+
+
 def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
-               stats: ReadStats, last: dict[str, int]) -> None:
+               stats: ReadStats, last: dict[str, int], slow=None) -> None:
     """Read every key once through one of the read paths and verify each value.
 
     Args:
         mode: 0 ``get`` (fast path), 1 ``get_many`` (vectorized), 2 ``store[key]``
-            (the full lookup).
+            (the full lookup), 3 the full lookup by a reader that stalls mid-read
+            (``slow``, from :func:`dawdling_segment`; mode 2 without it).
     """
     try:
         if mode == 1:
@@ -166,6 +222,9 @@ def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
         for key in keys:
             if mode == 0:
                 value = store.get(key)
+            elif mode == 3 and slow is not None:
+                r = slow.lookup(key.encode())
+                value = None if r is None else msgspec.msgpack.decode(r[3])
             else:
                 try:
                     value = store[key]
@@ -230,8 +289,13 @@ def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: 
     """Rewrite this writer's keys (``i % nwriters == wid``) with rising counters.
 
     Stops after ``ops`` writes (0: no limit) or ``seconds`` (0: no limit), whichever
-    comes first; ``limit`` seconds is the hang guard. Every 10th write is a batch of
-    two keys. Reports ``writes`` and the last counter of each key it owns.
+    comes first; ``limit`` seconds is the hang guard. Out of every 10 requests: one
+    batch of two keys, one batch rewriting one key four times, two puts in a row of
+    one key, six puts round-robin. Rewriting a key moves its record out of its slot
+    and (copy-on-write, last freed slot first) back into it: the ABA case of
+    seqlocks, where the bucket word reads the same before and after and only a new
+    stamp per write tells the reader. Reports ``writes`` and the last counter of each
+    key it owns.
     """
     code = 1
     doc: dict = {"role": "writer", "id": wid, "writes": 0, "final": {}, "errors": []}
@@ -253,8 +317,16 @@ def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: 
                             finals[k] += 1
                             batch.put(k, make_record(k, finals[k], size))
                     writes += 2
-                else:
+                elif i % 10 == 5:
                     k = mine[i % len(mine)]
+                    with store.batch() as batch:
+                        for _ in range(4):
+                            finals[k] += 1
+                            batch.put(k, make_record(k, finals[k], size))
+                    writes += 4
+                else:
+                    # Two requests in a row (7, 8) rewrite one key: out of its slot and back.
+                    k = mine[(i // 10 if i % 10 in (7, 8) else i) % len(mine)]
                     finals[k] += 1
                     store.put(k, make_record(k, finals[k], size))
                     writes += 1
@@ -286,18 +358,20 @@ def reader_main(name: str, rid: int, nkeys: int, size: int, result_dir: str, lim
         keys = [key_of(i) for i in range(nkeys)]
         last: dict[str, int] = {}
         store = shmstore.connect(name, timeout=30)
+        slow = dawdling_segment(name)
         stop = posix_ipc.Semaphore(_sem_names(name)[2])
         _open_barrier(name, limit)
         t_end = time.monotonic() + limit
         rounds = 0
         try:
             while stop.value == 0 and time.monotonic() < t_end:
-                read_round(store, keys, (rounds + rid) % 3, size, stats, last)
+                read_round(store, keys, (rounds + rid) % 4, size, stats, last, slow)
                 rounds += 1
             # One last round after the writers are done: the settled state.
             read_round(store, keys, 0, size, stats, last)
         finally:
             stop.close()
+            close_dawdling(slow)
             store.close()
         code = 0
     except BaseException as e:  # noqa: BLE001

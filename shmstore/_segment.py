@@ -176,8 +176,16 @@ class Segment:
 
     # -- the read protocol -------------------------------------------------------------
 
-    def read_slot(self, slot: int, backoff: Backoff | None = None) -> tuple[int, int, int, int, bytes, bytes]:
+    def read_slot(self, slot: int, backoff: Backoff | None = None, *,
+                  wait: bool = True) -> tuple[int, int, int, int, bytes, bytes] | None:
         """Copy one slot out under its seqlock.
+
+        Args:
+            slot: the slot number.
+            backoff: a Backoff to share with the caller's other waits.
+            wait: False returns None for a slot being written instead of waiting. Scans
+                use it: a slot the index points to is never written, so an odd slot
+                holds no published record (and may be one a dead coordinator left).
 
         Returns:
             ``(seq, version, expiry, flags, key, value)``, all from one validated read.
@@ -192,6 +200,8 @@ class Segment:
         while True:
             s1 = q[w]
             if s1 & 1:
+                if not wait:
+                    return None
                 if backoff is None:
                     backoff = Backoff(self._check_coordinator, self.stall_timeout)
                 backoff.wait()
@@ -276,9 +286,10 @@ class Segment:
         """Called after a reader waited ``stall_timeout`` on a transient state."""
         if not coordinator_alive(self):
             raise CoordinatorUnavailableError(
-                f"store {self.name!r}: the coordinator died while moving index entries, so a "
-                f"missing key cannot be told from a moved one. Start a coordinator "
-                f"(shmstore serve {self.name}); it repairs the index on start."
+                f"store {self.name!r}: the coordinator died in the middle of a change "
+                f"(index entries moving, or a slot being written), so this read cannot "
+                f"be answered safely. Start a coordinator (shmstore serve {self.name}); "
+                f"it repairs the segment on start."
             )
 
     # -- header ----------------------------------------------------------------------

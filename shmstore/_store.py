@@ -316,9 +316,9 @@ class Store:
         live = np.flatnonzero(not_free & has_key)
         del words, meta
         for slot in live.tolist():
-            _, _, _, flags, kb, _ = seg.read_slot(slot)
-            if kb and not flags & L.FLAG_FREE:
-                yield kb
+            r = seg.read_slot(slot, wait=False)  # an odd slot holds no published record
+            if r is not None and r[4] and not r[3] & L.FLAG_FREE:
+                yield r[4]
 
     def keys(self) -> Iterator[bytes]:
         """Iterate the keys (as bytes) of the records, each once, each validated.
