@@ -297,3 +297,65 @@ def test_hooks_and_chain_pass_gunicorn_arity_checks():
         chain(shm["on_exit"], post_fork)
     with pytest.raises(TypeError):
         hooks("t-chain-check", capcity=10)  # a typo is caught in gunicorn.conf.py
+
+
+def test_reexec_usr2_hands_the_coordinator_to_the_new_master(names, tmp_path: Path):
+    """USR2: the new master takes the coordinator over; the old master's exit leaves it."""
+    name = names("usr2")
+    port = _free_port()
+    pidfile = tmp_path / "gunicorn.pid"
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(CONF.format(name=name, port=port, workers=2, worker_class="sync", threads=1,
+                                preload=False, max_requests=0) + f"pidfile = {str(pidfile)!r}\n")
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        old = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), "shmstore.workers.example_app:app"],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    new_pid = None
+
+    def log_text() -> str:
+        return log_path.read_text(errors="replace")[-6000:]
+
+    def incr() -> int:
+        status, body = _get(base, "/incr")
+        assert status == 200, f"{status} {body}\n{log_text()}"
+        return body["value"]
+
+    try:
+        wait_for(lambda: old.poll() is None and _get(base, "/pid", timeout=2)[0] == 200,
+                 timeout=60, interval=0.1, what="gunicorn to answer")
+        reader = shmstore.connect(name)
+        try:
+            first = reader.stats().coordinator_pid
+            assert [incr() for _ in range(3)] == [1, 2, 3]
+            old.send_signal(signal.SIGUSR2)
+            pidfile2 = Path(f"{pidfile}.2")
+            new_pid = int(wait_for(lambda: pidfile2.exists() and pidfile2.read_text().strip(),
+                                   timeout=60, what="the new master's pidfile"))
+
+            def handed_over() -> bool:
+                pid = reader.stats().coordinator_pid
+                return pid is not None and pid != first and psutil.Process(pid).ppid() == new_pid
+
+            wait_for(handed_over, timeout=60, what=f"the new master's coordinator\n{log_text()}")
+            second = reader.stats().coordinator_pid
+            wait_for(lambda: len(_workers(new_pid, second)) == 2, timeout=60, what="the new workers")
+            values = [incr() for _ in range(10)]  # old and new workers share the new coordinator
+            old.send_signal(signal.SIGTERM)
+            assert old.wait(60) == 0, log_text()
+            assert reader.stats().coordinator_pid == second  # the old master left it alone
+            values += [incr() for _ in range(10)]
+            assert values == list(range(4, 24)) and reader.get("hits") == 23
+        finally:
+            reader.close()
+        os.kill(new_pid, signal.SIGTERM)
+        wait_for(lambda: not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status()
+                 == psutil.STATUS_ZOMBIE, timeout=60, what="the new master to exit")
+        wait_for(lambda: not psutil.pid_exists(second), timeout=30, what="its coordinator to exit")
+        assert shmstore.destroy(name)
+    finally:
+        reap(old, timeout=30)
+        if new_pid is not None and psutil.pid_exists(new_pid):
+            os.kill(new_pid, signal.SIGKILL)  # not our child: its workers and coordinator follow it

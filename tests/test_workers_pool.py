@@ -120,7 +120,7 @@ def test_pool_workers_share_counters_and_records(names, method, kind):
         # A forked worker reuses the parent's handle; spawned ones connect their own.
         assert {inherited for _, inherited, _, _ in results} == {method == "fork"}, results
         # The workers exited normally: only the parent's client block is left.
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=10,
+        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
                  what=f"the workers' client blocks released ({_attached_pids(name)})")
         _consistent(s)
     with shmstore.connect(name) as s:
@@ -153,7 +153,7 @@ def test_handle_opened_before_fork_reads_without_reattaching_and_writes(names):
         assert os.waitstatus_to_exitcode(status) == 0
         assert s.get("from-child") == pid and s.get("n") == 1
         assert s.incr("n") == 2  # the parent's own channel still works
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=10,
+        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
                  what="the child's client block reclaimed")
 
 
@@ -214,7 +214,7 @@ def test_worker_sigkilled_mid_task_corrupts_nothing(names, method, kind):
         assert s.get("total") == before + 3 * STEPS
         assert all(own == STEPS for _, _, _, own in results)
         # The dead worker's client block came back to the coordinator.
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=10,
+        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
                  what=f"dead clients' blocks reclaimed ({_attached_pids(name)})")
         assert victim_pid not in _attached_pids(name)
         assert s.stats().clients_reclaimed >= 1

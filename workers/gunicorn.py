@@ -129,13 +129,6 @@ def store(name: str | None = None, **connect_kwargs: Any) -> Store:
         return handle
 
 
-def _close_handles() -> None:
-    """Close every handle of this process (flushing its queued writes)."""
-    while _handles:
-        _, handle = _handles.popitem()
-        handle.close()
-
-
 def _attach(handle: Store) -> None:
     """Claim this process's client block now rather than on its first write."""
     # A ping is the one request that writes nothing; Store has no public name for it.
