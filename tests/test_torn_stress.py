@@ -56,10 +56,15 @@ def test_checker_detects_torn_values():
     """The stress test's checker can fail: values glued from two writes, of another
     key, with a bad checksum or undecodable bytes are all reported as torn."""
     size = 200
-    a, b = _encoded("k000001", 5, size), _encoded("k000001", 6, size)
-    assert len(a) == len(b)
+    a, b = _encoded("k000001", 5, size), _encoded("k000001", 21, size)
+    assert len(a) == len(b)  # same length: only the bytes differ
     assert torn_stress.check_encoded("k000001", a, size) == 5
-    assert torn_stress.check_encoded("k000001", b, size) == 6
+    assert torn_stress.check_encoded("k000001", b, size) == 21
+    # The length of one write with the bytes of another (its length differs).
+    c = _encoded("k000001", 6, size)
+    assert len(c) != len(a)
+    with pytest.raises(torn_stress.TornRead):
+        torn_stress.check_encoded("k000001", c[: len(a)] if len(c) > len(a) else c + a[len(c):], size)
     half = len(a) // 2
     spliced = [a[:half] + b[half:], b[:half] + a[half:], a[:40] + b[40:]]
     other_key = _encoded("k000002", 5, size)
