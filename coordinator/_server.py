@@ -10,6 +10,9 @@ takes over the process (gunicorn's ``Worker.__init__`` / ``run`` split):
    lock never needs cleaning.
 2. Adopt the existing data segment (its previous coordinator is dead: we hold the lock),
    repairing what a death mid-write can leave (see ``_recovery``), or create a new one.
+   A durable store (``path=``) first locks and checks its data directory; a new
+   segment is rebuilt from it (checkpoint + WAL replay), an adopted one brought in
+   line with it (see ``_durable``).
 3. Make a fresh write channel, doorbell and reply semaphores, then publish our pid,
    start time and a new incarnation in the header. Clients of the previous incarnation
    notice and re-register.
@@ -21,7 +24,8 @@ takes over the process (gunicorn's ``Worker.__init__`` / ``run`` split):
 Signals (handlers only record the signal; the loop acts on it):
 
 =======  ===================================================================
-SIGTERM  graceful: finish the group in hand, sync, close the channel, exit 0
+SIGTERM  graceful: finish the group in hand, sync, checkpoint (durable stores), close
+         the channel, exit 0
 SIGINT   the same, sooner: stop after the group in hand
 SIGHUP   ignored for now (no reloadable settings yet)
 =======  ===================================================================
@@ -90,8 +94,20 @@ class ServerConfig(msgspec.Struct, kw_only=True, frozen=True):
     reply_size: int = DEFAULT_REPLY_SIZE
     spin_us: float = 50.0
     parent_pid: int = 0  # stop when this process is gone (0: never)
+    #: data directory of a durable store (None: memory only); see ``_durable``
     path: str | None = None
+    #: "always" | "periodic" | "never": what a crash can lose, see ``shmstore.serve``
     sync: str = "never"
+    #: periodic mode: the longest a written group waits for its fsync, seconds
+    sync_interval: float = 0.1
+    #: a checkpoint after this many logged ops ...
+    checkpoint_ops: int = 200_000
+    #: ... or this many seconds after the last one, if anything was written since ...
+    checkpoint_interval: float = 300.0
+    #: ... or once the current WAL file holds this many bytes
+    checkpoint_bytes: int = 256 << 20
+    #: checkpoints kept (a damaged newest one falls back to the one before + the WAL)
+    checkpoint_keep: int = 2
 
 
 class CoordinatorServer:
@@ -110,6 +126,8 @@ class CoordinatorServer:
         self.bell: posix_ipc.Semaphore | None = None
         self.reply_sems: list[posix_ipc.Semaphore] = []
         self.stopping = False
+        self.durable = False
+        self.created = False
 
     # -- signals ---------------------------------------------------------------------
 
@@ -174,12 +192,15 @@ class CoordinatorServer:
                     f"fingerprint differs); serve it with the same value_type or destroy it"
                 )
             return seg
+        manifest = getattr(self.journal, "manifest", None)  # a durable store's data directory
         layout = L.Layout(
-            capacity=cfg.capacity or DEFAULT_CAPACITY,
-            key_size=cfg.key_size or DEFAULT_KEY_SIZE,
-            value_size=cfg.value_size or DEFAULT_VALUE_SIZE,
+            capacity=cfg.capacity or (manifest.capacity if manifest else DEFAULT_CAPACITY),
+            key_size=cfg.key_size or (manifest.key_size if manifest else DEFAULT_KEY_SIZE),
+            value_size=cfg.value_size or (manifest.value_size if manifest else DEFAULT_VALUE_SIZE),
         ).validate()
-        return create_segment(self.name, layout, cfg.schema_fp)
+        schema_fp = manifest.schema_fp if manifest and not cfg.schema_given else cfg.schema_fp
+        self.created = True
+        return create_segment(self.name, layout, schema_fp)
 
     def _open_ipc(self) -> None:
         cfg = self.config
@@ -206,10 +227,28 @@ class CoordinatorServer:
                 raise L.InvalidLayoutError(f"{field} must be an integer >= {lo}, got {value!r}")
         L.check_platform()
         self._take_lock()
+        if cfg.path is not None and isinstance(self.journal, NullJournal):
+            from ._durable import DurableJournal  # noqa: PLC0415
+
+            self.journal = DurableJournal(cfg)
+        self.durable = hasattr(self.journal, "checkpoint")
+        if self.durable:
+            self.journal.prepare()  # lock the data directory, check its parameters
         self.seg = self._open_segment()
         seg = self.seg
         q = seg.q
         q[L.H_COORD_INCARNATION] = 0
+        if self.created and self.durable:
+            # No segment survived (a reboot, or destroy()): rebuild it from the data
+            # directory while it is still STATE_INIT, so nobody reads it half-built and
+            # a death here leaves a segment the next coordinator discards.
+            try:
+                self.journal.restore(seg)
+            except BaseException:
+                seg.close()
+                self.seg = None
+                unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
+                raise
         self.engine = Engine(seg)
         self.redo = RedoArea(self.name, cfg.ring_size)
         self.repair_report = repair(seg, self.engine, self.redo)
@@ -289,6 +328,8 @@ class CoordinatorServer:
                 self.tick()
         # Drain what is already queued before going away (graceful stop).
         self.serve_group()
+        if self.durable:
+            self.journal.checkpoint()  # a clean stop leaves nothing to replay
 
     def tick(self) -> None:
         q = self.seg.q
@@ -486,9 +527,20 @@ class CoordinatorServer:
                 return [e.get(kb) for kb in keys], e.epoch
             elif kind == C.OP_PING:
                 return e.epoch
+            elif kind == C.OP_CHECKPOINT:
+                if not self.durable:
+                    from shmstore._api import DurabilityUnavailableError  # noqa: PLC0415
+
+                    raise DurabilityUnavailableError(
+                        f"store {self.name!r} is memory-only (served without path=); there is "
+                        f"nothing to checkpoint to"
+                    )
+                self.journal.commit()  # this group's earlier ops go before the checkpoint
+                return self.journal.checkpoint()
             else:
                 raise ProtocolError(f"unknown op {kind!r}")
-        except ValueError as err:  # wrong arity in the unpacking above
+        except (ValueError, IndexError, TypeError) as err:  # a malformed request
+            # Ops validate fully before their first store, so nothing was written.
             if isinstance(err, ShmStoreError):
                 raise
             raise ProtocolError(f"malformed {C.OP_NAMES.get(kind, kind)} request: {err}") from None

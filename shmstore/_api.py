@@ -30,7 +30,8 @@ SYNC_MODES = ("always", "periodic", "never")
 
 
 class DurabilityUnavailableError(ShmStoreError, NotImplementedError):
-    """``path=`` asked for a durable store, which this version cannot provide yet."""
+    """Durability was asked for and cannot be given: ``checkpoint()`` of a memory-only
+    store, or a checkpoint the data directory could not take (disk full, I/O error)."""
 
 
 class Coordinator:
@@ -96,7 +97,11 @@ def serve(
     key_size: int | None = None,
     value_size: int | None = None,
     value_type: Any = None,
-    sync: str = "never",
+    sync: str | None = None,
+    sync_interval: float = 0.1,
+    checkpoint_ops: int = 200_000,
+    checkpoint_interval: float = 300.0,
+    checkpoint_keep: int = 2,
     max_clients: int = 64,
     ring_size: int = 256 * 1024,
     reply_size: int = 1024 * 1024,
@@ -110,17 +115,53 @@ def serve(
     None then mean "the existing segment's" (defaults for a new store: capacity
     100_000, key_size 64, value_size 1024).
 
+    Durability: with ``path=`` the store is durable. The directory (created if missing,
+    mode 0700, files 0600) holds a manifest of the store's parameters, checkpoints and
+    the write-ahead log. A coordinator that finds the segment (its predecessor died or
+    stopped) adopts it and brings the directory in line with it; one that finds no
+    segment (after a reboot, or ``destroy()``) rebuilds it from the newest good
+    checkpoint plus the WAL. What a crash can lose, per ``sync``:
+
+    ==========  ==================================  ==================================
+    sync        SIGKILL of the coordinator          power loss / OS crash
+    ==========  ==================================  ==================================
+    "always"    nothing acknowledged                nothing acknowledged: each group
+                                                    of writes is fsynced before any
+                                                    of them is acknowledged
+    "periodic"  nothing acknowledged: each group    up to ``sync_interval`` seconds of
+                is written to the OS before its     acknowledged writes
+                replies                             
+    "never"     nothing while the segment lives;    everything since the last
+                if it is gone too (destroy(),       checkpoint
+                reboot) everything since the last
+                checkpoint
+    ==========  ==================================  ==================================
+
+    Readers may see a write before its writer's acknowledgement, so before it is
+    durable: after a power loss such a write can be gone. A torn tail of the WAL is cut
+    off at recovery; damage before it, or to a checkpoint, is reported as
+    :class:`CorruptionError` unless an older checkpoint and a complete WAL recover the
+    same state.
+
     Args:
         name: the store name, 1-64 characters of ``[A-Za-z0-9_.-]``.
-        path: a data directory for a durable store. Not supported by this version:
-            anything but None raises :class:`DurabilityUnavailableError` rather than
-            pretend to persist.
+        path: a data directory of its own for a durable store; None: memory only.
         capacity: the most records the store holds.
         key_size: the longest key, in bytes.
         value_size: the largest msgpack-encoded value, in bytes.
         value_type: a msgspec Struct or type; values are validated on write and decoded
             to it. Its schema fingerprint is fixed in the segment.
-        sync: durability mode; memory-only stores accept only ``"never"``.
+        sync: ``"always"`` (the default with ``path=``), ``"periodic"`` or ``"never"``
+            (the only mode, and the default, of a memory-only store); see above.
+        sync_interval: ``"periodic"``: the longest, in seconds, an acknowledged write
+            waits for its fsync (checked at every group and every 0.1 s tick, so an
+            idle store syncs within ``max(sync_interval, 0.1)``).
+        checkpoint_ops: a checkpoint after this many writes ...
+        checkpoint_interval: ... or this many seconds after the last one, if anything
+            was written since. Checkpoints are also taken by ``store.checkpoint()``, at
+            a clean stop, and at start when the segment is ahead of the directory.
+        checkpoint_keep: checkpoints kept; a damaged newest one falls back to an older
+            one plus the WAL.
         max_clients: processes that can write at once (each claims a client block).
         ring_size: bytes of each client's request queue (bounds the largest batch).
         reply_size: bytes of each client's reply area (bounds a get_many fallback).
@@ -129,19 +170,26 @@ def serve(
 
     Raises:
         CoordinatorRunningError: a coordinator already serves the store.
-        IncompatibleStoreError: the existing segment has other sizes or value_type.
+        IncompatibleStoreError: the existing segment, or the data directory, has other
+            sizes or value_type, or they hold different stores.
+        CorruptionError: the data directory is damaged beyond what recovery may repair.
     """
     L.check_platform()
     L.check_name(name)
+    if sync is None:
+        sync = "never" if path is None else "always"
     if sync not in SYNC_MODES:
         raise InvalidLayoutError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
-    if path is not None:
-        raise DurabilityUnavailableError(
-            f"path={os.fspath(path)!r}: durable stores (write-ahead log, checkpoints) are not "
-            f"in this version; serve with path=None for a memory-only store"
-        )
-    if sync != "never":
+    if path is None and sync != "never":
         raise InvalidLayoutError(f"sync={sync!r} needs path=; a memory-only store has only sync='never'")
+    if path is not None:
+        path = os.path.abspath(os.fspath(path))  # the coordinator may run elsewhere
+    for field, value, lo in (("sync_interval", sync_interval, 0.0), ("checkpoint_interval", checkpoint_interval, 0.0)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > lo:
+            raise InvalidLayoutError(f"{field} must be a number of seconds > 0, got {value!r}")
+    for field, value in (("checkpoint_ops", checkpoint_ops), ("checkpoint_keep", checkpoint_keep)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidLayoutError(f"{field} must be an integer >= 1, got {value!r}")
     if capacity is not None or key_size is not None or value_size is not None:
         L.Layout(
             capacity=1 if capacity is None else capacity,
@@ -155,6 +203,8 @@ def serve(
         schema_fp=L.schema_fingerprint(value_type), schema_given=value_type is not None,
         max_clients=max_clients, ring_size=ring_size, reply_size=reply_size,
         parent_pid=0 if detach else os.getpid(),
+        path=path, sync=sync, sync_interval=float(sync_interval), checkpoint_ops=checkpoint_ops,
+        checkpoint_interval=float(checkpoint_interval), checkpoint_keep=checkpoint_keep,
     )
     r, w = os.pipe()
     try:

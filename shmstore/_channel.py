@@ -102,8 +102,9 @@ OP_INCR = 4
 OP_BATCH = 5
 OP_GET_MANY = 6
 OP_PING = 7
+OP_CHECKPOINT = 8  # durable stores: take a checkpoint now; replies with its epoch
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_INCR: "incr",
-            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping"}
+            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint"}
 
 # reply status
 ST_OK = 0

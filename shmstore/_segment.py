@@ -370,13 +370,16 @@ def open_segment(name: str, *, writable: bool = False, timeout: float = 5.0) -> 
                 f"no store named {name!r} on this host; start one with "
                 f"shmstore.serve({name!r}) or shmstore.open({name!r})"
             ) from None
-        mm = _map(shm, writable)
-        if len(mm) >= L.HEADER_SIZE:
+        if os.fstat(shm.fd).st_size < L.HEADER_SIZE:
+            # Between its creator's shm_open and ftruncate: not ready, like STATE_INIT.
+            shm.close_fd()
+        else:
+            mm = _map(shm, writable)
             # Invariant: the creator writes STATE_READY last, after every header field.
             state = memoryview(mm).cast("Q")[L.H_STATE]
             if state != L.STATE_INIT:
                 return Segment(name, mm, writable)
-        mm.close()
+            mm.close()
         if time.monotonic() > deadline:
             raise StoreTimeoutError(
                 f"store {name!r}: its segment is still being created after {timeout} s; "

@@ -532,6 +532,30 @@ class Store:
             writes=self._writes,
         )
 
+    # -- durability ------------------------------------------------------------------
+
+    def checkpoint(self, *, timeout: float | None = None) -> int:
+        """Make the coordinator write a checkpoint now and wait until it is durable.
+
+        A durable store (served with ``path=``) then recovers without replaying the
+        WAL written before it. Other writes wait until it is written (the automatic
+        checkpoints, by contrast, are written by a background thread).
+
+        Args:
+            timeout: seconds to wait (default: the handle's timeout, at least 60 s).
+
+        Returns:
+            The checkpoint's epoch: every write up to it is in the checkpoint.
+
+        Raises:
+            DurabilityUnavailableError: the store is memory-only, or the checkpoint
+                could not be written (the message says why; the WAL still holds
+                everything).
+        """
+        if timeout is None:
+            timeout = max(self.timeout, 60.0)
+        return self._request([C.OP_CHECKPOINT, 1], "checkpoint", timeout=timeout)
+
 
 def _array_header(n: int) -> bytes:
     """A msgpack array header: values concatenated after it decode in one call."""

@@ -339,3 +339,28 @@ def test_header_layout_constants_are_consistent():
     assert lay.nbuckets >= 2 * lay.nslots and lay.nbuckets & (lay.nbuckets - 1) == 0
     assert L.Layout(capacity=1000, key_size=13, value_size=101).fingerprint != lay.fingerprint
 
+
+
+def test_a_malformed_request_is_refused_and_the_coordinator_survives(store):
+    from shmstore import _channel as C
+
+    store.put("k", 1)
+    for bad in ([C.OP_BATCH, 1, [[C.OP_PUT, b"k"]]], [C.OP_PUT, 1, b"k"], [C.OP_BATCH, 1, [7]], [99, 1]):
+        with pytest.raises(shmstore.ProtocolError):
+            store._request(bad, "bad")
+    assert store.get("k") == 1 and store.put("k", 2) > 0 and store.get("k") == 2
+
+
+def test_a_segment_caught_before_its_ftruncate_is_waited_for_not_mapped(names):
+    """A client opening a segment between its creator's shm_open and ftruncate saw
+    an empty file (ValueError from mmap); it must wait like for a half-made header."""
+    import posix_ipc
+
+    n = names()
+    shm = posix_ipc.SharedMemory(L.data_name(n), posix_ipc.O_CREX, mode=0o600, size=0)
+    try:
+        with pytest.raises(shmstore.StoreTimeoutError):
+            shmstore._segment.open_segment(n, timeout=0.2)
+    finally:
+        shm.close_fd()
+        shm.unlink()

@@ -1,0 +1,318 @@
+"""The write-ahead log: one file per stretch between checkpoints, appended per group.
+
+Design
+------
+The coordinator applies a group of ops to the segment, then appends one record per
+applied op to the current WAL file with ONE ``write`` (group commit), and, in sync
+mode ``always``, one ``fdatasync`` before any reply of the group is published. A file
+is named ``wal-<start epoch, 20 digits>-<id, 16 hex>.wal`` and starts with a header::
+
+    file header (64 bytes)
+     0  8s   magic b"SHMSWAL1"
+     8  u32  format version
+    12  u32  salt: random per file; seeds every record checksum of the file
+    16  u64  id: random, nonzero; what the next file and checkpoints link to
+    24  u64  prev: id of the WAL file (or checkpoint) this file continues; 0: none
+    32  u64  start epoch S: the store's epoch when the file was started
+    40  u64  layout fingerprint of the store
+    48  u64  schema fingerprint of the store
+    56  u32  reserved (0)
+    60  u32  crc32 of bytes 0..60
+
+    record, repeated (every record starts at a multiple of 8)
+    +--------+--------+----------------+----------------+----------------+-------+
+    | n u32  | crc u32| epoch_before   | synced u64     | payload        | 0-pad |
+    |        |        | u64            |                | n bytes        | to 8  |
+    +--------+--------+----------------+----------------+----------------+-------+
+     n        payload length, 1 .. MAX_RECORD
+     crc      crc32 of (epoch_before, synced, payload), seeded with the file's salt
+     epoch_before  the store's epoch just before the op; replay sets the engine's
+              epoch to it, so epochs and versions come out as they did the first time
+     synced   the file offset that was known durable (fsynced) when the record was
+              written: everything before it had reached the disk
+     payload  the request exactly as the client sent it: msgpack ``[op, wait, *args]``
+
+Torn tails and corruption
+-------------------------
+Reading stops at the first record that is cut short or fails its checksum, at
+offset ``o``. Was it torn by a crash, or damaged after it was durable? Any valid
+record found *after* ``o`` says how far the file had been fsynced when it was
+written (its ``synced``). If some valid later record claims ``synced > o``, the bad
+bytes had been durable: that is corruption, reported as :class:`CorruptionError`
+naming the file and ``o``. Otherwise everything from ``o`` on was never promised to
+be on disk (in sync mode ``always`` only the last group can be in that state; in
+``periodic``, what was written after the last fsync) and is a torn tail: the file
+is truncated at ``o``.
+
+The one case no format can tell apart: damage inside the very last record(s), those
+not followed by a record that proves they were synced, looks exactly like a torn
+write and is truncated (SQLite's WAL and RocksDB's point-in-time recovery do the
+same). What is left is always a prefix of the history, never garbage.
+
+Invariant: a file other than the newest was fsynced in full before its successor was
+created, so only the newest file of a chain can have a torn tail.
+Invariant: a file is created under a temporary name and renamed once its header is
+durable, so a damaged header is corruption, never a crash while creating the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shmstore._errors import CorruptionError
+
+WAL_MAGIC = b"SHMSWAL1"
+WAL_VERSION = 1
+HEADER = struct.Struct("<8sIIQQQQQI")  # ... up to the crc
+HEADER_SIZE = 64
+REC = struct.Struct("<IIQQ")
+REC_SIZE = REC.size  # 24
+MAX_RECORD = 1 << 31
+_EB_SYNCED = struct.Struct("<QQ")
+crc32 = zlib.crc32
+
+
+def wal_name(start: int, file_id: int) -> str:
+    """``wal-<start epoch, 20 digits>-<id, 16 hex>.wal``: sorts by start, never collides."""
+    return f"wal-{start:020d}-{file_id:016x}.wal"
+
+
+def parse_name(name: str, prefix: str, suffix: str) -> int | None:
+    """The epoch in ``<prefix><20 digits>-<16 hex digits><suffix>``, or None."""
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    mid = name[len(prefix) : len(name) - len(suffix)]
+    if len(mid) != 37 or mid[20] != "-" or not mid[:20].isdigit():
+        return None
+    try:
+        int(mid[21:], 16)
+    except ValueError:
+        return None
+    return int(mid[:20])
+
+
+def new_id() -> int:
+    return int.from_bytes(os.urandom(8), "little") | 1
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class WalHeader:
+    salt: int
+    id: int
+    prev: int
+    start: int
+    layout_fp: int
+    schema_fp: int
+
+    def pack(self) -> bytes:
+        head = HEADER.pack(WAL_MAGIC, WAL_VERSION, self.salt, self.id, self.prev, self.start,
+                           self.layout_fp, self.schema_fp, 0)
+        return head + struct.pack("<I", crc32(head))
+
+    @classmethod
+    def unpack(cls, path: str, data: bytes) -> WalHeader:
+        if len(data) < HEADER_SIZE:
+            raise CorruptionError(f"WAL file {path}: header cut short at offset {len(data)} (of {HEADER_SIZE})")
+        magic, version, salt, id_, prev, start, lfp, sfp, _ = HEADER.unpack_from(data, 0)
+        (crc,) = struct.unpack_from("<I", data, 60)
+        if magic != WAL_MAGIC or crc != crc32(data[:60]):
+            raise CorruptionError(f"WAL file {path}: bad header (magic or checksum) at offset 0")
+        if version != WAL_VERSION:
+            raise CorruptionError(f"WAL file {path}: format version {version}, this shmstore reads {WAL_VERSION}")
+        return cls(salt, id_, prev, start, lfp, sfp)
+
+
+def frame(salt: int, epoch_before: int, synced: int, payload: bytes) -> bytes:
+    """One record, padded to a multiple of 8 bytes."""
+    n = len(payload)
+    mid = _EB_SYNCED.pack(epoch_before, synced)
+    crc = crc32(payload, crc32(mid, salt))
+    pad = -n & 7
+    return struct.pack("<II", n, crc) + mid + payload + (b"\0" * pad if pad else b"")
+
+
+@dataclass
+class WalScan:
+    """What reading one WAL file found."""
+
+    path: str
+    header: WalHeader
+    #: (offset, epoch_before, payload) of every valid record, in order
+    records: list[tuple[int, int, bytes]] = field(default_factory=list)
+    #: where valid data ends (the next record would start here)
+    end: int = HEADER_SIZE
+    #: the file size; bytes from ``end`` to ``size`` are a torn tail
+    size: int = 0
+
+    @property
+    def torn(self) -> bool:
+        return self.end < self.size
+
+
+def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None = None) -> WalScan:
+    """Read and check one WAL file.
+
+    Returns:
+        Its header and valid records; ``torn`` tells whether a torn tail follows them
+        (the caller truncates it: :func:`truncate_torn`).
+
+    Raises:
+        CorruptionError: a damaged header, a record damaged before the torn tail
+            (see the module docstring), or a file of another store.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    hdr = WalHeader.unpack(path, data)
+    if layout_fp is not None and (hdr.layout_fp != layout_fp or hdr.schema_fp != schema_fp):
+        raise CorruptionError(f"WAL file {path}: written for another store layout or schema (offset 8)")
+    scan = WalScan(path, hdr, size=len(data))
+    salt = hdr.salt
+    off = HEADER_SIZE
+    size = len(data)
+    last_eb = -1
+    records = scan.records
+    mv = memoryview(data)
+    unpack = REC.unpack_from
+    while off < size:
+        if off + REC_SIZE > size:
+            break
+        n, crc, eb, _synced = unpack(data, off)
+        end = off + REC_SIZE + n
+        if n == 0 or n > MAX_RECORD or end > size:
+            break
+        if crc32(mv[off + 8 : end], salt) != crc:
+            break
+        if eb <= last_eb or eb < hdr.start:
+            raise CorruptionError(
+                f"WAL file {path}: record at offset {off} has epoch {eb}, not after {max(last_eb, hdr.start)}; "
+                f"the log is not from one history"
+            )
+        last_eb = eb
+        records.append((off, eb, data[off + REC_SIZE : end]))
+        off = end + (-n & 7)
+    if off > size:  # the last record's padding was cut: the record itself is whole
+        off = size
+    scan.end = off
+    if off < size:
+        _check_tail(path, data, off, salt)
+    return scan
+
+
+def _check_tail(path: str, data: bytes, bad: int, salt: int) -> None:
+    """Tell a torn tail from corruption: raise if any valid record after ``bad``
+    proves the bytes at ``bad`` had been fsynced."""
+    size = len(data)
+    first = bad + 8
+    if first + REC_SIZE > size:
+        return
+    words = np.frombuffer(data, dtype="<u4", count=(size - first) // 4, offset=first)
+    cand = np.arange(0, len(words) - 5, 2)  # 8-aligned record starts
+    if not len(cand):
+        return
+    pos = first + cand * 4
+    n = words[cand].astype(np.int64)
+    ok = (n > 0) & (pos + REC_SIZE + n <= size)
+    mv = memoryview(data)
+    for p in pos[ok].tolist():
+        n_, crc, _eb, synced = REC.unpack_from(data, p)
+        if crc32(mv[p + 8 : p + REC_SIZE + n_], salt) == crc and synced > bad:
+            raise CorruptionError(
+                f"WAL file {path}: record at offset {bad} is damaged (checksum or length), "
+                f"but a later valid record (offset {p}) shows it had been synced to disk; "
+                f"the log cannot be replayed past offset {bad}"
+            )
+
+
+def truncate_torn(path: str, end: int) -> None:
+    """Cut a torn tail off, durably."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WalWriter:
+    """The WAL file being appended to (coordinator thread only).
+
+    ``add`` frames a record into the pending group; ``flush`` writes the group with
+    one ``write``; ``sync`` makes everything written durable.
+    """
+
+    def __init__(self, path: str, fd: int, header: WalHeader, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.size = size  # bytes written
+        self.synced = size  # bytes known durable
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.records = 0
+
+    @classmethod
+    def create(cls, dirpath: str, *, start: int, prev: int, layout_fp: int, schema_fp: int) -> WalWriter:
+        """Create a new WAL file with its header, durably (file and directory)."""
+        hdr = WalHeader(salt=int.from_bytes(os.urandom(4), "little"), id=new_id(), prev=prev, start=start,
+                        layout_fp=layout_fp, schema_fp=schema_fp)
+        path = os.path.join(dirpath, wal_name(start, hdr.id))
+        # Invariant: a WAL file appears under its name only with its header durable,
+        # so a damaged header is always corruption, never a torn creation.
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, hdr.pack())
+            os.fdatasync(fd)
+            os.rename(tmp, path)
+            fsync_dir(dirpath)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, hdr, HEADER_SIZE)
+
+    def add(self, epoch_before: int, payload: bytes) -> None:
+        rec = frame(self.header.salt, epoch_before, self.synced, payload)
+        self.pending.append(rec)
+        self.pending_bytes += len(rec)
+        self.records += 1
+
+    def flush(self) -> bool:
+        """Write the pending group (one write). Returns whether there was one."""
+        if not self.pending:
+            return False
+        buf = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending = []
+        self.pending_bytes = 0
+        _write_all(self.fd, buf)
+        self.size += len(buf)
+        return True
+
+    def sync(self) -> None:
+        if self.synced < self.size:
+            os.fdatasync(self.fd)
+            self.synced = self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_all(fd: int, buf: bytes) -> None:
+    mv = memoryview(buf)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
