@@ -167,8 +167,12 @@ def _connect(args: argparse.Namespace) -> shmstore.Store:
 def cmd_serve(args: argparse.Namespace) -> int:
     from shmstore.coordinator import CoordinatorServer, ServerConfig  # noqa: PLC0415
 
+    sync = args.sync or ("always" if args.path else "never")
+    if args.path is None and sync != "never":
+        raise UsageError(f"--sync {sync} needs --path: a memory-only store has only --sync never")
     config = ServerConfig(name=args.name, capacity=args.capacity, key_size=args.key_size,
-                          value_size=args.value_size, max_clients=args.max_clients)
+                          value_size=args.value_size, max_clients=args.max_clients,
+                          path=os.path.abspath(args.path) if args.path else None, sync=sync)
 
     def ready() -> None:
         lay = server.seg.layout
@@ -379,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (default: the existing store's, or {default:,} for a new one)")
     p.add_argument("--max-clients", type=_positive_int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                    help=f"processes that can write at once (default: {DEFAULT_MAX_CLIENTS})")
+    p.add_argument("--path", metavar="DIR", default=None,
+                   help="data directory of a durable store (WAL + checkpoints); default: memory only")
+    p.add_argument("--sync", choices=("always", "periodic", "never"), default=None,
+                   help="when writes are fsynced (default: always with --path, never without)")
 
     p = add("get", cmd_get, "print the value of KEY as JSON (exit 1 if it is missing)",
             "shmstore get app user:42", timeout=True)

@@ -338,3 +338,37 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_serve_with_path_is_durable_across_a_sigkill(names, tmp_path):
+    """`shmstore serve --path` journals writes: after SIGKILL and destroy(), a new
+    coordinator rebuilds the acknowledged record from the data directory."""
+    import signal as _signal
+    import subprocess as _sp
+
+    n = names()
+    data = tmp_path / "data"
+    p = _sp.Popen([sys.executable, "-m", "shmstore", "serve", n, "--capacity", "100", "--path", str(data)],
+                  stdout=_sp.PIPE, stderr=_sp.PIPE, text=True)
+    try:
+        assert "serving store" in p.stderr.readline()
+        with shmstore.connect(n) as s:
+            v = s.put("k", "durable")
+        p.send_signal(_signal.SIGKILL)
+        p.wait()
+        shmstore.destroy(n)  # the reboot case: only the directory is left
+        coord = shmstore.serve(n, path=data)
+        try:
+            with shmstore.connect(n) as s:
+                assert s.get("k") == "durable" and s.version("k") == v
+        finally:
+            coord.stop()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    r = _sp.run([sys.executable, "-m", "shmstore", "serve", names(), "--sync", "always"],
+                capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--path" in r.stderr
