@@ -292,20 +292,19 @@ class CoordinatorServer:
 
     def loop(self) -> None:
         bell = self.bell
-        spinner = C.Spinner(self.config.spin_us)
+        # A fixed spin, unlike the clients' adaptive one: if both sides backed off,
+        # neither side's spin could ever win again (each waits for the other to spin).
+        spin_ns = int(self.config.spin_us * 1000)
         next_tick = 0.0
         while not self.stopping:
             # Wait for the doorbell: spin briefly (a wake-up costs ~80 us), then block.
             got = bell.value > 0
-            if not got:
-                budget = spinner.budget()
-                if budget:
-                    t_end = time.perf_counter_ns() + budget
-                    while time.perf_counter_ns() < t_end:
-                        if bell.value > 0:
-                            got = True
-                            break
-                    spinner.result(budget, got)
+            if not got and spin_ns:
+                t_end = time.perf_counter_ns() + spin_ns
+                while time.perf_counter_ns() < t_end:
+                    if bell.value > 0:
+                        got = True
+                        break
             if not got:
                 try:
                     bell.acquire(TICK)

@@ -145,10 +145,10 @@ class Spinner:
     first. Spinning pays only while a core is free for the other side; on a busy host
     (more spinners than cores) it steals the very CPU the other side needs. So the
     budget doubles after a spin that succeeded, halves after one that did not, and
-    once at zero it is tried again (at a quarter) every ``RETRY`` waits.
+    once at zero it is tried again (at the full budget) every ``RETRY`` waits.
     """
 
-    RETRY = 64
+    RETRY = 16
     __slots__ = ("max_ns", "cur_ns", "idle")
 
     def __init__(self, max_us: float) -> None:
@@ -161,7 +161,7 @@ class Spinner:
             self.idle += 1
             if self.idle >= self.RETRY:
                 self.idle = 0
-                return self.max_ns // 4
+                return self.max_ns
         return self.cur_ns
 
     def result(self, budget: int, won: bool) -> None:
