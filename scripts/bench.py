@@ -1065,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
                    "value": "a 62-character str (msgpack: 64 bytes); lmdb and Redis hold the msgpack bytes",
                    "store_name": bench.name, "tmpdir": bench.tmpdir, "elapsed_s": elapsed,
                    "loadavg_at_end": list(os.getloadavg())},
-        "measures": {sid: r.as_json() for sid, r in bench.results.items()},
+        "measures": {s.id: bench.results[s.id].as_json() for s in SPECS if s.id in bench.results},
         "targets": bench.target_rows(),
         "redis_skipped": bench.redis_skip,
     }
