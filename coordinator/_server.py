@@ -65,7 +65,7 @@ from ._recovery import RedoArea, repair
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_REFUSED = 3  # another coordinator serves the store
+EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gunicorn's WORKER_BOOT_ERROR)
 
 TICK = 0.1  # seconds between heartbeats / reclaim scans
 _decode = msgspec.msgpack.Decoder().decode
