@@ -25,9 +25,8 @@ import psutil
 import pytest
 
 import shmstore
-from shmstore._channel import C_ACK, C_PID, open_channel
 from shmstore.workers.gunicorn import chain, hooks
-from tests.helpers.processes import reap, shm_objects, wait_for
+from tests.helpers.processes import attached_pids, reap, shm_objects, wait_for
 
 WORKERS = 4
 CLIENT_THREADS = 4
@@ -145,18 +144,6 @@ def _workers(master: int, coordinator: int) -> set[int]:
         return set()
 
 
-def _attached_pids(name: str) -> list[int]:
-    """Pids of the client blocks the coordinator has acknowledged (and not reclaimed)."""
-    ch = open_channel(name)
-    try:
-        acked = ch.words(C_ACK) != 0
-        pids = ch.words(C_PID)[acked].tolist()
-        del acked
-        return sorted(pids)
-    finally:
-        ch.close()
-
-
 @pytest.mark.parametrize(("worker_class", "preload"), [
     ("sync", False), ("sync", True), ("gthread", False), ("gthread", True),
 ])
@@ -241,12 +228,12 @@ def test_gunicorn_workers_share_one_store(names, tmp_path: Path, worker_class: s
             # dead and recycled ones none, and no segment or semaphore was added.
             def settled() -> bool:
                 live = _workers(proc.pid, coord)
-                return len(live) == WORKERS and _attached_pids(name) == sorted(live)
+                return len(live) == WORKERS and attached_pids(name) == sorted(live)
 
             wait_for(settled, timeout=30, interval=0.05,
-                     what=f"client blocks == live workers ({_attached_pids(name)} vs "
+                     what=f"client blocks == live workers ({attached_pids(name)} vs "
                           f"{sorted(_workers(proc.pid, coord))})")
-            assert victim not in _attached_pids(name)
+            assert victim not in attached_pids(name)
             assert reader.stats().clients_reclaimed >= 1
             assert shm_objects(name) == objects_at_boot
             assert reader.get("hits") == counter  # nobody wrote since

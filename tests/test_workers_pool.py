@@ -13,9 +13,8 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import shmstore
-from shmstore._channel import C_ACK, C_PID, open_channel
 from shmstore.workers import pool
-from tests.helpers.processes import reap_pids, wait_for
+from tests.helpers.processes import attached_pids, reap_pids, wait_for
 
 METHODS = ["fork", "spawn", "forkserver"]
 KINDS = ["Pool", "ProcessPoolExecutor"]
@@ -58,18 +57,6 @@ def _victim() -> int:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def _attached_pids(name: str) -> list[int]:
-    """Pids of the client blocks the coordinator has acknowledged (and not reclaimed)."""
-    ch = open_channel(name)
-    try:
-        acked = ch.words(C_ACK) != 0
-        pids = ch.words(C_PID)[acked].tolist()
-        del acked
-        return sorted(pids)
-    finally:
-        ch.close()
 
 
 def _run(kind: str, ctx, name: str, jobs: list[tuple[str, int]]) -> list[tuple]:
@@ -120,8 +107,8 @@ def test_pool_workers_share_counters_and_records(names, method, kind):
         # A forked worker reuses the parent's handle; spawned ones connect their own.
         assert {inherited for _, inherited, _, _ in results} == {method == "fork"}, results
         # The workers exited normally: only the parent's client block is left.
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
-                 what=f"the workers' client blocks released ({_attached_pids(name)})")
+        wait_for(lambda: attached_pids(name) == [os.getpid()], timeout=30,
+                 what=f"the workers' client blocks released ({attached_pids(name)})")
         _consistent(s)
     with shmstore.connect(name) as s:
         assert s.stats().coordinator_pid is None  # shared() stopped the coordinator
@@ -153,7 +140,7 @@ def test_handle_opened_before_fork_reads_without_reattaching_and_writes(names):
         assert os.waitstatus_to_exitcode(status) == 0
         assert s.get("from-child") == pid and s.get("n") == 1
         assert s.incr("n") == 2  # the parent's own channel still works
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
+        wait_for(lambda: attached_pids(name) == [os.getpid()], timeout=30,
                  what="the child's client block reclaimed")
 
 
@@ -214,9 +201,9 @@ def test_worker_sigkilled_mid_task_corrupts_nothing(names, method, kind):
         assert s.get("total") == before + 3 * STEPS
         assert all(own == STEPS for _, _, _, own in results)
         # The dead worker's client block came back to the coordinator.
-        wait_for(lambda: _attached_pids(name) == [os.getpid()], timeout=30,
-                 what=f"dead clients' blocks reclaimed ({_attached_pids(name)})")
-        assert victim_pid not in _attached_pids(name)
+        wait_for(lambda: attached_pids(name) == [os.getpid()], timeout=30,
+                 what=f"dead clients' blocks reclaimed ({attached_pids(name)})")
+        assert victim_pid not in attached_pids(name)
         assert s.stats().clients_reclaimed >= 1
         _consistent(s)
 

@@ -63,6 +63,8 @@ from typing import Any, Callable
 
 import shmstore
 from shmstore import Store
+
+from ._handles import cached_handle
 from shmstore._channel import OP_PING
 from shmstore._errors import CoordinatorRunningError, ShmStoreError, StoreNotFoundError
 from shmstore._layout import check_name
@@ -119,14 +121,7 @@ def store(name: str | None = None, **connect_kwargs: Any) -> Store:
                    if not _configured else f"hooks() was called for several stores {_configured}")
             )
         name = _configured[0]
-    handle = _handles.get(name)
-    if handle is not None and not handle.closed:
-        return handle
-    with _lock:
-        handle = _handles.get(name)
-        if handle is None or handle.closed:
-            handle = _handles[name] = shmstore.connect(name, **connect_kwargs)
-        return handle
+    return cached_handle(_handles, _lock, name, connect_kwargs)
 
 
 def _attach(handle: Store) -> None:

@@ -46,6 +46,8 @@ from typing import Any, Iterator
 
 import shmstore
 from shmstore import Store
+
+from ._handles import cached_handle
 from shmstore._errors import StoreNotFoundError
 
 __all__ = ["init_worker", "shared", "store"]
@@ -157,14 +159,7 @@ def store(name: str | None = None, **connect_kwargs: Any) -> Store:
                 "shmstore.workers.pool.store() needs a store name: this process was not "
                 "started with initializer=init_worker, initargs=(name,)"
             )
-    handle = _handles.get(name)
-    if handle is not None and not handle.closed:
-        return handle
-    with _lock:
-        handle = _handles.get(name)
-        if handle is None or handle.closed:
-            handle = _handles[name] = shmstore.connect(name, **connect_kwargs)
-        return handle
+    return cached_handle(_handles, _lock, name, connect_kwargs)
 
 
 def _close_handles() -> None:

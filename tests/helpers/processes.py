@@ -77,3 +77,17 @@ def shm_objects(name: str) -> list[str]:
     return sorted(e for e in os.listdir("/dev/shm")
                   if e.startswith(f"shmstore.{name}") and e[len(f"shmstore.{name}"):][:1] in ("", "@")
                   or e.startswith(f"sem.shmstore.{name}@"))
+
+
+def attached_pids(name: str) -> list[int]:
+    """Pids of the client blocks the coordinator has acknowledged (and not reclaimed)."""
+    from shmstore._channel import C_ACK, C_PID, open_channel
+
+    ch = open_channel(name)
+    try:
+        acked = ch.words(C_ACK) != 0
+        pids = ch.words(C_PID)[acked].tolist()
+        del acked
+        return sorted(pids)
+    finally:
+        ch.close()
