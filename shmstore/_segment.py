@@ -484,8 +484,9 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     def get(key: object, default: object = None) -> object:
         nonlocal reads
         reads += 1
-        if key.__class__ is str and q[H_STATE] == READY:
-            kb = key.encode()
+        cls = key.__class__
+        if (cls is str or cls is bytes) and q[H_STATE] == READY:
+            kb = key.encode() if cls is str else key
             if 0 < len(kb) <= ksz:
                 r = probe(kb)
                 return default if r is None else decode(r[0])
