@@ -436,7 +436,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     The common case (the key's first probe position holds it, or is empty) runs
     inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
     decode. Anything else (a hash collision, an odd seq, a moving index, a long key,
-    a non-str key, an expiry, a destroyed segment) takes the full :meth:`Segment.lookup`
+    a key neither str nor bytes, an expiry, a destroyed segment) takes the full :meth:`Segment.lookup`
     path, which has the same protocol plus backoff.
     """
     q = seg.q
