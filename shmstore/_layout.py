@@ -93,6 +93,16 @@ H_CAS = 48
 H_INCRS = 49
 H_BATCHES = 50
 H_FALLBACK_READS = 51
+# Durability counters (one writer: the coordinator's journal), words 52-95.
+H_FSYNCS = 52  # fsyncs of the WAL (or data files) the journal issued
+H_FSYNC_NS_TOTAL = 53  # their summed latency, ns
+H_FSYNC_NS_MIN = 54  # the fastest, ns (0 until the first)
+H_FSYNC_NS_MAX = 55  # the slowest, ns
+H_WAL_BYTES = 56  # bytes appended to the WAL by this segment's coordinators
+H_CHECKPOINTS = 57  # checkpoints completed
+H_CHECKPOINT_NS_LAST = 58  # how long the last checkpoint took to write, ns
+H_FSYNC_HIST = 64  # FSYNC_HIST_BUCKETS words: bucket b counts fsyncs of [2**b, 2**(b+1)) us
+FSYNC_HIST_BUCKETS = 32  # (bucket 0 also counts those under 1 us; the last, all longer)
 H_WORDS = HEADER_SIZE // 8
 
 STATE_INIT = 0
