@@ -2,23 +2,8 @@
 
 Design
 ------
-A data directory (mode 0700, files 0600) holds::
-
-    MANIFEST                         the store's parameters (msgspec JSON), written once
-                                     per new segment: name, capacity, key_size,
-                                     value_size, schema and layout fingerprints, and the
-                                     instance id of the segment the directory follows
-    LOCK                             flock'ed by the coordinator using the directory
-    ckpt-<epoch>-<id>.ckpt           checkpoints (see ``_checkpoint``), the last K kept
-    wal-<start epoch>-<id>.wal       WAL files (see ``_wal``), one per checkpoint interval
-
-Chains. Every WAL file names the file (or checkpoint) it continues (``prev``), and
-every checkpoint names the WAL file whose records follow it (``wal_id``). Recovery from
-checkpoint C replays the chain C -> wal_id -> the file whose prev is that -> ... and
-accepts the result only if it is complete: every WAL file that starts at or after C is
-in the chain (or is a file the chain continues, which holds nothing after C), and the
-chain reaches the epoch of the newest checkpoint on disk. So a
-fallback to an older checkpoint either reproduces the newest state or is refused.
+The directory's files and how WAL files chain to checkpoints are described in
+``_datadir``.
 
 Recovery at coordinator start (the server calls, in order):
 
@@ -64,42 +49,32 @@ durable, and only if no kept checkpoint's chain uses them.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import msgspec
-import numpy as np
 
-from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._errors import (
-    CoordinatorRunningError,
-    CorruptionError,
-    IncompatibleStoreError,
-    SchemaMismatchError,
-    ShmStoreError,
-)
-from shmstore._segment import Segment
 from shmstore._api import DurabilityUnavailableError as DurabilityError
+from shmstore._errors import CorruptionError, IncompatibleStoreError, SchemaMismatchError, ShmStoreError
+from shmstore._segment import Segment
 
-from ._checkpoint import (
-    LoadedCheckpoint,
-    load_checkpoint,
-    peek_header,
-    restore_into,
-    take_snapshot,
-    write_checkpoint,
+from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into, take_snapshot, write_checkpoint
+from ._datadir import (  # noqa: F401  (Manifest, MANIFEST: re-exported for callers of this module)
+    MANIFEST,
+    DataDir,
+    Manifest,
+    WalInfo,
+    epochs_of,
+    replay_record,
+    wal_chain,
+    zero_segment,
 )
 from ._engine import Engine
-from ._wal import WalHeader, WalScan, WalWriter, fsync_dir, new_id, parse_name, scan_wal, truncate_torn
+from ._wal import WalScan, WalWriter, fsync_dir, new_id, scan_wal, truncate_torn
 
-MANIFEST = "MANIFEST"
-LOCK = "LOCK"
-MANIFEST_FORMAT = 1
 #: Epochs skipped after a rebuild from disk: more than any number of ops a coordinator
 #: can have applied and shown to readers without making them durable.
 EPOCH_GAP = 1 << 40
@@ -109,212 +84,6 @@ DEFAULT_CHECKPOINT_OPS = 200_000
 DEFAULT_CHECKPOINT_INTERVAL = 300.0
 DEFAULT_CHECKPOINT_BYTES = 256 << 20
 DEFAULT_CHECKPOINT_KEEP = 2
-
-_decode = msgspec.msgpack.Decoder().decode
-
-
-class Manifest(msgspec.Struct, kw_only=True):
-    """The store parameters a data directory was written with."""
-
-    format: int = MANIFEST_FORMAT
-    name: str
-    capacity: int
-    key_size: int
-    value_size: int
-    schema_fp: int
-    layout_fp: int
-    #: the H_INSTANCE of the segment whose history this directory records
-    segment_instance: int = 0
-
-    @property
-    def layout(self) -> L.Layout:
-        return L.Layout(capacity=self.capacity, key_size=self.key_size, value_size=self.value_size)
-
-
-@dataclass
-class _WalInfo:
-    """A WAL file as listed: its name's start epoch and id, its header if readable."""
-
-    path: str
-    start: int
-    file_id: int
-    header: WalHeader | None
-    error: CorruptionError | None = None
-
-
-class DataDir:
-    """Files of one data directory; no state beyond the path and the lock."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock_fd = -1
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def open_and_lock(self) -> None:
-        created = False
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        try:
-            os.mkdir(self.path, 0o700)
-            created = True
-        except FileExistsError:
-            if not os.path.isdir(self.path):
-                raise IncompatibleStoreError(f"data directory {self.path!r} exists and is not a directory") from None
-        if created:
-            os.chmod(self.path, 0o700)  # whatever the umask
-            fsync_dir(parent)
-        fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CoordinatorRunningError(
-                f"data directory {self.path!r} is in use by another coordinator; each store "
-                f"needs a directory of its own"
-            ) from None
-        self.lock_fd = fd
-
-    def unlock(self) -> None:
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-
-    def read_manifest(self) -> Manifest | None:
-        p = self.file(MANIFEST)
-        try:
-            with open(p, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return None
-        try:
-            m = msgspec.json.decode(raw, type=Manifest)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
-            # A flipped bit can make invalid UTF-8, which msgspec reports as such.
-            raise CorruptionError(f"manifest {p}: unreadable ({e})") from None
-        if m.format != MANIFEST_FORMAT:
-            raise IncompatibleStoreError(f"manifest {p}: format {m.format}, this shmstore reads {MANIFEST_FORMAT}")
-        return m
-
-    def write_manifest(self, m: Manifest) -> None:
-        p = self.file(MANIFEST)
-        tmp = p + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, msgspec.json.encode(m) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, p)
-        fsync_dir(self.path)
-
-    def remove_temporaries(self) -> None:
-        for n in os.listdir(self.path):
-            if n.endswith(".tmp"):
-                os.unlink(self.file(n))
-
-    def checkpoints(self) -> list[tuple[int, str]]:
-        """(epoch, path) of every checkpoint file, newest first."""
-        out = []
-        for n in os.listdir(self.path):
-            e = parse_name(n, "ckpt-", ".ckpt")
-            if e is not None:
-                p = self.file(n)
-                out.append((e, os.stat(p).st_mtime_ns, p))
-        out.sort(reverse=True)
-        return [(e, p) for e, _, p in out]
-
-    def wal_files(self) -> list[_WalInfo]:
-        """Every WAL file, by start epoch; an unreadable header is kept as its error."""
-        names = sorted((s, n) for n in os.listdir(self.path) if (s := parse_name(n, "wal-", ".wal")) is not None)
-        out = []
-        for start, n in names:
-            p = self.file(n)
-            with open(p, "rb") as f:
-                head = f.read(64)
-            try:
-                hdr = WalHeader.unpack(p, head)
-                err = None
-                if hdr.start != start or hdr.id != int(n[-20:-4], 16):
-                    err = CorruptionError(f"WAL file {p}: its header (offset 16) does not match its name")
-            except CorruptionError as e:
-                hdr, err = None, e
-            out.append(_WalInfo(p, start, int(n[-20:-4], 16), hdr if err is None else None, err))
-        return out
-
-
-class _Candidate:
-    """One way to rebuild: a checkpoint and the WAL chain after it, all checked."""
-
-    def __init__(self, ck: LoadedCheckpoint, chain: list[WalScan]) -> None:
-        self.ck = ck
-        self.chain = chain
-
-
-def _chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[_WalInfo], path: str) -> list[_WalInfo]:
-    """The WAL files that follow a checkpoint, in order, if the chain is complete."""
-    by_id = {w.file_id: w for w in wals}
-    by_prev: dict[int, list[_WalInfo]] = {}
-    for w in wals:
-        if w.header is not None:
-            by_prev.setdefault(w.header.prev, []).append(w)
-    if wal_id:
-        cur = by_id.get(wal_id)
-        if cur is None:
-            raise CorruptionError(f"checkpoint {path}: the WAL file that follows it (id {wal_id:016x}) is missing")
-        if cur.error is not None:
-            raise cur.error
-    else:
-        nxt = by_prev.get(ck_id, [])
-        cur = nxt[0] if len(nxt) == 1 else None
-    chain = []
-    while cur is not None:
-        chain.append(cur)
-        nxt = by_prev.get(cur.header.id, [])
-        if len(nxt) > 1:
-            raise CorruptionError(f"WAL file {cur.path}: continued by {len(nxt)} files; the history forks")
-        cur = nxt[0] if nxt else None
-    # Files the chain's first file continues may start at ck_epoch too (a checkpoint
-    # taken before any write into them): they hold nothing after the checkpoint.
-    inchain = {id(w) for w in chain}
-    cur = chain[0] if chain else None
-    while cur is not None and cur.header is not None and cur.header.prev in by_id:
-        cur = by_id[cur.header.prev]
-        if id(cur) in inchain:
-            break
-        inchain.add(id(cur))
-    stray = [w for w in wals if w.start >= ck_epoch and id(w) not in inchain]
-    if stray:
-        if stray[0].error is not None:
-            raise stray[0].error
-        raise CorruptionError(
-            f"checkpoint {path}: WAL file {stray[0].path} is newer but not in its chain; the "
-            f"history after this checkpoint is incomplete"
-        )
-    return chain
-
-
-def replay_record(engine: Engine, payload: bytes) -> None:
-    """Apply one logged request again. The op succeeded the first time; from the same
-    state with the same epoch it does again, or the log diverged (raises)."""
-    op = _decode(payload)
-    kind = op[0]
-    if kind == C.OP_PUT:
-        _, _, kb, vb, expiry = op
-        engine.put(engine.check_key(kb), engine.check_value(vb), expiry)
-    elif kind == C.OP_DELETE:
-        if not engine.delete(engine.check_key(op[2])):
-            raise CorruptionError("a logged delete found no record")
-    elif kind == C.OP_CAS:
-        _, _, kb, vb, version, expiry = op
-        engine.cas(engine.check_key(kb), engine.check_value(vb), version, expiry)
-    elif kind == C.OP_INCR:
-        engine.incr(engine.check_key(op[2]), op[3])
-    elif kind == C.OP_BATCH:
-        engine.batch(op[2])
-    else:
-        raise CorruptionError(f"unknown op {kind!r} in the log")
 
 
 class DurableJournal:
@@ -419,7 +188,7 @@ class DurableJournal:
                 except CorruptionError:
                     report["damaged"].append(path)
                     raise
-                chain = _chain(ck.id, ck.epoch, ck.wal_id, wals, path)
+                chain = wal_chain(ck.id, ck.epoch, ck.wal_id, wals, path)
                 scanned = []
                 for i, w in enumerate(chain):
                     s = scans.get(w.path)
@@ -446,7 +215,7 @@ class DurableJournal:
             except CorruptionError as e:
                 errors.append(e.message)
                 report["failed"].append(path)
-                _zero(seg)
+                zero_segment(seg)
                 continue
             if report["failed"] and end < newest:
                 print(f"shmstore coordinator: store {self.name!r}: sync='never' recovery from {path} "
@@ -591,7 +360,7 @@ class DurableJournal:
             self.checkpoint(base=True)
             self.report = {"mode": "adopt", "checkpoint": self.last_ckpt_epoch}
 
-    def _verified_end(self, ckpts: list, wals: list[_WalInfo]) -> tuple[int | None, int]:
+    def _verified_end(self, ckpts: list, wals: list[WalInfo]) -> tuple[int | None, int]:
         """The epoch the directory's history reaches, following the newest checkpoint's
         chain with every checksum checked (its slots are not read), or None."""
         if not ckpts:
@@ -599,7 +368,7 @@ class DurableJournal:
         try:
             epoch, path = ckpts[0]
             h = peek_header(path)
-            chain = _chain(h.id, h.epoch, h.wal_id, wals, path)
+            chain = wal_chain(h.id, h.epoch, h.wal_id, wals, path)
             end, last_id = h.epoch, h.id
             for i, w in enumerate(chain):
                 s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp)
@@ -609,7 +378,7 @@ class DurableJournal:
                 last_id = s.header.id
                 if s.records:
                     off, eb, payload = s.records[-1]
-                    end = eb + _epochs_of(payload)
+                    end = eb + epochs_of(payload)
             return end, last_id
         except (CorruptionError, OSError, msgspec.DecodeError, IndexError, TypeError):
             return None, 0
@@ -768,7 +537,7 @@ class DurableJournal:
         for i, (_, path) in enumerate(keep):
             try:
                 h = peek_header(path)
-                chain = _chain(h.id, h.epoch, h.wal_id, wals, path)
+                chain = wal_chain(h.id, h.epoch, h.wal_id, wals, path)
             except CorruptionError:
                 continue
             if base and i > 0:
@@ -781,17 +550,3 @@ class DurableJournal:
                 os.unlink(w.path)
 
 
-def _epochs_of(payload: bytes) -> int:
-    op = _decode(payload)
-    return len(op[2]) if op[0] == C.OP_BATCH else 1
-
-
-def _zero(seg: Segment) -> None:
-    """Undo a failed restore attempt: the segment back to all-zero slots and index."""
-    lay = seg.layout
-    arr = np.ndarray((lay.size - L.SLOTS_OFFSET,), dtype=np.uint8, buffer=seg.mm, offset=L.SLOTS_OFFSET)
-    arr[:] = 0
-    del arr
-    q = seg.q
-    for w in (L.H_EPOCH, L.H_COUNT, L.H_LAST_DELETE_EPOCH, L.H_INDEX_GEN, L.H_BATCH_SEQ, L.H_LAST_CHECKPOINT_EPOCH):
-        q[w] = 0
