@@ -55,7 +55,7 @@ from shmstore import _layout as L
 from shmstore._errors import CorruptionError
 from shmstore._segment import Segment
 
-from ._wal import fsync_dir
+from ._metrics import timed, timed_fsync_dir
 
 CKPT_MAGIC = b"SHMSCKP1"
 CKPT_VERSION = 1
@@ -133,12 +133,15 @@ def _nchunks(sizes: list[int]) -> int:
     return sum((s + CHUNK - 1) // CHUNK for s in sizes)
 
 
-def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int) -> str:
+def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int,
+                     fsync_ns: list[int] | None = None) -> str:
     """Write ``snap`` durably as ``ckpt-<epoch>.ckpt``; returns the path.
 
     Safe to run in a thread other than the coordinator's: it touches only ``snap``
     and the files. A crash at any point leaves at most a ``.tmp`` file behind.
+    The latency of each fsync it issues is appended to ``fsync_ns``.
     """
+
     snap.materialize()
     n = snap.count
     head = HEADER.pack(CKPT_MAGIC, CKPT_VERSION, CHUNK, ckpt_id, wal_id, snap.epoch, n,
@@ -159,7 +162,7 @@ def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int)
                     f.write(piece)
             table = struct.pack(f"<{len(crcs)}I", *crcs)
             f.write(table + struct.pack("<I", crc32(table)))
-        os.fdatasync(fd)
+        timed(os.fdatasync, fd, fsync_ns)
     except BaseException:
         os.close(fd)
         try:
@@ -169,7 +172,7 @@ def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(dirpath)
+    timed_fsync_dir(dirpath, fsync_ns)
     return path
 
 

@@ -73,6 +73,7 @@ from ._datadir import (  # noqa: F401  (Manifest, MANIFEST: re-exported for call
     zero_segment,
 )
 from ._engine import Engine
+from ._metrics import DurabilityMetrics
 from ._wal import WalScan, WalWriter, fsync_dir, new_id, scan_wal, truncate_torn
 
 #: Epochs skipped after a rebuild from disk: more than any number of ops a coordinator
@@ -116,6 +117,7 @@ class DurableJournal:
         self._bg: threading.Thread | None = None
         self._bg_result: tuple | None = None
         self._opened = False
+        self.metrics = DurabilityMetrics()
 
     # -- start -------------------------------------------------------------------------
 
@@ -283,6 +285,7 @@ class DurableJournal:
 
     def open(self, seg: Segment, engine: Engine) -> None:
         """Called after the server adopted (and repaired) or restored the segment."""
+        self.metrics.bind(seg.q)
         self.seg = seg
         self.engine = engine
         q = seg.q
@@ -466,7 +469,7 @@ class DurableJournal:
     def _new_wal(self, prev: int) -> WalWriter:
         m = self.manifest
         w = WalWriter.create(self.dir.path, start=self.engine.epoch, prev=prev, layout_fp=m.layout_fp,
-                             schema_fp=m.schema_fp)
+                             schema_fp=m.schema_fp, metrics=self.metrics)
         self.last_sync = time.monotonic()
         return w
 
@@ -501,11 +504,14 @@ class DurableJournal:
             self._finish(self._bg_result, background=False)
 
     def _write(self, snap: object, ck_id: int, wal_id: int, base: bool) -> None:
+        # Runs in the helper thread: it touches no header word (see ``_metrics``).
+        lat: list[int] = []
+        t0 = time.perf_counter_ns()
         try:
-            path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id)
-            self._bg_result = (snap.epoch, path, base, None)
+            path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id, fsync_ns=lat)
+            self._bg_result = (snap.epoch, path, base, None, time.perf_counter_ns() - t0, lat)
         except OSError as e:
-            self._bg_result = (snap.epoch, None, base, e)
+            self._bg_result = (snap.epoch, None, base, e, 0, lat)
 
     def _finish_background(self) -> None:
         self._bg.join()
@@ -513,7 +519,8 @@ class DurableJournal:
         self._finish(self._bg_result)
 
     def _finish(self, result: tuple, *, background: bool = True) -> None:
-        epoch, path, base, err = result
+        epoch, path, base, err, ns, lat = result
+        self.metrics.fsyncs(lat)
         if err is not None:
             # The WAL still holds everything since the last checkpoint: nothing is lost.
             msg = f"store {self.name!r}: checkpoint at epoch {epoch} in {self.dir.path!r} failed: {err}"
@@ -522,6 +529,7 @@ class DurableJournal:
             print(f"shmstore coordinator: {msg}; will retry", file=sys.stderr)
             return
         self.last_ckpt_epoch = epoch
+        self.metrics.checkpoint_done(ns, [])
         if self.seg is not None:
             self.seg.q[L.H_LAST_CHECKPOINT_EPOCH] = epoch
         self._retain(base)

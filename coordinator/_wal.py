@@ -59,12 +59,15 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shmstore._errors import CorruptionError
+
+from ._metrics import timed, timed_fsync_dir
 
 WAL_MAGIC = b"SHMSWAL1"
 WAL_VERSION = 1
@@ -253,8 +256,10 @@ class WalWriter:
     one ``write``; ``sync`` makes everything written durable.
     """
 
-    def __init__(self, path: str, fd: int, header: WalHeader, size: int) -> None:
+    def __init__(self, path: str, fd: int, header: WalHeader, size: int, metrics: object = None) -> None:
         self.path = path
+        #: a ``_metrics.DurabilityMetrics`` (or None): fsync latencies, bytes written
+        self.metrics = metrics
         self.fd = fd
         self.header = header
         self.size = size  # bytes written
@@ -264,8 +269,10 @@ class WalWriter:
         self.records = 0
 
     @classmethod
-    def create(cls, dirpath: str, *, start: int, prev: int, layout_fp: int, schema_fp: int) -> WalWriter:
+    def create(cls, dirpath: str, *, start: int, prev: int, layout_fp: int, schema_fp: int,
+               metrics: object = None) -> WalWriter:
         """Create a new WAL file with its header, durably (file and directory)."""
+        lat: list[int] = []
         hdr = WalHeader(salt=int.from_bytes(os.urandom(4), "little"), id=new_id(), prev=prev, start=start,
                         layout_fp=layout_fp, schema_fp=schema_fp)
         path = os.path.join(dirpath, wal_name(start, hdr.id))
@@ -275,13 +282,20 @@ class WalWriter:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, hdr.pack())
-            os.fdatasync(fd)
+            timed(os.fdatasync, fd, lat)
             os.rename(tmp, path)
-            fsync_dir(dirpath)
+            timed_fsync_dir(dirpath, lat)
         except BaseException:
             os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise
-        return cls(path, fd, hdr, HEADER_SIZE)
+        if metrics is not None:
+            metrics.fsyncs(lat)
+            metrics.wal_bytes(HEADER_SIZE)
+        return cls(path, fd, hdr, HEADER_SIZE, metrics)
 
     def add(self, epoch_before: int, payload: bytes) -> None:
         rec = frame(self.header.salt, epoch_before, self.synced, payload)
@@ -298,11 +312,16 @@ class WalWriter:
         self.pending_bytes = 0
         _write_all(self.fd, buf)
         self.size += len(buf)
+        if self.metrics is not None:
+            self.metrics.wal_bytes(len(buf))
         return True
 
     def sync(self) -> None:
         if self.synced < self.size:
+            t0 = time.perf_counter_ns()
             os.fdatasync(self.fd)
+            if self.metrics is not None:
+                self.metrics.fsync(time.perf_counter_ns() - t0)
             self.synced = self.size
 
     def close(self) -> None:
