@@ -23,7 +23,7 @@ the capacity. A file ``ckpt-<C, 20 digits>-<id, 16 hex>.ckpt``::
     48  u64  layout fingerprint
     56  u64  schema fingerprint
     64  u64  slot size
-    72  u32  reserved (0)
+    72  u32  flags: 0 plain; else the rest of the file is sealed frames (``_atrest``)
     76  u32  crc32 of bytes 0..76
     body
      positions   n x u64   index bucket numbers, ascending
@@ -134,34 +134,32 @@ def _nchunks(sizes: list[int]) -> int:
 
 
 def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int,
-                     fsync_ns: list[int] | None = None) -> str:
+                     fsync_ns: list[int] | None = None, codec: object = None, name: str | None = None) -> str:
     """Write ``snap`` durably as ``ckpt-<epoch>.ckpt``; returns the path.
 
     Safe to run in a thread other than the coordinator's: it touches only ``snap``
     and the files. A crash at any point leaves at most a ``.tmp`` file behind.
-    The latency of each fsync it issues is appended to ``fsync_ns``.
+    The latency of each fsync it issues is appended to ``fsync_ns``. With a ``codec``
+    (``_atrest.Codec``) the body is stored sealed; ``name`` overrides the file name.
     """
 
     snap.materialize()
     n = snap.count
+    flags = codec.flags if codec is not None else 0
     head = HEADER.pack(CKPT_MAGIC, CKPT_VERSION, CHUNK, ckpt_id, wal_id, snap.epoch, n,
-                       snap.layout_fp, snap.schema_fp, snap.slot_size, 0)
+                       snap.layout_fp, snap.schema_fp, snap.slot_size, flags)
     head += struct.pack("<I", crc32(head))
-    path = os.path.join(dirpath, ckpt_name(snap.epoch, ckpt_id))
+    path = os.path.join(dirpath, name or ckpt_name(snap.epoch, ckpt_id))
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=0, closefd=False) as f:
             f.write(head)
-            crcs = []
-            for arr in (snap.positions, snap.buckets, snap.rows):
-                mv = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-                for o in range(0, len(mv), CHUNK):
-                    piece = mv[o : o + CHUNK]
-                    crcs.append(crc32(piece))
+            if flags:
+                codec.seal_frames(_body(snap), ckpt_id, f.write)
+            else:
+                for piece in _body(snap):
                     f.write(piece)
-            table = struct.pack(f"<{len(crcs)}I", *crcs)
-            f.write(table + struct.pack("<I", crc32(table)))
         timed(os.fdatasync, fd, fsync_ns)
     except BaseException:
         os.close(fd)
@@ -174,6 +172,19 @@ def write_checkpoint(dirpath: str, snap: Snapshot, *, ckpt_id: int, wal_id: int,
     os.replace(tmp, path)
     timed_fsync_dir(dirpath, fsync_ns)
     return path
+
+
+def _body(snap: Snapshot):
+    """The plain body's pieces: the three sections, then the checksum table."""
+    crcs = []
+    for arr in (snap.positions, snap.buckets, snap.rows):
+        mv = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        for o in range(0, len(mv), CHUNK):
+            piece = mv[o : o + CHUNK]
+            crcs.append(crc32(piece))
+            yield piece
+    table = struct.pack(f"<{len(crcs)}I", *crcs)
+    yield table + struct.pack("<I", crc32(table))
 
 
 @dataclass
@@ -197,12 +208,13 @@ class CheckpointHeader:
     schema_fp: int
     slot_size: int
     chunk: int
+    flags: int = 0
 
 
 def read_header(path: str, data: bytes | memoryview) -> CheckpointHeader:
     if len(data) < HEADER_SIZE:
         raise CorruptionError(f"checkpoint {path}: cut short at offset {len(data)} (header is {HEADER_SIZE} bytes)")
-    magic, version, chunk, id_, wal_id, epoch, n, lfp, sfp, slot_size, _ = HEADER.unpack_from(data, 0)
+    magic, version, chunk, id_, wal_id, epoch, n, lfp, sfp, slot_size, flags = HEADER.unpack_from(data, 0)
     (crc,) = struct.unpack_from("<I", data, 76)
     if magic != CKPT_MAGIC or crc != crc32(data[:76]):
         raise CorruptionError(f"checkpoint {path}: bad header (magic or checksum) at offset 0")
@@ -210,7 +222,7 @@ def read_header(path: str, data: bytes | memoryview) -> CheckpointHeader:
         raise CorruptionError(f"checkpoint {path}: format version {version}, this shmstore reads {CKPT_VERSION}")
     if chunk <= 0 or slot_size <= 0 or n > (1 << 40):
         raise CorruptionError(f"checkpoint {path}: impossible header values at offset 8")
-    return CheckpointHeader(id_, wal_id, epoch, n, lfp, sfp, slot_size, chunk)
+    return CheckpointHeader(id_, wal_id, epoch, n, lfp, sfp, slot_size, chunk, flags)
 
 
 def peek_header(path: str) -> CheckpointHeader:
@@ -218,16 +230,22 @@ def peek_header(path: str) -> CheckpointHeader:
         return read_header(path, f.read(HEADER_SIZE))
 
 
-def load_checkpoint(path: str, layout: L.Layout, schema_fp: int) -> LoadedCheckpoint:
-    """Read and fully check a checkpoint.
+def load_checkpoint(path: str, layout: L.Layout, schema_fp: int, *, key: bytes | None = None) -> LoadedCheckpoint:
+    """Read and fully check a checkpoint (``key``: for an encrypted one).
 
     Raises:
+        EncryptionKeyError: it is encrypted and no key was given.
         CorruptionError: the file is cut short, fails a checksum (naming the offset),
             belongs to another layout or schema, or holds impossible records.
     """
     with open(path, "rb") as f:
         data = f.read()
     h = read_header(path, data)
+    if h.flags:
+        from ._atrest import Codec  # noqa: PLC0415
+
+        plain = Codec(h.flags, key).open_frames(memoryview(data)[HEADER_SIZE:], HEADER_SIZE, h.id, path)
+        data = data[:HEADER_SIZE] + plain
     if h.layout_fp != layout.fingerprint or h.schema_fp != schema_fp or h.slot_size != layout.slot_size:
         raise CorruptionError(f"checkpoint {path}: written for another store layout or schema (offset 48)")
     if h.count > layout.nslots:

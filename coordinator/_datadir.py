@@ -60,6 +60,12 @@ class Manifest(msgspec.Struct, kw_only=True):
     layout_fp: int
     #: the H_INSTANCE of the segment whose history this directory records
     segment_instance: int = 0
+    #: how new checkpoints and WAL files are stored ("none" | "zstd"); each file's
+    #: header says how that file is stored (see ``_atrest``)
+    compression: str = "none"
+    #: "none" | "aes-256-gcm"; if encrypted, ``key_check`` tells the right key (never the key)
+    encryption: str = "none"
+    key_check: str = ""
 
     @property
     def layout(self) -> L.Layout:

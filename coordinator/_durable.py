@@ -58,7 +58,13 @@ import msgspec
 
 from shmstore import _layout as L
 from shmstore._api import DurabilityUnavailableError as DurabilityError
-from shmstore._errors import CorruptionError, IncompatibleStoreError, SchemaMismatchError, ShmStoreError
+from shmstore._errors import (
+    CorruptionError,
+    EncryptionKeyError,
+    IncompatibleStoreError,
+    SchemaMismatchError,
+    ShmStoreError,
+)
 from shmstore._segment import Segment
 
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into, take_snapshot, write_checkpoint
@@ -72,6 +78,7 @@ from ._datadir import (  # noqa: F401  (Manifest, MANIFEST: re-exported for call
     wal_chain,
     zero_segment,
 )
+from ._atrest import KEY_ENV, KEY_FILE_ENV, Codec, flags_for, key_check, load_key, verify_key
 from ._engine import Engine
 from ._metrics import DurabilityMetrics
 from ._wal import WalScan, WalWriter, fsync_dir, new_id, scan_wal, truncate_torn
@@ -118,6 +125,9 @@ class DurableJournal:
         self._bg_result: tuple | None = None
         self._opened = False
         self.metrics = DurabilityMetrics()
+        self.compression = self.encryption = "none"
+        self.key: bytes | None = None
+        self.codec: Codec | None = None
 
     # -- start -------------------------------------------------------------------------
 
@@ -137,6 +147,7 @@ class DurableJournal:
                     f"data directory {self.dir.path!r} holds checkpoints or WAL files but no "
                     f"{MANIFEST}; it cannot be trusted"
                 )
+            self._setup_codec(None)
             return None
         if m.name != self.name:
             raise IncompatibleStoreError(
@@ -161,7 +172,40 @@ class DurableJournal:
                 f"fingerprint differs); serve it with the value_type it was written with"
             )
         self.manifest = m
+        self._setup_codec(m)
         return m
+
+    def _setup_codec(self, m: Manifest | None) -> None:
+        """Settle compression and encryption: the config's, else the directory's."""
+        cfg = self._config
+        comp = getattr(cfg, "compression", None) or (m.compression if m else "none")
+        have = m.encryption if m else "none"
+        enc = getattr(cfg, "encryption", None) or have
+        where = f"data directory {self.dir.path!r}"
+        if m is not None and enc != have and (self.dir.checkpoints() or self.dir.wal_files()):
+            raise IncompatibleStoreError(
+                f"{where} is {'encrypted (' + have + ')' if have != 'none' else 'not encrypted'}; it "
+                f"cannot be served with encryption={enc!r}. Serve it as it is, or back it up and "
+                f"restore the backup into a new directory"
+            )
+        key = None
+        if enc != "none":
+            key = load_key(getattr(cfg, "key_file", None))
+            if key is None:
+                raise EncryptionKeyError(
+                    f"{where} is encrypted (AES-256-GCM) and no key was given: set ${KEY_ENV} or "
+                    f"${KEY_FILE_ENV}, or pass key_file="
+                )
+            if m is not None and m.key_check:
+                verify_key(key, m.key_check, where)
+        self.compression, self.encryption, self.key = comp, enc, key
+        flags = flags_for(comp, enc)
+        self.codec = Codec(flags, key) if flags else None
+        if m is not None and (m.compression, m.encryption) != (comp, enc):
+            m = msgspec.structs.replace(m, compression=comp, encryption=enc,
+                                        key_check=key_check(key) if key else "")
+            self.dir.write_manifest(m)
+            self.manifest = m
 
     def restore(self, seg: Segment) -> dict:
         """Rebuild a new, empty segment from the directory (no readers see it yet).
@@ -186,7 +230,7 @@ class DurableJournal:
         for epoch, path in ckpts:
             try:
                 try:
-                    ck = load_checkpoint(path, m.layout, m.schema_fp)
+                    ck = load_checkpoint(path, m.layout, m.schema_fp, key=self.key)
                 except CorruptionError:
                     report["damaged"].append(path)
                     raise
@@ -196,7 +240,7 @@ class DurableJournal:
                     s = scans.get(w.path)
                     if s is None:
                         try:
-                            s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp)
+                            s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp, key=self.key)
                         except CorruptionError as e:
                             s = e
                         scans[w.path] = s
@@ -307,9 +351,13 @@ class DurableJournal:
 
     def _new_manifest(self, seg: Segment) -> None:
         lay = seg.layout
+        old = self.manifest
+        check = old.key_check if old is not None and old.encryption == self.encryption else ""
         self.manifest = Manifest(name=self.name, capacity=lay.capacity, key_size=lay.key_size,
                                  value_size=lay.value_size, schema_fp=seg.q[L.H_SCHEMA_FP],
-                                 layout_fp=lay.fingerprint, segment_instance=seg.instance)
+                                 layout_fp=lay.fingerprint, segment_instance=seg.instance,
+                                 compression=self.compression, encryption=self.encryption,
+                                 key_check=check or (key_check(self.key) if self.key else ""))
         self.dir.write_manifest(self.manifest)
 
     def _open_restored(self, seg: Segment, engine: Engine) -> None:
@@ -374,7 +422,7 @@ class DurableJournal:
             chain = wal_chain(h.id, h.epoch, h.wal_id, wals, path)
             end, last_id = h.epoch, h.id
             for i, w in enumerate(chain):
-                s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp)
+                s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp, key=self.key)
                 if s.torn:
                     return None, 0
                 end = max(end, s.header.start)
@@ -469,7 +517,7 @@ class DurableJournal:
     def _new_wal(self, prev: int) -> WalWriter:
         m = self.manifest
         w = WalWriter.create(self.dir.path, start=self.engine.epoch, prev=prev, layout_fp=m.layout_fp,
-                             schema_fp=m.schema_fp, metrics=self.metrics)
+                             schema_fp=m.schema_fp, metrics=self.metrics, codec=self.codec)
         self.last_sync = time.monotonic()
         return w
 
@@ -508,7 +556,8 @@ class DurableJournal:
         lat: list[int] = []
         t0 = time.perf_counter_ns()
         try:
-            path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id, fsync_ns=lat)
+            path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id, fsync_ns=lat,
+                                    codec=self.codec)
             self._bg_result = (snap.epoch, path, base, None, time.perf_counter_ns() - t0, lat)
         except OSError as e:
             self._bg_result = (snap.epoch, None, base, e, 0, lat)

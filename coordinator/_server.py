@@ -108,6 +108,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, frozen=True):
     checkpoint_bytes: int = 256 << 20
     #: checkpoints kept (a damaged newest one falls back to the one before + the WAL)
     checkpoint_keep: int = 2
+    #: at-rest protection (see ``_atrest``): None keeps the data directory's setting
+    compression: str | None = None
+    encryption: str | None = None
+    #: where the encryption key is (else $SHMSTORE_KEY_FILE / $SHMSTORE_KEY); never the key
+    key_file: str | None = None
 
 
 class CoordinatorServer:

@@ -16,7 +16,7 @@ is named ``wal-<start epoch, 20 digits>-<id, 16 hex>.wal`` and starts with a hea
     32  u64  start epoch S: the store's epoch when the file was started
     40  u64  layout fingerprint of the store
     48  u64  schema fingerprint of the store
-    56  u32  reserved (0)
+    56  u32  flags: how payloads are stored (``_atrest``: 0 plain, zstd, AES-GCM)
     60  u32  crc32 of bytes 0..60
 
     record, repeated (every record starts at a multiple of 8)
@@ -30,7 +30,9 @@ is named ``wal-<start epoch, 20 digits>-<id, 16 hex>.wal`` and starts with a hea
               epoch to it, so epochs and versions come out as they did the first time
      synced   the file offset that was known durable (fsynced) when the record was
               written: everything before it had reached the disk
-     payload  the request exactly as the client sent it: msgpack ``[op, wait, *args]``
+     payload  the request exactly as the client sent it: msgpack ``[op, wait, *args]``,
+              sealed (compressed / encrypted, see ``_atrest``) if the header's flags say
+              so; the crc covers the bytes as stored
 
 Torn tails and corruption
 -------------------------
@@ -77,6 +79,7 @@ REC = struct.Struct("<IIQQ")
 REC_SIZE = REC.size  # 24
 MAX_RECORD = 1 << 31
 _EB_SYNCED = struct.Struct("<QQ")
+_AAD = struct.Struct("<QQ")  # file id, epoch_before: binds a sealed payload to its place
 crc32 = zlib.crc32
 
 
@@ -119,23 +122,24 @@ class WalHeader:
     start: int
     layout_fp: int
     schema_fp: int
+    flags: int = 0
 
     def pack(self) -> bytes:
         head = HEADER.pack(WAL_MAGIC, WAL_VERSION, self.salt, self.id, self.prev, self.start,
-                           self.layout_fp, self.schema_fp, 0)
+                           self.layout_fp, self.schema_fp, self.flags)
         return head + struct.pack("<I", crc32(head))
 
     @classmethod
     def unpack(cls, path: str, data: bytes) -> WalHeader:
         if len(data) < HEADER_SIZE:
             raise CorruptionError(f"WAL file {path}: header cut short at offset {len(data)} (of {HEADER_SIZE})")
-        magic, version, salt, id_, prev, start, lfp, sfp, _ = HEADER.unpack_from(data, 0)
+        magic, version, salt, id_, prev, start, lfp, sfp, flags = HEADER.unpack_from(data, 0)
         (crc,) = struct.unpack_from("<I", data, 60)
         if magic != WAL_MAGIC or crc != crc32(data[:60]):
             raise CorruptionError(f"WAL file {path}: bad header (magic or checksum) at offset 0")
         if version != WAL_VERSION:
             raise CorruptionError(f"WAL file {path}: format version {version}, this shmstore reads {WAL_VERSION}")
-        return cls(salt, id_, prev, start, lfp, sfp)
+        return cls(salt, id_, prev, start, lfp, sfp, flags)
 
 
 def frame(salt: int, epoch_before: int, synced: int, payload: bytes) -> bytes:
@@ -165,8 +169,13 @@ class WalScan:
         return self.end < self.size
 
 
-def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None = None) -> WalScan:
+def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None = None,
+             key: bytes | None = None, raw: bool = False) -> WalScan:
     """Read and check one WAL file.
+
+    Args:
+        key: the encryption key, for a file whose flags say it is encrypted.
+        raw: keep payloads as stored (sealed): check checksums only, need no key.
 
     Returns:
         Its header and valid records; ``torn`` tells whether a torn tail follows them
@@ -175,6 +184,7 @@ def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None =
     Raises:
         CorruptionError: a damaged header, a record damaged before the torn tail
             (see the module docstring), or a file of another store.
+        EncryptionKeyError: the file is encrypted and no key was given.
     """
     with open(path, "rb") as f:
         data = f.read()
@@ -211,6 +221,13 @@ def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None =
     scan.end = off
     if off < size:
         _check_tail(path, data, off, salt)
+    if hdr.flags and not raw:
+        from ._atrest import Codec  # noqa: PLC0415
+
+        codec = Codec(hdr.flags, key)
+        fid = hdr.id
+        scan.records = [(o, eb, codec.open(p, _AAD.pack(fid, eb), f"WAL file {path}: record at offset {o}"))
+                        for o, eb, p in records]
     return scan
 
 
@@ -256,8 +273,11 @@ class WalWriter:
     one ``write``; ``sync`` makes everything written durable.
     """
 
-    def __init__(self, path: str, fd: int, header: WalHeader, size: int, metrics: object = None) -> None:
+    def __init__(self, path: str, fd: int, header: WalHeader, size: int, metrics: object = None,
+                 codec: object = None) -> None:
         self.path = path
+        #: a ``_atrest.Codec`` sealing each payload (None: plain)
+        self.codec = codec
         #: a ``_metrics.DurabilityMetrics`` (or None): fsync latencies, bytes written
         self.metrics = metrics
         self.fd = fd
@@ -270,11 +290,11 @@ class WalWriter:
 
     @classmethod
     def create(cls, dirpath: str, *, start: int, prev: int, layout_fp: int, schema_fp: int,
-               metrics: object = None) -> WalWriter:
+               metrics: object = None, codec: object = None) -> WalWriter:
         """Create a new WAL file with its header, durably (file and directory)."""
         lat: list[int] = []
         hdr = WalHeader(salt=int.from_bytes(os.urandom(4), "little"), id=new_id(), prev=prev, start=start,
-                        layout_fp=layout_fp, schema_fp=schema_fp)
+                        layout_fp=layout_fp, schema_fp=schema_fp, flags=codec.flags if codec else 0)
         path = os.path.join(dirpath, wal_name(start, hdr.id))
         # Invariant: a WAL file appears under its name only with its header durable,
         # so a damaged header is always corruption, never a torn creation.
@@ -295,9 +315,11 @@ class WalWriter:
         if metrics is not None:
             metrics.fsyncs(lat)
             metrics.wal_bytes(HEADER_SIZE)
-        return cls(path, fd, hdr, HEADER_SIZE, metrics)
+        return cls(path, fd, hdr, HEADER_SIZE, metrics, codec if hdr.flags else None)
 
     def add(self, epoch_before: int, payload: bytes) -> None:
+        if self.codec is not None:
+            payload = self.codec.seal(payload, _AAD.pack(self.header.id, epoch_before))
         rec = frame(self.header.salt, epoch_before, self.synced, payload)
         self.pending.append(rec)
         self.pending_bytes += len(rec)

@@ -102,6 +102,9 @@ def serve(
     checkpoint_ops: int = 200_000,
     checkpoint_interval: float = 300.0,
     checkpoint_keep: int = 2,
+    compression: str | None = None,
+    encryption: str | None = None,
+    key_file: str | os.PathLike | None = None,
     max_clients: int = 64,
     ring_size: int = 256 * 1024,
     reply_size: int = 1024 * 1024,
@@ -143,6 +146,25 @@ def serve(
     :class:`CorruptionError` unless an older checkpoint and a complete WAL recover the
     same state.
 
+    At-rest protection (both off by default, both for checkpoints and WAL files):
+    ``compression="zstd"`` (extra ``shmstore[zstd]``) and ``encryption="aes-256-gcm"``
+    (extra ``shmstore[crypto]``). The key, 32 bytes, is read from ``key_file`` (32 raw
+    bytes or 64 hex digits), else from the file named by ``$SHMSTORE_KEY_FILE``, else
+    from ``$SHMSTORE_KEY`` (64 hex digits); it is never written anywhere. The manifest
+    records both settings (and a check value of the key, not the key): a directory
+    written encrypted opens only with its key (:class:`EncryptionKeyError` otherwise),
+    and encryption cannot be switched on or off for a directory holding data (back it
+    up and restore instead). Compression can change at any start: each file says how it
+    is stored. Left as None, both keep the directory's setting.
+
+    Disk trouble: if a group of writes cannot be written or fsynced (disk full,
+    read-only file system, I/O error), none of its writes is acknowledged: each gets
+    :class:`StorageError`. They were already applied to the segment, so readers may
+    see them, and they are kept in memory and made durable as soon as the disk takes
+    them again. Until then the coordinator refuses every write with
+    :class:`StorageError` (reads go on); it retries the disk every 0.1 s. A data
+    directory on a read-only file system is refused at start with ``StorageError``.
+
     Args:
         name: the store name, 1-64 characters of ``[A-Za-z0-9_.-]``.
         path: a data directory of its own for a durable store; None: memory only.
@@ -162,6 +184,9 @@ def serve(
             a clean stop, and at start when the segment is ahead of the directory.
         checkpoint_keep: checkpoints kept; a damaged newest one falls back to an older
             one plus the WAL.
+        compression: ``"zstd"`` or ``"none"``; None: the directory's (new: none).
+        encryption: ``"aes-256-gcm"`` or ``"none"``; None: the directory's (new: none).
+        key_file: the file holding the encryption key (see above).
         max_clients: processes that can write at once (each claims a client block).
         ring_size: bytes of each client's request queue (bounds the largest batch).
         reply_size: bytes of each client's reply area (bounds a get_many fallback).
@@ -173,6 +198,8 @@ def serve(
         IncompatibleStoreError: the existing segment, or the data directory, has other
             sizes or value_type, or they hold different stores.
         CorruptionError: the data directory is damaged beyond what recovery may repair.
+        EncryptionKeyError: the directory is encrypted and the key is missing or wrong.
+        StorageError: the data directory cannot be written (read-only file system).
     """
     L.check_platform()
     L.check_name(name)
@@ -184,6 +211,14 @@ def serve(
         raise InvalidLayoutError(f"sync={sync!r} needs path=; a memory-only store has only sync='never'")
     if path is not None:
         path = os.path.abspath(os.fspath(path))  # the coordinator may run elsewhere
+    for field, value, allowed in (("compression", compression, ("none", "zstd")),
+                                  ("encryption", encryption, ("none", "aes-256-gcm"))):
+        if value is not None and value not in allowed:
+            raise InvalidLayoutError(f"{field} must be one of {', '.join(allowed)} (or None); got {value!r}")
+        if value not in (None, "none") and path is None:
+            raise InvalidLayoutError(f"{field}={value!r} needs path=: it protects the data directory's files")
+    if key_file is not None:
+        key_file = os.path.abspath(os.fspath(key_file))
     for field, value, lo in (("sync_interval", sync_interval, 0.0), ("checkpoint_interval", checkpoint_interval, 0.0)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > lo:
             raise InvalidLayoutError(f"{field} must be a number of seconds > 0, got {value!r}")
@@ -205,6 +240,7 @@ def serve(
         parent_pid=0 if detach else os.getpid(),
         path=path, sync=sync, sync_interval=float(sync_interval), checkpoint_ops=checkpoint_ops,
         checkpoint_interval=float(checkpoint_interval), checkpoint_keep=checkpoint_keep,
+        compression=compression, encryption=encryption, key_file=key_file,
     )
     r, w = os.pipe()
     try:

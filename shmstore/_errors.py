@@ -132,3 +132,13 @@ def rebuild(type_name: str, message: str) -> ShmStoreError:
     if cls is None:
         return ShmStoreError(f"{type_name}: {message}")
     return cls(message)
+
+
+class StorageError(ShmStoreError, OSError):
+    """A data directory, backup or restore target cannot be written or used: it is
+    read-only, full, not empty, not writable, or the file system failed."""
+
+
+class EncryptionKeyError(ShmStoreError, ValueError):
+    """An encrypted data directory or backup was opened without its key, or with
+    another key; or a key is malformed."""
