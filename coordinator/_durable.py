@@ -49,6 +49,7 @@ durable, and only if no kept checkpoint's chain uses them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -64,6 +65,7 @@ from shmstore._errors import (
     IncompatibleStoreError,
     SchemaMismatchError,
     ShmStoreError,
+    StorageError,
 )
 from shmstore._segment import Segment
 
@@ -125,6 +127,8 @@ class DurableJournal:
         self._bg_result: tuple | None = None
         self._opened = False
         self.metrics = DurabilityMetrics()
+        #: why the WAL cannot be written right now (None: it can)
+        self.failed: str | None = None
         self.compression = self.encryption = "none"
         self.key: bytes | None = None
         self.codec: Codec | None = None
@@ -136,7 +140,28 @@ class DurableJournal:
 
         Returns:
             The manifest, or None for a new directory.
+
+        Raises:
+            StorageError: the directory cannot be created, locked or written
+                (read-only file system, permissions, disk full).
         """
+        return self._io("open", self._prepare)
+
+    def _io(self, what: str, fn, *args: object) -> object:
+        """Run a start-up step; an OSError becomes a StorageError naming the directory."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if isinstance(e, ShmStoreError):
+                raise
+            hint = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+                    errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(e.errno, e.strerror)
+            raise StorageError(
+                f"store {self.name!r}: cannot {what} data directory {self.dir.path!r}: {hint} "
+                f"({e.filename or e}). A durable store needs a writable directory"
+            ) from None
+
+    def _prepare(self) -> Manifest | None:
         cfg = self._config
         self.dir.open_and_lock()
         self.dir.remove_temporaries()
@@ -212,7 +237,11 @@ class DurableJournal:
 
         Raises:
             CorruptionError: no checkpoint with a complete chain could be loaded.
+            StorageError: the directory cannot be written.
         """
+        return self._io("recover from", self._restore, seg)
+
+    def _restore(self, seg: Segment) -> dict:
         t0 = time.monotonic()
         m = self.manifest
         report = {"mode": "rebuild", "checkpoint": None, "records": 0, "torn": None, "failed": [], "damaged": []}
@@ -328,7 +357,14 @@ class DurableJournal:
         return engine.epoch
 
     def open(self, seg: Segment, engine: Engine) -> None:
-        """Called after the server adopted (and repaired) or restored the segment."""
+        """Called after the server adopted (and repaired) or restored the segment.
+
+        Raises:
+            StorageError: the directory cannot be written.
+        """
+        self._io("write", self._open, seg, engine)
+
+    def _open(self, seg: Segment, engine: Engine) -> None:
         self.metrics.bind(seg.q)
         self.seg = seg
         self.engine = engine
@@ -442,25 +478,76 @@ class DurableJournal:
         if w is not None:
             w.add(epoch_before, payload)
 
+    def check_writable(self) -> None:
+        """Refuse a write while the disk cannot take the WAL (before it is applied).
+
+        Raises:
+            StorageError: a WAL write or fsync failed and has not succeeded since.
+        """
+        if self.failed is not None:
+            raise StorageError(
+                f"store {self.name!r} refuses writes: its data directory {self.dir.path!r} cannot "
+                f"be written ({self.failed}). Nothing was applied. Free space or make the file "
+                f"system writable; writes resume by themselves within 0.1 s"
+            )
+
+    def _disk_failed(self, e: OSError) -> None:
+        first = self.failed is None
+        self.failed = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}"
+        if first:
+            print(f"shmstore coordinator: store {self.name!r}: writing the WAL in {self.dir.path!r} "
+                  f"failed ({self.failed}); refusing writes until it succeeds", file=sys.stderr)
+
     def commit(self) -> None:
+        """Write (and per the sync mode fsync) the group appended since the last call.
+
+        Raises:
+            StorageError: the write or fsync failed (disk full, read-only file system,
+                I/O error). The group stays pending in memory and is written again at
+                every tick until it succeeds; until then :meth:`check_writable` refuses
+                new writes.
+        """
         w = self.wal
-        if w is None or not w.flush():
+        if w is None:
             return
-        if self.sync == "always":
-            w.sync()
-        elif self.sync == "periodic":
-            now = time.monotonic()
-            if now - self.last_sync >= self.sync_interval:
+        try:
+            wrote = w.flush()
+            if self.sync == "always" or (self.failed is not None and self.sync == "periodic"):
                 w.sync()
-                self.last_sync = now
+            elif self.sync == "periodic" and wrote:
+                now = time.monotonic()
+                if now - self.last_sync >= self.sync_interval:
+                    w.sync()
+                    self.last_sync = now
+        except OSError as e:
+            self._disk_failed(e)
+            raise StorageError(
+                f"store {self.name!r}: this write was NOT acknowledged: the WAL in {self.dir.path!r} "
+                f"could not be written ({self.failed}). It is applied in memory (readers may see "
+                f"it) and is made durable once the disk takes writes again; the store refuses "
+                f"writes until then"
+            ) from None
+        if self.failed is not None:
+            print(f"shmstore coordinator: store {self.name!r}: the WAL is writable again; "
+                  f"accepting writes", file=sys.stderr)
+            self.failed = None
 
     def tick(self) -> None:
         if not self._opened:
             return
         now = time.monotonic()
         w = self.wal
+        if self.failed is not None:
+            try:
+                self.commit()  # retry the group the disk refused
+            except StorageError:
+                return
         if w is not None and self.sync == "periodic" and w.synced < w.size and now - self.last_sync >= self.sync_interval:
-            w.sync()
+            try:
+                w.sync()
+            except OSError as e:
+                self._disk_failed(e)
+                return
             self.last_sync = now
         if self._bg is not None:
             if self._bg.is_alive():
@@ -471,7 +558,13 @@ class DurableJournal:
         if not due and w is not None and w.size >= self.checkpoint_bytes:
             due = True
         if due:
-            self._start_checkpoint(background=True)
+            try:
+                self._start_checkpoint(background=True)
+            except OSError as e:
+                # The WAL still holds everything: nothing is lost; try again later.
+                self.last_ckpt_time = now
+                print(f"shmstore coordinator: store {self.name!r}: starting a checkpoint failed: {e}; "
+                      f"will retry", file=sys.stderr)
 
     def close(self) -> None:
         """Wait for a checkpoint in flight, make the WAL durable, release the directory.
@@ -511,7 +604,14 @@ class DurableJournal:
             self._finish_background()
         if not base and self.engine.epoch == self.last_ckpt_epoch:
             return self.last_ckpt_epoch
-        self._start_checkpoint(background=False, base=base)
+        self.check_writable()
+        try:
+            self._start_checkpoint(background=False, base=base)
+        except OSError as e:
+            raise StorageError(
+                f"store {self.name!r}: a checkpoint in {self.dir.path!r} could not be written "
+                f"({e.strerror or e}); the WAL still holds everything"
+            ) from None
         return self.last_ckpt_epoch
 
     def _new_wal(self, prev: int) -> WalWriter:

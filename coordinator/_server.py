@@ -56,18 +56,22 @@ from shmstore._errors import (
     RequestTooLargeError,
     SchemaMismatchError,
     ShmStoreError,
+    StorageError,
 )
 from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
 
+from ._backup import Deferred, start_backup
 from ._engine import Engine
 from ._journal import Journal, NullJournal
 from ._recovery import RedoArea, repair
+from ._replies import refuse_group, reply_deferred
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gunicorn's WORKER_BOOT_ERROR)
 
 TICK = 0.1  # seconds between heartbeats / reclaim scans
+WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH))
 _decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -133,6 +137,8 @@ class CoordinatorServer:
         self.stopping = False
         self.durable = False
         self.created = False
+        #: client -> a reply sent later (a backup being written); see ``_backup``
+        self.deferred: dict[int, object] = {}
 
     # -- signals ---------------------------------------------------------------------
 
@@ -326,12 +332,15 @@ class CoordinatorServer:
             if self._signal is not None:
                 self._handle_signal()
             self.serve_group()
+            if self.deferred:
+                reply_deferred(self, block=False)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
                 self.tick()
         # Drain what is already queued before going away (graceful stop).
         self.serve_group()
+        reply_deferred(self, block=True)
         if self.durable:
             self.journal.checkpoint()  # a clean stop leaves nothing to replay
 
@@ -360,6 +369,7 @@ class CoordinatorServer:
         q[w + C.C_ACK] = 0
         q[w + C.C_SESSION] = 0
         q[w + C.C_TAIL] = q[w + C.C_HEAD]
+        self.deferred.pop(i, None)
         if i in self.active:
             self.active.remove(i)
 
@@ -391,13 +401,17 @@ class CoordinatorServer:
         served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
         nframes = 0
         for i in self.active:
-            if heads[i] > tails[i]:
+            if heads[i] > tails[i] and i not in self.deferred:  # a deferred client waits
                 reply, err, n = self._drain_client(i)
                 served.append((i, reply, err))
                 nframes += n
         if not served:
             return
-        self.journal.commit()
+        try:
+            self.journal.commit()
+        except StorageError as e:
+            # Nothing of this group is acknowledged; see ``shmstore.serve`` (disk trouble).
+            served = refuse_group(self, served, e)
         q = self.seg.q
         q[L.H_GROUPS] += 1
         q[L.H_FRAMES] += nframes
@@ -421,7 +435,8 @@ class CoordinatorServer:
                 cq[w + C.C_ERR_LEN] = len(blob)
                 cq[w + C.C_ERR_TICKET] = ticket
             # Invariant: DONE is stored after the reply bytes it vouches for.
-            cq[w + C.C_DONE] = self.done[i]
+            d = self.deferred.get(i)
+            cq[w + C.C_DONE] = self.done[i] if d is None else d.ticket - 1
             self.reply_sems[i].release()
 
     def _drain_client(self, i: int) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
@@ -470,6 +485,11 @@ class CoordinatorServer:
                 status = C.ST_ERROR
                 result = [type(e).__name__, e.message]
                 self.seg.q[L.H_ERRORS] += 1
+            if status == C.ST_OK and isinstance(result, Deferred):
+                # The client waits for this reply; it sends nothing more until it comes.
+                result.ticket = ticket
+                self.deferred[i] = result
+                continue
             if wait:
                 blob = _encode([ticket, status, result])
                 if len(blob) > lay.reply_size:
@@ -489,6 +509,8 @@ class CoordinatorServer:
         e = self.engine
         q = self.seg.q
         kind = op[0]
+        if self.durable and kind in WRITE_OPS:
+            self.journal.check_writable()  # raises StorageError while the disk fails
         try:
             if kind == C.OP_PUT:
                 _, _, kb, vb, expiry = op
@@ -531,6 +553,8 @@ class CoordinatorServer:
                 return [e.get(kb) for kb in keys], e.epoch
             elif kind == C.OP_PING:
                 return e.epoch
+            elif kind == C.OP_BACKUP:
+                return start_backup(self, op)
             elif kind == C.OP_CHECKPOINT:
                 if not self.durable:
                     from shmstore._api import DurabilityUnavailableError  # noqa: PLC0415

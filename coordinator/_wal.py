@@ -286,6 +286,9 @@ class WalWriter:
         self.synced = size  # bytes known durable
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        #: groups written since the last successful fsync (rewritten if it fails)
+        self.unsynced: list[bytes] = []
+        self.sync_failed = False
         self.records = 0
 
     @classmethod
@@ -299,17 +302,20 @@ class WalWriter:
         # Invariant: a WAL file appears under its name only with its header durable,
         # so a damaged header is always corruption, never a torn creation.
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Not O_APPEND: records go at explicit offsets, so a retried group overwrites
+        # whatever a failed (partial) write left, and never lands after it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, hdr.pack())
             timed(os.fdatasync, fd, lat)
             os.rename(tmp, path)
+            tmp = path  # from here on, a failure removes the named file
             timed_fsync_dir(dirpath, lat)
         except BaseException:
             os.close(fd)
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
+                os.unlink(tmp)  # a file no chain names would make recovery refuse the directory
+            except OSError:
                 pass
             raise
         if metrics is not None:
@@ -326,30 +332,61 @@ class WalWriter:
         self.records += 1
 
     def flush(self) -> bool:
-        """Write the pending group (one write). Returns whether there was one."""
+        """Write the pending group (one write) at the end of the valid data.
+
+        Returns whether there was one. On an OSError (disk full, read-only) the group
+        stays pending and the next call writes it again at the same offset.
+        """
+        if self.sync_failed:
+            self._rewrite_unsynced()
         if not self.pending:
             return False
         buf = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        _pwrite_all(self.fd, buf, self.size)
         self.pending = []
         self.pending_bytes = 0
-        _write_all(self.fd, buf)
         self.size += len(buf)
+        self.unsynced.append(buf)
         if self.metrics is not None:
             self.metrics.wal_bytes(len(buf))
         return True
 
     def sync(self) -> None:
+        """Make everything written durable. After a failed fsync the kernel may have
+        dropped the written pages, so the next call writes them again first."""
+        if self.sync_failed:
+            self._rewrite_unsynced()
         if self.synced < self.size:
             t0 = time.perf_counter_ns()
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                self.sync_failed = True
+                raise
             if self.metrics is not None:
                 self.metrics.fsync(time.perf_counter_ns() - t0)
             self.synced = self.size
+            self.unsynced = []
+
+    def _rewrite_unsynced(self) -> None:
+        off = self.synced
+        for buf in self.unsynced:
+            _pwrite_all(self.fd, buf, off)
+            off += len(buf)
+        self.sync_failed = False
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, buf: bytes, offset: int) -> None:
+    mv = memoryview(buf)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n
 
 
 def _write_all(fd: int, buf: bytes) -> None:

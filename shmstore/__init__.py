@@ -30,11 +30,14 @@ from ._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
+from ._data import CheckProblem, CheckReport, check, restore
 from ._store import Batch, Store, StoreStats
 from ._version import __version__
 
 __all__ = [
     "Batch",
+    "CheckProblem",
+    "CheckReport",
     "Coordinator",
     "CoordinatorRunningError",
     "CoordinatorUnavailableError",
@@ -63,8 +66,10 @@ __all__ = [
     "ValueTooLargeError",
     "VersionConflictError",
     "__version__",
+    "check",
     "connect",
     "destroy",
     "open",
+    "restore",
     "serve",
 ]

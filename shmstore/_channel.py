@@ -105,6 +105,9 @@ OP_PING = 7
 OP_CHECKPOINT = 8  # durable stores: take a checkpoint now; replies with its epoch
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_INCR: "incr",
             OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint"}
+# Durability ops: codes 9-15.
+OP_BACKUP = 9  # [op, 1, dest]: write a backup into dest; replies (later) with its epoch
+OP_NAMES[OP_BACKUP] = "backup"
 
 # reply status
 ST_OK = 0

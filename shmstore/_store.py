@@ -556,6 +556,39 @@ class Store:
             timeout = max(self.timeout, 60.0)
         return self._request([C.OP_CHECKPOINT, 1], "checkpoint", timeout=timeout)
 
+    def backup(self, dest: str | os.PathLike, *, timeout: float | None = None) -> int:
+        """Write a consistent copy of the store into ``dest``; returns its epoch.
+
+        ``dest`` must be a new or empty directory. It becomes a complete data directory
+        (mode 0700, files 0600: a manifest and one checkpoint, fsynced) that
+        ``shmstore.serve(name, path=dest)`` recovers when no segment of that name
+        exists, and that ``shmstore.restore`` copies. It works for memory-only stores
+        too: that is how such a store is saved. The coordinator copies the records
+        between two writes (writes wait only for that copy), writes the files in the
+        background while serving other clients, and replies once they are durable.
+        Nothing appears under ``dest`` until the backup is complete (it is written to
+        a temporary directory next to it and renamed). An encrypted or compressed
+        store's backup is stored the same way, with the same key.
+
+        Args:
+            dest: the directory to create (missing parents are created).
+            timeout: seconds to wait (default: the handle's timeout, at least 300 s).
+
+        Returns:
+            The epoch the backup holds: every write up to it, none after.
+
+        Raises:
+            StorageError: ``dest`` exists and is not an empty directory, or cannot be
+                written (nothing is left there).
+        """
+        from shmstore.coordinator._backup import check_dest  # noqa: PLC0415
+
+        dest = os.path.abspath(os.fspath(dest))
+        check_dest(dest)  # fail fast; the coordinator checks again
+        if timeout is None:
+            timeout = max(self.timeout, 300.0)
+        return self._request([C.OP_BACKUP, 1, dest], "backup", timeout=timeout)
+
 
 def _array_header(n: int) -> bytes:
     """A msgpack array header: values concatenated after it decode in one call."""
