@@ -134,6 +134,11 @@ class DataDir:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             # A flipped bit can make invalid UTF-8, which msgspec reports as such.
             raise CorruptionError(f"manifest {p}: unreadable ({e})") from None
+        if m.compression not in ("none", "zstd") or m.encryption not in ("none", "aes-256-gcm"):
+            raise CorruptionError(
+                f"manifest {p}: unknown compression {m.compression!r} or encryption {m.encryption!r} "
+                f"(damaged, or written by a newer shmstore)"
+            )
         if m.format != MANIFEST_FORMAT:
             raise IncompatibleStoreError(f"manifest {p}: format {m.format}, this shmstore reads {MANIFEST_FORMAT}")
         return m

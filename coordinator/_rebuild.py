@@ -1,0 +1,169 @@
+"""Rebuilding a segment from a data directory: the newest checkpoint whose WAL chain
+is complete, plus replay of that chain (see ``_durable`` for the order of recovery).
+
+The functions take the :class:`DurableJournal` whose directory, manifest and key they
+use as ``self``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from shmstore import _layout as L
+from shmstore._errors import CorruptionError, ShmStoreError
+from shmstore._segment import Segment
+
+from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into
+from ._datadir import WalInfo, epochs_of, replay_record, wal_chain, zero_segment
+from ._engine import Engine
+from ._wal import WalScan, fsync_dir, scan_wal, truncate_torn
+
+if TYPE_CHECKING:
+    from ._durable import DurableJournal
+
+
+def rebuild(self: DurableJournal, seg: Segment) -> dict:
+    """Rebuild a new, empty segment from the journal's directory (see ``DurableJournal.restore``)."""
+    t0 = time.monotonic()
+    m = self.manifest
+    report = {"mode": "rebuild", "checkpoint": None, "records": 0, "torn": None, "failed": [], "damaged": []}
+    ckpts = self.dir.checkpoints()
+    wals = self.dir.wal_files()
+    if m is None or (not ckpts and not wals):
+        report["mode"] = "new"
+        self.restored = report
+        return report
+    if not ckpts:
+        raise CorruptionError(f"data directory {self.dir.path!r} has WAL files but no checkpoint to start from")
+    newest = ckpts[0][0]
+    scans: dict[str, WalScan | CorruptionError] = {}
+    errors: list[str] = []
+    for epoch, path in ckpts:
+        try:
+            try:
+                ck = load_checkpoint(path, m.layout, m.schema_fp, key=self.key)
+            except CorruptionError:
+                report["damaged"].append(path)
+                raise
+            chain = wal_chain(ck.id, ck.epoch, ck.wal_id, wals, path)
+            scanned = []
+            for i, w in enumerate(chain):
+                s = scans.get(w.path)
+                if s is None:
+                    try:
+                        s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp, key=self.key)
+                    except CorruptionError as e:
+                        s = e
+                    scans[w.path] = s
+                if isinstance(s, CorruptionError):
+                    raise s
+                if s.torn and i < len(chain) - 1:
+                    raise CorruptionError(
+                        f"WAL file {s.path}: damaged at offset {s.end}, and it is not the newest file "
+                        f"(it was fsynced in full before its successor was started)"
+                    )
+                scanned.append(s)
+            end = replay(seg, ck, scanned)
+            if end < newest and self.sync != "never":
+                raise CorruptionError(
+                    f"checkpoint {path}: its WAL chain ends at epoch {end}, before the newest "
+                    f"checkpoint's {newest}; recovering from it would lose acknowledged writes"
+                )
+        except CorruptionError as e:
+            errors.append(e.message)
+            report["failed"].append(path)
+            zero_segment(seg)
+            continue
+        if report["failed"] and end < newest:
+            print(f"shmstore coordinator: store {self.name!r}: sync='never' recovery from {path} "
+                  f"loses epochs {end + 1}..{newest}", file=sys.stderr)
+        for s in scanned:
+            # Records replayed now stand under new writes: make them durable first
+            # (a tail the dead coordinator wrote but never synced).
+            fd = os.open(s.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        report["checkpoint"] = path
+        report["records"] = sum(len(s.records) for s in scanned)
+        report["last_id"] = scanned[-1].header.id if scanned else ck.id
+        report["end"] = end
+        if scanned and scanned[-1].torn:
+            s = scanned[-1]
+            truncate_torn(s.path, s.end)
+            report["torn"] = (s.path, s.end, s.size)
+            print(f"shmstore coordinator: store {self.name!r}: cut the torn tail of {s.path} at "
+                  f"offset {s.end} ({s.size - s.end} bytes never made durable)", file=sys.stderr)
+        for bad in report["damaged"]:
+            os.replace(bad, bad + ".corrupt")
+            print(f"shmstore coordinator: store {self.name!r}: {bad} is damaged, renamed to *.corrupt; "
+                  f"recovered from {path}", file=sys.stderr)
+        if report["damaged"]:
+            fsync_dir(self.dir.path)
+        report["seconds"] = time.monotonic() - t0
+        print(f"shmstore coordinator: store {self.name!r}: rebuilt {seg.q[L.H_COUNT]} records from "
+              f"{os.path.basename(path)} + {report['records']} WAL records in "
+              f"{report['seconds']:.2f} s", file=sys.stderr)
+        self.restored = report
+        return report
+    raise CorruptionError(
+        f"store {self.name!r}: no checkpoint in {self.dir.path!r} could be recovered with a "
+        f"complete WAL; nothing was served. " + " | ".join(errors)
+    )
+
+def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan]) -> int:
+    """Lay the checkpoint into ``seg`` and replay the chain after it; returns the epoch."""
+    restore_into(seg, ck)
+    engine = Engine(seg)
+    engine.rebuild_free_list()
+    for s in chain:
+        if s.header.start > engine.epoch:
+            engine.epoch = s.header.start
+        for off, eb, payload in s.records:
+            if eb < ck.epoch:
+                continue  # already in the checkpoint
+            if eb < engine.epoch:
+                raise CorruptionError(
+                    f"WAL file {s.path}: record at offset {off} has epoch {eb}, behind the "
+                    f"replayed state's {engine.epoch}; the log does not fit the checkpoint"
+                )
+            engine.epoch = eb
+            try:
+                replay_record(engine, payload)
+            except (ShmStoreError, ValueError, TypeError, IndexError, msgspec.DecodeError) as e:
+                raise CorruptionError(
+                    f"WAL file {s.path}: replaying the record at offset {off} failed "
+                    f"({type(e).__name__}: {e}); the log does not fit the checkpoint"
+                ) from None
+    engine.publish()
+    return engine.epoch
+
+
+def verified_end(self: DurableJournal, ckpts: list, wals: list[WalInfo]) -> tuple[int | None, int]:
+    """The epoch the directory's history reaches, following the newest checkpoint's
+    chain with every checksum checked (its slots are not read), or None."""
+    if not ckpts:
+        return None, 0
+    try:
+        epoch, path = ckpts[0]
+        h = peek_header(path)
+        chain = wal_chain(h.id, h.epoch, h.wal_id, wals, path)
+        end, last_id = h.epoch, h.id
+        for i, w in enumerate(chain):
+            s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp, key=self.key)
+            if s.torn:
+                return None, 0
+            end = max(end, s.header.start)
+            last_id = s.header.id
+            if s.records:
+                off, eb, payload = s.records[-1]
+                end = eb + epochs_of(payload)
+        return end, last_id
+    except (CorruptionError, OSError, msgspec.DecodeError, IndexError, TypeError):
+        return None, 0
