@@ -30,6 +30,7 @@ from typing import Any, Callable, NoReturn, TextIO
 import msgspec
 
 import shmstore
+from shmstore._cli_data import register as register_data_commands
 from shmstore._errors import ShmStoreError, StoreNotFoundError
 from shmstore._version import __version__
 
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the workers run (default: 5)")
     p.add_argument("--keys", type=_positive_int, default=1000, metavar="K",
                    help="product records in the shared cache (default: 1000)")
+    register_data_commands(add)  # checkpoint, backup, restore, check (shmstore._cli_data)
     return parser
 
 

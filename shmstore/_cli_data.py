@@ -1,0 +1,97 @@
+"""The data subcommands of the ``shmstore`` command line: checkpoint, backup, restore, check.
+
+``shmstore._cli.build_parser`` calls :func:`register` with its ``add`` helper. Errors
+follow the CLI's rules: one line ``shmstore: error: ...`` on stderr, exit 1 for a store
+error (and for ``check`` finding damage), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+import msgspec
+
+import shmstore
+
+
+def _connect(args: argparse.Namespace) -> shmstore.Store:
+    from shmstore._cli import _connect as connect  # noqa: PLC0415  (_cli imports this module)
+
+    return connect(args)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    with _connect(args) as store:
+        epoch = store.checkpoint()
+    print(epoch)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    with _connect(args) as store:
+        epoch = store.backup(args.dest)
+    print(f"store {args.name!r}: backup at epoch {epoch} written to {os.path.abspath(args.dest)}", file=sys.stderr)
+    print(epoch)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    epoch = shmstore.restore(args.src, args.dest, name=args.store_name, key_file=args.key_file)
+    print(f"restored {os.path.abspath(args.src)} (checkpoint at epoch {epoch}) into "
+          f"{os.path.abspath(args.dest)}; serve it with `shmstore serve NAME --path "
+          f"{os.path.abspath(args.dest)}` once no segment of that name exists", file=sys.stderr)
+    print(epoch)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from shmstore._cli import UsageError  # noqa: PLC0415
+
+    if args.name is None and args.path is None:
+        raise UsageError("check needs a store NAME, --path DIR, or both")
+    report = shmstore.check(args.name, args.path, key_file=args.key_file)
+    if args.json:
+        d = msgspec.structs.asdict(report)
+        d["ok"] = report.ok
+        d["problems"] = [msgspec.structs.asdict(p) for p in report.problems]
+        print(msgspec.json.encode(d).decode())
+    else:
+        print(report)
+    return 0 if report.ok else 1
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the subcommands through ``_cli.build_parser``'s ``add`` helper."""
+    add("checkpoint", cmd_checkpoint, "make the coordinator of durable store NAME write a checkpoint now; "
+        "print its epoch", "shmstore checkpoint app", timeout=True)
+
+    p = add("backup", cmd_backup, "write a consistent copy of store NAME into DEST (a new or empty "
+            "directory); print its epoch",
+            "shmstore backup app /var/backups/app-2026-01-31\n"
+            "shmstore restore /var/backups/app-2026-01-31 /var/lib/app-restored", timeout=True)
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+
+    p = add("restore", cmd_restore, "check backup SRC and copy it into DEST (a new or empty directory), "
+            "ready for `shmstore serve NAME --path DEST`",
+            "shmstore restore /var/backups/app-2026-01-31 /var/lib/app\n"
+            "shmstore destroy app && shmstore serve app --path /var/lib/app", store=False)
+    p.add_argument("src", metavar="SRC", help="a backup, or the data directory of a stopped store")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+    p.add_argument("--name", dest="store_name", metavar="NAME", default=None,
+                   help="serve the copy under this store name (default: the backup's)")
+    p.add_argument("--key-file", metavar="FILE", default=None,
+                   help="the key of an encrypted backup (default: $SHMSTORE_KEY_FILE or $SHMSTORE_KEY)")
+
+    p = add("check", cmd_check, "verify a data directory (checksums, WAL chain) and/or the live segment "
+            "of store NAME (index against slots, counts); exit 1 if anything is wrong",
+            "shmstore check app                   # the live segment\n"
+            "shmstore check --path /var/lib/app   # a data directory or backup\n"
+            "shmstore check app --path /var/lib/app --json", store=False)
+    p.add_argument("name", metavar="NAME", nargs="?", default=None, help="a store whose segment to check")
+    p.add_argument("--path", metavar="DIR", default=None, help="a data directory or backup to check")
+    p.add_argument("--key-file", metavar="FILE", default=None,
+                   help="the key of an encrypted directory (default: $SHMSTORE_KEY_FILE or $SHMSTORE_KEY)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
