@@ -4,10 +4,11 @@ Design
 ------
 A data directory (mode 0700, files 0600) holds::
 
-    MANIFEST                         the store's parameters (msgspec JSON), written once
-                                     per new segment: name, capacity, key_size,
-                                     value_size, schema and layout fingerprints, and the
-                                     instance id of the segment the directory follows
+    MANIFEST                         the store's parameters (one line of msgspec JSON,
+                                     then ``crc32:<hex>`` of it), written once per new
+                                     segment: name, capacity, key_size, value_size,
+                                     schema and layout fingerprints, the instance id of
+                                     the segment the directory follows, at-rest settings
     LOCK                             flock'ed by the coordinator using the directory
     ckpt-<epoch>-<id>.ckpt           checkpoints (see ``_checkpoint``), the last K kept
     wal-<start epoch>-<id>.wal       WAL files (see ``_wal``), one per checkpoint interval
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import zlib
 from dataclasses import dataclass
 
 import msgspec
@@ -129,8 +131,15 @@ class DataDir:
                 raw = f.read()
         except FileNotFoundError:
             return None
+        body, sep, tail = raw.partition(b"\n")
+        if tail.strip():
+            # "crc32:<8 hex digits>" over the JSON line (manifests written before it
+            # existed have none and are read as they are).
+            want = tail.strip()
+            if not want.startswith(b"crc32:") or want[6:] != b"%08x" % zlib.crc32(body):
+                raise CorruptionError(f"manifest {p}: checksum mismatch (bytes 0..{len(body)})")
         try:
-            m = msgspec.json.decode(raw, type=Manifest)
+            m = msgspec.json.decode(body, type=Manifest)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             # A flipped bit can make invalid UTF-8, which msgspec reports as such.
             raise CorruptionError(f"manifest {p}: unreadable ({e})") from None
@@ -148,7 +157,8 @@ class DataDir:
         tmp = p + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, msgspec.json.encode(m) + b"\n")
+            body = msgspec.json.encode(m)
+            os.write(fd, body + b"\ncrc32:%08x\n" % zlib.crc32(body))
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -1,0 +1,219 @@
+"""shmstore.check: good stores pass; damaged data files and segments are named."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+import shmstore
+from shmstore import _layout as L
+from shmstore._segment import create_segment
+from shmstore.coordinator import Engine
+from shmstore.coordinator._wal import HEADER_SIZE, REC_SIZE, scan_wal
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shmstore", *args], capture_output=True, text=True, timeout=60)
+
+
+def digest(path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture
+def stopped_dir(served, tmp_path):
+    """A data directory with two checkpoints and a WAL after the newest (store stopped)."""
+    data = tmp_path / "data"
+    n, coord = served("chk", path=data, capacity=200, key_size=16, value_size=64)
+    with shmstore.connect(n) as s:
+        for i in range(60):
+            s.put(f"k{i}", i)
+        s.checkpoint()
+        for i in range(40):
+            s.put(f"k{i}", -i)
+        s.delete("k50")
+    coord.kill()  # no shutdown checkpoint: the WAL after the newest checkpoint matters
+    return n, data
+
+
+def damaged_copy(src, dst, name: str, offset: int) -> None:
+    shutil.copytree(src, dst)
+    p = dst / name
+    raw = bytearray(p.read_bytes())
+    raw[offset] ^= 0x04
+    p.write_bytes(bytes(raw))
+
+
+def test_good_directory_and_segment_pass(stopped_dir, names):
+    n, data = stopped_dir
+    before = digest(data)
+    rep = shmstore.check(path=data)
+    assert rep.ok, str(rep)
+    assert rep.checkpoints >= 1 and rep.wal_files >= 1 and rep.wal_records >= 41
+    assert digest(data) == before  # read-only
+    c = shmstore.serve(n, path=data)
+    names.coordinators.append(c)
+    rep = shmstore.check(name=n, path=data)
+    assert rep.ok, str(rep)
+    assert rep.records == 59
+    r = cli("check", n, "--path", str(data))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+
+
+def test_flipped_checkpoint_byte_is_named_with_file_and_offset(stopped_dir, tmp_path):
+    n, data = stopped_dir
+    ck = sorted(p.name for p in data.iterdir() if p.name.startswith("ckpt-"))[-1]
+    size = (data / ck).stat().st_size
+    bad = tmp_path / "bad"
+    damaged_copy(data, bad, ck, size // 2)
+    before = digest(bad)
+    rep = shmstore.check(path=bad)
+    assert not rep.ok
+    p = rep.problems[0]
+    assert p.source == str(bad / ck) and p.offset is not None and p.offset <= size // 2, str(rep)
+    assert digest(bad) == before
+    r = cli("check", "--path", str(bad), "--json")
+    assert r.returncode == 1
+    out = msgspec.json.decode(r.stdout)
+    assert out["ok"] is False and out["problems"][0]["source"] == str(bad / ck)
+
+
+def test_flipped_wal_record_before_the_end_is_named(stopped_dir, tmp_path):
+    n, data = stopped_dir
+    wal = sorted(p.name for p in data.iterdir() if p.name.startswith("wal-"))[-1]
+    recs = scan_wal(str(data / wal)).records
+    assert len(recs) > 3
+    off = recs[1][0] + REC_SIZE  # inside the second record's payload; later records prove it synced
+    bad = tmp_path / "bad"
+    damaged_copy(data, bad, wal, off)
+    rep = shmstore.check(path=bad)
+    assert not rep.ok
+    assert any(p.source == str(bad / wal) and p.offset == recs[1][0] for p in rep.problems), str(rep)
+    r = cli("check", "--path", str(bad))
+    assert r.returncode == 1 and "DAMAGED" in r.stdout and wal in r.stdout
+
+
+def test_damaged_wal_header_and_manifest_are_named(stopped_dir, tmp_path):
+    n, data = stopped_dir
+    wal = sorted(p.name for p in data.iterdir() if p.name.startswith("wal-"))[-1]
+    bad = tmp_path / "bad"
+    damaged_copy(data, bad, wal, 20)
+    rep = shmstore.check(path=bad)
+    assert any(p.source == str(bad / wal) and p.offset == 0 for p in rep.problems), str(rep)
+    bad2 = tmp_path / "bad2"
+    damaged_copy(data, bad2, "MANIFEST", 3)
+    rep = shmstore.check(path=bad2)
+    assert not rep.ok and rep.problems[0].source == str(bad2 / "MANIFEST"), str(rep)
+
+
+def test_torn_tail_is_a_note_not_a_problem(stopped_dir, tmp_path):
+    n, data = stopped_dir
+    wal = sorted(p.name for p in data.iterdir() if p.name.startswith("wal-"))[-1]
+    shutil.copytree(data, tmp_path / "torn")
+    p = tmp_path / "torn" / wal
+    with open(p, "ab") as f:
+        f.write(b"\x10\x00\x00\x00partial")
+    rep = shmstore.check(path=tmp_path / "torn")
+    assert rep.ok and any("torn tail" in n for n in rep.notes), str(rep)
+
+
+def test_missing_wal_file_breaks_the_chain(stopped_dir, tmp_path):
+    n, data = stopped_dir
+    shutil.copytree(data, tmp_path / "gap")
+    wal = sorted(p.name for p in (tmp_path / "gap").iterdir() if p.name.startswith("wal-"))[-1]
+    os.unlink(tmp_path / "gap" / wal)
+    rep = shmstore.check(path=tmp_path / "gap")
+    assert not rep.ok and any("missing" in p.message for p in rep.problems), str(rep)
+
+
+def test_not_a_data_directory(tmp_path):
+    rep = shmstore.check(path=tmp_path)
+    assert not rep.ok and "not a data directory" in rep.problems[0].message
+    with pytest.raises(ValueError):
+        shmstore.check()
+
+
+@pytest.fixture
+def raw_segment(names):
+    """A throwaway segment with 20 records written by the coordinator's Engine."""
+    n = names("chkseg")
+    seg = create_segment(n, L.Layout(capacity=64, key_size=16, value_size=32), 0)
+    eng = Engine(seg)
+    eng.rebuild_free_list()
+    for i in range(20):
+        eng.put(f"k{i}".encode(), msgspec.msgpack.encode(i))
+    eng.put(b"k3", b"\x01")  # an update frees a slot
+    eng.delete(b"k4")
+    eng.publish()
+    seg.q[L.H_STATE] = L.STATE_READY
+    try:
+        yield n, seg
+    finally:
+        seg.close()
+
+
+def _bucket_of(seg, key: bytes) -> int:
+    import zlib
+
+    idx = seg.index_view()
+    h = zlib.crc32(key)
+    pos = h & seg.mask
+    while (int(idx[pos]) >> 32) != h:
+        pos = (pos + 1) & seg.mask
+    return pos
+
+
+def test_segment_checks(raw_segment):
+    n, seg = raw_segment
+    assert shmstore.check(name=n).ok, str(shmstore.check(name=n))
+    q = seg.q
+    idx = seg.index_view()
+    # 1. the header count is off
+    q[L.H_COUNT] += 1
+    rep = shmstore.check(name=n)
+    assert any("H_COUNT" in p.message for p in rep.problems), str(rep)
+    q[L.H_COUNT] -= 1
+    # 2. a slot left odd
+    p5 = _bucket_of(seg, b"k5")
+    slot5 = (int(idx[p5]) & 0xFFFFFFFF) - 1
+    w = seg.slot0 + slot5 * seg.slot_words
+    q[w] += 1
+    rep = shmstore.check(name=n)
+    assert any(f"slot {slot5} is left mid-write" in p.message for p in rep.problems), str(rep)
+    q[w] -= 1
+    # 3. two buckets to one slot (k6's bucket points at k5's slot: wrong hash too)
+    p6 = _bucket_of(seg, b"k6")
+    old6 = int(idx[p6])
+    slot6 = (old6 & 0xFFFFFFFF) - 1
+    idx[p6] = (old6 & ~0xFFFFFFFF) | (slot5 + 1)
+    rep = shmstore.check(name=n)
+    msgs = " | ".join(p.message for p in rep.problems)
+    assert f"slot {slot5} is pointed to by 2" in msgs and "does not hash" in msgs, msgs
+    assert f"slot {slot6} holds a record no index bucket points to" in msgs, msgs  # k6's slot is orphaned
+    idx[p6] = old6
+    # 4. a bucket to a free slot
+    free = [s for s in range(seg.nslots) if (q[seg.slot0 + s * seg.slot_words + L.S_META] >> 16) & L.FLAG_FREE]
+    assert free
+    idx[p6] = (old6 & ~0xFFFFFFFF) | (free[0] + 1)
+    rep = shmstore.check(name=n)
+    assert any("marked free" in p.message for p in rep.problems), str(rep)
+    idx[p6] = old6
+    # 5. a bucket moved away from its probe chain (an empty bucket in between)
+    # Its old bucket becomes empty and lies on the way from the key's home to the new one.
+    empty = next(p for p in range(seg.nbuckets) if idx[p] == 0 and (p - p6) % seg.nbuckets > 2)
+    idx[p6] = 0
+    idx[empty] = old6
+    rep = shmstore.check(name=n)
+    assert any("cannot be reached" in p.message for p in rep.problems), str(rep)
+    idx[empty] = 0
+    idx[p6] = old6
+    del idx
+    assert shmstore.check(name=n).ok
+    r = cli("check", n)
+    assert r.returncode == 0, r.stdout + r.stderr
