@@ -195,27 +195,25 @@ def scan_wal(path: str, *, layout_fp: int | None = None, schema_fp: int | None =
     salt = hdr.salt
     off = HEADER_SIZE
     size = len(data)
-    last_eb = -1
+    start = hdr.start
+    last_eb = start - 1
     records = scan.records
+    append = records.append
     mv = memoryview(data)
     unpack = REC.unpack_from
-    while off < size:
-        if off + REC_SIZE > size:
-            break
+    while off + REC_SIZE <= size:
         n, crc, eb, _synced = unpack(data, off)
         end = off + REC_SIZE + n
-        if n == 0 or n > MAX_RECORD or end > size:
+        if n == 0 or n > MAX_RECORD or end > size or crc32(mv[off + 8 : end], salt) != crc:
             break
-        if crc32(mv[off + 8 : end], salt) != crc:
-            break
-        if eb <= last_eb or eb < hdr.start:
+        if eb <= last_eb:
             raise CorruptionError(
-                f"WAL file {path}: record at offset {off} has epoch {eb}, not after {max(last_eb, hdr.start)}; "
-                f"the log is not from one history"
+                f"WAL file {path}: record at offset {off} has epoch {eb}, not after "
+                f"{last_eb if last_eb >= start else start}; the log is not from one history"
             )
         last_eb = eb
-        records.append((off, eb, data[off + REC_SIZE : end]))
-        off = end + (-n & 7)
+        append((off, eb, data[off + REC_SIZE : end]))
+        off = (end + 7) & ~7  # records start 8-aligned
     if off > size:  # the last record's padding was cut: the record itself is whole
         off = size
     scan.end = off
