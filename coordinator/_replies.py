@@ -24,6 +24,11 @@ def refuse_group(self: object, served: list, err: StorageError) -> list:
     cq = self.chan.q
     blob = [type(err).__name__, err.message]
     for i, reply, e in served:
+        if i in self.deferred:
+            # Its backup replies later; pipelined writes drained before it in this
+            # group stay in memory and are made durable with the retried group.
+            out.append((i, reply, e))
+            continue
         ticket = self.done[i]
         if reply is not None:
             reply = _encode([ticket, C.ST_ERROR, blob])
@@ -34,6 +39,7 @@ def refuse_group(self: object, served: list, err: StorageError) -> list:
                 e = (ticket, _encode([blob[0], blob[1][: C.ERR_AREA - 200]]))
         out.append((i, reply, e))
     return out
+
 
 def reply_deferred(self: object, *, block: bool) -> None:
     """Send the replies of finished deferred ops (backups)."""
