@@ -38,8 +38,16 @@ import threading
 import msgspec
 
 from shmstore import _layout as L
-from shmstore._errors import CoordinatorRunningError, CorruptionError, ShmStoreError, StorageError
+from shmstore._errors import (
+    CoordinatorRunningError,
+    CorruptionError,
+    EncryptionKeyError,
+    IncompatibleStoreError,
+    ShmStoreError,
+    StorageError,
+)
 
+from ._atrest import KEY_ENV, KEY_FILE_ENV, load_key
 from ._checkpoint import take_snapshot, write_checkpoint
 from ._datadir import LOCK, MANIFEST, DataDir, Manifest
 from ._wal import fsync_dir, new_id, parse_name
@@ -197,6 +205,15 @@ def restore_dir(src: str, dest: str, *, name: str | None = None, key_file: str |
             ) from None
         finally:
             os.close(fd)
+    try:
+        m = DataDir(src).read_manifest()
+    except (CorruptionError, IncompatibleStoreError):
+        m = None  # the check below names the problem
+    if m is not None and m.encryption != "none" and load_key(key_file) is None:
+        raise EncryptionKeyError(
+            f"{src!r} is encrypted: restoring it checks every record, which needs its key "
+            f"(key_file=, ${KEY_FILE_ENV} or ${KEY_ENV})"
+        )
     report = check_path(src, key_file=key_file)
     if report.problems:
         raise CorruptionError(

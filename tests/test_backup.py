@@ -224,9 +224,11 @@ def test_encrypted_store_backup_needs_the_key_to_restore(served, names, tmp_path
         assert b"plaintext-marker" not in p.read_bytes()
     rep = shmstore.check(path=tmp_path / "bk")  # without the key: the stored bytes' checksums only
     assert rep.ok and any("no key" in note for note in rep.notes), str(rep)
+    with pytest.raises(shmstore.EncryptionKeyError, match="needs its key"):
+        shmstore.restore(tmp_path / "bk", tmp_path / "r")
     wrong = tmp_path / "wrong"
     wrong.write_text(os.urandom(32).hex())
-    with pytest.raises(shmstore.EncryptionKeyError):
+    with pytest.raises(shmstore.EncryptionKeyError, match="does not open"):
         shmstore.restore(tmp_path / "bk", tmp_path / "r", key_file=wrong)
     assert not (tmp_path / "r").exists()
     shmstore.restore(tmp_path / "bk", tmp_path / "r", key_file=key)
