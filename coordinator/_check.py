@@ -132,7 +132,7 @@ def _stable_copy(seg: object) -> tuple[np.ndarray, np.ndarray, int, bool]:
     q = seg.q
     lay = seg.layout
     live = coordinator_alive(seg)
-    for _ in range(200):
+    for _ in range(50):
         e1, g1, b1 = q[L.H_EPOCH], q[L.H_INDEX_GEN], q[L.H_BATCH_SEQ]
         idx = seg.index_view().copy()
         slots = np.ndarray((lay.nslots, lay.slot_size), dtype=np.uint8, buffer=seg.mm, offset=L.SLOTS_OFFSET).copy()
