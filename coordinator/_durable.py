@@ -88,6 +88,7 @@ from shmstore._api import DurabilityUnavailableError as DurabilityError
 
 from ._checkpoint import (
     LoadedCheckpoint,
+    ckpt_name,
     load_checkpoint,
     peek_header,
     restore_into,
@@ -95,6 +96,8 @@ from ._checkpoint import (
     write_checkpoint,
 )
 from ._engine import Engine
+from ._table import replay as table_replay
+from ._table import restore_tables, table_images, tables_path, write_tables_file
 from ._wal import WalHeader, WalScan, WalWriter, fsync_dir, new_id, parse_name, scan_wal, truncate_torn
 
 MANIFEST = "MANIFEST"
@@ -313,7 +316,7 @@ def replay_record(engine: Engine, payload: bytes) -> None:
         engine.incr(engine.check_key(op[2]), op[3])
     elif kind == C.OP_BATCH:
         engine.batch(op[2])
-    else:
+    elif not table_replay(engine, op):  # tables: coordinator/_table.py
         raise CorruptionError(f"unknown op {kind!r} in the log")
 
 
@@ -489,6 +492,7 @@ class DurableJournal:
     def _replay(self, seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan]) -> int:
         restore_into(seg, ck)
         engine = Engine(seg)
+        restore_tables(engine, ck.path)  # the checkpoint's tables, if it has any
         engine.rebuild_free_list()
         for s in chain:
             if s.header.start > engine.epoch:
@@ -721,7 +725,7 @@ class DurableJournal:
         ck_id = new_id()
         self.ops_since = 0
         self.last_ckpt_time = time.monotonic()
-        args = (snap, ck_id, wal_id, base)
+        args = (snap, ck_id, wal_id, base, table_images(self.engine))
         if background:
             self._bg_result = None
             self._bg = threading.Thread(target=self._write, args=args, name="shmstore-checkpoint", daemon=True)
@@ -731,8 +735,10 @@ class DurableJournal:
             self._bg = None
             self._finish(self._bg_result, background=False)
 
-    def _write(self, snap: object, ck_id: int, wal_id: int, base: bool) -> None:
+    def _write(self, snap: object, ck_id: int, wal_id: int, base: bool, tables: list | None = None) -> None:
         try:
+            if tables:  # written before the checkpoint it belongs to (coordinator/_table.py)
+                write_tables_file(tables_path(os.path.join(self.dir.path, ckpt_name(snap.epoch, ck_id))), tables)
             path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id)
             self._bg_result = (snap.epoch, path, base, None)
         except OSError as e:
@@ -776,6 +782,8 @@ class DurableJournal:
             needed.update(w.path for w in chain)
         for _, path in drop:
             os.unlink(path)
+            if os.path.exists(tables_path(path)):
+                os.unlink(tables_path(path))
         for w in wals:
             if w.path not in needed:
                 os.unlink(w.path)

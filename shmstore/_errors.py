@@ -132,3 +132,24 @@ def rebuild(type_name: str, message: str) -> ShmStoreError:
     if cls is None:
         return ShmStoreError(f"{type_name}: {message}")
     return cls(message)
+
+
+# -- snapshots and tables --------------------------------------------------------------
+
+
+class TableNotFoundError(ShmStoreError, KeyError):
+    """No table of that name exists in the store; create it with ``store.table(name,
+    dtype=..., rows=...)``."""
+
+
+class TableDtypeError(ShmStoreError, TypeError):
+    """Values written to a table do not have the table's numpy dtype, or a dtype cannot
+    be stored (object fields)."""
+
+
+class RowOutOfRangeError(ShmStoreError, IndexError):
+    """A row number is negative or not below the table's number of rows."""
+
+
+class InvalidRowsError(ShmStoreError, ValueError):
+    """Rows and values do not match (lengths differ, a row repeats, not integers)."""
