@@ -131,6 +131,7 @@ class TableSet:
                 top = max(top, int(tm.seqs.max()))
         eng = self.engine
         eng.epoch = max(eng.epoch, (top - 1) // 2 if top else 0)
+        eng.publish()
         if op is None:
             return 0
         tm = self.tables[op[2]]

@@ -43,7 +43,6 @@ import ast
 import mmap
 import os
 import re
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -321,7 +320,6 @@ class Table:
         rows = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
         stamps = s1
         store = self._store
-        backoff = None
         for _ in range(READ_TRIES):
             store._read_retries += 1
             e = q[T_EPOCH]
@@ -337,8 +335,6 @@ class Table:
             bad[bi] |= b1 != b2
             if not bad.any():
                 return out
-            if backoff is None:
-                backoff = time.monotonic()
             os.sched_yield()
         return self._read_via_coordinator(sel)
 
