@@ -163,7 +163,10 @@ def _table_writer(name: str, gens: int, seed: int) -> None:
     s.close()
 
 
-def _table_reader(name: str, seconds: float, out: mp.Queue) -> None:
+def _table_reader(name: str, seconds: float, fast: bool, out: mp.Queue) -> None:
+    import shmstore._table as T
+
+    T.FAST_PATH = fast  # one reader drives the per-row seqlock protocol only
     s = shmstore.connect(name)
     t = s.table("t")
     rng = np.random.default_rng(os.getpid())
@@ -204,7 +207,7 @@ def test_readers_see_whole_rows_and_whole_writes(served, method):
     ctx = mp.get_context(method)
     out = ctx.Queue()
     writer = ctx.Process(target=_table_writer, args=(n, 1500, seed))
-    readers = [ctx.Process(target=_table_reader, args=(n, 2.0, out)) for _ in range(2)]
+    readers = [ctx.Process(target=_table_reader, args=(n, 2.0, fast, out)) for fast in (True, False)]
     procs = [writer, *readers]
     try:
         for p in procs:
