@@ -74,7 +74,7 @@ def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
     slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
                             offset=L.SLOTS_OFFSET)
     s1 = words[slots, L.S_SEQ]
-    rows = slot_bytes[slots]
+    rows = np.take(slot_bytes, slots, axis=0)
     s2 = words[slots, L.S_SEQ]
     lde = q[L.H_LAST_DELETE_EPOCH]
     g2 = q[L.H_INDEX_GEN]
@@ -120,6 +120,7 @@ class Snapshot:
         self._rows = rows
         self._b = memoryview(buckets).cast("B").cast("Q") if len(buckets) else memoryview(b"").cast("Q")
         self._raw = memoryview(rows.reshape(-1)).cast("B") if rows.size else memoryview(b"")
+        self._w = self._raw.cast("Q") if rows.size else memoryview(b"").cast("Q")
         self._mask = len(buckets) - 1
         self._slot_size = rows.shape[1] if rows.ndim == 2 else 0
         self._ksz = key_size
@@ -140,22 +141,25 @@ class Snapshot:
         h = crc32(kb)
         b = self._b
         raw = self._raw
+        w = self._w
         mask = self._mask
+        sw = self._slot_size >> 3
         pos = h & mask
         while True:
             x = b[pos]
             if x == 0:
                 return None
             if x >> 32 == h:
-                o = ((x & 0xFFFFFFFF) - 1) * self._slot_size
-                meta = int.from_bytes(raw[o + 24 : o + 32], "little")
+                i = ((x & 0xFFFFFFFF) - 1) * sw  # the row's first word
+                meta = w[i + L.S_META]
                 klen = meta & 0xFFFF
-                if klen == len(kb) and raw[o + 32 : o + 32 + klen] == kb:
-                    expiry = int.from_bytes(raw[o + 16 : o + 24], "little")
+                o = 8 * i + L.SLOT_HEADER
+                if klen == len(kb) and raw[o : o + klen].tobytes() == kb:
+                    expiry = w[i + L.S_EXPIRY]
                     if expiry and expiry <= self._taken:
                         return None
-                    vo = o + 32 + self._ksz
-                    return bytes(raw[vo : vo + min(meta >> 32, self._vsz)])
+                    vo = o + self._ksz
+                    return raw[vo : vo + min(meta >> 32, self._vsz)].tobytes()
             pos = (pos + 1) & mask
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
@@ -191,15 +195,20 @@ class Snapshot:
 
     def keys(self) -> Iterator[bytes]:
         """Every key of the snapshot (bytes), in no particular order."""
+        if self._b is None:
+            from ._errors import StoreClosedError
+
+            raise StoreClosedError("this snapshot is closed; take a new one with store.snapshot()")
         raw = self._raw
-        ss = self._slot_size
-        for r in range(self._rows.shape[0] if self._rows is not None else 0):
-            o = r * ss
-            meta = int.from_bytes(raw[o + 24 : o + 32], "little")
-            expiry = int.from_bytes(raw[o + 16 : o + 24], "little")
+        w = self._w
+        sw = self._slot_size >> 3
+        for r in range(self._rows.shape[0]):
+            i = r * sw
+            expiry = w[i + L.S_EXPIRY]
             if expiry and expiry <= self._taken:
                 continue
-            yield bytes(raw[o + 32 : o + 32 + (meta & 0xFFFF)])
+            o = 8 * i + L.SLOT_HEADER
+            yield raw[o : o + (w[i + L.S_META] & 0xFFFF)].tobytes()
 
     __iter__ = keys
 
@@ -210,7 +219,7 @@ class Snapshot:
 
     def close(self) -> None:
         """Free the copy. Idempotent."""
-        for attr in ("_b", "_raw"):
+        for attr in ("_w", "_b", "_raw"):
             v = self.__dict__.get(attr)
             if v is not None:
                 v.release()

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import random
 import time
+import zlib
 
 import msgspec
 import posix_ipc
@@ -66,8 +67,8 @@ def test_optimistic_copy_refuses_a_record_written_after_its_epoch(engine):
         engine.put(b"k%d" % i, enc(i))
     # An op applied but not yet published: its stamp is above 2E+2 of H_EPOCH.
     h_epoch = engine.seg.q[H_EPOCH]
-    engine._store(b"k1", __import__("zlib").crc32(b"k1"), *engine.find(b"k1", __import__("zlib").crc32(b"k1")),
-                  enc(100), 0, engine.next_epoch())
+    h = zlib.crc32(b"k1")
+    engine._store(b"k1", h, *engine.find(b"k1", h), enc(100), 0, engine.next_epoch())
     assert engine.seg.q[H_EPOCH] == h_epoch
     assert S.copy_optimistic(engine.seg) is None
     engine.publish()
@@ -77,8 +78,6 @@ def test_optimistic_copy_refuses_a_record_written_after_its_epoch(engine):
 def test_optimistic_copy_refuses_a_delete_after_its_epoch(engine):
     for i in range(5):
         engine.put(b"k%d" % i, enc(i))
-    import zlib
-
     pos, slot = engine.find(b"k2", zlib.crc32(b"k2"))
     engine._unlink(pos, slot, engine.next_epoch())  # applied, not published
     assert S.copy_optimistic(engine.seg) is None, "a copy missing k2 would claim k2 was gone at E"

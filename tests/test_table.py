@@ -284,7 +284,6 @@ def dying_write(self, op, payload):
     return real(self, op, payload)
 _table.TableSet.write = dying_write
 cfg = msgspec.json.decode(sys.argv[1], type=ServerConfig)
-r, w = os.pipe()
 sys.exit(main_serve(cfg, ready_fd=int(sys.argv[2])))
 """
 
