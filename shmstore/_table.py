@@ -253,6 +253,15 @@ class Table:
         tm = self._tm
         if tm is None:
             raise StoreClosedError(f"table {self.name!r} is closed; open it again with store.table()")
+        seg = self._store._seg
+        if seg is None or seg.q[L.H_STATE] == L.STATE_DESTROYED or tm.instance != seg.instance:
+            # The store was destroyed (and maybe rebuilt from disk): follow it.
+            seg = self._store._live_segment()
+            if tm.instance != seg.instance:
+                fresh = open_table(self._store, self.name)
+                self._tm, fresh._tm = fresh._tm, None
+                tm.close()
+                tm = self._tm
         return tm
 
     @property

@@ -247,6 +247,8 @@ def test_durable_table_survives_restart_and_rebuild(names, tmp_path):
         t.write(range(250, 750), rec(2, 500))  # ... and these into the WAL after it
         s.table("later", np.dtype("<f8"), 7).write([3], [2.5])  # created after the checkpoint
         expect = t.read_all()
+    old = shmstore.connect(n)
+    old_t = old.table("t")  # a handle kept across the destroy and rebuild below
     coord.kill()  # SIGKILL: nothing acknowledged may be lost
     for destroy in (True, False):  # rebuild from the directory, then adopt the segment
         if destroy:
@@ -257,10 +259,13 @@ def test_durable_table_survives_restart_and_rebuild(names, tmp_path):
             assert (s.table("t").read_all() == expect).all()
             assert s.table("later").read([3, 4]).tolist() == [2.5, 0.0]
             assert s.get("k") == "v"
+            assert (old_t.read_all() == expect).all()  # follows the rebuilt store
             e = s.table("t").write([999], rec(3))
             assert e == s.epoch
             expect[999] = rec(3)[0]
         coord.stop()
+    old_t.close()
+    old.close()
     assert any(p.name.endswith(".tables") for p in data.iterdir())
 
 
