@@ -37,7 +37,14 @@ import posix_ipc
 
 from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._errors import CorruptionError, IncompatibleStoreError, InvalidRowsError, ProtocolError, RowOutOfRangeError
+from shmstore._errors import (
+    CorruptionError,
+    IncompatibleStoreError,
+    InvalidRowsError,
+    ProtocolError,
+    RowOutOfRangeError,
+    StoreFullError,
+)
 from shmstore._segment import Segment, unlink_quietly
 from shmstore._table import (
     DESCR_OFFSET,
@@ -56,6 +63,7 @@ from shmstore._table import (
     TABLE_FORMAT,
     TableLayout,
     TableMap,
+    check_room,
     check_table_name,
     dtype_to_text,
     map_table,
@@ -149,17 +157,22 @@ class TableSet:
 
     def create(self, tname: str, text: str, nrows: int, epoch: int) -> None:
         """Make a new table segment at ``epoch`` (the create op's)."""
+        import mmap
+
         seg_name = table_segment_name(self.store, tname)
         unlink_quietly(posix_ipc.SharedMemory, seg_name)  # a stale one of no instance
         dt = text_to_dtype(text)
         lay = TableLayout(nrows, dt.itemsize)
-        shm = posix_ipc.SharedMemory(seg_name, posix_ipc.O_CREX, mode=0o600, size=lay.size)
-        import mmap
-
         try:
-            mm = mmap.mmap(shm.fd, lay.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            shm.close_fd()
+            shm = posix_ipc.SharedMemory(seg_name, posix_ipc.O_CREX, mode=0o600, size=lay.size)
+            try:
+                mm = mmap.mmap(shm.fd, lay.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                shm.close_fd()
+        except (OSError, posix_ipc.Error) as e:
+            unlink_quietly(posix_ipc.SharedMemory, seg_name)
+            raise StoreFullError(f"cannot make table {tname!r} ({lay.size} bytes of shared memory): {e}; "
+                                 f"use fewer rows or free shared memory") from None
         raw = text.encode()
         mm[DESCR_OFFSET : DESCR_OFFSET + len(raw)] = raw
         q = memoryview(mm).cast("Q")
@@ -181,7 +194,7 @@ class TableSet:
         check_table_name(tname)
         if not isinstance(text, str) or not isinstance(nrows, int) or not 1 <= nrows <= MAX_ROWS:
             raise ProtocolError("malformed table create request")
-        dt = text_to_dtype(dtype_to_text(text_to_dtype(text)))
+        dt = text_to_dtype(text)
         tm = self.tables.get(tname)
         if tm is not None:
             if tm.dtype != dt or tm.nrows != nrows:
@@ -189,6 +202,7 @@ class TableSet:
                     f"table {tname!r} exists with dtype={tm.dtype}, rows={tm.nrows}; open it with "
                     f"those, or use another table name")
             return True
+        check_room(nrows, dt.itemsize)
         return False
 
     def check_write(self, op: list) -> tuple[TableMap, np.ndarray, np.ndarray]:

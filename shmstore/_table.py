@@ -55,6 +55,7 @@ import posix_ipc
 from . import _layout as L
 from ._errors import (
     IncompatibleStoreError,
+    StoreFullError,
     InvalidRowsError,
     InvalidNameError,
     RowOutOfRangeError,
@@ -123,7 +124,38 @@ def dtype_to_text(dtype: Any) -> str:
 
 
 def text_to_dtype(text: str) -> np.dtype:
-    return np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    """Parse :func:`dtype_to_text`'s form (a literal, never evaluated as code).
+
+    Raises:
+        TableDtypeError: not a dtype description.
+    """
+    if not isinstance(text, str) or len(text) > MAX_DESCR:
+        raise TableDtypeError("a table dtype description must be a string of at most "
+                              f"{MAX_DESCR} characters")
+    try:
+        dt = np.lib.format.descr_to_dtype(ast.literal_eval(text))
+    except (ValueError, SyntaxError, TypeError, KeyError, IndexError, RecursionError, MemoryError) as e:
+        raise TableDtypeError(f"not a dtype description: {text[:80]!r} ({type(e).__name__})") from None
+    if dt.hasobject or dt.itemsize == 0:
+        raise TableDtypeError(f"dtype {dt} cannot be stored in a table (object fields or no bytes)")
+    return dt
+
+
+def check_room(nrows: int, itemsize: int) -> None:
+    """Refuse a table /dev/shm has no room for (before anything is created).
+
+    Raises:
+        StoreFullError: the table's segment would not fit the free shared memory.
+    """
+    need = TableLayout(nrows, itemsize).size
+    try:
+        st = os.statvfs("/dev/shm")
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        return
+    if need > free:
+        raise StoreFullError(f"a table of {nrows} rows x {itemsize} bytes needs {need} bytes of shared "
+                             f"memory; /dev/shm has {free} free. Use fewer rows or free shared memory.")
 
 
 class TableLayout:
@@ -459,6 +491,8 @@ def open_table(store: Any, tname: str, dtype: Any = None, rows: int | None = Non
     seg_name = table_segment_name(store.name, tname)
     tm = map_table(seg_name)
     if tm is None:
+        if text is not None and rows is not None:
+            check_room(rows, text_to_dtype(text).itemsize)
         if text is None or rows is None:
             raise TableNotFoundError(f"store {store.name!r} has no table {tname!r}; create it with "
                                      f"store.table({tname!r}, dtype=..., rows=...)")

@@ -225,3 +225,24 @@ def test_snapshot_total_never_changes_under_batched_moves(served, method):
         final = s.get_many([f"acct{i}" for i in range(ACCOUNTS)])
         assert sum(v[0] for v in final) == ACCOUNTS * START
         assert sum(v[1] for v in final) == 2 * 800 and s.get_many(["w0", "w1"]) == [400, 400]
+
+
+def test_handovers_never_picked_up_are_removed(served, names):
+    """A client that asks for a copy and never maps it (it died) leaves nothing behind:
+    the coordinator removes it at its clean stop, destroy() after a SIGKILL."""
+    from shmstore import _channel as C
+    from tests.helpers.processes import shm_objects
+
+    for stop in ("graceful", "sigkill"):
+        n, coord = served(capacity=10)
+        with shmstore.connect(n) as s:
+            s.put("a", 1)
+            seg_name, epoch = s._request([C.OP_SNAPSHOT, 1], "snapshot")
+            assert seg_name.lstrip("/") in shm_objects(n) and epoch == s.epoch
+        if stop == "graceful":
+            coord.stop()
+            assert not [o for o in shm_objects(n) if "@x" in o], shm_objects(n)
+        else:
+            coord.kill()
+            shmstore.destroy(n)
+            assert shm_objects(n) == []

@@ -399,3 +399,18 @@ def test_random_sigkills_lose_no_acknowledged_write_and_tear_none(names, tmp_pat
         assert whole(got).all()
         diff = np.flatnonzero(got["gen"] != expect)
         assert not len(diff) or (in_flight is not None and set(diff) <= set(in_flight[0])), (seed, diff)
+
+
+def test_the_coordinator_refuses_bad_table_definitions(store):
+    from shmstore import _channel as C
+
+    for text in ("__import__('os').system('true')", "((((", "[('a', 'nope')]", "[('o', '|O')]", 5):
+        with pytest.raises((shmstore.TableDtypeError, shmstore.ProtocolError)):
+            store._request([C.OP_TABLE_CREATE, 1, "t", text, 10], "table create")
+    with pytest.raises(shmstore.StoreFullError, match="fewer rows"):
+        store._request([C.OP_TABLE_CREATE, 1, "huge", "'|V4096'", 1 << 31], "table create")
+    with pytest.raises(shmstore.StoreFullError, match="fewer rows"):
+        store.table("huge", np.dtype("V4096"), 1 << 31)
+    with pytest.raises(shmstore.TableNotFoundError):
+        store.table("t")  # none of those made a table
+    assert store.table("ok", DT, 3).nrows == 3  # the coordinator is still serving
