@@ -27,7 +27,7 @@ import time
 import posix_ipc
 
 from . import _layout as L
-from ._errors import CoordinatorUnavailableError
+from ._errors import CoordinatorUnavailableError, StoreFullError
 
 HANDOVER_MAGIC = 0x31_56_4F_48_53_4D_48_53  # b"SHMSHOV1"
 HANDOVER_HEADER = 64
@@ -87,11 +87,22 @@ class Handovers:
         """
         seg_name = f"{handover_prefix(self.name)}{os.urandom(8).hex()}"
         total = L.align(HANDOVER_HEADER + max(size, 1), L.PAGE)
-        shm = posix_ipc.SharedMemory(seg_name, posix_ipc.O_CREX, mode=0o600, size=total)
         try:
-            mm = mmap.mmap(shm.fd, total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            shm.close_fd()
+            st = os.statvfs("/dev/shm")
+            if total > st.f_bavail * st.f_frsize:
+                raise OSError(f"/dev/shm has {st.f_bavail * st.f_frsize} bytes free")
+            shm = posix_ipc.SharedMemory(seg_name, posix_ipc.O_CREX, mode=0o600, size=total)
+            try:
+                mm = mmap.mmap(shm.fd, total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                shm.close_fd()
+        except (OSError, posix_ipc.Error) as e:
+            try:
+                posix_ipc.unlink_shared_memory(seg_name)
+            except posix_ipc.ExistentialError:
+                pass
+            raise StoreFullError(f"no room in shared memory for a copy of {total} bytes ({e}); free "
+                                 f"shared memory, or read fewer records at once") from None
         self.live[seg_name] = time.monotonic()
         return seg_name, mm
 
