@@ -246,3 +246,44 @@ def test_handovers_never_picked_up_are_removed(served, names):
             coord.kill()
             shmstore.destroy(n)
             assert shm_objects(n) == []
+
+
+@pytest.mark.parametrize("tries", [S.SNAPSHOT_TRIES, 0], ids=["lock-free", "coordinator"])
+def test_snapshots_match_a_dict_model_at_their_epoch(served, monkeypatch, tries):
+    """Seeded random puts, deletes and batches against a dict model; snapshots taken
+    along the way must each keep showing the model as it was when they were taken."""
+    monkeypatch.setattr(S, "SNAPSHOT_TRIES", tries)
+    seed = int(os.environ.get("SEED", time.time_ns() % 10**9))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    n, _ = served(capacity=64, key_size=8, value_size=64)
+    keys = [f"k{i}" for i in range(80)]
+    model: dict[str, object] = {}
+    snaps = []
+    with shmstore.connect(n) as s:
+        for step in range(400):
+            r = rng.random()
+            k = rng.choice(keys)
+            if r < 0.45 and (k in model or len(model) < 64):
+                s.put(k, [step, k])
+                model[k] = [step, k]
+            elif r < 0.7:
+                s.delete(k)
+                model.pop(k, None)
+            elif r < 0.85:
+                with s.batch() as b:
+                    for k2 in rng.sample(keys, 3):
+                        if k2 in model:
+                            b.delete(k2)
+                            model.pop(k2)
+                        elif len(model) < 64:
+                            b.put(k2, step)
+                            model[k2] = step
+            else:
+                snaps.append((s.snapshot(), dict(model)))
+            for snap, want in rng.sample(snaps, min(3, len(snaps))):
+                probe = rng.sample(keys, 10)
+                assert snap.get_many(probe, default="-") == [want.get(p, "-") for p in probe], seed
+        for snap, want in snaps:
+            assert {kb.decode(): v for kb, v in snap.items()} == want, seed
+            snap.close()
