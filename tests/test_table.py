@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import shmstore
-from tests.helpers.processes import python, reap, wait_for
+from tests.helpers.processes import python, reap
 
 DT = np.dtype([("gen", "<i8"), ("x", "<f8"), ("tag", "S8"), ("arr", "<i4", (3,))])
 
