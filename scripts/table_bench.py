@@ -145,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         s.close()
     finally:
         stop.set()
-        if wproc is not None:
-            wproc.join(10)
-            if wproc.is_alive():
-                wproc.kill()
-                wproc.join()
-        coord.stop()
-        shmstore.destroy(name)
+        try:
+            if wproc is not None:
+                wproc.join(10)
+                if wproc.is_alive():
+                    wproc.kill()
+                    wproc.join()
+        finally:
+            coord.stop()
+            shmstore.destroy(name)
     n_of = {"read_all": args.table_rows}
     res = {k: statistics.median(v) for k, v in times.items()}
     print(f"table {args.table_rows:,} rows x {dt.itemsize} B; reads of {args.rows:,} rows; "
