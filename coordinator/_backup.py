@@ -50,6 +50,7 @@ from shmstore._errors import (
 from ._atrest import KEY_ENV, KEY_FILE_ENV, load_key
 from ._checkpoint import take_snapshot, write_checkpoint
 from ._datadir import LOCK, MANIFEST, DataDir, Manifest
+from ._table import table_images, tables_path, write_tables_file
 from ._wal import fsync_dir, new_id, parse_name
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -154,6 +155,7 @@ def start_backup(server: object, op: list) -> Deferred:
     tmp = make_temp_dir(dest)
     try:
         snap = take_snapshot(seg, server.engine.epoch)
+        tables = table_images(server.engine)
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -161,7 +163,9 @@ def start_backup(server: object, op: list) -> Deferred:
 
     def write() -> None:
         try:
-            write_checkpoint(tmp, snap, ckpt_id=new_id(), wal_id=0, codec=codec)
+            ck_path = write_checkpoint(tmp, snap, ckpt_id=new_id(), wal_id=0, codec=codec)
+            if tables:  # the store's numpy tables (coordinator/_table.py) go along
+                write_tables_file(tables_path(ck_path), tables, codec)
             DataDir(tmp).write_manifest(manifest)
             publish_dir(tmp, dest)
             d.result = snap.epoch
@@ -223,7 +227,8 @@ def restore_dir(src: str, dest: str, *, name: str | None = None, key_file: str |
     if report.newest_checkpoint is None:
         raise CorruptionError(f"{src!r} holds no checkpoint; it is not a backup or data directory")
     names = [n for n in os.listdir(src)
-             if n == MANIFEST or parse_name(n, "ckpt-", ".ckpt") is not None or parse_name(n, "wal-", ".wal") is not None]
+             if n == MANIFEST or parse_name(n, "ckpt-", ".ckpt") is not None or parse_name(n, "wal-", ".wal") is not None
+             or (n.endswith(".tables") and parse_name(n[: -len(".tables")] + ".ckpt", "ckpt-", ".ckpt") is not None)]
     tmp = make_temp_dir(dest)
     try:
         for n in names:

@@ -40,6 +40,7 @@ from shmstore._errors import CoordinatorRunningError, CorruptionError, Incompati
 from shmstore._segment import Segment
 
 from ._engine import Engine
+from ._table import replay as table_replay
 from ._wal import WalHeader, fsync_dir, parse_name
 
 MANIFEST = "MANIFEST"
@@ -261,7 +262,7 @@ def replay_record(engine: Engine, payload: bytes) -> None:
         engine.incr(engine.check_key(op[2]), op[3])
     elif kind == C.OP_BATCH:
         engine.batch(op[2])
-    else:
+    elif not table_replay(engine, op):  # tables: coordinator/_table.py
         raise CorruptionError(f"unknown op {kind!r} in the log")
 
 

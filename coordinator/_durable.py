@@ -70,11 +70,12 @@ from shmstore._errors import (
 from shmstore._segment import Segment
 
 from ._atrest import KEY_ENV, KEY_FILE_ENV, Codec, flags_for, key_check, load_key, verify_key
-from ._checkpoint import peek_header, take_snapshot, write_checkpoint
+from ._checkpoint import ckpt_name, peek_header, take_snapshot, write_checkpoint
 from ._datadir import MANIFEST, DataDir, Manifest, wal_chain  # noqa: F401  (MANIFEST: re-exported)
 from ._engine import Engine
 from ._metrics import DurabilityMetrics
 from ._rebuild import rebuild, verified_end
+from ._table import table_images, tables_path, write_tables_file
 from ._wal import WalWriter, new_id
 
 #: Epochs skipped after a rebuild from disk: more than any number of ops a coordinator
@@ -495,7 +496,7 @@ class DurableJournal:
         ck_id = new_id()
         self.ops_since = 0
         self.last_ckpt_time = time.monotonic()
-        args = (snap, ck_id, wal_id, base)
+        args = (snap, ck_id, wal_id, base, table_images(self.engine))
         if background:
             self._bg_result = None
             self._bg = threading.Thread(target=self._write, args=args, name="shmstore-checkpoint", daemon=True)
@@ -505,11 +506,14 @@ class DurableJournal:
             self._bg = None
             self._finish(self._bg_result, background=False)
 
-    def _write(self, snap: object, ck_id: int, wal_id: int, base: bool) -> None:
+    def _write(self, snap: object, ck_id: int, wal_id: int, base: bool, tables: list | None = None) -> None:
         # Runs in the helper thread: it touches no header word (see ``_metrics``).
         lat: list[int] = []
         t0 = time.perf_counter_ns()
         try:
+            if tables:  # written before the checkpoint it belongs to (coordinator/_table.py)
+                write_tables_file(tables_path(os.path.join(self.dir.path, ckpt_name(snap.epoch, ck_id))),
+                                  tables, self.codec)
             path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id, fsync_ns=lat,
                                     codec=self.codec)
             self._bg_result = (snap.epoch, path, base, None, time.perf_counter_ns() - t0, lat)
@@ -556,6 +560,8 @@ class DurableJournal:
             needed.update(w.path for w in chain)
         for _, path in drop:
             os.unlink(path)
+            if os.path.exists(tables_path(path)):
+                os.unlink(tables_path(path))
         for w in wals:
             if w.path not in needed:
                 os.unlink(w.path)

@@ -245,11 +245,14 @@ class Engine:
         return True
 
     def _unlink(self, pos: int, slot: int, epoch: int) -> None:
+        q = self.q
+        # Invariant: LAST_DELETE_EPOCH is stored BEFORE the bucket goes, so a reader
+        # that saw the miss and then reads it sees this delete's epoch (a consistent
+        # read accepts a miss only if no delete happened after its epoch).
+        q[L.H_LAST_DELETE_EPOCH] = epoch
         self._remove_bucket(pos)
         self._free_slot(slot, epoch)
-        q = self.q
         q[L.H_COUNT] -= 1
-        q[L.H_LAST_DELETE_EPOCH] = epoch
 
     def _current_version(self, slot: int) -> int:
         if slot < 0:

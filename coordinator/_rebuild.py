@@ -20,6 +20,7 @@ from shmstore._errors import CorruptionError, ShmStoreError
 from shmstore._segment import Segment
 
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into
+from ._table import restore_tables
 from ._datadir import WalInfo, epochs_of, replay_record, wal_chain, zero_segment
 from ._engine import Engine
 from ._wal import WalScan, fsync_dir, scan_wal, truncate_torn
@@ -84,7 +85,7 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
                         f"(it was fsynced in full before its successor was started)"
                     )
                 scanned.append(s)
-            end = replay(seg, ck, scanned)
+            end = replay(seg, ck, scanned, self.key)
             if end < newest and self.sync != "never":
                 raise CorruptionError(
                     f"checkpoint {path}: its WAL chain ends at epoch {end}, before the newest "
@@ -133,10 +134,11 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
         f"complete WAL; nothing was served. " + " | ".join(errors)
     )
 
-def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan]) -> int:
+def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan], key: bytes | None = None) -> int:
     """Lay the checkpoint into ``seg`` and replay the chain after it; returns the epoch."""
     restore_into(seg, ck)
     engine = Engine(seg)
+    restore_tables(engine, ck.path, key)  # the checkpoint's tables, if it has any
     engine.rebuild_free_list()
     for s in chain:
         if s.header.start > engine.epoch:

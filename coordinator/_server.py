@@ -65,6 +65,8 @@ from ._engine import Engine
 from ._journal import Journal, NullJournal
 from ._recovery import RedoArea, repair
 from ._replies import refuse_group, reply_deferred
+from ._table import apply_extra, tables_of
+from shmstore._handover import Handovers
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -262,7 +264,11 @@ class CoordinatorServer:
                 raise
         self.engine = Engine(seg)
         self.redo = RedoArea(self.name, cfg.ring_size)
+        tables = tables_of(self.engine)  # snapshots/tables: adopt the table segments
+        table_redo = tables.pending_redo(self.redo)  # read before repair() clears it
         self.repair_report = repair(seg, self.engine, self.redo)
+        self.repair_report["table_redone"] = tables.finish_repair(table_redo)
+        self.handovers = Handovers(self.name)
         self.engine.redo = self.redo
         self.journal.open(seg, self.engine)
         self._open_ipc()
@@ -349,6 +355,7 @@ class CoordinatorServer:
         q[L.H_HEARTBEAT] = time.time_ns()
         self.journal.tick()
         self.reclaim_dead_clients()
+        self.handovers.sweep()
         ppid = self.config.parent_pid
         if ppid and os.getppid() != ppid:
             self.stopping = True
@@ -565,6 +572,10 @@ class CoordinatorServer:
                     )
                 self.journal.commit()  # this group's earlier ops go before the checkpoint
                 return self.journal.checkpoint()
+            elif C.OP_SNAPSHOT <= kind <= 31:
+                result, epoch0 = apply_extra(self, op, payload)  # coordinator/_table.py
+                if epoch0 is None:
+                    return result
             else:
                 raise ProtocolError(f"unknown op {kind!r}")
         except (ValueError, IndexError, TypeError) as err:  # a malformed request
@@ -589,6 +600,12 @@ class CoordinatorServer:
         redo = self.__dict__.pop("redo", None)
         if redo is not None:
             redo.close()
+        handovers = self.__dict__.pop("handovers", None)
+        if handovers is not None:
+            handovers.sweep(everything=True)
+        tables = getattr(self.__dict__.get("engine"), "tables", None)
+        if tables is not None:
+            tables.close()
         if self.chan is not None:
             self.chan.close()
             unlink_quietly(posix_ipc.SharedMemory, L.channel_name(self.name))

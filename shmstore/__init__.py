@@ -14,9 +14,11 @@ from ._errors import (
     InvalidKeyError,
     InvalidLayoutError,
     InvalidNameError,
+    InvalidRowsError,
     KeyTooLongError,
     ProtocolError,
     RequestTooLargeError,
+    RowOutOfRangeError,
     SchemaMismatchError,
     ShmStoreError,
     StorageError,
@@ -24,6 +26,8 @@ from ._errors import (
     StoreFullError,
     StoreNotFoundError,
     StoreTimeoutError,
+    TableDtypeError,
+    TableNotFoundError,
     TooManyClientsError,
     UnsupportedPlatformError,
     ValueEncodingError,
@@ -31,7 +35,9 @@ from ._errors import (
     VersionConflictError,
 )
 from ._data import CheckProblem, CheckReport, check, restore
+from ._snapshot import Snapshot
 from ._store import Batch, Store, StoreStats
+from ._table import Table
 from ._version import __version__
 
 __all__ = [
@@ -48,11 +54,14 @@ __all__ = [
     "InvalidKeyError",
     "InvalidLayoutError",
     "InvalidNameError",
+    "InvalidRowsError",
     "KeyTooLongError",
     "ProtocolError",
     "RequestTooLargeError",
+    "RowOutOfRangeError",
     "SchemaMismatchError",
     "ShmStoreError",
+    "Snapshot",
     "StorageError",
     "Store",
     "StoreClosedError",
@@ -60,6 +69,9 @@ __all__ = [
     "StoreNotFoundError",
     "StoreStats",
     "StoreTimeoutError",
+    "Table",
+    "TableDtypeError",
+    "TableNotFoundError",
     "TooManyClientsError",
     "UnsupportedPlatformError",
     "ValueEncodingError",

@@ -373,6 +373,7 @@ def destroy(name: str) -> bool:
         found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name) + "@redo")
         found |= unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
+        found |= _unlink_prefixed(f"shmstore.{name}@t.", f"shmstore.{name}@x")  # tables, handovers
         found |= unlink_quietly(posix_ipc.Semaphore, L.bell_name(name))
         for i in range(max(max_clients, _reply_sems_on_disk(name))):
             found |= unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(name, i))
@@ -381,6 +382,19 @@ def destroy(name: str) -> bool:
     finally:
         if lock is not None:
             lock.close_fd()
+
+
+def _unlink_prefixed(*prefixes: str) -> bool:
+    """Unlink every segment in /dev/shm whose name starts with one of ``prefixes``."""
+    found = False
+    try:
+        entries = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return False
+    for entry in entries:
+        if entry.startswith(prefixes):
+            found |= unlink_quietly(posix_ipc.SharedMemory, "/" + entry)
+    return found
 
 
 def _reply_sems_on_disk(name: str) -> int:

@@ -103,8 +103,15 @@ OP_BATCH = 5
 OP_GET_MANY = 6
 OP_PING = 7
 OP_CHECKPOINT = 8  # durable stores: take a checkpoint now; replies with its epoch
+# snapshots and tables (24-31): see shmstore._snapshot, shmstore._table
+OP_SNAPSHOT = 24  # a consistent copy of the store, handed over in a temporary segment
+OP_TABLE_CREATE = 25  # [op, wait, table, dtype descr, rows]
+OP_TABLE_WRITE = 26  # [op, wait, table, rows as int64 bytes, values as raw dtype bytes]
+OP_TABLE_READ = 27  # [op, wait, table]: the whole table, handed over (read fallback)
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_INCR: "incr",
-            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint"}
+            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint",
+            OP_SNAPSHOT: "snapshot", OP_TABLE_CREATE: "table create", OP_TABLE_WRITE: "table write",
+            OP_TABLE_READ: "table read"}
 # Durability ops: codes 9-15.
 OP_BACKUP = 9  # [op, 1, dest]: write a backup into dest; replies (later) with its epoch
 OP_NAMES[OP_BACKUP] = "backup"

@@ -142,3 +142,22 @@ class StorageError(ShmStoreError, OSError):
 class EncryptionKeyError(ShmStoreError, ValueError):
     """An encrypted data directory or backup was opened without its key, or with
     another key; or a key is malformed."""
+# -- snapshots and tables --------------------------------------------------------------
+
+
+class TableNotFoundError(ShmStoreError, KeyError):
+    """No table of that name exists in the store; create it with ``store.table(name,
+    dtype=..., rows=...)``."""
+
+
+class TableDtypeError(ShmStoreError, TypeError):
+    """Values written to a table do not have the table's numpy dtype, or a dtype cannot
+    be stored (object fields)."""
+
+
+class RowOutOfRangeError(ShmStoreError, IndexError):
+    """A row number is negative or not below the table's number of rows."""
+
+
+class InvalidRowsError(ShmStoreError, ValueError):
+    """Rows and values do not match (lengths differ, a row repeats, not integers)."""

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import msgspec
 import numpy as np
@@ -27,6 +27,10 @@ from ._errors import (
     rebuild,
 )
 from ._segment import Segment, coordinator_alive, make_readers, open_segment
+
+if TYPE_CHECKING:
+    from ._snapshot import Snapshot
+    from ._table import Table
 
 #: get_many() validates optimistically this many times before asking the coordinator.
 OPTIMISTIC_TRIES = 8
@@ -505,6 +509,37 @@ class Store:
         Readers see all of the batch or none of it through :meth:`get_many`.
         """
         return Batch(self, wait)
+
+    # -- snapshots and tables (shmstore/_snapshot.py, shmstore/_table.py) ---------------
+
+    def snapshot(self, *, timeout: float | None = None) -> Snapshot:
+        """A consistent, private copy of the whole store as of one epoch.
+
+        ``with store.snapshot() as snap: snap.get(...); snap.get_many(...)`` sees one
+        epoch across every key and every call. It copies the index and the live
+        records (lock-free, validated; after a few tries spoiled by writers, the
+        coordinator makes the copy), so it always ends and never shows an inconsistent
+        view; it costs O(store size) time and memory. See ``shmstore._snapshot``.
+        """
+        from ._snapshot import take
+
+        return take(self, timeout)
+
+    def table(self, name: str, dtype: Any = None, rows: int | None = None, *,
+              timeout: float | None = None) -> Table:
+        """A numpy table of this store: ``rows`` records of a structured ``dtype``.
+
+        Opens the table ``name``, creating it (zero-filled) through the coordinator if
+        it does not exist and ``dtype`` and ``rows`` are given. See :class:`Table`.
+
+        Raises:
+            TableNotFoundError: no such table, and no dtype/rows to create it.
+            IncompatibleStoreError: it exists with another dtype or number of rows.
+            TableDtypeError: ``dtype`` cannot be stored (object fields).
+        """
+        from ._table import open_table
+
+        return open_table(self, name, dtype, rows, timeout)
 
     # -- stats -----------------------------------------------------------------------
 

@@ -1,0 +1,289 @@
+"""Consistent snapshots: one epoch across every key and every call.
+
+- The copy's validation, driven directly with the coordinator's Engine on a segment
+  of our own: a write after the epoch, a delete after it, a move of the index during
+  the copy are each refused (never a copy that mixes epochs).
+- Both ways of taking the copy (lock-free, and the coordinator's handover) answer the
+  same, and a snapshot ignores everything written after it.
+- The stress test of filelock's shape: writer processes move value between accounts in
+  batches while reader processes (fork and spawn) check, inside snapshots, that the
+  total never changes, read key by key with ``snap.get`` AND with ``snap.get_many``,
+  and that the move counters agree with the writers' batch counters (a second,
+  independent invariant). Seeded; set SEED=... to replay; the seed is printed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+import zlib
+
+import msgspec
+import posix_ipc
+import pytest
+
+import shmstore
+import shmstore._snapshot as S
+from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name
+from shmstore._segment import create_segment, unlink_quietly
+from shmstore.coordinator._engine import Engine
+
+enc = msgspec.msgpack.encode
+
+
+@pytest.fixture
+def engine(names):
+    """The coordinator's Engine on a segment of our own (no coordinator process)."""
+    n = names("eng")
+    seg = create_segment(n, Layout(capacity=64, key_size=16, value_size=32), 0)
+    e = Engine(seg)
+    e.rebuild_free_list()
+    try:
+        yield e
+    finally:
+        seg.close()
+        unlink_quietly(posix_ipc.SharedMemory, data_name(n))
+
+
+def _as_dict(snap_tuple, key_size=16):
+    epoch, idx, rows = snap_tuple
+    snap = S.Snapshot(epoch, idx, rows, key_size, 32, time.time_ns(), msgspec.msgpack.decode, False)
+    return {k.decode(): snap.get(k) for k in snap.keys()}
+
+
+def test_optimistic_copy_is_the_store_at_its_epoch(engine):
+    for i in range(10):
+        engine.put(b"k%d" % i, enc(i))
+    engine.delete(b"k3")
+    r = S.copy_optimistic(engine.seg)
+    assert r is not None and r[0] == engine.epoch
+    assert _as_dict(r) == {f"k{i}": i for i in range(10) if i != 3}
+
+
+def test_optimistic_copy_refuses_a_record_written_after_its_epoch(engine):
+    for i in range(5):
+        engine.put(b"k%d" % i, enc(i))
+    # An op applied but not yet published: its stamp is above 2E+2 of H_EPOCH.
+    h_epoch = engine.seg.q[H_EPOCH]
+    h = zlib.crc32(b"k1")
+    engine._store(b"k1", h, *engine.find(b"k1", h), enc(100), 0, engine.next_epoch())
+    assert engine.seg.q[H_EPOCH] == h_epoch
+    assert S.copy_optimistic(engine.seg) is None
+    engine.publish()
+    assert _as_dict(S.copy_optimistic(engine.seg))["k1"] == 100
+
+
+def test_optimistic_copy_refuses_a_delete_after_its_epoch(engine):
+    for i in range(5):
+        engine.put(b"k%d" % i, enc(i))
+    pos, slot = engine.find(b"k2", zlib.crc32(b"k2"))
+    engine._unlink(pos, slot, engine.next_epoch())  # applied, not published
+    assert S.copy_optimistic(engine.seg) is None, "a copy missing k2 would claim k2 was gone at E"
+    engine.publish()
+    assert "k2" not in _as_dict(S.copy_optimistic(engine.seg))
+
+
+def test_optimistic_copy_refuses_a_moving_index(engine):
+    engine.put(b"a", enc(1))
+    engine.seg.q[H_INDEX_GEN] += 1  # a backward shift in progress
+    assert S.copy_optimistic(engine.seg) is None
+    engine.seg.q[H_INDEX_GEN] += 1
+    assert S.copy_optimistic(engine.seg) is not None
+
+
+@pytest.mark.parametrize("tries", [S.SNAPSHOT_TRIES, 0], ids=["lock-free", "coordinator"])
+def test_snapshot_sees_one_epoch_and_nothing_after(served, monkeypatch, tries):
+    monkeypatch.setattr(S, "SNAPSHOT_TRIES", tries)
+    n, _ = served(capacity=200)
+    with shmstore.connect(n) as s:
+        for i in range(50):
+            s.put(f"k{i}", {"i": i})
+        s.delete("k7")
+        before = {f"k{i}": {"i": i} for i in range(50) if i != 7}
+        with s.snapshot() as snap:
+            assert snap.via_coordinator == (tries == 0)
+            assert snap.epoch == s.epoch
+            s.put("k1", "changed")
+            s.delete("k2")
+            s.put("new", 1)
+            with s.batch() as b:
+                b.put("k3", "batched")
+                b.put("k7", "back")
+            assert snap.get("k1") == {"i": 1} and snap["k2"] == {"i": 2}
+            assert snap.get("new") is None and "new" not in snap and "k7" not in snap
+            assert snap.get_many(["k3", "k7", "k1", "nope"], default=0) == [{"i": 3}, 0, {"i": 1}, 0]
+            assert {k.decode(): v for k, v in snap.items()} == before
+            assert len(snap) == 49
+            with pytest.raises(KeyError):
+                snap["new"]
+        with pytest.raises(shmstore.StoreClosedError):
+            snap.get("k1")
+        with s.snapshot() as snap2:
+            assert snap2.get("k1") == "changed" and snap2.get("k7") == "back" and snap2.epoch > snap.epoch
+
+
+def test_snapshot_of_an_empty_store_and_bad_keys(store):
+    with store.snapshot() as snap:
+        assert snap.get("x", 5) == 5 and len(snap) == 0 and list(snap.items()) == []
+        with pytest.raises(shmstore.InvalidKeyError):
+            snap.get(3)
+
+
+# -- across processes ----------------------------------------------------------------
+
+ACCOUNTS = 24
+START = 1000
+
+
+def _mover(name: str, wid: int, batches: int, seed: int) -> None:
+    rng = random.Random(seed * 100 + wid)
+    s = shmstore.connect(name)
+    keys = [f"acct{i}" for i in range(ACCOUNTS)]
+    for n in range(1, batches + 1):
+        # A read-modify-write needs CAS to be exact with several writers; here each
+        # writer owns a disjoint half of the accounts, so plain batches are exact.
+        mine = keys[wid::2]
+        a, b = rng.sample(mine, 2)
+        va, vb = s.get_many([a, b])
+        x = rng.randint(1, 50)
+        with s.batch() as bt:
+            bt.put(a, [va[0] - x, va[1] + 1])
+            bt.put(b, [vb[0] + x, vb[1] + 1])
+            bt.put(f"w{wid}", n)
+    s.close()
+
+
+def _checker(name: str, seconds: float, tries: int, out: mp.Queue) -> None:
+    S.SNAPSHOT_TRIES = tries
+    s = shmstore.connect(name)
+    keys = [f"acct{i}" for i in range(ACCOUNTS)]
+    bad = []
+    snaps = coord = 0
+    epochs = set()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and len(bad) < 5:
+            with s.snapshot() as snap:
+                snaps += 1
+                coord += snap.via_coordinator
+                epochs.add(snap.epoch)
+                one = [snap.get(k) for k in keys]  # key by key
+                many = snap.get_many(keys)  # in one call, later
+                counters = snap.get_many(["w0", "w1"], default=0)
+                total = sum(v[0] for v in one)
+                moves = sum(v[1] for v in one)
+                if total != ACCOUNTS * START:
+                    bad.append(f"total {total} at epoch {snap.epoch}")
+                if many != one:
+                    bad.append(f"get_many disagrees with get inside one snapshot at epoch {snap.epoch}")
+                if moves != 2 * sum(counters):
+                    bad.append(f"moves {moves} != 2 x batches {counters} at epoch {snap.epoch}")
+    except BaseException as e:  # report, never hang the parent
+        bad.append(f"{type(e).__name__}: {e}")
+    finally:
+        s.close()
+        out.put((os.getpid(), snaps, coord, len(epochs), bad))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_snapshot_total_never_changes_under_batched_moves(served, method):
+    seed = int(os.environ.get("SEED", time.time_ns() % 10**9))
+    print(f"seed {seed}")
+    n, _ = served(capacity=200)
+    with shmstore.connect(n) as s:
+        with s.batch() as b:
+            for i in range(ACCOUNTS):
+                b.put(f"acct{i}", [START, 0])
+            b.put("w0", 0)
+            b.put("w1", 0)
+    ctx = mp.get_context(method)
+    out = ctx.Queue()
+    writers = [ctx.Process(target=_mover, args=(n, w, 400, seed)) for w in range(2)]
+    # One checker copies lock-free first; one always asks the coordinator.
+    checkers = [ctx.Process(target=_checker, args=(n, 2.0, t, out)) for t in (S.SNAPSHOT_TRIES, 0)]
+    procs = writers + checkers
+    try:
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=90) for _ in checkers]
+        for p in procs:
+            p.join(90)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    problems = [b for r in results for b in r[4]]
+    print(results)
+    assert not problems, f"seed {seed}: {results}"
+    assert all(r[1] > 0 for r in results), results
+    assert any(r[2] > 0 for r in results), f"the coordinator path was never taken: {results}"
+    with shmstore.connect(n) as s:
+        final = s.get_many([f"acct{i}" for i in range(ACCOUNTS)])
+        assert sum(v[0] for v in final) == ACCOUNTS * START
+        assert sum(v[1] for v in final) == 2 * 800 and s.get_many(["w0", "w1"]) == [400, 400]
+
+
+def test_handovers_never_picked_up_are_removed(served, names):
+    """A client that asks for a copy and never maps it (it died) leaves nothing behind:
+    the coordinator removes it at its clean stop, destroy() after a SIGKILL."""
+    from shmstore import _channel as C
+    from tests.helpers.processes import shm_objects
+
+    for stop in ("graceful", "sigkill"):
+        n, coord = served(capacity=10)
+        with shmstore.connect(n) as s:
+            s.put("a", 1)
+            seg_name, epoch = s._request([C.OP_SNAPSHOT, 1], "snapshot")
+            assert seg_name.lstrip("/") in shm_objects(n) and epoch == s.epoch
+        if stop == "graceful":
+            coord.stop()
+            assert not [o for o in shm_objects(n) if "@x" in o], shm_objects(n)
+        else:
+            coord.kill()
+            shmstore.destroy(n)
+            assert shm_objects(n) == []
+
+
+@pytest.mark.parametrize("tries", [S.SNAPSHOT_TRIES, 0], ids=["lock-free", "coordinator"])
+def test_snapshots_match_a_dict_model_at_their_epoch(served, monkeypatch, tries):
+    """Seeded random puts, deletes and batches against a dict model; snapshots taken
+    along the way must each keep showing the model as it was when they were taken."""
+    monkeypatch.setattr(S, "SNAPSHOT_TRIES", tries)
+    seed = int(os.environ.get("SEED", time.time_ns() % 10**9))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    n, _ = served(capacity=64, key_size=8, value_size=64)
+    keys = [f"k{i}" for i in range(80)]
+    model: dict[str, object] = {}
+    snaps = []
+    with shmstore.connect(n) as s:
+        for step in range(400):
+            r = rng.random()
+            k = rng.choice(keys)
+            if r < 0.45 and (k in model or len(model) < 64):
+                s.put(k, [step, k])
+                model[k] = [step, k]
+            elif r < 0.7:
+                s.delete(k)
+                model.pop(k, None)
+            elif r < 0.85:
+                with s.batch() as b:
+                    for k2 in rng.sample(keys, 3):
+                        if k2 in model:
+                            b.delete(k2)
+                            model.pop(k2)
+                        elif len(model) < 64:
+                            b.put(k2, step)
+                            model[k2] = step
+            else:
+                snaps.append((s.snapshot(), dict(model)))
+            for snap, want in rng.sample(snaps, min(3, len(snaps))):
+                probe = rng.sample(keys, 10)
+                assert snap.get_many(probe, default="-") == [want.get(p, "-") for p in probe], seed
+        for snap, want in snaps:
+            assert {kb.decode(): v for kb, v in snap.items()} == want, seed
+            snap.close()
