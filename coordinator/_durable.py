@@ -95,6 +95,7 @@ from ._checkpoint import (
     write_checkpoint,
 )
 from ._engine import Engine
+from ._expiry import replay_expire
 from ._wal import WalHeader, WalScan, WalWriter, fsync_dir, new_id, parse_name, scan_wal, truncate_torn
 
 MANIFEST = "MANIFEST"
@@ -313,6 +314,8 @@ def replay_record(engine: Engine, payload: bytes) -> None:
         engine.incr(engine.check_key(op[2]), op[3])
     elif kind == C.OP_BATCH:
         engine.batch(op[2])
+    elif kind == C.OP_EXPIRE:
+        replay_expire(engine, op)
     else:
         raise CorruptionError(f"unknown op {kind!r} in the log")
 
@@ -783,7 +786,7 @@ class DurableJournal:
 
 def _epochs_of(payload: bytes) -> int:
     op = _decode(payload)
-    return len(op[2]) if op[0] == C.OP_BATCH else 1
+    return len(op[2]) if op[0] in (C.OP_BATCH, C.OP_EXPIRE) else 1
 
 
 def _zero(seg: Segment) -> None:

@@ -76,6 +76,7 @@ C_HEAD = 1
 C_PID = 2
 C_START = 3
 C_ERR_ACK = 4
+C_WATCH = 5  # nonzero: this client wants watch wake-ups (a token the coordinator echoes)
 C_READS = 8  # per-client counters (one writer: the client)
 C_READ_RETRIES = 9
 C_WRITES = 10
@@ -88,6 +89,7 @@ C_REPLY_LEN = 19
 C_ERR_TICKET = 20
 C_ERR_LEN = 21
 C_ERR_COUNT = 22
+C_WATCH_ACK = 23  # the C_WATCH token whose semaphore /shmstore.NAME@wN exists (0: none)
 CONTROL = 256
 ERR_AREA = 1024
 
@@ -103,8 +105,12 @@ OP_BATCH = 5
 OP_GET_MANY = 6
 OP_PING = 7
 OP_CHECKPOINT = 8  # durable stores: take a checkpoint now; replies with its epoch
+#: coordinator-made, WAL-logged only: [OP_EXPIRE, 0, [key, ...], now_ns] deletes those
+#: records, each expired at now_ns, one epoch each (see coordinator/_expiry.py)
+OP_EXPIRE = 16
 OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_INCR: "incr",
-            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint"}
+            OP_BATCH: "batch", OP_GET_MANY: "get_many", OP_PING: "ping", OP_CHECKPOINT: "checkpoint",
+            OP_EXPIRE: "expire"}
 
 # reply status
 ST_OK = 0
@@ -331,6 +337,8 @@ class ClientChannel:
         w = self.w
         q[w + C_HEAD] = 0
         q[w + C_ERR_ACK] = 0
+        q[w + C_WATCH] = 0
+        self.watch_sem = None  # opened by shmstore._feed on the first watch
         from ._segment import process_start_ms
 
         q[w + C_PID] = os.getpid()
@@ -475,14 +483,14 @@ class ClientChannel:
 
     def close(self) -> None:
         """Give the block back: the coordinator reclaims it when the lock drops."""
-        for sem in ("bell", "reply_sem"):
+        for sem in ("bell", "reply_sem", "watch_sem"):
             s = self.__dict__.pop(sem, None)
             if s is not None:
                 s.close()
         self.chan.close()
 
     def drop_after_fork(self) -> None:
-        for sem in ("bell", "reply_sem"):
+        for sem in ("bell", "reply_sem", "watch_sem"):
             self.__dict__.pop(sem, None)
         self.chan.drop_after_fork()
 

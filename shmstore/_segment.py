@@ -40,6 +40,7 @@ import numpy as np
 import posix_ipc
 
 from . import _layout as L
+from ._ttl import now_ns
 from ._errors import (
     CoordinatorUnavailableError,
     IncompatibleStoreError,
@@ -269,7 +270,7 @@ class Segment:
                         if q[w] == s1 and q[idx0 + pos] == b:
                             # Validated: the slot was stable and still the bucket's.
                             if key == kb and not (meta >> 16) & L.FLAG_FREE:
-                                if expiry and expiry <= time.time_ns():
+                                if expiry and expiry <= now_ns():
                                     return MISS
                                 return slot, s1, version, value
                             pos = (pos + 1) & mask

@@ -1,0 +1,83 @@
+"""The engine's free slots, reused oldest-freed first, and the change-feed horizon.
+
+Design
+------
+A freed slot keeps its key and its stamp ``2E+2`` (the epoch E that freed it): that is
+how a deletion shows up in ``store.changes(since)``. Reusing the slot for another
+record erases that record of the change. Two rules keep a change feed from ever
+missing one silently:
+
+1. Free slots are reused in FIFO order (:class:`FreeRing`): the slot freed longest ago
+   goes first, so the erased change records are always the oldest ones, and the store
+   remembers as many recent changes as it has free slots.
+2. Before a reused slot is first written, the header word ``H_FEED_HORIZON`` is raised
+   to the epoch whose change record is about to be erased (:func:`note_reuse`). A
+   reader asking for the changes after ``since < H_FEED_HORIZON`` gets
+   :class:`FeedTruncatedError` instead of a silently incomplete list; one whose scan
+   overlapped a reuse sees the raised horizon when it re-checks after its scan.
+
+The horizon is conservative: the slot an update frees is also erased when reused,
+though the key's newer record still carries the change. A store that is nearly full
+and keeps being written therefore has a horizon close to its epoch; feed consumers
+must keep up within (free slots) epochs there.
+
+Invariant: ``H_FEED_HORIZON`` is stored before the first store into a reused slot.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from shmstore import _layout as L
+
+
+class FreeRing:
+    """A FIFO of slot numbers in one preallocated ``array('q')`` (no per-slot objects).
+
+    ``pop()`` returns the slot appended longest ago. Indexing counts like a stack
+    whose top is the next slot ``pop()`` returns: ``ring[-1]`` is that slot.
+    """
+
+    __slots__ = ("buf", "cap", "head", "size")
+
+    def __init__(self, capacity: int, slots: bytes = b"") -> None:
+        self.cap = max(1, capacity)
+        self.buf = array("q", bytes(8 * self.cap))
+        self.head = 0
+        self.size = 0
+        if slots:
+            first = array("q", slots)
+            self.buf[: len(first)] = first
+            self.size = len(first)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, slot: int) -> None:
+        if self.size >= self.cap:
+            raise IndexError("free ring overflow: a slot was freed twice")
+        self.buf[(self.head + self.size) % self.cap] = slot
+        self.size += 1
+
+    def pop(self) -> int:
+        if not self.size:
+            raise IndexError("pop from an empty free ring")
+        slot = self.buf[self.head]
+        self.head = (self.head + 1) % self.cap
+        self.size -= 1
+        return slot
+
+    def __getitem__(self, i: int) -> int:
+        if not -self.size <= i < self.size:
+            raise IndexError("free ring index out of range")
+        k = -1 - i if i < 0 else self.size - 1 - i  # k-th slot to be popped
+        return self.buf[(self.head + k) % self.cap]
+
+
+def note_reuse(q: memoryview, w: int) -> None:
+    """Raise the feed horizon before slot word ``w``'s change record is overwritten."""
+    seq = q[w]
+    if seq >= 2:
+        epoch = (seq - 1) // 2  # an even stamp 2E+2 -> E (an odd 2E+1 -> E too)
+        if epoch > q[L.H_FEED_HORIZON]:
+            q[L.H_FEED_HORIZON] = epoch
