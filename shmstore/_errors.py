@@ -127,6 +127,10 @@ class FeedTruncatedError(ShmStoreError, LookupError):
     you need in full (drop a local cache), then continue from ``store.epoch``."""
 
 
+class InvalidCursorError(ShmStoreError, ValueError):
+    """A change-feed cursor (``since=``) is not an epoch: an int >= 0."""
+
+
 def rebuild(type_name: str, message: str) -> ShmStoreError:
     """Rebuild an error that crossed the coordinator protocol.
 

@@ -37,7 +37,7 @@ import posix_ipc
 
 from . import _channel as C
 from . import _layout as L
-from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidKeyError
+from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError, InvalidKeyError
 
 #: longest single sleep of a watcher; it re-checks the coordinator in between
 WATCH_SLICE = 1.0
@@ -80,7 +80,7 @@ class FeedMixin:
                 continue from ``store.epoch``.
         """
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
-            raise InvalidKeyError(f"since must be an epoch (an int >= 0), got {since!r}")
+            raise InvalidCursorError(f"since must be an epoch (an int >= 0, e.g. store.epoch), got {since!r}")
         pb = self._prefix(prefix)
         seg = self._live_segment()
         q = seg.q
