@@ -337,8 +337,7 @@ class ClientChannel:
         w = self.w
         q[w + C_HEAD] = 0
         q[w + C_ERR_ACK] = 0
-        q[w + C_WATCH] = 0
-        self.watch_sem = None  # opened by shmstore._feed on the first watch
+        q[w + C_WATCH] = 0  # no watch until shmstore._feed registers one
         from ._segment import process_start_ms
 
         q[w + C_PID] = os.getpid()
@@ -483,14 +482,14 @@ class ClientChannel:
 
     def close(self) -> None:
         """Give the block back: the coordinator reclaims it when the lock drops."""
-        for sem in ("bell", "reply_sem", "watch_sem"):
+        for sem in ("bell", "reply_sem"):
             s = self.__dict__.pop(sem, None)
             if s is not None:
                 s.close()
         self.chan.close()
 
     def drop_after_fork(self) -> None:
-        for sem in ("bell", "reply_sem", "watch_sem"):
+        for sem in ("bell", "reply_sem"):
             self.__dict__.pop(sem, None)
         self.chan.drop_after_fork()
 

@@ -216,6 +216,11 @@ class _Hub:
         self.pid = os.getpid()
         self.cond = threading.Condition()
         self.leader = False
+        # Invariant: only the leader touches these. The semaphore is closed only when
+        # replaced (a new write channel), by the leader: never while a thread waits on
+        # it, which sem_close does not allow.
+        self.sem: posix_ipc.Semaphore | None = None
+        self.sem_ch: object = None
 
     def wait(self, store: FeedMixin, epoch: int, timeout: float) -> None:
         """Sleep until the coordinator posts, the epoch moves past ``epoch``, or
@@ -243,16 +248,18 @@ class _Hub:
                 self.leader = False
                 self.cond.notify_all()
 
-    @staticmethod
-    def _semaphore(store: FeedMixin, timeout: float) -> posix_ipc.Semaphore | None:
+    def _semaphore(self, store: FeedMixin, timeout: float) -> posix_ipc.Semaphore | None:
         """This process's watch semaphore, registering with the coordinator if needed."""
         seg = store._live_segment()
         deadline = time.monotonic() + max(timeout, 0.1)
         try:
             with store._wlock:
                 ch = store._channel(seg, deadline)
-                if ch.watch_sem is not None:
-                    return ch.watch_sem
+                if self.sem is not None and self.sem_ch is ch:
+                    return self.sem
+                if self.sem is not None:
+                    self.sem.close()  # the old channel's: nobody waits on it (we lead)
+                    self.sem = self.sem_ch = None
                 q = ch.chan.q
                 token = int.from_bytes(os.urandom(8), "little") | 1
                 q[ch.w + C.C_WATCH] = token
@@ -261,7 +268,8 @@ class _Hub:
                     if time.monotonic() > deadline or not ch.alive():
                         return None
                     time.sleep(0.001)
-                ch.watch_sem = posix_ipc.Semaphore(L.watch_sem_name(store.name, ch.client))
-                return ch.watch_sem
+                self.sem = posix_ipc.Semaphore(L.watch_sem_name(store.name, ch.client))
+                self.sem_ch = ch
+                return self.sem
         except (CoordinatorUnavailableError, posix_ipc.ExistentialError):
             return None
