@@ -20,7 +20,8 @@ Invariant: ops are validated completely before the first store into the segment,
 rejected op leaves no trace. A batch is validated as a whole first.
 
 The engine keeps no per-key Python objects: lookups probe the segment's own index and
-free slots live in one ``array('q')`` ring (FIFO, see ``_freering``); its memory does not grow with the records.
+free slots live in one deque, reused oldest first (see ``_freering``); its memory does
+not grow with the records.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from shmstore._errors import (
 from shmstore._segment import Segment
 from shmstore._ttl import now_ns
 
-from ._freering import FreeRing, note_reuse
+from ._freering import FreeRing
+
+H_FEED_HORIZON = L.H_FEED_HORIZON
 
 crc32 = zlib.crc32
 _int_decode = msgspec.msgpack.Decoder(int).decode
@@ -68,7 +71,7 @@ class Engine:
         self.q = seg.q
         self.mv = seg.mv
         self.epoch = seg.q[L.H_EPOCH]
-        self.free = FreeRing(seg.nslots)
+        self.free = FreeRing()
         self.capacity = seg.layout.capacity
         self.redo = None  # a RedoArea once serving: holds the batch being applied
         #: The clock cas/incr judge expiries by. The default (0: nothing is expired)
@@ -96,7 +99,7 @@ class Engine:
         # Oldest freed first (never-written slots, stamp 0, before all): see _freering.
         free = np.flatnonzero(~used)
         free = free[np.argsort(words[free, L.S_SEQ], kind="stable")].astype(np.int64)
-        self.free = FreeRing(seg.nslots, free.tobytes())
+        self.free = FreeRing(free.tolist())
         self.q[L.H_COUNT] = int(used.sum())
 
     def next_epoch(self) -> int:
@@ -222,9 +225,13 @@ class Engine:
     def _store(self, kb: bytes, h: int, pos: int, old: int, vb: bytes, expiry: int, epoch: int) -> int:
         """Write a record copy-on-write at ``epoch``; the caller checked capacity."""
         new = self.free.pop()
-        note_reuse(self.q, self._slot_word(new))
-        self._write_slot(new, epoch, kb, vb, epoch, expiry, 0)
         q = self.q
+        # Invariant: the feed horizon is raised before the reused slot's old change
+        # record is overwritten (note_reuse, inlined: this is the hot path).
+        seq = q[self.seg.slot0 + new * self.seg.slot_words]
+        if seq >= 2 and (seq - 1) >> 1 > q[H_FEED_HORIZON]:
+            q[H_FEED_HORIZON] = (seq - 1) >> 1
+        self._write_slot(new, epoch, kb, vb, epoch, expiry, 0)
         q[self.seg.idx0 + pos] = (h << 32) | (new + 1)
         if old >= 0:
             self._free_slot(old, epoch)
