@@ -18,12 +18,17 @@ it reclaims the client's block (the process died or closed its channel), and at 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import posix_ipc
 
 from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._segment import unlink_quietly
+
+#: while busy, the longest a watch registration waits to be noticed, seconds
+SCAN_EVERY = 0.05
 
 
 class WatchHub:
@@ -38,13 +43,26 @@ class WatchHub:
         self.ack = chan.words(C.C_WATCH_ACK)
         self.sems: dict[int, posix_ipc.Semaphore] = {}
         self.last_epoch = seg_q[L.H_EPOCH]
+        self.last_groups = -1
+        self.next_scan = 0.0
 
     def service(self) -> None:
-        """Register/unregister watchers, then post them if the epoch moved."""
-        pending = np.flatnonzero(self.req != self.ack)
-        for i in pending.tolist():
-            if i in self.active:
-                self._update(i)
+        """Register/unregister watchers, then post them if the epoch moved.
+
+        Called every loop iteration. The scan for (un)registrations (a few us of
+        numpy) runs when the iteration served no group (a client that registers rings
+        the doorbell without sending a frame) or at most every ``SCAN_EVERY`` seconds
+        while the coordinator is busy.
+        """
+        groups = self.seg_q[L.H_GROUPS]
+        now = time.monotonic()
+        if groups == self.last_groups or now >= self.next_scan:
+            self.next_scan = now + SCAN_EVERY
+            pending = np.flatnonzero(self.req != self.ack)
+            for i in pending.tolist():
+                if i in self.active:
+                    self._update(i)
+        self.last_groups = groups
         e = self.seg_q[L.H_EPOCH]
         if e != self.last_epoch:
             self.last_epoch = e

@@ -78,6 +78,7 @@ class FeedMixin:
                 fell far behind), or ``since`` is ahead of the store (a cursor from a
                 destroyed and recreated store). Re-read what you need in full, then
                 continue from ``store.epoch``.
+            InvalidCursorError: ``since`` is not an int >= 0.
         """
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise InvalidCursorError(f"since must be an epoch (an int >= 0, e.g. store.epoch), got {since!r}")

@@ -206,6 +206,47 @@ def test_watch_timeout_ends_the_iteration_and_threads_share_a_handle(store):
     assert all(b"x" in g and b"end" in g for g in got), got
 
 
+def test_feed_and_watch_continue_across_a_coordinator_restart(served, names):
+    """A restarted coordinator adopts the segment: freed slots keep their keys, so a
+    cursor from before still works; a watcher re-registers with the new coordinator."""
+    n, coord = served(capacity=100)
+    with shmstore.connect(n) as s:
+        s.put("a", 1)
+        cursor = s.epoch
+        s.delete("a")
+        got: list = []
+        ready = threading.Event()
+
+        def watch() -> None:
+            it = s.watch(timeout=60)
+            ready.set()
+            for keys, _ in it:
+                got.extend(keys)
+                if b"after" in keys:
+                    return
+
+        t = threading.Thread(target=watch)
+        t.start()
+        ready.wait(10)
+        coord.stop()
+        coord2 = shmstore.serve(n)
+        names.coordinators.append(coord2)
+        s.put("after", 1)
+        t.join(60)
+        assert not t.is_alive() and b"after" in got
+        assert s.changes(cursor)[0] == [b"a", b"after"]
+
+
+def test_destroy_removes_watch_semaphores_a_killed_coordinator_left(served):
+    n, coord = served(capacity=10)
+    with shmstore.connect(n) as s:
+        assert list(s.watch(timeout=0.3)) == []  # registers this process's semaphore
+        assert any(x.startswith(f"sem.shmstore.{n}@w") for x in os.listdir("/dev/shm"))
+        coord.kill()
+    shmstore.destroy(n)
+    assert not any(x.startswith(f"sem.shmstore.{n}@") for x in os.listdir("/dev/shm"))
+
+
 def _cache_worker(name: str, requests: mp.Queue, answers: mp.Queue) -> None:
     """A pool/Gunicorn-style worker: a local cache invalidated by a watch thread."""
     try:

@@ -169,6 +169,7 @@ def test_expiry_survives_restart_from_wal_and_checkpoint(served, names, clock, t
         wait_for(lambda: s._seg.q[L.H_EXPIRED] >= 2, timeout=30, what="reclaim of 'short'")
         versions = {k: s.version(k) for k in ("long", "none", "cas")}
         left = s.ttl("long")
+        cursor = s.epoch
     coord.kill()  # SIGKILL: recovery replays the WAL, OP_EXPIRE records included
     shmstore.destroy(n)  # no segment to adopt: rebuild from the data directory
     coord2 = shmstore.serve(n, path=str(path))
@@ -178,6 +179,10 @@ def test_expiry_survives_restart_from_wal_and_checkpoint(served, names, clock, t
         assert {k: s.version(k) for k in versions} == versions
         assert s.ttl("none") is None and s.ttl("cas") is None
         assert math.isclose(s.ttl("long"), left, abs_tol=30)
+        # A rebuild from disk keeps no freed slots: a feed cursor from before must resync.
+        with pytest.raises(shmstore.FeedTruncatedError):
+            s.changes(cursor)
+        assert s.changes(s.epoch) == ([], s.epoch)
         s.put("later", 1, ttl=2)
         s.checkpoint()
     coord2.stop()
