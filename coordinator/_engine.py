@@ -79,6 +79,9 @@ class Engine:
         #: with a logged op before an op that looks at it, and sets this to the time it
         #: judged by (coordinator/_expiry.py).
         self.clock = _never
+        #: A lower bound of every expiry in the slots (0: unknown). The background
+        #: reclaim scans the slots only once the clock passes it (coordinator/_expiry.py).
+        self.next_expiry = 0
 
     # -- setup -----------------------------------------------------------------------
 
@@ -146,6 +149,8 @@ class Engine:
         q[w] = 2 * epoch + 1
         q[w + L.S_VERSION] = version
         q[w + L.S_EXPIRY] = expiry
+        if expiry and expiry < self.next_expiry:
+            self.next_expiry = expiry
         q[w + L.S_META] = len(kb) | (flags << 16) | (len(vb) << 32)
         o = w * 8 + L.SLOT_HEADER
         mv[o : o + len(kb)] = kb

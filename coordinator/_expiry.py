@@ -3,9 +3,11 @@
 Design
 ------
 Readers already treat an expired record as missing; this module gives its slot back.
-Every tick :meth:`Expirer.tick` scans the slots' expiry column with numpy (one strided
-pass), takes at most ``RECLAIM_PER_TICK`` records whose expiry has passed, and deletes
-them as ONE logged op::
+Every tick in which the clock has passed the earliest expiry written since the last
+scan (``engine.next_expiry``, so a store without due records costs nothing),
+:meth:`Expirer.tick` scans the slots' expiry column with numpy (one strided pass),
+takes at most ``RECLAIM_PER_TICK`` records whose expiry has passed, and deletes them
+as ONE logged op::
 
     [OP_EXPIRE, 0, [key, ...], now_ns]
 
@@ -37,6 +39,7 @@ from shmstore._ttl import now_ns
 
 #: most records reclaimed per coordinator tick (0.1 s): bounds the pause it adds
 RECLAIM_PER_TICK = 2048
+NO_EXPIRY = (1 << 64) - 1
 
 _encode = msgspec.msgpack.Encoder().encode
 crc32 = zlib.crc32
@@ -73,14 +76,22 @@ class Expirer:
     def tick(self) -> int:
         """Reclaim up to ``RECLAIM_PER_TICK`` expired records. Returns how many."""
         seg = self.seg
+        e = self.engine
         now = self.now = now_ns()
+        if now < e.next_expiry:
+            return 0  # nothing can be due: no scan (it touches every slot)
         words = seg.slot_words_view()
         expiry = words[:, L.S_EXPIRY]
-        due = np.flatnonzero((expiry != 0) & (expiry <= np.uint64(now)))
-        del words, expiry
+        has = expiry != 0
+        due = np.flatnonzero(has & (expiry <= np.uint64(now)))
+        later = expiry[has & (expiry > np.uint64(now))]
+        # Invariant: every expiry in the slots is >= next_expiry (writes lower it).
+        e.next_expiry = NO_EXPIRY if not len(later) else int(later.min())
+        del words, expiry, has
         if not len(due):
             return 0
-        e = self.engine
+        if len(due) > RECLAIM_PER_TICK:
+            e.next_expiry = 0  # the rest is due already: scan again next tick
         keys = []
         for slot in due[:RECLAIM_PER_TICK].tolist():
             kb = e._key_at(slot)
