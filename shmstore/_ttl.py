@@ -18,8 +18,9 @@ What clears or keeps an expiry:
 
 The test clock
 --------------
-For tests only: if the environment variable ``SHMSTORE_TEST_CLOCK_FILE`` names a file,
-every clock reading of that process (readers' expiry checks, ``ttl=`` computations, the
+For tests only: if the environment variable ``SHMSTORE_TEST_CLOCK_FILE`` names a file
+when shmstore is imported (or after :func:`set_test_clock`), every clock reading of that
+process (readers' expiry checks, ``ttl=`` computations, the
 coordinator's reclaim) adds the number of seconds the file holds (a float; a missing or
 empty file counts as 0). A coordinator started by ``shmstore.serve`` inherits the
 variable, so a test moves time forward for every process at once by writing the file.
@@ -40,15 +41,25 @@ CLOCK_ENV = "SHMSTORE_TEST_CLOCK_FILE"
 MAX_TTL = 100 * 365.25 * 86400
 
 _time_ns = time.time_ns
-_environ = os.environ
+#: the test clock file of this process (read once at import; see set_test_clock)
+_clock_path: str | None = os.environ.get(CLOCK_ENV) or None
 
 
 def now_ns() -> int:
     """The wall clock in ns, shifted by the test clock file if one is configured."""
-    path = _environ.get(CLOCK_ENV)
-    if path is None:
+    if _clock_path is None:
         return _time_ns()
-    return _time_ns() + _offset_ns(path)
+    return _time_ns() + _offset_ns(_clock_path)
+
+
+def set_test_clock(path: str | None) -> None:
+    """Tests only: use (or, with None, stop using) a clock file in THIS process.
+
+    The environment variable is read at import; a test that sets it later (for the
+    processes it starts) calls this for its own process.
+    """
+    global _clock_path
+    _clock_path = path
 
 
 def _offset_ns(path: str) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
+from shmstore import _ttl
 from shmstore._ttl import CLOCK_ENV
 from tests.helpers.processes import python, reap, wait_for
 
@@ -24,7 +25,8 @@ def clock(tmp_path, monkeypatch):
     """
     path = tmp_path / "clock"
     path.write_text("0")
-    monkeypatch.setenv(CLOCK_ENV, str(path))
+    monkeypatch.setenv(CLOCK_ENV, str(path))  # for the processes the test starts
+    monkeypatch.setattr(_ttl, "_clock_path", str(path))  # for this one (set_test_clock)
     offset = [0.0]
 
     def advance(seconds: float) -> None:
