@@ -139,11 +139,17 @@ class FeedMixin:
         # Invariant: a copied key is used only if its slot's stamp was even and did
         # not move across the copy.
         ok = (s1 == s2) & ((s1 & np.uint64(1)) == 0)
-        klen = np.minimum(meta & np.uint64(0xFFFF), np.uint64(ksz)).astype(np.intp)
-        keys = set()
-        for row, n in zip(kbytes[ok], klen[ok].tolist()):
-            if n:
-                keys.add(row[:n].tobytes())
+        klen = np.minimum(meta & np.uint64(0xFFFF), np.uint64(ksz)).astype(np.intp)[ok]
+        rows = np.ascontiguousarray(kbytes[ok])
+        # Bytes objects in one call: numpy's S dtype drops trailing NULs, so the keys
+        # whose length then differs from the slot's are cut from the row exactly.
+        fixed = rows.view(f"S{ksz}").ravel()
+        got = fixed.tolist()
+        short = np.flatnonzero(np.char.str_len(fixed) != klen) if len(fixed) else ()
+        for i in short:
+            got[i] = rows[i, : klen[i]].tobytes()
+        keys = set(got)
+        keys.discard(b"")
         for slot in cand[~ok].tolist():
             r = seg.read_slot(slot)  # a slot being written: wait for it (microseconds)
             if r[4]:

@@ -309,3 +309,13 @@ def test_workers_invalidate_local_caches_on_change(served):
                 if p.is_alive():
                     p.kill()
                     p.join()
+
+
+def test_changes_keeps_bytes_keys_exactly(store):
+    """Keys are cut from their slots by length: trailing NUL bytes are part of a key."""
+    e0 = store.epoch
+    keys = [b"a", b"a\x00", b"a\x00\x00", b"\x00", b"\xff\x00b"]
+    for k in keys:
+        store.put(k, 1)
+    store.delete(b"a\x00")
+    assert store.changes(e0)[0] == sorted(keys)
