@@ -82,11 +82,12 @@ class AsyncMixin:
         return AsyncBatch(Batch(self, True))
 
     async def awatch(self, prefix: str | bytes | None = None, timeout: float | None = None, *,
-                     since: int | None = None) -> AsyncIterator[tuple[list[bytes], int]]:
+                     since: int | None = None, min_interval: float = 0.01
+                     ) -> AsyncIterator[tuple[list[bytes], int]]:
         """Async iterator over ``(keys, epoch)`` batches of changes; see :meth:`Store.watch`
         (same arguments; ``timeout`` ends the iteration after that long without a change)."""
         loop = asyncio.get_running_loop()
-        w = _Watcher(self, prefix, since)
+        w = _Watcher(self, prefix, since, min_interval)
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             left = None if deadline is None else deadline - loop.time()

@@ -128,7 +128,8 @@ class FeedTruncatedError(ShmStoreError, LookupError):
 
 
 class InvalidCursorError(ShmStoreError, ValueError):
-    """A change-feed cursor (``since=``) is not an epoch: an int >= 0."""
+    """A change-feed cursor (``since=``) is not an epoch (an int >= 0), or a watch's
+    ``min_interval=`` is not 0 to 60 seconds."""
 
 
 def rebuild(type_name: str, message: str) -> ShmStoreError:
