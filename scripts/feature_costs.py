@@ -62,6 +62,7 @@ def main() -> None:
         p0 = per_call(lambda: s.put("p", 1), n, repeats)
         p1 = per_call(lambda: s.put("p", 1, ttl=60), n, repeats)
         rows.append(("put(ttl=60) / put", p1, p0))
+        e_fill = s.epoch
         for chunk in range(0, 50_000, 5000):
             with s.batch() as b:
                 for i in range(chunk, chunk + 5000):
@@ -70,7 +71,7 @@ def main() -> None:
             s.put(f"k{i}", -i)
         e = s.epoch - 100
         c1 = per_call(lambda: s.changes(e), 20, repeats)
-        c_all = per_call(lambda: s.changes(0), 3, repeats)
+        c_all = per_call(lambda: s.changes(e_fill), 3, repeats)
         rows.append(("changes(): 100 changed keys / every one of 50,100 records", c1, c_all))
 
         async def seq_aput() -> None:
@@ -93,12 +94,12 @@ def main() -> None:
             assert w.stdout.readline().strip() == "ready"
             time.sleep(0.5)  # let it register and fall asleep
             lat = []
-            for i in range(20 if args.quick else 100):
+            for i in range(10 if args.quick else 60):
                 t0 = time.time_ns()
                 s.put("w", i)
                 woke = int(w.stdout.readline())
                 lat.append((woke - t0) / 1e9)
-                time.sleep(0.01)  # it sleeps on its semaphore again
+                time.sleep(0.05)  # idle longer than watch's min_interval (10 ms)
             s.put("stop", 1)
             w.wait(10)
         finally:
