@@ -11,7 +11,7 @@ missing one silently:
    goes first, so the erased change records are always the oldest ones, and the store
    remembers as many recent changes as it has free slots.
 2. Before a reused slot is first written, the header word ``H_FEED_HORIZON`` is raised
-   to the epoch whose change record is about to be erased (:func:`note_reuse`). A
+   to the epoch whose change record is about to be erased (``Engine._store``). A
    reader asking for the changes after ``since < H_FEED_HORIZON`` gets
    :class:`FeedTruncatedError` instead of a silently incomplete list; one whose scan
    overlapped a reuse sees the raised horizon when it re-checks after its scan.
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from collections import deque
 
-from shmstore import _layout as L
-
 
 class FreeRing(deque):
     """A FIFO of slot numbers: ``pop()`` returns the slot appended longest ago.
@@ -44,15 +42,3 @@ class FreeRing(deque):
 
     def __getitem__(self, i: int) -> int:
         return deque.__getitem__(self, -1 - i)
-
-
-def note_reuse(q: memoryview, w: int) -> None:
-    """Raise the feed horizon before slot word ``w``'s change record is overwritten.
-
-    (The engine inlines this on its hot path; keep the two in step.)
-    """
-    seq = q[w]
-    if seq >= 2:
-        epoch = (seq - 1) // 2  # an even stamp 2E+2 -> E (an odd 2E+1 -> E too)
-        if epoch > q[L.H_FEED_HORIZON]:
-            q[L.H_FEED_HORIZON] = epoch
