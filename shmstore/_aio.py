@@ -5,7 +5,7 @@ Design
 ------
 A write waits for the coordinator's reply on a POSIX semaphore, which an event loop
 cannot await. So each handle runs its async writes in ONE worker thread of its own
-(started on the first async call, a daemon named ``shmstore-aio``): the coroutine
+(started on the first async call, named ``shmstore-aio``, idle until used): the coroutine
 hands the blocking call to that thread with ``loop.run_in_executor`` and awaits the
 future; the event loop keeps running other tasks meanwhile, even while the coordinator
 is stopped or slow. One thread per handle keeps the async writes of a handle in the
