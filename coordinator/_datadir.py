@@ -40,6 +40,7 @@ from shmstore._errors import CoordinatorRunningError, CorruptionError, Incompati
 from shmstore._segment import Segment
 
 from ._engine import Engine
+from ._expiry import replay_expire
 from ._table import replay as table_replay
 from ._wal import WalHeader, fsync_dir, parse_name
 
@@ -262,13 +263,15 @@ def replay_record(engine: Engine, payload: bytes) -> None:
         engine.incr(engine.check_key(op[2]), op[3])
     elif kind == C.OP_BATCH:
         engine.batch(op[2])
+    elif kind == C.OP_EXPIRE:
+        replay_expire(engine, op)
     elif not table_replay(engine, op):  # tables: coordinator/_table.py
         raise CorruptionError(f"unknown op {kind!r} in the log")
 
 
 def epochs_of(payload: bytes) -> int:
     op = _decode(payload)
-    return len(op[2]) if op[0] == C.OP_BATCH else 1
+    return len(op[2]) if op[0] in (C.OP_BATCH, C.OP_EXPIRE) else 1
 
 
 def zero_segment(seg: Segment) -> None:

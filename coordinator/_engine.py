@@ -20,14 +20,13 @@ Invariant: ops are validated completely before the first store into the segment,
 rejected op leaves no trace. A batch is validated as a whole first.
 
 The engine keeps no per-key Python objects: lookups probe the segment's own index and
-free slots live in one ``array('q')``; its memory does not grow with the records.
+free slots live in one deque, reused oldest first (see ``_freering``); its memory does
+not grow with the records.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
-from array import array
 
 import msgspec
 import numpy as np
@@ -41,10 +40,19 @@ from shmstore._errors import (
     VersionConflictError,
 )
 from shmstore._segment import Segment
+from shmstore._ttl import now_ns
+
+from ._freering import FreeRing
+
+H_FEED_HORIZON = L.H_FEED_HORIZON
 
 crc32 = zlib.crc32
 _int_decode = msgspec.msgpack.Decoder(int).decode
 _encode = msgspec.msgpack.encode
+
+
+def _never() -> int:
+    return 0
 
 
 def _show(kb: bytes) -> str:
@@ -63,9 +71,17 @@ class Engine:
         self.q = seg.q
         self.mv = seg.mv
         self.epoch = seg.q[L.H_EPOCH]
-        self.free = array("q")
+        self.free = FreeRing()
         self.capacity = seg.layout.capacity
         self.redo = None  # a RedoArea once serving: holds the batch being applied
+        #: The clock cas/incr judge expiries by. The default (0: nothing is expired)
+        #: keeps replay deterministic: the live coordinator reclaims an expired record
+        #: with a logged op before an op that looks at it, and sets this to the time it
+        #: judged by (coordinator/_expiry.py).
+        self.clock = _never
+        #: A lower bound of every expiry in the slots (0: unknown). The background
+        #: reclaim scans the slots only once the clock passes it (coordinator/_expiry.py).
+        self.next_expiry = 0
 
     # -- setup -----------------------------------------------------------------------
 
@@ -83,8 +99,10 @@ class Engine:
             self._free_slot(int(slot), self.next_epoch())
         if len(orphans):
             self.publish()
-        free = np.flatnonzero(~used)[::-1].astype(np.int64)
-        self.free = array("q", free.tobytes())
+        # Oldest freed first (never-written slots, stamp 0, before all): see _freering.
+        free = np.flatnonzero(~used)
+        free = free[np.argsort(words[free, L.S_SEQ], kind="stable")].astype(np.int64)
+        self.free = FreeRing(free.tolist())
         self.q[L.H_COUNT] = int(used.sum())
 
     def next_epoch(self) -> int:
@@ -131,6 +149,8 @@ class Engine:
         q[w] = 2 * epoch + 1
         q[w + L.S_VERSION] = version
         q[w + L.S_EXPIRY] = expiry
+        if expiry and expiry < self.next_expiry:
+            self.next_expiry = expiry
         q[w + L.S_META] = len(kb) | (flags << 16) | (len(vb) << 32)
         o = w * 8 + L.SLOT_HEADER
         mv[o : o + len(kb)] = kb
@@ -201,7 +221,7 @@ class Engine:
         w = self._slot_word(slot)
         q = self.q
         expiry = q[w + L.S_EXPIRY]
-        if expiry and expiry <= time.time_ns():
+        if expiry and expiry <= now_ns():
             return None
         vlen = q[w + L.S_META] >> 32
         vo = w * 8 + L.SLOT_HEADER + self.seg.key_size
@@ -210,8 +230,13 @@ class Engine:
     def _store(self, kb: bytes, h: int, pos: int, old: int, vb: bytes, expiry: int, epoch: int) -> int:
         """Write a record copy-on-write at ``epoch``; the caller checked capacity."""
         new = self.free.pop()
-        self._write_slot(new, epoch, kb, vb, epoch, expiry, 0)
         q = self.q
+        # Invariant: the feed horizon is raised before the reused slot's old change
+        # record is overwritten (note_reuse, inlined: this is the hot path).
+        seq = q[self.seg.slot0 + new * self.seg.slot_words]
+        if seq >= 2 and (seq - 1) >> 1 > q[H_FEED_HORIZON]:
+            q[H_FEED_HORIZON] = (seq - 1) >> 1
+        self._write_slot(new, epoch, kb, vb, epoch, expiry, 0)
         q[self.seg.idx0 + pos] = (h << 32) | (new + 1)
         if old >= 0:
             self._free_slot(old, epoch)
@@ -259,7 +284,7 @@ class Engine:
             return 0
         w = self._slot_word(slot)
         expiry = self.q[w + L.S_EXPIRY]
-        if expiry and expiry <= time.time_ns():
+        if expiry and expiry <= self.clock():
             return 0
         return self.q[w + L.S_VERSION]
 

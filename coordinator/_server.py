@@ -62,6 +62,8 @@ from shmstore._segment import Segment, create_segment, open_segment, process_sta
 
 from ._backup import Deferred, start_backup
 from ._engine import Engine
+from ._expiry import Expirer
+from ._watch import WatchHub
 from ._journal import Journal, NullJournal
 from ._recovery import RedoArea, repair
 from ._replies import refuse_group, reply_deferred
@@ -271,6 +273,11 @@ class CoordinatorServer:
         self.handovers = Handovers(self.name)
         self.engine.redo = self.redo
         self.journal.open(seg, self.engine)
+        if self.created:
+            # No change records older than this segment exist (a rebuild from disk
+            # keeps no freed slots): feeds from before it must resync.
+            q[L.H_FEED_HORIZON] = self.engine.epoch
+        self.expirer = Expirer(self.engine, self.journal)
         self._open_ipc()
         ch = self.chan
         self.sessions = ch.words(C.C_SESSION)
@@ -279,6 +286,7 @@ class CoordinatorServer:
         self.tails = ch.words(C.C_TAIL)
         self.done = [0] * cfg.max_clients
         self.active: list[int] = []
+        self.watch = WatchHub(self.name, ch, q, self.active)
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -344,6 +352,7 @@ class CoordinatorServer:
             if now >= next_tick:
                 next_tick = now + TICK
                 self.tick()
+            self.watch.service()
         # Drain what is already queued before going away (graceful stop).
         self.serve_group()
         reply_deferred(self, block=True)
@@ -354,6 +363,7 @@ class CoordinatorServer:
         q = self.seg.q
         q[L.H_HEARTBEAT] = time.time_ns()
         self.journal.tick()
+        self.expirer.tick()
         self.reclaim_dead_clients()
         self.handovers.sweep()
         ppid = self.config.parent_pid
@@ -377,6 +387,7 @@ class CoordinatorServer:
         q[w + C.C_SESSION] = 0
         q[w + C.C_TAIL] = q[w + C.C_HEAD]
         self.deferred.pop(i, None)
+        self.watch.forget(i)
         if i in self.active:
             self.active.remove(i)
 
@@ -529,6 +540,7 @@ class CoordinatorServer:
             elif kind == C.OP_DELETE:
                 _, _, kb = op
                 e.check_key(kb)
+                self.expirer.purge(kb)
                 epoch0 = e.epoch
                 result = e.delete(kb)
                 q[L.H_DELETES] += 1
@@ -538,6 +550,7 @@ class CoordinatorServer:
                 _, _, kb, vb, version, expiry = op
                 e.check_key(kb)
                 e.check_value(vb)
+                self.expirer.purge(kb)
                 epoch0 = e.epoch
                 result = e.cas(kb, vb, version, expiry)
                 q[L.H_CAS] += 1
@@ -546,6 +559,7 @@ class CoordinatorServer:
                 e.check_key(kb)
                 if not isinstance(delta, int):
                     raise ProtocolError("incr needs an integer delta")
+                self.expirer.purge(kb)
                 epoch0 = e.epoch
                 result = e.incr(kb, delta)
                 q[L.H_INCRS] += 1
@@ -596,6 +610,9 @@ class CoordinatorServer:
             if q[L.H_COORD_PID] == os.getpid():
                 q[L.H_COORD_INCARNATION] = 0
                 q[L.H_COORD_PID] = 0
+        watch = self.__dict__.pop("watch", None)
+        if watch is not None:
+            watch.close()
         self.journal.close()
         redo = self.__dict__.pop("redo", None)
         if redo is not None:

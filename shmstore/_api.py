@@ -377,6 +377,7 @@ def destroy(name: str) -> bool:
         found |= unlink_quietly(posix_ipc.Semaphore, L.bell_name(name))
         for i in range(max(max_clients, _reply_sems_on_disk(name))):
             found |= unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(name, i))
+            found |= unlink_quietly(posix_ipc.Semaphore, L.watch_sem_name(name, i))
         unlink_quietly(posix_ipc.SharedMemory, L.lock_name(name))
         return found
     finally:

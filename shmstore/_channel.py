@@ -76,6 +76,7 @@ C_HEAD = 1
 C_PID = 2
 C_START = 3
 C_ERR_ACK = 4
+C_WATCH = 5  # nonzero: this client wants watch wake-ups (a token the coordinator echoes)
 C_READS = 8  # per-client counters (one writer: the client)
 C_READ_RETRIES = 9
 C_WRITES = 10
@@ -88,6 +89,7 @@ C_REPLY_LEN = 19
 C_ERR_TICKET = 20
 C_ERR_LEN = 21
 C_ERR_COUNT = 22
+C_WATCH_ACK = 23  # the C_WATCH token whose semaphore /shmstore.NAME@wN exists (0: none)
 CONTROL = 256
 ERR_AREA = 1024
 
@@ -115,6 +117,10 @@ OP_NAMES = {OP_PUT: "put", OP_DELETE: "delete", OP_CAS: "compare_and_set", OP_IN
 # Durability ops: codes 9-15.
 OP_BACKUP = 9  # [op, 1, dest]: write a backup into dest; replies (later) with its epoch
 OP_NAMES[OP_BACKUP] = "backup"
+#: coordinator-made, WAL-logged only: [OP_EXPIRE, 0, [key, ...], now_ns] deletes those
+#: records, each expired at now_ns, one epoch each (see coordinator/_expiry.py)
+OP_EXPIRE = 16
+OP_NAMES[OP_EXPIRE] = "expire"
 
 # reply status
 ST_OK = 0
@@ -341,6 +347,7 @@ class ClientChannel:
         w = self.w
         q[w + C_HEAD] = 0
         q[w + C_ERR_ACK] = 0
+        q[w + C_WATCH] = 0  # no watch until shmstore._feed registers one
         from ._segment import process_start_ms
 
         q[w + C_PID] = os.getpid()

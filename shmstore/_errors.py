@@ -117,6 +117,21 @@ class UnsupportedPlatformError(ShmStoreError, OSError):
     """This CPU architecture or OS cannot run the lock-free read protocol safely."""
 
 
+class InvalidTTLError(ShmStoreError, ValueError):
+    """A ``ttl=`` is not a positive, finite number of seconds (at most 100 years)."""
+
+
+class FeedTruncatedError(ShmStoreError, LookupError):
+    """``changes(since=E)`` cannot list every change after ``E``: a slot that recorded
+    one was reused since (or the store was rebuilt from disk or recreated). Read what
+    you need in full (drop a local cache), then continue from ``store.epoch``."""
+
+
+class InvalidCursorError(ShmStoreError, ValueError):
+    """A change-feed cursor (``since=``) is not an epoch (an int >= 0), or a watch's
+    ``min_interval=`` is not 0 to 60 seconds."""
+
+
 def rebuild(type_name: str, message: str) -> ShmStoreError:
     """Rebuild an error that crossed the coordinator protocol.
 

@@ -103,6 +103,12 @@ H_CHECKPOINTS = 57  # checkpoints completed
 H_CHECKPOINT_NS_LAST = 58  # how long the last checkpoint took to write, ns
 H_FSYNC_HIST = 64  # FSYNC_HIST_BUCKETS words: bucket b counts fsyncs of [2**b, 2**(b+1)) us
 FSYNC_HIST_BUCKETS = 32  # (bucket 0 also counts those under 1 us; the last, all longer)
+# Data features (TTL, change feeds, watch), words 128-159 (one writer: the coordinator).
+H_EXPIRED = 128  # records the coordinator reclaimed after their expiry
+#: Invariant: no slot holding a change record of an epoch above this was ever reused;
+#: changes(since) with since < H_FEED_HORIZON could miss a change and is refused.
+H_FEED_HORIZON = 129
+H_WATCH_POSTS = 130  # wake-ups posted to watching clients
 H_WORDS = HEADER_SIZE // 8
 
 STATE_INIT = 0
@@ -182,6 +188,10 @@ def bell_name(name: str) -> str:
 
 def reply_sem_name(name: str, client: int) -> str:
     return f"/shmstore.{name}@r{client}"
+
+
+def watch_sem_name(name: str, client: int) -> str:
+    return f"/shmstore.{name}@w{client}"
 
 
 def align(n: int, to: int) -> int:

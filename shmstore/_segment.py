@@ -40,6 +40,7 @@ import numpy as np
 import posix_ipc
 
 from . import _layout as L
+from ._ttl import now_ns
 from ._errors import (
     CoordinatorUnavailableError,
     IncompatibleStoreError,
@@ -269,7 +270,7 @@ class Segment:
                         if q[w] == s1 and q[idx0 + pos] == b:
                             # Validated: the slot was stable and still the bucket's.
                             if key == kb and not (meta >> 16) & L.FLAG_FREE:
-                                if expiry and expiry <= time.time_ns():
+                                if expiry and expiry <= now_ns():
                                     return MISS
                                 return slot, s1, version, value
                             pos = (pos + 1) & mask
@@ -436,7 +437,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     The common case (the key's first probe position holds it, or is empty) runs
     inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
     decode. Anything else (a hash collision, an odd seq, a moving index, a long key,
-    a key neither str nor bytes, an expiry, a destroyed segment) takes the full :meth:`Segment.lookup`
+    a key neither str nor bytes, an expired record, a destroyed segment) takes the full :meth:`Segment.lookup`
     path, which has the same protocol plus backoff.
     """
     q = seg.q
@@ -474,7 +475,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
             # Invariant: every word used below was read between s1 and s2.
             if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
-                    and not meta & FREE and not expiry and raw.startswith(kb)):
+                    and not meta & FREE and (not expiry or expiry > now_ns()) and raw.startswith(kb)):
                 return raw[ksz:], s1
         r = lookup(kb)
         return None if r is None else (r[3], r[1])

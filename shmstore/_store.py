@@ -26,7 +26,10 @@ from ._errors import (
     ValueTooLargeError,
     rebuild,
 )
+from ._aio import AsyncMixin
+from ._feed import FeedMixin
 from ._segment import Segment, coordinator_alive, make_readers, open_segment
+from ._ttl import TTLMixin, expiry_ns
 
 if TYPE_CHECKING:
     from ._snapshot import Snapshot
@@ -47,7 +50,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Store:
+class Store(FeedMixin, TTLMixin, AsyncMixin):
     """A handle on a shared store: lock-free reads, writes through the coordinator.
 
     Concurrency: reads take no lock of any kind and never block the coordinator; they
@@ -135,6 +138,7 @@ class Store:
         return seg
 
     def _after_fork(self) -> None:
+        self.__dict__.pop("_aio", None)  # the parent's async-write thread is not ours
         self._wlock = threading.Lock()
         self._pid = os.getpid()
         if self._chan is not None:
@@ -151,6 +155,7 @@ class Store:
         """Release the handle. Idempotent. Pending pipelined writes are flushed first."""
         if self._seg is None:
             return
+        self._aio_close()
         if self._chan is not None and self._pid == os.getpid():
             try:
                 self.flush()
@@ -410,15 +415,20 @@ class Store:
             raise rebuild(result[0], result[1])
         return result
 
-    def put(self, key: str | bytes, value: Any, *, wait: bool = True, timeout: float | None = None) -> int | None:
+    def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
+            timeout: float | None = None) -> int | None:
         """Write a record. Returns its new version, or None with ``wait=False``.
 
         With ``wait=False`` the op is queued and the call returns at once (it blocks
         only while the queue is full); :meth:`flush` waits for it and raises its error.
+
+        ``ttl``: seconds until the record expires (reads as missing; the coordinator
+        reclaims it). Without it the record has no expiry, even if the one it replaces
+        had (``incr`` keeps an expiry); see ``shmstore/_ttl.py``.
         """
         seg = self._live_segment()
         kb = self._key(key, seg)
-        return self._request([C.OP_PUT, int(wait), kb, self._value(value, seg), 0], "put",
+        return self._request([C.OP_PUT, int(wait), kb, self._value(value, seg), expiry_ns(ttl)], "put",
                              wait=wait, timeout=timeout)
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
@@ -434,9 +444,10 @@ class Store:
         if not self.delete(key):
             raise KeyError(key)
 
-    def compare_and_set(self, key: str | bytes, value: Any, *, version: int,
+    def compare_and_set(self, key: str | bytes, value: Any, *, version: int, ttl: float | None = None,
                         timeout: float | None = None) -> int:
-        """Write only if the record's version is ``version`` (0: it must not exist).
+        """Write only if the record's version is ``version`` (0: it must not exist,
+        or has expired). ``ttl`` as in :meth:`put`.
 
         Returns:
             The new version.
@@ -447,7 +458,8 @@ class Store:
         if not isinstance(version, int) or version < 0:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         seg = self._live_segment()
-        return self._request([C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version, 0],
+        return self._request([C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version,
+                              expiry_ns(ttl)],
                              "compare_and_set", timeout=timeout)
 
     def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
@@ -668,9 +680,10 @@ class Batch:
         self._ops: list[list] = []
         self.results: list | None = None
 
-    def put(self, key: str | bytes, value: Any) -> None:
+    def put(self, key: str | bytes, value: Any, *, ttl: float | None = None) -> None:
         seg = self._store._live_segment()
-        self._ops.append([C.OP_PUT, self._store._key(key, seg), self._store._value(value, seg), 0])
+        self._ops.append([C.OP_PUT, self._store._key(key, seg), self._store._value(value, seg),
+                          expiry_ns(ttl)])
 
     def delete(self, key: str | bytes) -> None:
         seg = self._store._live_segment()

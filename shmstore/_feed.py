@@ -1,0 +1,296 @@
+"""Change feeds: ``store.changes(since)`` and ``store.watch()``.
+
+Design
+------
+Every slot's seqlock stamp is ``2E+2`` for the epoch E that last wrote or freed it,
+and a freed slot keeps its key. So the keys changed after epoch ``since`` are the keys
+of the slots whose stamp exceeds ``2*since + 2``: one numpy pass over the stamp column
+finds them, a second copies their key bytes, a third re-reads their stamps to validate
+the copy (a slot that moved meanwhile is read again under its seqlock). Deletions are
+in it (the freed slot keeps the key), and so are expirations (the coordinator reclaims
+an expired record with a delete, at its own epoch: until then the record's slot has
+not changed, so a feed reports an expiry once the coordinator has reclaimed it, within
+about a tick).
+
+A freed slot can be reused for another key, which would erase the record of a
+deletion. The coordinator reuses free slots oldest-freed first and raises the header
+word ``H_FEED_HORIZON`` to the erased epoch before it writes the slot (see
+``coordinator/_freering.py``). :meth:`FeedMixin.changes` checks ``since`` against the
+horizon before and after its scan and raises :class:`FeedTruncatedError` instead of
+ever returning an incomplete list.
+
+Watching: the coordinator posts a per-client semaphore after every loop iteration in
+which the epoch moved (``coordinator/_watch.py``); :meth:`FeedMixin.watch` sleeps on
+it and calls :meth:`changes` when woken. It also wakes every second on its own (to
+notice a restarted coordinator), which costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import posix_ipc
+
+from . import _channel as C
+from . import _layout as L
+from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError, InvalidKeyError
+
+#: longest single sleep of a watcher; it re-checks the coordinator in between
+WATCH_SLICE = 1.0
+
+
+class FeedMixin:
+    """``Store.changes`` and ``Store.watch``; mixed into :class:`shmstore.Store`."""
+
+    def changes(self, since: int, *, prefix: str | bytes | None = None) -> tuple[list[bytes], int]:
+        """The keys whose record changed after epoch ``since``, and the epoch to
+        continue from.
+
+        Lock-free (a few numpy passes over the slot stamps), like any read. A change
+        is a put, update, delete, incr, or the coordinator's reclaim of an expired
+        record. Keys only, each once (an update touches two slots of one key), sorted,
+        as bytes: read the values you need with ``get``/``get_many``.
+
+        Typical loop::
+
+            cursor = store.epoch
+            ...
+            keys, cursor = store.changes(cursor)
+
+        Every key whose record changed after ``since`` and up to the returned epoch is
+        in the list; a key changed after the returned epoch may be too (it will be
+        listed again by the next call).
+
+        Args:
+            since: an epoch, from ``store.epoch`` or a previous call.
+            prefix: only keys starting with it.
+
+        Returns:
+            ``(keys, epoch)``.
+
+        Raises:
+            FeedTruncatedError: some change after ``since`` may no longer be known
+                (its slot was reused: the store is busy and nearly full, or the caller
+                fell far behind), or ``since`` is ahead of the store (a cursor from a
+                destroyed and recreated store). Re-read what you need in full, then
+                continue from ``store.epoch``.
+            InvalidCursorError: ``since`` is not an int >= 0.
+        """
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise InvalidCursorError(f"since must be an epoch (an int >= 0, e.g. store.epoch), got {since!r}")
+        pb = self._prefix(prefix)
+        seg = self._live_segment()
+        q = seg.q
+        epoch = q[L.H_EPOCH]
+        if since > epoch:
+            raise FeedTruncatedError(
+                f"store {self.name!r}: since={since} is ahead of the store's epoch {epoch}; "
+                f"the cursor belongs to an earlier incarnation of the store. Re-read in "
+                f"full and continue from store.epoch"
+            )
+        self._check_horizon(q, since)
+        keys: set[bytes] = set()
+        if since < epoch:
+            words = seg.slot_words_view()
+            stamps = words[:, L.S_SEQ]
+            cand = np.flatnonzero(stamps > np.uint64(2 * since + 2))
+            if len(cand):
+                keys = self._keys_of(seg, words, cand)
+            del words, stamps
+        # A slot reused during the scan raised the horizon before it was written.
+        self._check_horizon(q, since)
+        if pb:
+            keys = {k for k in keys if k.startswith(pb)}
+        return sorted(keys), epoch
+
+    def _prefix(self, prefix: str | bytes | None) -> bytes:
+        if prefix is None:
+            return b""
+        if isinstance(prefix, str):
+            return prefix.encode()
+        if isinstance(prefix, (bytes, bytearray, memoryview)):
+            return bytes(prefix)
+        raise InvalidKeyError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+
+    def _check_horizon(self, q: memoryview, since: int) -> None:
+        horizon = q[L.H_FEED_HORIZON]
+        if since < horizon:
+            raise FeedTruncatedError(
+                f"store {self.name!r}: changes after epoch {since} are no longer all known "
+                f"(slots that recorded changes up to epoch {horizon} were reused). Re-read "
+                f"what you need in full (drop local caches), then continue from store.epoch"
+            )
+
+    @staticmethod
+    def _keys_of(seg: object, words: np.ndarray, cand: np.ndarray) -> set[bytes]:
+        """Keys of slots ``cand``, each read validated by its stamp."""
+        ksz = seg.key_size
+        body = np.ndarray((seg.nslots, ksz), dtype=np.uint8, buffer=seg.mm,
+                          offset=L.SLOTS_OFFSET + L.SLOT_HEADER, strides=(seg.slot_size, 1))
+        s1 = words[cand, L.S_SEQ]
+        meta = words[cand, L.S_META]
+        kbytes = body[cand]
+        s2 = words[cand, L.S_SEQ]
+        del body
+        # Invariant: a copied key is used only if its slot's stamp was even and did
+        # not move across the copy.
+        ok = (s1 == s2) & ((s1 & np.uint64(1)) == 0)
+        klen = np.minimum(meta & np.uint64(0xFFFF), np.uint64(ksz)).astype(np.intp)[ok]
+        rows = np.ascontiguousarray(kbytes[ok])
+        # Bytes objects in one call: numpy's S dtype drops trailing NULs, so the keys
+        # whose length then differs from the slot's are cut from the row exactly.
+        fixed = rows.view(f"S{ksz}").ravel()
+        got = fixed.tolist()
+        short = np.flatnonzero(np.char.str_len(fixed) != klen) if len(fixed) else ()
+        for i in short:
+            got[i] = rows[i, : klen[i]].tobytes()
+        keys = set(got)
+        keys.discard(b"")
+        for slot in cand[~ok].tolist():
+            r = seg.read_slot(slot)  # a slot being written: wait for it (microseconds)
+            if r[4]:
+                keys.add(r[4])
+        return keys
+
+    def watch(self, prefix: str | bytes | None = None, timeout: float | None = None, *,
+              since: int | None = None, min_interval: float = 0.01) -> Iterator[tuple[list[bytes], int]]:
+        """Block until records change; yield ``(keys, epoch)`` for each batch of changes.
+
+        The coordinator wakes the waiting process through a semaphore after each group
+        of writes; the watcher then lists the changes with :meth:`changes` (so
+        ``keys`` and ``epoch`` mean what they mean there). Nothing is polled in a loop:
+        an idle watcher sleeps on the semaphore (waking once a second to notice a
+        restarted coordinator). Several threads may watch through one handle.
+
+        Args:
+            prefix: only changes to keys starting with it (others do not end a wait).
+            timeout: seconds to wait for the next change; when that passes with no
+                change the iterator ends. None: wait forever.
+            since: the epoch to start after (default: ``store.epoch`` now, so only
+                changes from now on).
+            min_interval: seconds between two scans of the store: changes arriving
+                faster are listed together. Each scan reads every slot's stamp
+                (about 1 ms per 100,000 slots), so this bounds what a watcher costs
+                under a stream of writes (to keys outside its prefix, too).
+
+        Raises:
+            FeedTruncatedError: as in :meth:`changes`: the watcher fell too far behind
+                to list every change. Re-read in full and watch again.
+        """
+        w = _Watcher(self, prefix, since, min_interval)
+        while True:
+            item = w.step(timeout)
+            if item is None:
+                return
+            yield item
+
+    def _watch_hub(self) -> _Hub:
+        hub = self.__dict__.get("_hub")
+        if hub is None or hub.pid != os.getpid():
+            hub = self.__dict__["_hub"] = _Hub()
+        return hub
+
+
+class _Watcher:
+    """One watch: its cursor and prefix; ``step`` waits for and returns one batch."""
+
+    def __init__(self, store: FeedMixin, prefix: str | bytes | None, since: int | None,
+                 min_interval: float = 0.01) -> None:
+        self.store = store
+        self.prefix = prefix
+        store._prefix(prefix)  # validate now
+        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not (
+                0 <= min_interval <= 60):
+            raise InvalidCursorError(f"min_interval must be 0 to 60 seconds, got {min_interval!r}")
+        self.min_interval = float(min_interval)
+        self.last_scan = 0.0
+        self.since = store.epoch if since is None else since
+
+    def step(self, timeout: float | None) -> tuple[list[bytes], int] | None:
+        """The next batch of changes, or None after ``timeout`` seconds without one."""
+        store = self.store
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pause = self.last_scan + self.min_interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # scans back to back: let changes gather
+            self.last_scan = time.monotonic()
+            keys, epoch = store.changes(self.since, prefix=self.prefix)
+            self.since = epoch
+            if keys:
+                return keys, epoch
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            store._watch_hub().wait(store, epoch, WATCH_SLICE if left is None else min(left, WATCH_SLICE))
+
+
+class _Hub:
+    """A handle's watch wake-ups in this process: one thread sleeps on the semaphore,
+    the others on a Condition it notifies when it wakes."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.cond = threading.Condition()
+        self.leader = False
+        # Invariant: only the leader touches these. The semaphore is closed only when
+        # replaced (a new write channel), by the leader: never while a thread waits on
+        # it, which sem_close does not allow.
+        self.sem: posix_ipc.Semaphore | None = None
+        self.sem_ch: object = None
+
+    def wait(self, store: FeedMixin, epoch: int, timeout: float) -> None:
+        """Sleep until the coordinator posts, the epoch moves past ``epoch``, or
+        ``timeout`` passes."""
+        with self.cond:
+            if self.leader:
+                self.cond.wait(timeout)
+                return
+            self.leader = True
+        try:
+            if store._live_segment().q[L.H_EPOCH] != epoch:
+                return  # changed since the caller looked
+            end = time.monotonic() + timeout
+            sem = self._semaphore(store, timeout)
+            if sem is None:
+                # No coordinator (nothing changes until one returns): sleep the slice out.
+                time.sleep(max(0.0, end - time.monotonic()))
+                return
+            try:
+                sem.acquire(timeout)
+            except posix_ipc.BusyError:
+                pass
+        finally:
+            with self.cond:
+                self.leader = False
+                self.cond.notify_all()
+
+    def _semaphore(self, store: FeedMixin, timeout: float) -> posix_ipc.Semaphore | None:
+        """This process's watch semaphore, registering with the coordinator if needed."""
+        seg = store._live_segment()
+        deadline = time.monotonic() + max(timeout, 0.1)
+        try:
+            with store._wlock:
+                ch = store._channel(seg, deadline)
+                if self.sem is not None and self.sem_ch is ch:
+                    return self.sem
+                if self.sem is not None:
+                    self.sem.close()  # the old channel's: nobody waits on it (we lead)
+                    self.sem = self.sem_ch = None
+                q = ch.chan.q
+                token = int.from_bytes(os.urandom(8), "little") | 1
+                q[ch.w + C.C_WATCH] = token
+                ch.bell.release()
+                while q[ch.w + C.C_WATCH_ACK] != token:
+                    if time.monotonic() > deadline or not ch.alive():
+                        return None
+                    time.sleep(0.001)
+                self.sem = posix_ipc.Semaphore(L.watch_sem_name(store.name, ch.client))
+                self.sem_ch = ch
+                return self.sem
+        except (CoordinatorUnavailableError, posix_ipc.ExistentialError):
+            return None

@@ -1,0 +1,122 @@
+"""Time to live: the clock, ``ttl=`` validation and :meth:`Store.ttl`.
+
+Design
+------
+A record written with ``ttl=seconds`` carries an absolute expiry in its slot's expiry
+word: the writer's wall clock (``time.time_ns()``) plus the ttl, computed by the client.
+The WAL logs the request as sent, so replaying it reproduces the same expiry. Readers
+compare the word with their own clock and treat an expired record as missing without
+asking anyone; the coordinator reclaims expired records in the background (a logged
+delete at a new epoch, see ``coordinator/_expiry.py``).
+
+What clears or keeps an expiry:
+
+- ``put`` / ``compare_and_set`` / ``Batch.put`` without ``ttl=`` write a record with NO
+  expiry, also over a record that had one (as Redis ``SET`` does).
+- ``incr`` keeps the record's expiry (as Redis ``INCR`` does); an expired record counts
+  from 0 again, with no expiry.
+
+The test clock
+--------------
+For tests only: if the environment variable ``SHMSTORE_TEST_CLOCK_FILE`` names a file
+when shmstore is imported (or after :func:`set_test_clock`), every clock reading of that
+process (readers' expiry checks, ``ttl=`` computations, the
+coordinator's reclaim) adds the number of seconds the file holds (a float; a missing or
+empty file counts as 0). A coordinator started by ``shmstore.serve`` inherits the
+variable, so a test moves time forward for every process at once by writing the file.
+Do not set it in production.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from ._errors import InvalidTTLError
+
+CLOCK_ENV = "SHMSTORE_TEST_CLOCK_FILE"
+#: the longest ttl accepted: 100 years
+MAX_TTL = 100 * 365.25 * 86400
+
+_time_ns = time.time_ns
+#: the test clock file of this process (read once at import; see set_test_clock)
+_clock_path: str | None = os.environ.get(CLOCK_ENV) or None
+
+
+def now_ns() -> int:
+    """The wall clock in ns, shifted by the test clock file if one is configured."""
+    if _clock_path is None:
+        return _time_ns()
+    return _time_ns() + _offset_ns(_clock_path)
+
+
+def set_test_clock(path: str | None) -> None:
+    """Tests only: use (or, with None, stop using) a clock file in THIS process.
+
+    The environment variable is read at import; a test that sets it later (for the
+    processes it starts) calls this for its own process.
+    """
+    global _clock_path
+    _clock_path = path
+
+
+def _offset_ns(path: str) -> int:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return 0
+    return int(float(text) * 1e9) if text else 0
+
+
+def expiry_ns(ttl: Any) -> int:
+    """The expiry word for a write with ``ttl=`` (0 for None: no expiry).
+
+    Raises:
+        InvalidTTLError: ``ttl`` is not a positive, finite number of seconds up to
+            ``MAX_TTL``.
+    """
+    if ttl is None:
+        return 0
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidTTLError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL):
+        raise InvalidTTLError(
+            f"ttl must be a finite number of seconds > 0 and at most {MAX_TTL:.0f} "
+            f"(100 years), got {ttl!r}; to keep a record forever, leave ttl out"
+        )
+    return now_ns() + max(1, math.ceil(ttl * 1e9))
+
+
+class TTLMixin:
+    """``Store.ttl``; mixed into :class:`shmstore.Store`."""
+
+    def ttl(self, key: str | bytes) -> float | None:
+        """Seconds until the record expires, or None if it has no expiry.
+
+        Lock-free, like ``get``: the expiry word of a live slot is never rewritten
+        (copy-on-write), so it is read after the lookup and checked against the slot's
+        seqlock stamp.
+
+        Raises:
+            KeyError: the record is missing or has expired (as ``store[key]`` does).
+        """
+        seg = self._live_segment()
+        kb = self._key(key, seg)
+        while True:
+            r = seg.lookup(kb)
+            if r is None:
+                raise KeyError(key)
+            slot, seq = r[0], r[1]
+            w = seg.slot0 + slot * seg.slot_words
+            expiry = seg.q[w + 2]  # S_EXPIRY
+            if seg.q[w] == seq:
+                break
+        if not expiry:
+            return None
+        left = (expiry - now_ns()) / 1e9
+        if left <= 0:
+            raise KeyError(key)
+        return left
