@@ -61,6 +61,7 @@ from shmstore._segment import Segment, create_segment, open_segment, process_sta
 
 from ._engine import Engine
 from ._journal import Journal, NullJournal
+from ._metrics import Metrics
 from ._recovery import RedoArea, repair
 
 EXIT_OK = 0
@@ -262,6 +263,7 @@ class CoordinatorServer:
         self.tails = ch.words(C.C_TAIL)
         self.done = [0] * cfg.max_clients
         self.active: list[int] = []
+        self.metrics = Metrics(q, ch)
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -345,6 +347,7 @@ class CoordinatorServer:
         for i in list(self.active):
             if C.lock_byte(ch.fd, i):
                 # We hold the lock: nobody can claim the block while we reset it.
+                self.metrics.retire(i)
                 self._forget_client(i)
                 C.unlock_byte(ch.fd, i)
                 self.seg.q[L.H_CLIENTS_RECLAIMED] += 1
@@ -398,6 +401,7 @@ class CoordinatorServer:
         q[L.H_FRAMES] += nframes
         if nframes > q[L.H_MAX_GROUP]:
             q[L.H_MAX_GROUP] = nframes
+        self.metrics.group(nframes, served)
         ch = self.chan
         cq = ch.q
         mv = ch.mv

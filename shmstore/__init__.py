@@ -28,11 +28,14 @@ from ._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
+from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
+from ._stats import ClientStats
 from ._store import Batch, Store, StoreStats
 from ._version import __version__
 
 __all__ = [
     "Batch",
+    "ClientStats",
     "Coordinator",
     "CoordinatorRunningError",
     "CoordinatorUnavailableError",
@@ -43,6 +46,7 @@ __all__ = [
     "InvalidLayoutError",
     "InvalidNameError",
     "KeyTooLongError",
+    "PROMETHEUS_CONTENT_TYPE",
     "ProtocolError",
     "RequestTooLargeError",
     "SchemaMismatchError",
@@ -61,6 +65,8 @@ __all__ = [
     "__version__",
     "connect",
     "destroy",
+    "metrics_app",
     "open",
+    "prometheus_text",
     "serve",
 ]
