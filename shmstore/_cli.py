@@ -30,6 +30,7 @@ from typing import Any, Callable, NoReturn, TextIO
 import msgspec
 
 import shmstore
+import shmstore._layout
 from shmstore._errors import ShmStoreError, StoreNotFoundError
 from shmstore._version import __version__
 
@@ -46,7 +47,11 @@ CLEAR = "\x1b[H\x1b[2J"
 
 #: Store.stats() fields that describe the calling handle, not the store: the CLI's own
 #: handle does no reads, so ``stats`` leaves them out.
-HANDLE_FIELDS = ("reads", "read_retries", "writes")
+HANDLE_FIELDS = ("reads", "read_retries", "writes", "timeouts", "write_errors", "write_latency_avg",
+                 "write_latency_max")
+#: rate fields of StoreStats: None on a handle's first stats() call, left out of JSON then
+RATE_FIELDS = ("interval", "ops_per_s", "groups_per_s", "requests_per_s", "reads_per_s", "writes_per_s",
+               "read_retries_per_s")
 
 _MISSING = object()
 
@@ -118,10 +123,40 @@ def human(n: float) -> str:
 
 
 def _stats_dict(stats: shmstore.StoreStats) -> dict[str, Any]:
-    d = msgspec.structs.asdict(stats)
+    d = msgspec.to_builtins(stats)
     for f in HANDLE_FIELDS:
         d.pop(f, None)
+    for f in RATE_FIELDS:
+        if d.get(f) is None:
+            d.pop(f, None)
     return d
+
+
+def _dur(x: float | None) -> str:
+    """Seconds as a short duration: '-', '850 ns', '12.3 us', '4.56 ms', '1.20 s'."""
+    if x is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x * 1e9:.0f} ns"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _hist_quantile(hist: list[int], q: float) -> int | None:
+    """The largest group size of the log2 bucket holding quantile ``q``."""
+    from shmstore._stats import hist_quantile  # noqa: PLC0415
+
+    x = hist_quantile(hist, q, 1.0)
+    return None if x is None else int(x) - 1
 
 
 def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = None, *,
@@ -132,6 +167,10 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
     avg = s.frames / s.groups if s.groups else 0.0
     full = 100.0 * s.records / s.capacity if s.capacity else 0.0
     coord = f"running, pid {s.coordinator_pid}" if s.coordinator_pid else "not running (reads only)"
+    if s.coordinator_pid and s.coordinator_rss is not None:
+        cpu = "" if s.coordinator_cpu_percent is None else f", {s.coordinator_cpu_percent:.0f}% CPU"
+        coord += f", up {s.coordinator_uptime:,.0f} s, RSS {_size(s.coordinator_rss)}{cpu}"
+    p50, p99 = _hist_quantile(s.group_hist, 0.5), _hist_quantile(s.group_hist, 0.99)
     rows = [
         ("store", s.name),
         ("coordinator", coord),
@@ -139,15 +178,33 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
         ("key / value size", f"{s.key_size:,} / {s.value_size:,} bytes"),
         ("epoch", f"{s.epoch:,}"),
         ("ops applied", f"{s.ops:,}"),
+        ("  by kind", f"put {s.puts:,}, delete {s.deletes:,}, cas {s.compare_and_sets:,}, "
+                      f"incr {s.incrs:,}, batch {s.batches:,}"),
         ("groups", f"{s.groups:,} (avg {avg:.2f} requests, max {s.max_group:,})"),
+        ("  group size", "-" if p50 is None else f"p50 <= {p50:,}, p99 <= {p99:,} requests"),
+        ("queue depth", f"{_size(s.queue_bytes)} last group, {_size(s.queue_bytes_max)} max"),
         ("requests", f"{s.frames:,}"),
         ("errors", f"{s.errors:,}"),
         ("fallback reads", f"{s.fallback_reads:,}"),
-        ("clients reclaimed", f"{s.clients_reclaimed:,}"),
+        ("coordinator runs", f"{s.coordinator_runs:,}"),
+        ("clients", f"{len(s.clients):,} live ({s.clients_reclaimed:,} reclaimed)"),
+        ("client reads", f"{s.total_reads:,} ({s.total_read_retries:,} retried)"),
+        ("client writes", f"{s.total_writes:,} ({s.total_timeouts:,} timed out, "
+                          f"{s.total_write_errors:,} refused); latency avg "
+                          f"{_dur(s.total_write_latency_avg)}, max {_dur(s.total_write_latency_max)}"),
     ]
+    if s.fsyncs or s.wal_bytes or s.checkpoints:
+        rows += [
+            ("fsyncs", f"{s.fsyncs:,}: min {_dur(s.fsync_min)}, avg {_dur(s.fsync_avg)}, "
+                       f"p99 <= {_dur(s.fsync_p99)}, max {_dur(s.fsync_max)}"),
+            ("WAL written", _size(s.wal_bytes)),
+            ("checkpoints", f"{s.checkpoints:,} (last at epoch {s.last_checkpoint_epoch:,}, "
+                            f"took {_dur(s.checkpoint_last)})"),
+        ]
     if with_rates or rates is not None:
-        rows += [(label, "-" if rates is None else human(rates[f]))
-                 for label, f in (("ops/s", "ops"), ("groups/s", "groups"), ("requests/s", "frames"))]
+        rows += [(label, "-" if rates is None or rates.get(f) is None else human(rates[f]))
+                 for label, f in (("ops/s", "ops"), ("groups/s", "groups"), ("requests/s", "frames"),
+                                  ("reads/s", "reads"), ("writes/s", "writes"))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -236,6 +293,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     with _connect(args) as store:
+        if args.prometheus:
+            sys.stdout.write(shmstore.prometheus_text(store))
+            return EXIT_OK
         if not args.watch:
             stats = store.stats()
             if args.json:
@@ -249,20 +309,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _watch(store: shmstore.Store, interval: float, as_json: bool, out: TextIO) -> int:
     """Redraw the stats every ``interval`` seconds until Ctrl-C (which exits 0)."""
     tty = out.isatty()
-    prev = None
     try:
         while True:
-            stats = store.stats()
-            now = time.monotonic()
+            stats = store.stats()  # rates: since the previous redraw (this handle's last call)
             rates = None
-            if prev is not None:
-                dt = max(now - prev[0], 1e-9)
-                rates = {f: (getattr(stats, f) - getattr(prev[1], f)) / dt for f in ("ops", "groups", "frames")}
-            prev = (now, stats)
+            if stats.interval is not None:
+                rates = {"ops": stats.ops_per_s, "groups": stats.groups_per_s,
+                         "frames": stats.requests_per_s, "reads": stats.reads_per_s,
+                         "writes": stats.writes_per_s}
             if as_json:
                 d = _stats_dict(stats)
-                if rates is not None:
-                    d.update({f"{k}_per_s": round(v, 1) for k, v in rates.items()})
                 out.write(msgspec.json.encode(d).decode() + "\n")
             else:
                 stamp = time.strftime("%H:%M:%S")
@@ -295,6 +351,60 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         _fail(f"no store named {args.name!r} on this host")
         return EXIT_ERROR
     return EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from shmstore._cleanup import examine, remove  # noqa: PLC0415
+
+    for n in args.names:
+        shmstore._layout.check_name(n)
+    found = examine(args.prefix, args.names or None)
+    removable = [x for x in found if x.removable]
+    for x in found:
+        if not x.removable:
+            if args.verbose:
+                print(f"kept {x.name}: {x.reason}")
+            continue
+        what = ", ".join(x.entries)
+        if args.dry_run:
+            print(f"would remove {x.name}: {x.reason} ({what})")
+            continue
+        try:
+            left = remove(x)
+        except shmstore.CoordinatorRunningError:
+            print(f"skipped {x.name}: a coordinator started serving it meanwhile")
+            continue
+        print(f"removed {x.name}: {x.reason} ({what})")
+        if left:
+            _fail(f"could not remove {', '.join(left)}")
+            return EXIT_ERROR
+    kept = len(found) - len(removable)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removable)} store(s); kept {kept}" + ("" if args.verbose or not kept else
+                                                               " (--verbose says why)"),
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_stress(args: argparse.Namespace) -> int:
+    from shmstore._stress import run_from_args  # noqa: PLC0415
+
+    return run_from_args(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from shmstore._bench import main as bench_main  # noqa: PLC0415
+    except ImportError as e:
+        if e.name not in ("shmstore._bench", None) and not str(e).endswith("'main'"):
+            raise
+        _fail("the benchmark runner (shmstore._bench) is not part of this shmstore build; "
+              "run scripts/bench.py from a source checkout")
+        return EXIT_ERROR
+    argv = list(args.bench_args)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    return int(bench_main(argv) or 0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -418,15 +528,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("stats", cmd_stats, "show the store's counters (ops, groups, records, coordinator)",
             "shmstore stats app\n"
             "shmstore stats app --json | jq .ops\n"
-            "shmstore stats app --watch --interval 0.5     # with ops/s; Ctrl-C to stop",
+            "shmstore stats app --watch --interval 0.5     # with ops/s; Ctrl-C to stop\n"
+            "shmstore stats app --prometheus > /var/lib/node_exporter/shmstore.prom",
             timeout=True)
     p.add_argument("--json", action="store_true", help="one JSON object (per redraw)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="the Prometheus text exposition (metric names shmstore_*), once")
     p.add_argument("--watch", action="store_true", help="redraw until Ctrl-C, with per-second rates")
     p.add_argument("--interval", type=_positive_float, default=None, metavar="S",
                    help="seconds between redraws with --watch (default: 1)")
 
     add("destroy", cmd_destroy, "remove store NAME (its coordinator must be stopped first)",
         "shmstore destroy app")
+
+    p = add("cleanup", cmd_cleanup,
+            "remove stores left in /dev/shm by dead coordinators (never one that a live "
+            "coordinator serves or a live process maps; see shmstore/_cleanup.py)",
+            "shmstore cleanup --dry-run          # list what would go, and why\n"
+            "shmstore cleanup                    # remove it\n"
+            "shmstore cleanup --prefix demo- -v  # only stores named demo-*, say why others stay",
+            store=False)
+    p.add_argument("names", metavar="NAME", nargs="*", help="only these stores (default: all)")
+    p.add_argument("--prefix", default="", metavar="P", help="only stores whose name starts with P")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list the stores kept, and why")
+
+    from shmstore._stress import add_arguments as add_stress_arguments  # noqa: PLC0415
+
+    p = add("stress", cmd_stress,
+            "hammer a fresh store with reader and writer processes that check every record, "
+            "optionally killing the coordinator and clients; report violations (exit 1)",
+            "shmstore stress --seconds 30 --readers 4 --writers 2\n"
+            "shmstore stress --sync always --kill-coordinator 2 --kill-clients 1 --seconds 60",
+            store=False)
+    add_stress_arguments(p)
+
+    p = add("bench", cmd_bench,
+            "run the benchmarks (shmstore._bench); arguments after 'bench' go to it",
+            "shmstore bench -- --help            # the benchmark's own options", store=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="arguments for the benchmark runner (put -- first to pass options)")
 
     p = add("demo", cmd_demo,
             "run a coordinator and a pool of worker processes sharing a cache and counters, "
@@ -449,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         if args.interval is not None and not args.watch:
             parser.error("--interval needs --watch")
+        if args.prometheus and (args.watch or args.json):
+            parser.error("--prometheus prints once, as text: not with --watch or --json")
         args.interval = args.interval or 1.0
     try:
         return args.func(args)
