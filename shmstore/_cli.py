@@ -365,7 +365,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             if args.verbose:
                 print(f"kept {x.name}: {x.reason}")
             continue
-        what = ", ".join(x.entries)
+        what = ", ".join(x.entries) if args.verbose else f"{len(x.entries)} object(s) in /dev/shm"
         if args.dry_run:
             print(f"would remove {x.name}: {x.reason} ({what})")
             continue

@@ -20,7 +20,8 @@ import pytest
 import shmstore
 from tests.helpers.processes import reap, shm_objects, wait_for
 
-COMMANDS = ("serve", "get", "put", "del", "scan", "incr", "stats", "destroy", "demo")
+COMMANDS = ("serve", "get", "put", "del", "scan", "incr", "stats", "destroy", "demo", "cleanup",
+            "stress", "bench")
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
