@@ -209,12 +209,17 @@ class StressRun:
 
     def serve(self) -> None:
         # Ctrl-C waits until the coordinator is up (or failed): interrupting serve()
-        # would orphan a coordinator we could not stop.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        # would orphan a coordinator we could not stop. (Handlers that only record the
+        # signal, not a blocked mask: the coordinator would inherit the mask.)
+        got: list[int] = []
+        old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _STOP_SIGNALS}
         try:
             self._serve()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            for s, h in old.items():
+                signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
 
     def _serve(self) -> None:
         self.coord = shmstore.serve(
