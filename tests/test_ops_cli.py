@@ -105,7 +105,8 @@ def test_bench_forwards_its_arguments_to_the_runner(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "shmstore._bench", fake)
     assert _cli.main(["bench", "--", "--quick", "--json", "x"]) == 3
     assert _cli.main(["bench"]) == 3
-    assert seen == [["--quick", "--json", "x"], []]
+    assert _cli.main(["bench", "--quick", "-n", "5"]) == 3  # no `--` needed
+    assert seen == [["--quick", "--json", "x"], [], ["--quick", "-n", "5"]]
 
 
 def test_bench_without_the_runner_is_a_one_line_error(monkeypatch, capsys):
