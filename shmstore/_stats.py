@@ -204,15 +204,21 @@ def publish(store: Store) -> None:
     if q is None:
         return
     w = ch.w
-    for word, value in zip(C.C_COUNTERS, totals(store)):
-        q[w + word] = value
+    try:
+        for word, value in zip(C.C_COUNTERS, totals(store)):
+            q[w + word] = value
+    except ValueError:
+        pass  # another thread of this process just closed that channel: its next one counts
 
 
 def publish_or_claim(store: Store) -> None:
     """A publish moment of a handle that may have no block (see the module docstring)."""
-    if store._chan is not None:
+    ch = store._chan
+    if ch is not None and ch.alive():
         publish(store)
         return
+    # No block, or one of a coordinator that is gone (a reader has no write that would
+    # register it with the new one): claim one, at most every CLAIM_RETRY seconds.
     seg = store._seg
     now = time.monotonic()
     if seg is None or now < store._next_claim or store._pid != os.getpid():
@@ -232,12 +238,13 @@ def publish_or_claim(store: Store) -> None:
     if free <= half or not store._wlock.acquire(blocking=False):
         return
     try:
-        if store._chan is None:
+        if store._chan is None or not store._chan.alive():
             store._channel(seg, time.monotonic() + CLAIM_TIMEOUT)
     except ShmStoreError:
         return
     finally:
         store._wlock.release()
+    store._next_claim = 0.0  # claimed: the retry pause is for failures only
     publish(store)
 
 

@@ -169,6 +169,41 @@ def test_a_read_only_process_publishes_on_its_4096th_read(served):
         reap(p)
 
 
+READER = """
+import sys, shmstore
+s = shmstore.connect(sys.argv[1])
+for line in sys.stdin:
+    for _ in range(4096):
+        s.get("c0")
+    print("read", flush=True)
+"""
+
+
+def test_a_reader_registers_again_with_a_restarted_coordinator(served):
+    n, coord = served(capacity=100)
+    with shmstore.connect(n) as s:
+        s.put("c0", 0)
+    p = python(READER, n, stdin=subprocess.PIPE)
+
+    def read_4096() -> list:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "read"
+        with shmstore.connect(n) as s:
+            return [c.reads for c in s.stats().clients if c.pid == p.pid]
+
+    try:
+        assert read_4096() == [4096]
+        coord.stop()
+        coord2 = shmstore.serve(n)
+        try:
+            assert read_4096() == [8192]  # its totals, carried into the new channel
+        finally:
+            coord2.stop()
+    finally:
+        reap(p)
+
+
 def test_durability_counters_are_read_from_the_header(served):
     """The journal's words (52-95) as the durability engineer fills them: stats()
     turns them into avg/min/max/p99, the exposition into a histogram."""
