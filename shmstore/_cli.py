@@ -31,7 +31,7 @@ import msgspec
 
 import shmstore
 import shmstore._layout
-from shmstore._cli_ops import _dur, _hist_quantile, _size, add_ops_commands
+from shmstore._cli_ops import _dur, _hist_quantile, _size, add_ops_commands, client_table
 from shmstore._errors import ShmStoreError, StoreNotFoundError
 from shmstore._version import __version__
 
@@ -180,7 +180,7 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
                  for label, f in (("ops/s", "ops"), ("groups/s", "groups"), ("requests/s", "frames"),
                                   ("reads/s", "reads"), ("writes/s", "writes"))]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + client_table(s.clients)
 
 
 # -- commands ------------------------------------------------------------------------

@@ -99,6 +99,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(argv) or 0)
 
 
+#: live clients listed under ``shmstore stats`` (the count is always shown)
+SHOW_CLIENTS = 10
+
+
+def client_table(clients: list) -> str:
+    """The live clients as a small table (empty string if there are none)."""
+    if not clients:
+        return ""
+    lines = ["", "", "       pid       age      reads  retries     writes  timeouts  write avg  write max"]
+    for c in sorted(clients, key=lambda c: c.pid)[:SHOW_CLIENTS]:
+        lines.append(f"  {c.pid:>8} {c.age:>8.0f}s {c.reads:>10,} {c.read_retries:>8,} {c.writes:>10,} "
+                     f"{c.timeouts:>9,} {_dur(c.write_latency_avg):>10} {_dur(c.write_latency_max):>10}")
+    if len(clients) > SHOW_CLIENTS:
+        lines.append(f"  ... and {len(clients) - SHOW_CLIENTS} more")
+    return "\n".join(lines)
+
+
 def add_ops_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register ``cleanup``, ``stress`` and ``bench`` with ``_cli.build_parser``'s ``add``."""
     p = add("cleanup", cmd_cleanup,

@@ -225,3 +225,17 @@ def test_stress_long_run_with_crashes(names):
             "--kill-coordinator", "2", "--kill-clients", "1", "--name", n, "--no-progress", timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-2000:]}"
     assert_zero_report(r.stdout)
+
+
+def test_stats_table_lists_live_clients_and_the_new_counters(served):
+    n, coord = served(capacity=100)
+    with shmstore.connect(n) as s:
+        for i in range(5):
+            s.put(f"k{i}", i)
+        s.incr("hits")
+        s.get("k1")
+        out = assert_ok(cli("stats", n))
+    assert re.search(r"by kind\s+put 5, delete 0, cas 0, incr 1, batch 0", out), out
+    assert re.search(r"clients\s+1 live", out), out
+    assert re.search(rf"^\s+{os.getpid()}\s+\d+s\s+1\s+0\s+6\s+0\s", out, re.M), out  # reads 1, writes 6
+    assert re.search(rf"coordinator\s+running, pid {coord.pid}, up \d+ s, RSS [\d.]+ MiB", out), out
