@@ -497,12 +497,12 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
 
     reads = 0  # gets through this closure (one writer: this process)
     publish = on_publish if on_publish is not None else (lambda: None)
-    PUB = PUBLISH_MASK
+    assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
     def get(key: object, default: object = None) -> object:
         nonlocal reads
         reads += 1
-        if not reads & PUB:
+        if not reads & 4095:  # PUBLISH_MASK
             publish()
         cls = key.__class__
         if (cls is str or cls is bytes) and q[H_STATE] == READY:
