@@ -65,6 +65,7 @@ from ._engine import Engine
 from ._expiry import Expirer
 from ._watch import WatchHub
 from ._journal import Journal, NullJournal
+from ._counters import Metrics
 from ._recovery import RedoArea, repair
 from ._replies import refuse_group, reply_deferred
 from ._table import apply_extra, tables_of
@@ -287,6 +288,7 @@ class CoordinatorServer:
         self.done = [0] * cfg.max_clients
         self.active: list[int] = []
         self.watch = WatchHub(self.name, ch, q, self.active)
+        self.metrics = Metrics(q, ch)
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -376,6 +378,7 @@ class CoordinatorServer:
         for i in list(self.active):
             if C.lock_byte(ch.fd, i):
                 # We hold the lock: nobody can claim the block while we reset it.
+                self.metrics.retire(i)
                 self._forget_client(i)
                 C.unlock_byte(ch.fd, i)
                 self.seg.q[L.H_CLIENTS_RECLAIMED] += 1
@@ -435,6 +438,7 @@ class CoordinatorServer:
         q[L.H_FRAMES] += nframes
         if nframes > q[L.H_MAX_GROUP]:
             q[L.H_MAX_GROUP] = nframes
+        self.metrics.group(nframes, served)
         ch = self.chan
         cq = ch.q
         mv = ch.mv

@@ -38,7 +38,9 @@ from ._errors import (
     VersionConflictError,
 )
 from ._data import CheckProblem, CheckReport, check, restore
+from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
 from ._snapshot import Snapshot
+from ._stats import ClientStats
 from ._store import Batch, Store, StoreStats
 from ._table import Table
 from ._version import __version__
@@ -47,6 +49,7 @@ __all__ = [
     "Batch",
     "CheckProblem",
     "CheckReport",
+    "ClientStats",
     "Coordinator",
     "CoordinatorRunningError",
     "CoordinatorUnavailableError",
@@ -62,6 +65,7 @@ __all__ = [
     "InvalidRowsError",
     "InvalidTTLError",
     "KeyTooLongError",
+    "PROMETHEUS_CONTENT_TYPE",
     "ProtocolError",
     "RequestTooLargeError",
     "RowOutOfRangeError",
@@ -87,7 +91,9 @@ __all__ = [
     "check",
     "connect",
     "destroy",
+    "metrics_app",
     "open",
+    "prometheus_text",
     "restore",
     "serve",
 ]

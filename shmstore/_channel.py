@@ -77,10 +77,19 @@ C_PID = 2
 C_START = 3
 C_ERR_ACK = 4
 C_WATCH = 5  # nonzero: this client wants watch wake-ups (a token the coordinator echoes)
-C_READS = 8  # per-client counters (one writer: the client)
-C_READ_RETRIES = 9
-C_WRITES = 10
-C_TIMEOUTS = 11
+# Per-client counters (one writer: the client; see shmstore/_stats.py). They hold the
+# handle's running totals, published by the client (not incremented in place), so a
+# handle that re-registers with a new coordinator carries its totals over.
+C_READS = 8  # reads (get, get_many keys, store[key]) since the handle opened
+C_READ_RETRIES = 9  # reads that met a change in progress and read again
+C_WRITES = 10  # write requests sent (wait=False ones included)
+C_TIMEOUTS = 11  # writes that raised StoreTimeoutError
+C_WRITE_NS = 12  # summed latency of waited writes (send to reply), ns
+C_WRITE_NS_MAX = 13  # the slowest waited write, ns
+C_WRITES_TIMED = 14  # waited writes summed in C_WRITE_NS
+C_WRITE_ERRORS = 15  # writes the coordinator refused with an error
+C_COUNTERS = (C_READS, C_READ_RETRIES, C_WRITES, C_TIMEOUTS, C_WRITE_NS, C_WRITE_NS_MAX,
+              C_WRITES_TIMED, C_WRITE_ERRORS)
 # client block words, coordinator-written
 C_ACK = 16
 C_TAIL = 17
@@ -348,6 +357,8 @@ class ClientChannel:
         q[w + C_HEAD] = 0
         q[w + C_ERR_ACK] = 0
         q[w + C_WATCH] = 0  # no watch until shmstore._feed registers one
+        for word in C_COUNTERS:  # the block's previous client's counts are not ours
+            q[w + word] = 0
         from ._segment import process_start_ms
 
         q[w + C_PID] = os.getpid()
@@ -409,7 +420,6 @@ class ClientChannel:
                         f"store {self.name!r}: the coordinator stopped while this client's queue was full"
                     )
                 if time.monotonic() > deadline:
-                    q[w + C_TIMEOUTS] += 1
                     raise StoreTimeoutError(
                         f"store {self.name!r}: the write queue stayed full until the timeout; "
                         f"the coordinator is behind (slow disk or too many writers) - retry, "
@@ -426,7 +436,6 @@ class ClientChannel:
         self.ticket += 1
         # Invariant: HEAD is stored after the frame's bytes (x86-64 keeps store order).
         q[w + C_HEAD] = self.head
-        q[w + C_WRITES] += 1
         self.bell.release()
         return self.ticket
 
@@ -465,7 +474,6 @@ class ClientChannel:
                         f"flight; it may or may not have been applied - read the key to see"
                     )
             if now > deadline:
-                q[self.w + C_TIMEOUTS] += 1
                 raise StoreTimeoutError(
                     f"store {self.name!r}: no reply to {what} within the timeout; it may "
                     f"still be applied. The coordinator is alive but behind."

@@ -31,6 +31,8 @@ import msgspec
 
 import shmstore
 from shmstore._cli_data import register as register_data_commands
+import shmstore._layout
+from shmstore._cli_ops import _dur, _hist_quantile, _size, add_ops_commands, client_table
 from shmstore._errors import ShmStoreError, StoreNotFoundError
 from shmstore._version import __version__
 
@@ -47,7 +49,11 @@ CLEAR = "\x1b[H\x1b[2J"
 
 #: Store.stats() fields that describe the calling handle, not the store: the CLI's own
 #: handle does no reads, so ``stats`` leaves them out.
-HANDLE_FIELDS = ("reads", "read_retries", "writes")
+HANDLE_FIELDS = ("reads", "read_retries", "writes", "timeouts", "write_errors", "write_latency_avg",
+                 "write_latency_max")
+#: rate fields of StoreStats: None on a handle's first stats() call, left out of JSON then
+RATE_FIELDS = ("interval", "ops_per_s", "groups_per_s", "requests_per_s", "reads_per_s", "writes_per_s",
+               "read_retries_per_s")
 
 _MISSING = object()
 
@@ -119,9 +125,12 @@ def human(n: float) -> str:
 
 
 def _stats_dict(stats: shmstore.StoreStats) -> dict[str, Any]:
-    d = msgspec.structs.asdict(stats)
+    d = msgspec.to_builtins(stats)
     for f in HANDLE_FIELDS:
         d.pop(f, None)
+    for f in RATE_FIELDS:
+        if d.get(f) is None:
+            d.pop(f, None)
     return d
 
 
@@ -133,6 +142,10 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
     avg = s.frames / s.groups if s.groups else 0.0
     full = 100.0 * s.records / s.capacity if s.capacity else 0.0
     coord = f"running, pid {s.coordinator_pid}" if s.coordinator_pid else "not running (reads only)"
+    if s.coordinator_pid and s.coordinator_rss is not None:
+        cpu = "" if s.coordinator_cpu_percent is None else f", {s.coordinator_cpu_percent:.0f}% CPU"
+        coord += f", up {s.coordinator_uptime:,.0f} s, RSS {_size(s.coordinator_rss)}{cpu}"
+    p50, p99 = _hist_quantile(s.group_hist, 0.5), _hist_quantile(s.group_hist, 0.99)
     rows = [
         ("store", s.name),
         ("coordinator", coord),
@@ -140,17 +153,35 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
         ("key / value size", f"{s.key_size:,} / {s.value_size:,} bytes"),
         ("epoch", f"{s.epoch:,}"),
         ("ops applied", f"{s.ops:,}"),
+        ("  by kind", f"put {s.puts:,}, delete {s.deletes:,}, cas {s.compare_and_sets:,}, "
+                      f"incr {s.incrs:,}, batch {s.batches:,}"),
         ("groups", f"{s.groups:,} (avg {avg:.2f} requests, max {s.max_group:,})"),
+        ("  group size", "-" if p50 is None else f"p50 <= {p50:,}, p99 <= {p99:,} requests"),
+        ("queue depth", f"{_size(s.queue_bytes)} last group, {_size(s.queue_bytes_max)} max"),
         ("requests", f"{s.frames:,}"),
         ("errors", f"{s.errors:,}"),
         ("fallback reads", f"{s.fallback_reads:,}"),
-        ("clients reclaimed", f"{s.clients_reclaimed:,}"),
+        ("coordinator runs", f"{s.coordinator_runs:,}"),
+        ("clients", f"{len(s.clients):,} live ({s.clients_reclaimed:,} reclaimed)"),
+        ("client reads", f"{s.total_reads:,} ({s.total_read_retries:,} retried)"),
+        ("client writes", f"{s.total_writes:,} ({s.total_timeouts:,} timed out, "
+                          f"{s.total_write_errors:,} refused); latency avg "
+                          f"{_dur(s.total_write_latency_avg)}, max {_dur(s.total_write_latency_max)}"),
     ]
+    if s.fsyncs or s.wal_bytes or s.checkpoints:
+        rows += [
+            ("fsyncs", f"{s.fsyncs:,}: min {_dur(s.fsync_min)}, avg {_dur(s.fsync_avg)}, "
+                       f"p99 <= {_dur(s.fsync_p99)}, max {_dur(s.fsync_max)}"),
+            ("WAL written", _size(s.wal_bytes)),
+            ("checkpoints", f"{s.checkpoints:,} (last at epoch {s.last_checkpoint_epoch:,}, "
+                            f"took {_dur(s.checkpoint_last)})"),
+        ]
     if with_rates or rates is not None:
-        rows += [(label, "-" if rates is None else human(rates[f]))
-                 for label, f in (("ops/s", "ops"), ("groups/s", "groups"), ("requests/s", "frames"))]
+        rows += [(label, "-" if rates is None or rates.get(f) is None else human(rates[f]))
+                 for label, f in (("ops/s", "ops"), ("groups/s", "groups"), ("requests/s", "frames"),
+                                  ("reads/s", "reads"), ("writes/s", "writes"))]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + client_table(s.clients)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -237,6 +268,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     with _connect(args) as store:
+        if args.prometheus:
+            sys.stdout.write(shmstore.prometheus_text(store))
+            return EXIT_OK
         if not args.watch:
             stats = store.stats()
             if args.json:
@@ -250,20 +284,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _watch(store: shmstore.Store, interval: float, as_json: bool, out: TextIO) -> int:
     """Redraw the stats every ``interval`` seconds until Ctrl-C (which exits 0)."""
     tty = out.isatty()
-    prev = None
     try:
         while True:
-            stats = store.stats()
-            now = time.monotonic()
+            stats = store.stats()  # rates: since the previous redraw (this handle's last call)
             rates = None
-            if prev is not None:
-                dt = max(now - prev[0], 1e-9)
-                rates = {f: (getattr(stats, f) - getattr(prev[1], f)) / dt for f in ("ops", "groups", "frames")}
-            prev = (now, stats)
+            if stats.interval is not None:
+                rates = {"ops": stats.ops_per_s, "groups": stats.groups_per_s,
+                         "frames": stats.requests_per_s, "reads": stats.reads_per_s,
+                         "writes": stats.writes_per_s}
             if as_json:
                 d = _stats_dict(stats)
-                if rates is not None:
-                    d.update({f"{k}_per_s": round(v, 1) for k, v in rates.items()})
                 out.write(msgspec.json.encode(d).decode() + "\n")
             else:
                 stamp = time.strftime("%H:%M:%S")
@@ -419,15 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("stats", cmd_stats, "show the store's counters (ops, groups, records, coordinator)",
             "shmstore stats app\n"
             "shmstore stats app --json | jq .ops\n"
-            "shmstore stats app --watch --interval 0.5     # with ops/s; Ctrl-C to stop",
+            "shmstore stats app --watch --interval 0.5     # with ops/s; Ctrl-C to stop\n"
+            "shmstore stats app --prometheus > /var/lib/node_exporter/shmstore.prom",
             timeout=True)
     p.add_argument("--json", action="store_true", help="one JSON object (per redraw)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="the Prometheus text exposition (metric names shmstore_*), once")
     p.add_argument("--watch", action="store_true", help="redraw until Ctrl-C, with per-second rates")
     p.add_argument("--interval", type=_positive_float, default=None, metavar="S",
                    help="seconds between redraws with --watch (default: 1)")
 
     add("destroy", cmd_destroy, "remove store NAME (its coordinator must be stopped first)",
         "shmstore destroy app")
+
+    add_ops_commands(add)
 
     p = add("demo", cmd_demo,
             "run a coordinator and a pool of worker processes sharing a cache and counters, "
@@ -447,10 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``shmstore`` command line; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"], ["--"]):
+        argv = ["bench", "--", *argv[1:]]  # every option after `bench` is the runner's
     args = parser.parse_args(argv)
     if args.command == "stats":
         if args.interval is not None and not args.watch:
             parser.error("--interval needs --watch")
+        if args.prometheus and (args.watch or args.json):
+            parser.error("--prometheus prints once, as text: not with --watch or --json")
         args.interval = args.interval or 1.0
     try:
         return args.func(args)

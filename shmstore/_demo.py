@@ -45,12 +45,19 @@ import traceback
 from typing import TextIO
 
 import shmstore
+from shmstore import _stats
 from shmstore._cli import human
 from shmstore._errors import CoordinatorRunningError, CoordinatorUnavailableError, ShmStoreError
+from shmstore._stress_workers import HIST_BUCKETS as _HIST_BUCKETS
+from shmstore._stress_workers import hist_index, hist_quantile
 
 #: What each worker sends back, in this order, as plain ints.
 REPORT_FIELDS = ("worker", "reads", "hits", "misses", "get_many", "writes", "batches",
-                 "retries", "snapshots", "torn", "failed")
+                 "retries", "snapshots", "torn", "failed", "read_ns", "read_n", "read_max",
+                 "write_ns", "write_n", "write_max")
+#: after REPORT_FIELDS each report carries two latency histograms (gets, then waited
+#: writes), HIST_BUCKETS ints each; see ``_stress_workers.hist_index``.
+HIST_BUCKETS = _HIST_BUCKETS
 COUNTERS = ("hits", "misses", "writes")
 WALLETS = 8
 WALLET_START = 1000
@@ -126,6 +133,7 @@ def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: i
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     t = dict.fromkeys(REPORT_FIELDS, 0)
     t["worker"] = w
+    t["rh"], t["wh"] = [0] * HIST_BUCKETS, [0] * HIST_BUCKETS
     try:
         with shmstore.connect(name, timeout=2.0) as store:
             _work(store, w, workers, keys, random.Random(seed), t, parent)
@@ -138,12 +146,18 @@ def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: i
     except Exception:  # noqa: BLE001 - report any bug, and still send the report
         traceback.print_exc()
         t["failed"] = 1
-    reports.put(tuple(int(t[f]) for f in REPORT_FIELDS))
+    reports.put(tuple(int(t[f]) for f in REPORT_FIELDS) + tuple(t["rh"]) + tuple(t["wh"]))
 
 
 def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Random, t: dict,
           parent: int) -> None:
-    get, get_many, put = store.get, store.get_many, store.put
+    get, get_many = store.get, store.get_many
+    clock = time.perf_counter_ns
+
+    def put(key: str, value: object) -> None:
+        t0 = clock()
+        store.put(key, value)
+        _note(t, "write", clock() - t0)
     flushed = dict.fromkeys(COUNTERS, 0)  # Invariant: what counter:C:wN holds
     wallets = [WALLET_START] * WALLETS  # Invariant: only this worker writes its wallets
     n_sessions = 0
@@ -155,7 +169,10 @@ def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Ra
             if r < 0.70:
                 i = int(id_space * rng.random() ** 2)
                 t["reads"] += 1
-                if get(_pkey(i)) is not None:
+                t0 = clock()
+                v = get(_pkey(i))
+                _note(t, "read", clock() - t0)
+                if v is not None:
                     t["hits"] += 1
                 else:
                     t["misses"] += 1
@@ -179,19 +196,23 @@ def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Ra
             elif r < 0.96:
                 i = int(id_space * rng.random() ** 2)
                 if rng.random() < 0.1:
+                    t0 = clock()
                     store.delete(_pkey(i))  # discontinued
+                    _note(t, "write", clock() - t0)
                 else:
                     put(_pkey(i), product(i, rng, w))
                 t["writes"] += 1
             else:
                 a, b = rng.sample(range(WALLETS), 2)
                 amount = rng.randrange(0, wallets[a] + 1)
+                t0 = clock()
                 with store.batch() as batch:
                     batch.put(f"session:w{w}:{n_sessions}", session(w, n_sessions, keys, rng))
                     if n_sessions >= SESSIONS_KEPT:
                         batch.delete(f"session:w{w}:{n_sessions - SESSIONS_KEPT}")
                     batch.put(_wkey(w, a), wallets[a] - amount)
                     batch.put(_wkey(w, b), wallets[b] + amount)
+                _note(t, "write", clock() - t0)
                 wallets[a] -= amount  # applied: the batch raised nothing
                 wallets[b] += amount
                 n_sessions += 1
@@ -205,6 +226,15 @@ def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Ra
     _flush(store, w, t, flushed)
 
 
+def _note(t: dict, kind: str, ns: int) -> None:
+    """Count one timed get or waited write in the worker's totals and histogram."""
+    t[kind + "_ns"] += ns
+    t[kind + "_n"] += 1
+    if ns > t[kind + "_max"]:
+        t[kind + "_max"] = ns
+    t["rh" if kind == "read" else "wh"][hist_index(ns)] += 1
+
+
 def _flush(store: shmstore.Store, w: int, t: dict, flushed: dict) -> None:
     """Add what was counted since the last flush to the shared and own counters;
     publish progress for the live view."""
@@ -214,8 +244,9 @@ def _flush(store: shmstore.Store, w: int, t: dict, flushed: dict) -> None:
             store.incr(f"counter:{c}", d)  # every worker adds to this one key
             store.incr(f"counter:{c}:w{w}", d)
             flushed[c] += d
-    t["retries"] = store.stats().read_retries
-    store.put(f"demo:progress:w{w}", [t["reads"], t["writes"], t["retries"]], wait=False)
+    t["retries"] = _stats.totals(store)[1]  # this handle's read retries
+    store.put(f"demo:progress:w{w}", [t["reads"], t["writes"], t["retries"], t["read_ns"], t["read_n"],
+                                      t["write_ns"], t["write_n"]], wait=False)
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -331,18 +362,20 @@ class _Run:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-    def _progress(self) -> tuple[int, int, int]:
-        reads = writes = retries = 0
+    def _progress(self) -> list[int]:
+        """[reads, writes, retries, read ns, timed reads, write ns, timed writes], summed."""
+        total = [0] * 7
         for w in range(self.workers):
             p = self.store.get(f"demo:progress:w{w}")
             if p:
-                reads, writes, retries = reads + p[0], writes + p[1], retries + p[2]
-        return reads, writes, retries
+                total = [a + b for a, b in zip(total, p)]
+        return total
 
     def _live(self, t0: float) -> None:
         store = self.store
         _say(self.out, "")
-        _say(self.out, "   time   reads/s  writes/s     ops/s  groups/s  avg group  retries   records")
+        _say(self.out, "   time   reads/s  writes/s     ops/s  groups/s  avg group  retries  get avg  "
+                       "write avg   records")
         end = t0 + self.seconds
         prev = (t0, store.stats(), self._progress())
         tick = t0
@@ -354,9 +387,13 @@ class _Run:
             dt = max(now - prev[0], 1e-9)
             dgroups = st.groups - prev[1].groups
             avg = (st.frames - prev[1].frames) / dgroups if dgroups else 0.0
-            _say(self.out, f"{now - t0:>6.1f}s {human((pr[0] - prev[2][0]) / dt):>9} "
-                           f"{human((pr[1] - prev[2][1]) / dt):>9} {human((st.ops - prev[1].ops) / dt):>9} "
-                           f"{human(dgroups / dt):>9} {avg:>10.2f} {pr[2]:>8,} {st.records:>9,}")
+            d = [a - b for a, b in zip(pr, prev[2])]
+            read_avg = _us(d[3] / d[4]) if d[4] else "-"
+            write_avg = _us(d[5] / d[6]) if d[6] else "-"
+            _say(self.out, f"{now - t0:>6.1f}s {human(d[0] / dt):>9} "
+                           f"{human(d[1] / dt):>9} {human((st.ops - prev[1].ops) / dt):>9} "
+                           f"{human(dgroups / dt):>9} {avg:>10.2f} {pr[2]:>8,} {read_avg:>8} "
+                           f"{write_avg:>10} {st.records:>9,}")
             prev = (now, st, pr)
             if not self.coord.alive():
                 raise CoordinatorUnavailableError(
@@ -378,7 +415,9 @@ class _Run:
                         break
                 else:
                     continue
-            rep = dict(zip(REPORT_FIELDS, row))
+            nf = len(REPORT_FIELDS)
+            rep = dict(zip(REPORT_FIELDS, row[:nf]))
+            rep["rh"], rep["wh"] = list(row[nf:nf + HIST_BUCKETS]), list(row[nf + HIST_BUCKETS:])
             self.reports[rep["worker"]] = rep
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -388,6 +427,8 @@ class _Run:
         st = store.stats()
         reps = [self.reports[w] for w in sorted(self.reports)]
         total = {f: sum(r[f] for r in reps) for f in REPORT_FIELDS}
+        rh = [sum(col) for col in zip(*(r["rh"] for r in reps))] if reps else []
+        wh = [sum(col) for col in zip(*(r["wh"] for r in reps))] if reps else []
         cols = ("reads", "hits", "misses", "get_many", "writes", "batches", "retries", "torn")
         widths = (11, 10, 8, 10, 8, 9, 9, 6)
         line = "-" * (8 + sum(widths))
@@ -408,6 +449,10 @@ class _Run:
                   f"avg group {avg:.2f} (max {st.max_group})")
         _say(out, f"  store        {st.records:,} of {st.capacity:,} records, {st.errors:,} errors, "
                   f"{st.fallback_reads:,} get_many fallbacks")
+        _say(out, f"  get latency  {_lat(rh, max((r['read_max'] for r in reps), default=0))}")
+        _say(out, f"  write        {_lat(wh, max((r['write_max'] for r in reps), default=0))} "
+                  f"(put, delete, batch; waited)")
+        _say(out, f"  retries      {total['retries']:,} reads met a write in progress and read again")
 
         ok = True
         _say(out, "\nconsistency check")
@@ -466,6 +511,18 @@ class _Run:
             self.coord.stop()
         destroy_quietly(self.name)
         return shm_leftovers(self.name)
+
+
+def _us(ns: float) -> str:
+    """Nanoseconds as a short string in us or ms."""
+    return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} us"
+
+
+def _lat(hist: list[int], mx: int) -> str:
+    if not hist or not sum(hist):
+        return "-"
+    return (f"p50 {_us(hist_quantile(hist, 0.5))}, p99 {_us(hist_quantile(hist, 0.99))}, "
+            f"max {_us(mx)}")
 
 
 def destroy_quietly(name: str) -> None:

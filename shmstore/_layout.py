@@ -109,6 +109,22 @@ H_EXPIRED = 128  # records the coordinator reclaimed after their expiry
 #: changes(since) with since < H_FEED_HORIZON could miss a change and is refused.
 H_FEED_HORIZON = 129
 H_WATCH_POSTS = 130  # wake-ups posted to watching clients
+# Operations counters (one writer: the coordinator), words 96-127; see coordinator/_counters.py.
+H_GROUP_HIST = 96  # GROUP_HIST_BUCKETS words: bucket b counts groups of [2**b, 2**(b+1)) requests
+GROUP_HIST_BUCKETS = 16  # (the last bucket also counts all larger groups)
+H_QUEUE_BYTES = 112  # bytes the last group drained from the rings: the queue depth it found
+H_QUEUE_BYTES_MAX = 113  # the most any group drained
+H_COORD_RUNS = 114  # coordinators that have served this segment (1 + restarts)
+# Client counters of reclaimed client blocks (closed or dead clients), summed by the
+# coordinator when it reclaims a block, so totals do not drop when a client goes.
+H_RETIRED_READS = 116
+H_RETIRED_READ_RETRIES = 117
+H_RETIRED_WRITES = 118
+H_RETIRED_TIMEOUTS = 119
+H_RETIRED_WRITE_NS = 120
+H_RETIRED_WRITES_TIMED = 121
+H_RETIRED_WRITE_ERRORS = 122
+H_RETIRED_WRITE_NS_MAX = 123
 H_WORDS = HEADER_SIZE // 8
 
 STATE_INIT = 0

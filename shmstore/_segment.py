@@ -140,6 +140,8 @@ class Segment:
         self.mask = lay.nbuckets - 1
         self.idx0 = lay.index_offset // 8  # first bucket, in words
         self.stall_timeout = 1.0
+        #: reads through this mapping that met a change in progress and read again
+        self.retries = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class Segment:
         while True:
             g1 = q[L.H_INDEX_GEN]
             if g1 & 1:
+                self.retries += 1
                 if backoff is None:
                     backoff = Backoff(self._check_coordinator, self.stall_timeout)
                 backoff.wait()
@@ -252,6 +255,7 @@ class Segment:
                 if b == 0:
                     if q[L.H_INDEX_GEN] == g1:
                         return MISS
+                    self.retries += 1
                     break  # buckets moved under us: probe again
                 if b >> 32 == h:
                     slot = (b & 0xFFFFFFFF) - 1
@@ -277,6 +281,7 @@ class Segment:
                             continue
                     # The slot or the bucket moved under us: read this bucket again.
                     # (A slot the index points to is never odd, so this is brief.)
+                    self.retries += 1
                     if backoff is None:
                         backoff = Backoff(self._check_coordinator, self.stall_timeout)
                     backoff.wait()
@@ -427,8 +432,13 @@ def unlink_quietly(kind: type, name: str) -> bool:
         return False
 
 
+#: ``get`` calls ``on_publish`` once every this many reads (a power of two, minus one).
+PUBLISH_MASK = 4095
+
+
 def make_readers(seg: Segment, decode: Callable[[bytes], object],
-                 on_stale: Callable[..., object]) -> tuple[Callable, Callable]:
+                 on_stale: Callable[..., object],
+                 on_publish: Callable[[], object] | None = None) -> tuple[Callable, Callable]:
     """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
 
     Returns ``(get, probe_many)``. ``probe_many(kbs)`` returns the raw values (None
@@ -439,6 +449,10 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     decode. Anything else (a hash collision, an odd seq, a moving index, a long key,
     a key neither str nor bytes, an expired record, a destroyed segment) takes the full :meth:`Segment.lookup`
     path, which has the same protocol plus backoff.
+
+    ``get`` counts its calls in a closure cell (``get.reads()``) and calls
+    ``on_publish()`` every ``PUBLISH_MASK + 1`` of them, so the handle can publish its
+    counters to shared memory without a store per read (see ``shmstore._stats``).
     """
     q = seg.q
     mv = seg.mv
@@ -477,14 +491,20 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
                     and not meta & FREE and (not expiry or expiry > now_ns()) and raw.startswith(kb)):
                 return raw[ksz:], s1
+            if s1 & 1 or q[w] != s1 or q[pos] != b:
+                seg.retries += 1  # a change in progress: the full lookup reads again
         r = lookup(kb)
         return None if r is None else (r[3], r[1])
 
     reads = 0  # gets through this closure (one writer: this process)
+    publish = on_publish if on_publish is not None else (lambda: None)
+    assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
     def get(key: object, default: object = None) -> object:
         nonlocal reads
         reads += 1
+        if not reads & 4095:  # PUBLISH_MASK
+            publish()
         cls = key.__class__
         if (cls is str or cls is bytes) and q[H_STATE] == READY:
             kb = key.encode() if cls is str else key

@@ -21,6 +21,7 @@ from ._errors import (
     ShmStoreError,
     StoreClosedError,
     StoreNotFoundError,
+    StoreTimeoutError,
     TooManyClientsError,
     ValueEncodingError,
     ValueTooLargeError,
@@ -30,6 +31,9 @@ from ._aio import AsyncMixin
 from ._feed import FeedMixin
 from ._segment import Segment, coordinator_alive, make_readers, open_segment
 from ._ttl import TTLMixin, expiry_ns
+
+from . import _stats
+from ._stats import StoreStats
 
 if TYPE_CHECKING:
     from ._snapshot import Snapshot
@@ -92,9 +96,7 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
         self._chan: C.ClientChannel | None = None
         self._pid = os.getpid()
         self._last_ticket = 0
-        self._reads = 0
-        self._read_retries = 0
-        self._writes = 0
+        _stats.init_counters(self)  # per-handle counters, published to the client block
         #: the Coordinator that shmstore.open() started for this handle, if it did
         self.coordinator = None
         _STORES.add(self)
@@ -130,8 +132,12 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
                 f"store {self.name!r} was destroyed; serve it again before reading"
             ) from None
         self._check_schema(seg)
+        if old is not None:  # keep the old mapping's counts in the handle's totals
+            self._read_retries += old.retries - self._retries_base
+            self._reads += self.get.reads() - self._get_base
         self._seg = seg
         self._bind_fast_get()
+        self._retries_base = self._get_base = 0
         self._drop_channel()
         if old is not None:
             old.close()
@@ -145,6 +151,7 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
             self._chan.drop_after_fork()
             self._chan = None
         self._last_ticket = 0
+        _stats.init_counters(self)  # a new process is a new client: its counts start at 0
 
     def _drop_channel(self) -> None:
         if self._chan is not None:
@@ -161,6 +168,7 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
                 self.flush()
             except ShmStoreError:
                 pass  # the coordinator is gone: nothing left to flush to
+            _stats.publish(self)  # the coordinator retires these when it reclaims the block
             self._drop_channel()
         self.__dict__.pop("get", None)  # the fast path holds views of the mapping
         self._seg.close()
@@ -239,7 +247,11 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
         return self._decode(r[3])
 
     def _bind_fast_get(self) -> None:
-        self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self))
+        self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self),
+                                                  self._publish_counters)
+
+    def _publish_counters(self) -> None:
+        _stats.publish_or_claim(self)
 
     def __getitem__(self, key: str | bytes) -> Any:
         seg = self._live_segment()
@@ -393,24 +405,33 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
         with self._wlock:
             if self._pid != os.getpid():  # forked without the at-fork hook (vfork-ish)
                 self._after_fork()
-            while True:
-                ch = self._channel(seg, deadline)
-                ticket = ch.publish(payload, deadline)
-                self._last_ticket = ticket
-                self._writes += 1
-                if not wait:
-                    return None
-                try:
-                    ch.wait_done(ticket, deadline, what)
-                    break
-                except C.NotConsumed:
-                    if self._unflushed_lost(ch, ticket - 1):
-                        raise
-                    # The coordinator died before reading it: wait for the next one.
-                    self._drop_channel()
+            t0 = time.perf_counter_ns()
+            try:
+                while True:
+                    ch = self._channel(seg, deadline)
+                    ticket = ch.publish(payload, deadline)
+                    self._last_ticket = ticket
+                    self._writes += 1
+                    if not wait:
+                        _stats.publish(self)
+                        return None
+                    try:
+                        ch.wait_done(ticket, deadline, what)
+                        break
+                    except C.NotConsumed:
+                        if self._unflushed_lost(ch, ticket - 1):
+                            raise
+                        # The coordinator died before reading it: wait for the next one.
+                        self._drop_channel()
+            except StoreTimeoutError:
+                self._timeouts += 1
+                _stats.publish(self)
+                raise
             t, status, result = ch.reply()
             if t != ticket:
                 raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
+            _stats.note_write(self, time.perf_counter_ns() - t0, status != C.ST_OK)
+            _stats.publish(self)
         if status != C.ST_OK:
             raise rebuild(result[0], result[1])
         return result
@@ -556,28 +577,10 @@ class Store(FeedMixin, TTLMixin, AsyncMixin):
     # -- stats -----------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
-        """A snapshot of the store's counters (coordinator) and this handle's."""
-        seg = self._live_segment()
-        q = seg.q
-        return StoreStats(
-            name=self.name,
-            records=q[L.H_COUNT],
-            capacity=seg.layout.capacity,
-            key_size=seg.key_size,
-            value_size=seg.value_size,
-            epoch=q[L.H_EPOCH],
-            coordinator_pid=q[L.H_COORD_PID] if coordinator_alive(seg) else None,
-            ops=q[L.H_OPS],
-            groups=q[L.H_GROUPS],
-            frames=q[L.H_FRAMES],
-            max_group=q[L.H_MAX_GROUP],
-            errors=q[L.H_ERRORS],
-            clients_reclaimed=q[L.H_CLIENTS_RECLAIMED],
-            fallback_reads=q[L.H_FALLBACK_READS],
-            reads=self._reads + self.get.reads(),
-            read_retries=self._read_retries,
-            writes=self._writes,
-        )
+        """A snapshot of the store's counters: the coordinator's, every live client's,
+        this handle's, and rates since this handle's previous call (see
+        :class:`StoreStats` and ``shmstore._stats``)."""
+        return _stats.collect(self)
 
     # -- durability ------------------------------------------------------------------
 
@@ -644,28 +647,6 @@ def _array_header(n: int) -> bytes:
     if n < 65536:
         return b"\xdc" + n.to_bytes(2, "big")
     return b"\xdd" + n.to_bytes(4, "big")
-
-
-class StoreStats(msgspec.Struct, frozen=True):
-    """What :meth:`Store.stats` returns."""
-
-    name: str
-    records: int
-    capacity: int
-    key_size: int
-    value_size: int
-    epoch: int
-    coordinator_pid: int | None
-    ops: int
-    groups: int
-    frames: int
-    max_group: int
-    errors: int
-    clients_reclaimed: int
-    fallback_reads: int
-    reads: int
-    read_retries: int
-    writes: int
 
 
 class Batch:

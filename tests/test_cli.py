@@ -20,7 +20,8 @@ import pytest
 import shmstore
 from tests.helpers.processes import reap, shm_objects, wait_for
 
-COMMANDS = ("serve", "get", "put", "del", "scan", "incr", "stats", "destroy", "demo")
+COMMANDS = ("serve", "get", "put", "del", "scan", "incr", "stats", "destroy", "demo", "cleanup",
+            "stress", "bench")
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -299,6 +300,10 @@ def test_demo_runs_checks_and_leaves_nothing_behind():
         name = _demo_name(out)
         assert name == f"demo-{p.pid}"
         assert "reads/s" in out and "summary" in out, detail
+        # Live latencies each second, percentiles in the summary.
+        assert "get avg" in out and "write avg" in out, detail
+        assert re.search(r"^  get latency  p50 [\d.]+ [um]s, p99 [\d.]+ [um]s, max", out, re.M), detail
+        assert re.search(r"^  write        p50 [\d.]+ [um]s, p99", out, re.M), detail
         assert re.search(r"^result: OK$", out, re.M), detail
         assert "MISMATCH" not in out and "Traceback" not in err, detail
         for counter in ("hits", "misses", "writes"):
