@@ -26,7 +26,6 @@ free slots live in one ``array('q')``; its memory does not grow with the records
 from __future__ import annotations
 
 import time
-import zlib
 from array import array
 
 import msgspec
@@ -42,7 +41,7 @@ from shmstore._errors import (
 )
 from shmstore._segment import Segment
 
-crc32 = zlib.crc32
+key_hash = L.key_hash
 _int_decode = msgspec.msgpack.Decoder(int).decode
 _encode = msgspec.msgpack.encode
 
@@ -195,7 +194,7 @@ class Engine:
 
     def get(self, kb: bytes) -> tuple[int, bytes] | None:
         """The live record of a key, ``(version, value)``, from the writer's side."""
-        pos, slot = self.find(kb, crc32(kb))
+        pos, slot = self.find(kb, key_hash(kb))
         if slot < 0:
             return None
         w = self._slot_word(slot)
@@ -227,7 +226,7 @@ class Engine:
             )
 
     def put(self, kb: bytes, vb: bytes, expiry: int = 0) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         if old < 0:
             self._need_room(kb)
@@ -236,7 +235,7 @@ class Engine:
         return v
 
     def delete(self, kb: bytes) -> bool:
-        pos, slot = self.find(kb, crc32(kb))
+        pos, slot = self.find(kb, key_hash(kb))
         if slot < 0:
             return False
         epoch = self.next_epoch()
@@ -261,7 +260,7 @@ class Engine:
         return self.q[w + L.S_VERSION]
 
     def cas(self, kb: bytes, vb: bytes, expect: int, expiry: int = 0) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         cur = self._current_version(old)
         if cur != expect:
@@ -276,7 +275,7 @@ class Engine:
         return v
 
     def incr(self, kb: bytes, delta: int) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         cur = 0
         expiry = 0
@@ -324,7 +323,7 @@ class Engine:
             kind = op[0]
             kb = self.check_key(op[1])
             if kb not in present:
-                present[kb] = self.find(kb, crc32(kb))[1] >= 0
+                present[kb] = self.find(kb, key_hash(kb))[1] >= 0
             if kind == OP_PUT:
                 self.check_value(op[2])
                 if not present[kb]:
@@ -351,7 +350,7 @@ class Engine:
         try:
             for op in ops:
                 kb = op[1]
-                h = crc32(kb)
+                h = key_hash(kb)
                 pos, slot = self.find(kb, h)
                 epoch = self.next_epoch()
                 if op[0] == OP_PUT:
