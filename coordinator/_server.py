@@ -262,6 +262,9 @@ class CoordinatorServer:
         self.tails = ch.words(C.C_TAIL)
         self.done = [0] * cfg.max_clients
         self.active: list[int] = []
+        # Byte offsets of each client block, computed once (ChannelLayout.stride is a
+        # property: recomputing it twice per served client cost ~4% of a put).
+        self.blocks = [ch.layout.block(i) for i in range(cfg.max_clients)]
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -333,6 +336,7 @@ class CoordinatorServer:
     def tick(self) -> None:
         q = self.seg.q
         q[L.H_HEARTBEAT] = time.time_ns()
+        self._scan_handshakes()
         self.journal.tick()
         self.reclaim_dead_clients()
         ppid = self.config.parent_pid
@@ -374,13 +378,21 @@ class CoordinatorServer:
             self.active.append(i)
         self.reply_sems[i].release()
 
-    def serve_group(self) -> None:
-        """Drain every client's ring, apply as one group, sync, then reply."""
+    def _scan_handshakes(self) -> None:
+        """Answer every client that wrote a new SESSION (a numpy scan of all blocks)."""
         import numpy as np
 
         new = np.flatnonzero((self.sessions != self.acks) & (self.sessions != 0))
         for i in new.tolist():
             self._handshake(i)
+
+    def serve_group(self) -> None:
+        """Drain every client's ring, apply as one group, sync, then reply.
+
+        New clients are answered when a wake-up brings no frames (a handshake rings the
+        doorbell and sends nothing until answered) and on every tick; the scan costs
+        ~5 us, so it is not paid per group while clients keep writing.
+        """
         heads = self.heads
         tails = self.tails
         served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
@@ -391,6 +403,7 @@ class CoordinatorServer:
                 served.append((i, reply, err))
                 nframes += n
         if not served:
+            self._scan_handshakes()
             return
         self.journal.commit()
         q = self.seg.q
@@ -402,8 +415,9 @@ class CoordinatorServer:
         cq = ch.q
         mv = ch.mv
         lay = ch.layout
+        blocks = self.blocks
         for i, reply, err in served:
-            base = lay.block(i)
+            base = blocks[i]
             w = base // 8
             if reply is not None:
                 o = base + C.CONTROL + lay.ring_size
@@ -425,7 +439,7 @@ class CoordinatorServer:
         mv = ch.mv
         lay = ch.layout
         R = lay.ring_size
-        base = lay.block(i)
+        base = self.blocks[i]
         w = base // 8
         ring = base + C.CONTROL
         head = cq[w + C.C_HEAD]
