@@ -96,6 +96,7 @@ class Bench(Reads, Procs):
             import lmdb  # noqa: PLC0415, F401
         except ImportError:
             self.lmdb_skip = LMDB_MISSING
+            log(f"NOTE: skipping py-lmdb: {self.lmdb_skip}")
         if not self.cfg.use_redis:
             self.redis_skip = "disabled with --no-redis"
         else:

@@ -83,6 +83,8 @@ def markdown(bench: Any, meta: dict[str, Any]) -> str:
     ]
     if bench.redis_skip:
         out += [f"Redis rows skipped: {bench.redis_skip}", ""]
+    if bench.lmdb_skip:
+        out += [f"py-lmdb rows skipped: {bench.lmdb_skip}", ""]
     trows = bench.target_rows()
     if trows:
         out += ["## Targets", "",
