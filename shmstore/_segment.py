@@ -47,8 +47,7 @@ from ._errors import (
 )
 
 key_hash = L.key_hash
-key_hash_array = L.key_hash_array
-crc32 = L._crc32
+crc32 = L._crc32  # the fast path inlines key_hash: crc32(kb) * HASH_MULT >> 32 & 0xFFFFFFFF
 
 #: lookup() result for a missing key.
 MISS = None
@@ -431,8 +430,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  on_stale: Callable[..., object]) -> tuple[Callable, Callable]:
     """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
 
-    Returns ``(get, probe_many)``. ``probe_many(kbs)`` returns the raw values (None
-    for a miss) and the highest slot seq it accepted, for ``Store.get_many``.
+    Returns ``(get, probe_many)``. ``probe_many(kbs, lens)`` (see ``_many``) returns
+    the raw values and the highest slot seq it accepted, for ``Store.get_many``.
 
     The common case (the key's first probe position holds it, or is empty) runs
     inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
