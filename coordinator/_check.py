@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import zlib
 
 import numpy as np
 
@@ -206,7 +205,7 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     # key's home bucket without crossing an empty one (linear probing).
     wrong_hash = []
     for p, s, hv, kl in zip(pos.tolist(), slot.tolist(), h.tolist(), klen.tolist()):
-        if 1 <= kl <= lay.key_size and zlib.crc32(slots[s, 32 : 32 + kl].tobytes()) != hv:
+        if 1 <= kl <= lay.key_size and L.key_hash(slots[s, 32 : 32 + kl].tobytes()) != hv:
             wrong_hash.append((p, s))
     listed("buckets whose key does not hash to them", wrong_hash,
            lambda ps: f"index bucket {ps[0]} points to slot {ps[1]}, whose key does not hash to the bucket's hash")

@@ -26,7 +26,6 @@ not grow with the records.
 
 from __future__ import annotations
 
-import zlib
 
 import msgspec
 import numpy as np
@@ -46,7 +45,7 @@ from ._freering import FreeRing
 
 H_FEED_HORIZON = L.H_FEED_HORIZON
 
-crc32 = zlib.crc32
+key_hash = L.key_hash
 _int_decode = msgspec.msgpack.Decoder(int).decode
 _encode = msgspec.msgpack.encode
 
@@ -215,7 +214,7 @@ class Engine:
 
     def get(self, kb: bytes) -> tuple[int, bytes] | None:
         """The live record of a key, ``(version, value)``, from the writer's side."""
-        pos, slot = self.find(kb, crc32(kb))
+        pos, slot = self.find(kb, key_hash(kb))
         if slot < 0:
             return None
         w = self._slot_word(slot)
@@ -252,7 +251,7 @@ class Engine:
             )
 
     def put(self, kb: bytes, vb: bytes, expiry: int = 0) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         if old < 0:
             self._need_room(kb)
@@ -261,7 +260,7 @@ class Engine:
         return v
 
     def delete(self, kb: bytes) -> bool:
-        pos, slot = self.find(kb, crc32(kb))
+        pos, slot = self.find(kb, key_hash(kb))
         if slot < 0:
             return False
         epoch = self.next_epoch()
@@ -289,7 +288,7 @@ class Engine:
         return self.q[w + L.S_VERSION]
 
     def cas(self, kb: bytes, vb: bytes, expect: int, expiry: int = 0) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         cur = self._current_version(old)
         if cur != expect:
@@ -304,7 +303,7 @@ class Engine:
         return v
 
     def incr(self, kb: bytes, delta: int) -> int:
-        h = crc32(kb)
+        h = key_hash(kb)
         pos, old = self.find(kb, h)
         cur = 0
         expiry = 0
@@ -352,7 +351,7 @@ class Engine:
             kind = op[0]
             kb = self.check_key(op[1])
             if kb not in present:
-                present[kb] = self.find(kb, crc32(kb))[1] >= 0
+                present[kb] = self.find(kb, key_hash(kb))[1] >= 0
             if kind == OP_PUT:
                 self.check_value(op[2])
                 if not present[kb]:
@@ -379,7 +378,7 @@ class Engine:
         try:
             for op in ops:
                 kb = op[1]
-                h = crc32(kb)
+                h = key_hash(kb)
                 pos, slot = self.find(kb, h)
                 epoch = self.next_epoch()
                 if op[0] == OP_PUT:

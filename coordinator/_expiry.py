@@ -27,7 +27,6 @@ the old record's liveness, so they need no purge.
 
 from __future__ import annotations
 
-import zlib
 
 import msgspec
 import numpy as np
@@ -42,7 +41,7 @@ RECLAIM_PER_TICK = 2048
 NO_EXPIRY = (1 << 64) - 1
 
 _encode = msgspec.msgpack.Encoder().encode
-crc32 = zlib.crc32
+key_hash = L.key_hash
 
 
 class Expirer:
@@ -61,7 +60,7 @@ class Expirer:
 
     def _expired_slot(self, kb: bytes, now: int) -> bool:
         e = self.engine
-        _, slot = e.find(kb, crc32(kb))
+        _, slot = e.find(kb, key_hash(kb))
         if slot < 0:
             return False
         expiry = self.q[e._slot_word(slot) + L.S_EXPIRY]
@@ -97,7 +96,7 @@ class Expirer:
             kb = e._key_at(slot)
             # Only the record the index points to (a slot with an expiry is live, but
             # check: nothing unverified goes into the log).
-            if kb and e.find(kb, crc32(kb))[1] == slot:
+            if kb and e.find(kb, key_hash(kb))[1] == slot:
                 keys.append(kb)
         if not keys:
             return 0
@@ -125,7 +124,7 @@ def replay_expire(engine: object, op: list) -> None:
     _, _, keys, now = op
     q = engine.q
     for kb in keys:
-        _, slot = engine.find(engine.check_key(kb), crc32(kb))
+        _, slot = engine.find(engine.check_key(kb), key_hash(kb))
         if slot < 0:
             raise CorruptionError("a logged expiry found no record")
         expiry = q[engine._slot_word(slot) + L.S_EXPIRY]

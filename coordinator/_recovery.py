@@ -91,7 +91,7 @@ def _rebuild_index(seg: Segment) -> None:
         w = seg.slot0 + slot * seg.slot_words
         o = w * 8 + L.SLOT_HEADER
         kb = bytes(seg.mv[o : o + (q[w + L.S_META] & 0xFFFF)])
-        if zlib.crc32(kb) == h:
+        if L.key_hash(kb) == h:
             keep[slot] = h
     idx[:] = 0
     mask = seg.mask

@@ -289,6 +289,9 @@ class CoordinatorServer:
         self.active: list[int] = []
         self.watch = WatchHub(self.name, ch, q, self.active)
         self.metrics = Metrics(q, ch)
+        # Byte offsets of each client block, computed once (ChannelLayout.stride is a
+        # property: recomputing it twice per served client cost ~4% of a put).
+        self.blocks = [ch.layout.block(i) for i in range(cfg.max_clients)]
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -364,6 +367,7 @@ class CoordinatorServer:
     def tick(self) -> None:
         q = self.seg.q
         q[L.H_HEARTBEAT] = time.time_ns()
+        self._scan_handshakes()
         self.journal.tick()
         self.expirer.tick()
         self.reclaim_dead_clients()
@@ -410,13 +414,21 @@ class CoordinatorServer:
             self.active.append(i)
         self.reply_sems[i].release()
 
-    def serve_group(self) -> None:
-        """Drain every client's ring, apply as one group, sync, then reply."""
+    def _scan_handshakes(self) -> None:
+        """Answer every client that wrote a new SESSION (a numpy scan of all blocks)."""
         import numpy as np
 
         new = np.flatnonzero((self.sessions != self.acks) & (self.sessions != 0))
         for i in new.tolist():
             self._handshake(i)
+
+    def serve_group(self) -> None:
+        """Drain every client's ring, apply as one group, sync, then reply.
+
+        New clients are answered when a wake-up brings no frames (a handshake rings the
+        doorbell and sends nothing until answered) and on every tick; the scan costs
+        ~5 us, so it is not paid per group while clients keep writing.
+        """
         heads = self.heads
         tails = self.tails
         served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
@@ -427,6 +439,7 @@ class CoordinatorServer:
                 served.append((i, reply, err))
                 nframes += n
         if not served:
+            self._scan_handshakes()
             return
         try:
             self.journal.commit()
@@ -443,8 +456,9 @@ class CoordinatorServer:
         cq = ch.q
         mv = ch.mv
         lay = ch.layout
+        blocks = self.blocks
         for i, reply, err in served:
-            base = lay.block(i)
+            base = blocks[i]
             w = base // 8
             if reply is not None:
                 o = base + C.CONTROL + lay.ring_size
@@ -467,7 +481,7 @@ class CoordinatorServer:
         mv = ch.mv
         lay = ch.layout
         R = lay.ring_size
-        base = lay.block(i)
+        base = self.blocks[i]
         w = base // 8
         ring = base + C.CONTROL
         head = cq[w + C.C_HEAD]

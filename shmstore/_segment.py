@@ -14,7 +14,7 @@ Reading one slot (:meth:`Segment.read_slot`)::
     s2 = seq;  s1 != s2 -> retry
     only now look at the copied bytes
 
-Looking a key up (:meth:`Segment.lookup`) probes the index from ``crc32(key)``. For a
+Looking a key up (:meth:`Segment.lookup`) probes the index from ``key_hash(key)``. For a
 bucket whose hash matches it reads the slot, then re-reads the bucket: if the bucket
 changed meanwhile (the record was rewritten into another slot) it probes that bucket
 again, so an update never shows up as a false miss. A miss ends at an empty bucket and
@@ -33,7 +33,6 @@ from __future__ import annotations
 import mmap
 import os
 import time
-import zlib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -48,7 +47,8 @@ from ._errors import (
     StoreTimeoutError,
 )
 
-crc32 = zlib.crc32
+key_hash = L.key_hash
+crc32 = L._crc32  # the fast path inlines key_hash: crc32(kb) * HASH_MULT >> 32 & 0xFFFFFFFF
 
 #: lookup() result for a missing key.
 MISS = None
@@ -239,7 +239,7 @@ class Segment:
         mv = self.mv
         mask = self.mask
         idx0 = self.idx0
-        h = crc32(kb)
+        h = key_hash(kb)
         backoff = None
         while True:
             g1 = q[L.H_INDEX_GEN]
@@ -441,8 +441,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  on_publish: Callable[[], object] | None = None) -> tuple[Callable, Callable]:
     """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
 
-    Returns ``(get, probe_many)``. ``probe_many(kbs)`` returns the raw values (None
-    for a miss) and the highest slot seq it accepted, for ``Store.get_many``.
+    Returns ``(get, probe_many)``. ``probe_many(kbs, lens)`` (see ``_many``) returns
+    the raw values and the highest slot seq it accepted, for ``Store.get_many``.
 
     The common case (the key's first probe position holds it, or is empty) runs
     inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
@@ -469,10 +469,13 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     HDR = L.SLOT_HEADER
     FREE = L.FLAG_FREE << 16
 
+    MULT = L.HASH_MULT
+    M32 = 0xFFFFFFFF
+
     def probe(kb: bytes) -> tuple[bytes, int] | None:
         """The first-probe fast path: (value bytes, seq), None for a miss, or the full
         lookup's answer when anything is unusual."""
-        h = crc32(kb)
+        h = (crc32(kb) * MULT >> 32) & M32  # key_hash(kb), inline
         g = q[H_GEN]
         pos = idx0 + (h & mask)
         b = q[pos]
@@ -480,7 +483,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             if not g & 1 and q[H_GEN] == g:
                 return None
         elif b >> 32 == h:
-            w = slot0 + ((b & 0xFFFFFFFF) - 1) * sw
+            w = slot0 + ((b & M32) - 1) * sw
             s1 = q[w]
             meta = q[w + 3]
             vlen = meta >> 32
@@ -501,16 +504,41 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
     def get(key: object, default: object = None) -> object:
+        # probe() inlined: a Python call costs ~10% of a get.
         nonlocal reads
         reads += 1
         if not reads & 4095:  # PUBLISH_MASK
             publish()
         cls = key.__class__
-        if (cls is str or cls is bytes) and q[H_STATE] == READY:
-            kb = key.encode() if cls is str else key
-            if 0 < len(kb) <= ksz:
-                r = probe(kb)
-                return default if r is None else decode(r[0])
+        if cls is str:
+            kb = key.encode()
+        elif cls is bytes:
+            kb = key
+        else:
+            return on_stale(key, default)
+        n = len(kb)
+        if n and n <= ksz and q[H_STATE] == READY:
+            h = (crc32(kb) * MULT >> 32) & M32  # key_hash(kb), inline
+            g = q[H_GEN]
+            pos = idx0 + (h & mask)
+            b = q[pos]
+            if b == 0:
+                if not g & 1 and q[H_GEN] == g:
+                    return default
+            elif b >> 32 == h:
+                w = slot0 + ((b & M32) - 1) * sw
+                s1 = q[w]
+                meta = q[w + 3]
+                vlen = meta >> 32
+                expiry = q[w + 2]
+                o = w * 8 + HDR
+                raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+                # Invariant: every word used below was read between s1 and s2.
+                if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
+                        and not meta & FREE and not expiry and raw.startswith(kb)):
+                    return decode(raw[ksz:])
+            r = lookup(kb)
+            return default if r is None else decode(r[3])
         return on_stale(key, default)
 
     def probe_each(kbs: list[bytes], which: Iterable[int]) -> tuple[dict[int, bytes], int]:
@@ -524,76 +552,9 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                     top = r[1]
         return found, top
 
-    words = seg.slot_words_view()
-    slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
-                            offset=L.SLOTS_OFFSET)
-    buckets = seg.index_view()
-    key_cols = np.arange(ksz)
-    U32 = np.uint64(0xFFFFFFFF)
+    from ._many import make_probe_many  # noqa: PLC0415
 
-    def probe_many(kbs: list[bytes], lens: np.ndarray) -> tuple[np.ndarray, bytes, dict[int, bytes], int]:
-        """Probe many keys at once, the seqlock protocol done in numpy passes.
-
-        The passes run in program order, each one numpy call: buckets; every slot's
-        seq; then their version/expiry/meta; then their key and value bytes; then
-        their seq again and their buckets again. A key is accepted here only if its
-        slot validated (seq even and unchanged, bucket unchanged) and its key bytes
-        match; a miss only if its first bucket was empty and the index generation
-        was even and unchanged throughout. Every other key goes through ``probe``.
-
-        Args:
-            kbs: the keys' bytes, each 1 to key_size long (checked by the caller).
-            lens: their lengths, as int64.
-
-        Returns:
-            ``(fast, blob, slow, top)``: positions of the keys found here, their
-            values concatenated in that order, ``{position: value}`` of keys found by
-            the per-key path, and the highest seq accepted.
-        """
-        n = len(kbs)
-        if n < 32:  # numpy's fixed costs outweigh the per-key loop
-            found, top = probe_each(kbs, range(n))
-            return np.empty(0, np.intp), b"", found, top
-        hashes = np.fromiter(map(crc32, kbs), np.uint64, n)
-        g1 = q[H_GEN]
-        pos = (hashes & np.uint64(mask)).astype(np.intp)
-        b = buckets[pos]
-        empty = b == 0
-        hit = np.flatnonzero(~empty & ((b >> np.uint64(32)) == hashes))
-        slots = (b[hit] & U32).astype(np.intp) - 1
-        s1 = words[slots, 0]
-        hdr = words[slots, 1:4]
-        meta = hdr[:, 2]
-        vlen = np.minimum(meta >> np.uint64(32), np.uint64(vsz)).astype(np.intp)
-        maxv = int(vlen.max()) if hit.size else 0
-        body = slot_bytes[:, HDR : HDR + ksz + maxv][slots]
-        s2 = words[slots, 0]
-        b2 = buckets[pos[hit]]
-        # Invariant: nothing read above is trusted until the checks below pass.
-        hit_lens = lens[hit]
-        ok = (s1 == s2) & ((s1 & np.uint64(1)) == 0) & (b2 == b[hit]) & (hdr[:, 1] == 0)
-        ok &= (meta & np.uint64(FREE)) == 0
-        ok &= (meta & np.uint64(0xFFFF)).astype(np.int64) == hit_lens
-        # Key bytes: each hit slot's first len(query) bytes, flattened, against the
-        # query keys' bytes flattened the same way; mismatches summed per key.
-        if hit.size:
-            joined = np.frombuffer(b"".join(kbs), np.uint8)
-            is_hit = np.zeros(n, bool)
-            is_hit[hit] = True
-            want = joined[np.repeat(is_hit, lens)]
-            got = body[:, :ksz][key_cols < hit_lens[:, None]]
-            key_starts = np.cumsum(hit_lens) - hit_lens
-            ok &= ~np.logical_or.reduceat(got != want, key_starts)
-        fast = hit[ok]
-        vals = body[ok, ksz:]
-        blob = vals[np.arange(maxv) < vlen[ok][:, None]].tobytes()
-        top = int(s1[ok].max()) if fast.size else 0
-        rest = np.ones(n, bool)
-        rest[fast] = False
-        if not g1 & 1 and q[H_GEN] == g1:
-            rest[empty] = False  # trusted misses
-        found, top2 = probe_each(kbs, np.flatnonzero(rest).tolist())
-        return fast, blob, found, max(top, top2)
+    probe_many = make_probe_many(seg, probe_each)
 
     def count() -> int:
         return reads

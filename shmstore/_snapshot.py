@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import mmap
 import time
-import zlib
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import _layout as L
 
-crc32 = zlib.crc32
 U32 = np.uint64(0xFFFFFFFF)
 HIGH = np.uint64(0xFFFFFFFF00000000)
 #: lock-free copy attempts before the coordinator is asked for the copy
@@ -138,7 +136,7 @@ class Snapshot:
             raise StoreClosedError("this snapshot is closed; take a new one with store.snapshot()")
         if self._mask < 0:
             return None
-        h = crc32(kb)
+        h = L.key_hash(kb)
         b = self._b
         raw = self._raw
         w = self._w

@@ -1,12 +1,14 @@
-"""scripts/bench.py --quick runs end to end, reports every measure, and cleans up.
+"""``scripts/bench.py --quick`` (``shmstore._bench``) runs end to end, reports every
+measure, and cleans up.
 
 No speed is asserted here: the figures depend on the machine. What is checked is the
-shape of the outputs (JSON and Markdown) and that the run leaves nothing behind: no
-shared-memory objects of its store, no temp dir, no child process.
+shape of the outputs (JSON, Markdown, the results directory) and that the run leaves
+nothing behind: no shared-memory objects of its stores, no temp dir, no child process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,22 +24,31 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench.py"
 
 #: Every row the benchmark reports, "measure.system" (pinned here on purpose).
+_GETS = ["shmstore", "lmdb_txn", "lmdb_txn_decode", "redis", "dict"]
 EXPECTED = [
     "get_hot.shmstore", "get_hot.lmdb_txn", "get_hot.lmdb_txn_decode", "get_hot.lmdb_txn_per_get",
     "get_hot.redis", "get_hot.manager", "get_hot.dict", "get_hot.numpy_copy",
     "get_random.shmstore", "get_random.lmdb_txn", "get_random.lmdb_txn_decode",
     "get_random.lmdb_txn_per_get", "get_random.redis", "get_random.manager", "get_random.dict",
+    *[f"{g}.{s}" for g in ("get_1k", "get_big", "get_big_1k") for s in _GETS],
     "get_many.shmstore", "get_many.lmdb_loop", "get_many.lmdb_loop_decode", "get_many.redis_mget",
     "get_many.dict", "get_many.numpy_copy",
     "put.shmstore", "put.redis", "put.lmdb_sync", "put.lmdb_nosync", "put.manager", "put.dict",
     "put.socketpair",
     "put_pipelined.shmstore", "put_pipelined.redis_pipeline", "put_pipelined.lmdb_one_txn",
+    "writes_1proc.shmstore", "writes_1proc.redis", "writes_1proc.lmdb_nosync",
     "writes_2proc.shmstore", "writes_2proc.redis", "writes_2proc.lmdb_nosync", "writes_2proc.lmdb_sync",
+    "writes_4proc.shmstore", "writes_4proc.redis", "writes_4proc.lmdb_nosync",
+    "reads_under_write.shmstore", "reads_under_write.lmdb", "reads_under_write.redis",
+    *[f"durable_{n}proc.{s}" for n in (1, 2, 8) for s in ("shmstore", "lmdb_sync")],
+    "memory.shmstore_segment", "memory.shmstore_coordinator", "memory.shmstore_client",
+    "memory.lmdb_file", "memory.lmdb_client", "memory.redis_server", "memory.redis_client",
+    "table_read.shmstore", "table_read.numpy_copy",
 ]
-REDIS_ROWS = {"get_hot.redis", "get_random.redis", "get_many.redis_mget", "put.redis",
-              "put_pipelined.redis_pipeline", "writes_2proc.redis"}
+TABLE_ROWS = {"table_read.shmstore", "table_read.numpy_copy"}
 TARGET_BASELINES = {"get_hot.lmdb_txn", "get_random.lmdb_txn", "get_many.lmdb_loop",
-                    "get_many.redis_mget", "put.redis", "writes_2proc.redis"}
+                    "get_many.redis_mget", "put.redis", "writes_2proc.redis",
+                    "durable_8proc.lmdb_sync", "put.socketpair", "writes_2proc.lmdb_nosync"}
 
 
 def _positive(x: object) -> bool:
@@ -49,17 +60,40 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
 
 
+def _table(lines: list[str], start: int) -> list[str]:
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return table
+
+
 def test_bench_quick_runs_reports_everything_and_cleans_up(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     out_md = tmp_path / "bench.md"
+    out_dir = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out_json), "--markdown", str(out_md)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=110,
+        [sys.executable, str(BENCH), "--quick", "--json", str(out_json), "--markdown", str(out_md),
+         "--out", str(out_dir)],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, f"bench.py --quick failed:\n{proc.stderr[-4000:]}"
 
     doc = json.loads(out_json.read_text())
     redis_present = shutil.which("redis-server") is not None
+    import shmstore
+
+    table_present = hasattr(shmstore, "Table")
+
+    # -- the results directory holds the same documents, and the chart or why not
+    assert json.loads((out_dir / "bench.json").read_text())["measures"].keys() == doc["measures"].keys()
+    assert (out_dir / "bench.md").read_text() == out_md.read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = out_dir / "bench.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib" in doc["chart"]
 
     # -- machine info and config
     machine = doc["machine"]
@@ -68,18 +102,23 @@ def test_bench_quick_runs_reports_everything_and_cleans_up(tmp_path: Path) -> No
     assert machine["packages"].get("shmstore")
     assert doc["config"]["quick"] is True
 
-    # -- every measure: a positive median (or, for Redis without its binary, a reason)
+    # -- every measure: a positive median (or, for Redis without its binary and the
+    #    Table rows without a Table, a reason)
     measures = doc["measures"]
     assert list(measures) == EXPECTED
     repeats = doc["config"]["repeats"]
     for mid, m in measures.items():
         if m.get("skipped"):
-            assert mid in REDIS_ROWS and not redis_present, f"{mid} skipped: {m['skipped']}"
+            if mid in TABLE_ROWS:
+                assert not table_present and "Table" in m["skipped"], m["skipped"]
+                continue
+            assert mid.split(".")[1].startswith("redis") and not redis_present, f"{mid} skipped: {m['skipped']}"
             assert "redis" in m["skipped"].lower()
             continue
         assert _positive(m["median"]), f"{mid}: median {m['median']!r}"
-        assert len(m["runs"]) == repeats and all(_positive(r) for r in m["runs"]), mid
-        assert m["unit"] in ("ns/op", "ops/s"), mid
+        want_runs = 1 if m["unit"] == "bytes" else repeats
+        assert len(m["runs"]) == want_runs and all(_positive(r) for r in m["runs"]), mid
+        assert m["unit"] in ("ns/op", "ops/s", "bytes"), mid
     if not redis_present:
         assert doc["redis_skipped"], "Redis absent but no skip reason recorded"
 
@@ -89,16 +128,13 @@ def test_bench_quick_runs_reports_everything_and_cleans_up(tmp_path: Path) -> No
     for t in targets:
         assert t["status"] in ("pass", "miss", "skipped")
         assert t["status"] == "skipped" or _positive(t["speedup"])
+        assert t["status"] == "skipped" or (_positive(t["shmstore"]) and _positive(t["peer"]))
 
-    # -- the Markdown table: header, separator, one row per measure, same width
-    md = out_md.read_text()
-    lines = md.splitlines()
+    # -- the Markdown tables: header, separator, one row per measure, same width; then
+    #    the targets table with a PASS/MISS per target
+    lines = out_md.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    table = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        table.append(line)
+    table = _table(lines, start)
     header, sep, rows = _cells(table[0]), _cells(table[1]), table[2:]
     assert header[0] == "measure" and "median" in header and "status" in header
     assert len(sep) == len(header) and all(re.fullmatch(r":?-{3,}:?", c) for c in sep), table[1]
@@ -109,9 +145,15 @@ def test_bench_quick_runs_reports_everything_and_cleans_up(tmp_path: Path) -> No
         assert len(cells) == len(header), row
         ids.append(cells[0].strip("`"))
     assert ids == EXPECTED
-    assert not any(line.startswith("|") for line in lines[start + len(table):])
+    tstart = lines.index("## Targets") + 2
+    ttable = _table(lines, tstart)
+    theader, trows = _cells(ttable[0]), ttable[2:]
+    assert theader[-1] == "status" and len(trows) == len(targets)
+    for row, t in zip(trows, targets):
+        cells = _cells(row)
+        assert len(cells) == len(theader) and cells[-1] == t["status"].upper(), row
 
-    # -- nothing left behind: shm objects of the store, temp dir, child processes
+    # -- nothing left behind: shm objects of the stores, temp dir, child processes
     name = doc["config"]["store_name"]
     assert name.startswith("bench-")
     left = [e for e in os.listdir("/dev/shm")

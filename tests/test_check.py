@@ -159,10 +159,10 @@ def raw_segment(names):
 
 
 def _bucket_of(seg, key: bytes) -> int:
-    import zlib
+    from shmstore._layout import key_hash
 
     idx = seg.index_view()
-    h = zlib.crc32(key)
+    h = key_hash(key)
     pos = h & seg.mask
     while (int(idx[pos]) >> 32) != h:
         pos = (pos + 1) & seg.mask

@@ -146,7 +146,7 @@ def writer_side(served, **serve_kwargs):
 def bucket_pos(seg: Segment, kb: bytes) -> int:
     """The index position (0-based) whose bucket holds ``kb``'s record."""
     slot = seg.lookup(kb)[0]
-    want = (zlib.crc32(kb) << 32) | (slot + 1)
+    want = (L.key_hash(kb) << 32) | (slot + 1)
     hits = np.flatnonzero(seg.index_view() == np.uint64(want))
     assert len(hits) == 1, f"{kb!r}: {len(hits)} buckets point at slot {slot}"
     return int(hits[0])
@@ -720,11 +720,11 @@ print(json.dumps({"reads": reads, "misses": misses, "wrong": wrong, "examples": 
 
 
 def _colliding_keys(mask: int, count: int) -> list[str]:
-    """``count`` keys whose crc32 & mask (their home bucket) is the same."""
+    """``count`` keys whose key_hash & mask (their home bucket) is the same."""
     homes: dict[int, list[str]] = {}
     for i in range(1_000_000):
         k = f"c{i}"
-        group = homes.setdefault(zlib.crc32(k.encode()) & mask, [])
+        group = homes.setdefault(L.key_hash(k.encode()) & mask, [])
         group.append(k)
         if len(group) == count:
             return group
@@ -762,6 +762,7 @@ def _same_crc32_keys(count: int, target: int = 0x5EED1234) -> list[bytes]:
             back = ((back << 8) & 0xFFFFFFFF) ^ rev[back >> 24] ^ c
         keys.append(prefix + back.to_bytes(4, "little"))
     assert {zlib.crc32(k) for k in keys} == {target}
+    assert len({L.key_hash(k) for k in keys}) == 1  # key_hash is a function of the CRC
     return keys
 
 
@@ -828,7 +829,7 @@ def test_a_lookup_overtaken_by_a_backward_shift_probes_again(served, path):
         c0, s0, c1, s1 = (k.encode() for k in _colliding_keys(wseg.mask, 4))
         for k in (c0, s0, c1, s1):
             eng.put(k, enc(k.decode()))
-        home = zlib.crc32(s1) & wseg.mask
+        home = L.key_hash(s1) & wseg.mask
         pos_s1 = bucket_pos(wseg, s1)
         assert pos_s1 == (home + 3) & wseg.mask
         gen0 = wseg.q[L.H_INDEX_GEN]

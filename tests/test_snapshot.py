@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import random
 import time
-import zlib
 
 import msgspec
 import posix_ipc
@@ -26,7 +25,7 @@ import pytest
 
 import shmstore
 import shmstore._snapshot as S
-from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name
+from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name, key_hash
 from shmstore._segment import create_segment, unlink_quietly
 from shmstore.coordinator._engine import Engine
 
@@ -67,7 +66,7 @@ def test_optimistic_copy_refuses_a_record_written_after_its_epoch(engine):
         engine.put(b"k%d" % i, enc(i))
     # An op applied but not yet published: its stamp is above 2E+2 of H_EPOCH.
     h_epoch = engine.seg.q[H_EPOCH]
-    h = zlib.crc32(b"k1")
+    h = key_hash(b"k1")
     engine._store(b"k1", h, *engine.find(b"k1", h), enc(100), 0, engine.next_epoch())
     assert engine.seg.q[H_EPOCH] == h_epoch
     assert S.copy_optimistic(engine.seg) is None
@@ -78,7 +77,7 @@ def test_optimistic_copy_refuses_a_record_written_after_its_epoch(engine):
 def test_optimistic_copy_refuses_a_delete_after_its_epoch(engine):
     for i in range(5):
         engine.put(b"k%d" % i, enc(i))
-    pos, slot = engine.find(b"k2", zlib.crc32(b"k2"))
+    pos, slot = engine.find(b"k2", key_hash(b"k2"))
     engine._unlink(pos, slot, engine.next_epoch())  # applied, not published
     assert S.copy_optimistic(engine.seg) is None, "a copy missing k2 would claim k2 was gone at E"
     engine.publish()

@@ -1,24 +1,32 @@
-"""Helpers of scripts/bench.py: the peers' servers and the child processes it runs.
+"""The benchmark's peers (a private redis-server, py-lmdb environments), its data, and
+the child processes it runs.
 
-Run as a script it is one of the benchmark's child processes (the parent passes only
-names, paths and ints on the command line; everything else goes over pipes)::
+Run as a module it is one of the benchmark's child processes. The parent passes only
+names, paths and ints on the command line; everything else goes over pipes::
 
-    python scripts/_bench_peers.py echo FD
+    python shmstore/_bench/_peers.py echo FD
         the far end of the socketpair ping-pong floor: echo each byte until EOF
-    python scripts/_bench_peers.py writer SYSTEM TARGET WORKER_ID
-        one of the "writes/s from 2 client processes" clients. SYSTEM is shmstore
-        (TARGET: store name), redis (TARGET: unix socket path), lmdb-nosync or
-        lmdb-sync (TARGET: environment directory). It prints "ready", then for every
-        "go DURATION_NS" line on stdin it does sync puts of its own keys for that long
-        and prints "COUNT ELAPSED_NS"; "quit" or EOF ends it.
+    python shmstore/_bench/_peers.py writer SYSTEM TARGET WORKER_ID [TAG NKEYS]
+        a client doing sync puts. SYSTEM is shmstore (TARGET: store name), redis
+        (TARGET: unix socket path), lmdb-nosync or lmdb-sync (TARGET: environment
+        directory). It writes its own keys ("w<id>-<n>"), or with TAG and NKEYS random
+        keys of that data set.
+    python shmstore/_bench/_peers.py reader SYSTEM TARGET TAG NKEYS
+        a client doing gets of random keys of a data set (lmdb: a read txn per get,
+        so it sees the writer's changes).
 
-Imported, it provides :class:`RedisServer` (a private redis-server on a unix socket)
-and :func:`open_lmdb`, shared by the parent and the writer children.
+Writers and readers print "ready", then for every "go DURATION_NS" line on stdin work
+for that long and print "COUNT ELAPSED_NS"; "quit" or EOF ends them.
+
+    python shmstore/_bench/_peers.py memclient SYSTEM TARGET TAG NKEYS
+        prints "RSS0 USS0 RSS1 USS1": its memory before connecting, and after
+        connecting and reading 1,000 random keys (the per-client overhead).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,12 +37,19 @@ import time
 #: Keys each writer cycles through (its own: "w<id>-<n>").
 WRITER_KEYS = 1024
 #: lmdb map size: far more than the benchmark writes (the file is sparse).
-LMDB_MAP_SIZE = 1 << 30
+LMDB_MAP_SIZE = 1 << 32
 
 
-def value_for(i: int) -> str:
-    """The benchmark's value: a 62-character str, whose msgpack encoding is 64 bytes."""
-    return f"{i:08d}".ljust(62, "v")
+def value_for(i: int, nbytes: int = 64) -> str:
+    """The benchmark's value: a str whose msgpack encoding is exactly ``nbytes`` bytes
+    (64: a 62-character str; 1024: a 1021-character str)."""
+    head = 1 if nbytes <= 32 else 2 if nbytes <= 257 else 3
+    return f"{i:08d}".ljust(nbytes - head, "v")
+
+
+def key_for(tag: str, i: int) -> str:
+    """Key ``i`` of data set ``tag``: 9 ASCII characters, e.g. ``a:0000123``."""
+    return f"{tag}:{i:07d}"
 
 
 def open_lmdb(path: str, *, sync: bool):
@@ -42,7 +57,7 @@ def open_lmdb(path: str, *, sync: bool):
     import lmdb  # noqa: PLC0415  (only the lmdb children and the parent need it)
 
     return lmdb.open(path, map_size=LMDB_MAP_SIZE, subdir=True, writemap=False,
-                     sync=sync, metasync=sync, readahead=False, max_readers=64, lock=True)
+                     sync=sync, metasync=sync, readahead=False, max_readers=128, lock=True)
 
 
 class RedisServer:
@@ -68,7 +83,7 @@ class RedisServer:
         try:
             import redis  # noqa: PLC0415
         except ImportError:
-            return "the redis python package is missing (pip install -e '.[bench]')"
+            return "the redis python package is missing (pip install 'shmstore[bench]')"
         try:
             out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
             self.version = out.stdout.strip()
@@ -136,75 +151,130 @@ def _echo(fd: int) -> None:
         send(b)
 
 
-def _make_put(system: str, target: str):
-    """(put(key, value), close(), key list, value) for one writer child."""
+def _encoded(s: str) -> bytes:
+    import msgspec  # noqa: PLC0415
+
+    return msgspec.msgpack.encode(s)
+
+
+def _client(system: str, target: str):
+    """(put(key, value), get(key), close(), key conversion, value conversion)."""
     if system == "shmstore":
         import shmstore  # noqa: PLC0415
 
         store = shmstore.connect(target)
-        return store.put, store.close, str, value_for
+        return store.put, store.get, store.close, str, str
     if system == "redis":
         import redis  # noqa: PLC0415
 
         r = redis.Redis(unix_socket_path=target)
-        return r.set, r.close, str.encode, _encoded_value
-    if system in ("lmdb-sync", "lmdb-nosync"):
+        return r.set, r.get, r.close, str.encode, _encoded
+    if system in ("lmdb-sync", "lmdb-nosync", "lmdb"):
         env = open_lmdb(target, sync=system == "lmdb-sync")
 
         def put(k: bytes, v: bytes) -> None:
             with env.begin(write=True) as txn:
                 txn.put(k, v)
 
-        return put, env.close, str.encode, _encoded_value
-    raise SystemExit(f"unknown writer system {system!r}")
+        def get(k: bytes) -> bytes | None:
+            with env.begin() as txn:
+                return txn.get(k)
+
+        return put, get, env.close, str.encode, _encoded
+    raise SystemExit(f"unknown system {system!r}")
 
 
-def _encoded_value(i: int) -> bytes:
-    import msgspec  # noqa: PLC0415
-
-    return msgspec.msgpack.encode(value_for(i))
-
-
-def _writer(system: str, target: str, wid: int) -> None:
-    put, close, key_of, val_of = _make_put(system, target)
-    keys = [key_of(f"w{wid}-{n}") for n in range(WRITER_KEYS)]
-    value = val_of(wid)
+def _serve_rounds(work, out) -> None:
+    """Print "ready"; run ``work(end_ns) -> count`` for each "go DURATION_NS" line."""
     clock = time.perf_counter_ns
-    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        t0 = clock()
+        count = work(t0 + int(cmd[1]))
+        out.write(f"{count} {clock() - t0}\n")
+        out.flush()
+
+
+def _writer(system: str, target: str, wid: int, tag: str | None, nkeys: int) -> None:
+    put, _get, close, key_of, val_of = _client(system, target)
+    if tag is None:
+        keys = [key_of(f"w{wid}-{n}") for n in range(WRITER_KEYS)]
+    else:
+        rng = random.Random(wid)
+        keys = [key_of(key_for(tag, rng.randrange(nkeys))) for _ in range(WRITER_KEYS)]
+    value = val_of(value_for(wid))
+    clock = time.perf_counter_ns
     try:
         for k in keys[:64]:  # connect and create the keys before the clock runs
             put(k, value)
-        out.write("ready\n")
-        out.flush()
-        for line in sys.stdin:
-            cmd = line.split()
-            if not cmd or cmd[0] == "quit":
-                break
-            duration = int(cmd[1])
+
+        def work(end: int) -> int:
             count = 0
-            t0 = clock()
-            end = t0 + duration
             while True:
                 for k in keys:
                     put(k, value)
                     count += 1
                     # One clock read per put: the same price for every system.
                     if clock() >= end:
-                        break
-                else:
-                    continue
-                break
-            out.write(f"{count} {clock() - t0}\n")
-            out.flush()
+                        return count
+
+        _serve_rounds(work, sys.stdout)
     finally:
         close()
+
+
+def _reader(system: str, target: str, tag: str, nkeys: int) -> None:
+    _put, get, close, key_of, _val_of = _client(system, target)
+    rng = random.Random(os.getpid())
+    keys = [key_of(key_for(tag, rng.randrange(nkeys))) for _ in range(4096)]
+    clock = time.perf_counter_ns
+    try:
+        for k in keys[:64]:
+            if get(k) is None:
+                raise SystemExit(f"reader: {system} has no key {k!r}")
+
+        def work(end: int) -> int:
+            count = 0
+            while True:
+                for k in keys:
+                    get(k)
+                count += len(keys)
+                if clock() >= end:
+                    return count
+
+        _serve_rounds(work, sys.stdout)
+    finally:
+        close()
+
+
+def _memclient(system: str, target: str, tag: str, nkeys: int) -> None:
+    import psutil  # noqa: PLC0415
+
+    me = psutil.Process()
+    m0 = me.memory_full_info()
+    _put, get, close, key_of, _val_of = _client(system, target)
+    rng = random.Random(7)
+    for _ in range(1000):
+        get(key_of(key_for(tag, rng.randrange(nkeys))))
+    m1 = me.memory_full_info()
+    print(f"{m0.rss} {m0.uss} {m1.rss} {m1.uss}", flush=True)
+    close()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) >= 2 and argv[0] == "echo":
         _echo(int(argv[1]))
-    elif len(argv) >= 4 and argv[0] == "writer":
-        _writer(argv[1], argv[2], int(argv[3]))
+    elif len(argv) in (4, 6) and argv[0] == "writer":
+        tag, nkeys = (argv[4], int(argv[5])) if len(argv) == 6 else (None, 0)
+        _writer(argv[1], argv[2], int(argv[3]), tag, nkeys)
+    elif len(argv) == 5 and argv[0] == "reader":
+        _reader(argv[1], argv[2], argv[3], int(argv[4]))
+    elif len(argv) == 5 and argv[0] == "memclient":
+        _memclient(argv[1], argv[2], argv[3], int(argv[4]))
     else:
         raise SystemExit(__doc__)
 
