@@ -48,7 +48,8 @@ EXPECTED = [
 TABLE_ROWS = {"table_read.shmstore", "table_read.numpy_copy"}
 TARGET_BASELINES = {"get_hot.lmdb_txn", "get_random.lmdb_txn", "get_many.lmdb_loop",
                     "get_many.redis_mget", "put.redis", "writes_2proc.redis",
-                    "durable_8proc.lmdb_sync", "put.socketpair", "writes_2proc.lmdb_nosync"}
+                    "durable_8proc.lmdb_sync", "put.socketpair", "writes_2proc.lmdb_nosync",
+                    "table_read.numpy_copy"}
 
 
 def _positive(x: object) -> bool:

@@ -294,23 +294,52 @@ class Reads:
 
         return fn
 
-    # -- table reads (placeholder for shmstore.Table) -------------------------------------------
+    # -- table reads: "table read(100k rows) vs numpy copy" ------------------------------------
     #
-    # "table read(100k rows) vs numpy copy": these rows run only when shmstore has a
-    # Table; until then they are reported as skipped. Fill in b_table_read_shmstore
-    # with the Table's vectorized read of 100k numpy-typed rows once it exists.
+    # A memory-only store with one table of TABLE_ROWS rows of a 64-byte structured dtype
+    # (an int64 id, a float64 price, twelve int32 fields); each op reads TABLE_READ
+    # distinct random rows with ``table.read(rows)``: seqlock-validated, vectorized. The
+    # floor copies the same number of bytes with numpy (a memcpy).
+    # ``scripts/table_bench.py`` breaks this down further (ranges, read_all, gathers).
+
+    TABLE_ROWS = 200_000
+    TABLE_READ = 100_000
+    TABLE_ITEM = 64
 
     def table_skip(self) -> str | None:
         import shmstore  # noqa: PLC0415
 
         if not hasattr(shmstore, "Table"):
-            return "shmstore has no Table yet (numpy-typed records); this measure waits for it"
-        if not hasattr(self, "b_table_read_shmstore_impl"):
-            return "shmstore.Table exists but the benchmark has no Table measure yet (_reads.py)"
+            return "shmstore has no Table (numpy-typed records)"
         return None
 
     def b_table_read_shmstore(self):
-        return self.b_table_read_shmstore_impl()
+        import numpy as np  # noqa: PLC0415
+
+        dt = np.dtype([("id", "<i8"), ("price", "<f8")] + [(f"f{i}", "<i4") for i in range(12)])
+        assert dt.itemsize == self.TABLE_ITEM
+        _, _, store = self._serve("table", capacity=16, key_size=16, value_size=64,
+                                  ring_size=8 << 20)
+        table = store.table("bench", dt, self.TABLE_ROWS)
+        vals = np.zeros(self.TABLE_ROWS, dtype=dt)
+        vals["id"] = np.arange(self.TABLE_ROWS)
+        vals["price"] = vals["id"] * 0.5
+        step = 50_000  # one write must fit the client's queue (ring_size)
+        for lo in range(0, self.TABLE_ROWS, step):
+            table.write(range(lo, min(lo + step, self.TABLE_ROWS)), vals[lo : lo + step])
+        rows = np.random.default_rng(7).permutation(self.TABLE_ROWS)[: self.TABLE_READ]
+        got = table.read(rows)
+        if not (got["id"] == rows).all():  # the measure reads real, whole rows
+            raise RuntimeError("table read returned rows other than the ones asked for")
+        read = table.read
+
+        def fn(n: int) -> int:
+            t0 = clock()
+            for _ in range(n):
+                read(rows)
+            return clock() - t0
+
+        return fn
 
     def b_table_read_numpy_copy(self):
-        return self._numpy_copy(100_000 * 64)
+        return self._numpy_copy(self.TABLE_READ * self.TABLE_ITEM)

@@ -41,8 +41,7 @@ GROUPS: dict[str, tuple[str, str | None]] = {
     "durable_2proc": ("durable writes/s, 2 clients, fsync before ack", None),
     "durable_8proc": ("durable writes/s, 8 clients, fsync before ack", None),
     "memory": ("memory, {big} with 64 B values", "c"),
-    # Placeholder for the snapshot/tables work: "table read(100k rows) vs numpy copy".
-    # Its rows run only when shmstore has a Table (see _reads.Reads.b_table_read_*).
+    # "table read(100k rows) vs numpy copy" (see _reads.Reads.b_table_read_*).
     "table_read": ("Table read of 100k numpy-typed rows", None),
 }
 
@@ -139,6 +138,8 @@ TARGETS: list[Target] = [
     Target("writes_2proc.shmstore", "writes_2proc.redis", 3.0, "writes/s from 2 clients >= 3x Redis"),
     Target("durable_8proc.shmstore", "durable_8proc.lmdb_sync", 1.0,
            "durable writes/s, 8 clients >= py-lmdb sync=True"),
+    Target("table_read.shmstore", "table_read.numpy_copy", 1 / 3,
+           "Table read(100k rows) within 3x of a numpy copy of the same bytes"),
     Target("put.shmstore", "put.socketpair", 1 / 1.2, "stretch: put within 1.2x of the socketpair ping-pong",
            stretch=True),
     Target("writes_2proc.shmstore", "writes_2proc.lmdb_nosync", 1.0,
