@@ -424,7 +424,7 @@ def test_garbage_lengths_read_mid_write_are_clamped(served, path):
 
 
 GARBAGE_WRITER = r"""
-import os, random, sys, msgspec
+import os, random, sys, time, msgspec
 from shmstore import _layout as L
 from shmstore._segment import open_segment, process_start_ms
 name, slot = sys.argv[1], int(sys.argv[2])
@@ -454,6 +454,13 @@ while True:
     mv[vofs : vofs + len(vb)] = vb
     q[w] = 2 * epoch + 2
     q[L.H_EPOCH] = epoch
+    # Leave the slot even for ~20 us, as any real writer does between writes: a writer
+    # that never stops rewriting one slot starves every seqlock reader (it is even for
+    # ~0.1 us at a time), and the readers here would finish only when the scheduler
+    # happened to preempt it right there. The slot is still odd ~20% of the time.
+    t_end = time.perf_counter() + 20e-6
+    while time.perf_counter() < t_end:
+        pass
     if not announced:  # the slot holds a consistent record from here on
         print("ready", flush=True)
         announced = True
