@@ -202,9 +202,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sync = args.sync or ("always" if args.path else "never")
     if args.path is None and sync != "never":
         raise UsageError(f"--sync {sync} needs --path: a memory-only store has only --sync never")
+    if args.path is None and (args.compression or args.encryption or args.key_file):
+        raise UsageError("--compression, --encryption and --key-file protect a data directory: give --path")
     config = ServerConfig(name=args.name, capacity=args.capacity, key_size=args.key_size,
                           value_size=args.value_size, max_clients=args.max_clients,
-                          path=os.path.abspath(args.path) if args.path else None, sync=sync)
+                          path=os.path.abspath(args.path) if args.path else None, sync=sync,
+                          compression=args.compression, encryption=args.encryption,
+                          key_file=os.path.abspath(args.key_file) if args.key_file else None)
 
     def ready() -> None:
         lay = server.seg.layout
@@ -418,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data directory of a durable store (WAL + checkpoints); default: memory only")
     p.add_argument("--sync", choices=("always", "periodic", "never"), default=None,
                    help="when writes are fsynced (default: always with --path, never without)")
+    p.add_argument("--compression", choices=("none", "zstd"), default=None,
+                   help="compress checkpoints and WAL (default: the directory's; new: none)")
+    p.add_argument("--encryption", choices=("none", "aes-256-gcm"), default=None,
+                   help="encrypt checkpoints and WAL (default: the directory's; new: none)")
+    p.add_argument("--key-file", metavar="FILE", default=None,
+                   help="the 32-byte encryption key (default: $SHMSTORE_KEY_FILE or $SHMSTORE_KEY)")
 
     p = add("get", cmd_get, "print the value of KEY as JSON (exit 1 if it is missing)",
             "shmstore get app user:42", timeout=True)

@@ -377,3 +377,41 @@ def test_serve_with_path_is_durable_across_a_sigkill(names, tmp_path):
     r = _sp.run([sys.executable, "-m", "shmstore", "serve", names(), "--sync", "always"],
                 capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--path" in r.stderr
+
+
+def test_serve_encrypts_with_a_key_file_and_refuses_it_without_path(names, tmp_path):
+    """`shmstore serve --path D --encryption aes-256-gcm --key-file K` seals the WAL:
+    no value is on disk in the clear, and the store comes back only with the key."""
+    import subprocess as _sp
+
+    pytest.importorskip("cryptography")
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    n = names()
+    data = tmp_path / "data"
+    secret = "cli-secret-value-" * 3
+    p = _sp.Popen([sys.executable, "-m", "shmstore", "serve", n, "--capacity", "50", "--path", str(data),
+                   "--encryption", "aes-256-gcm", "--key-file", str(key)],
+                  stdout=_sp.PIPE, stderr=_sp.PIPE, text=True)
+    try:
+        assert "serving store" in p.stderr.readline()
+        with shmstore.connect(n) as s:
+            s.put("k", secret)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finally:
+        reap(p)
+        p.stdout.close()
+        p.stderr.close()
+    assert all(secret.encode()[:17] not in f.read_bytes() for f in data.iterdir() if f.is_file())
+    shmstore.destroy(n)
+    with pytest.raises(shmstore.EncryptionKeyError):
+        names.coordinators.append(shmstore.serve(n, path=data))
+    coord = shmstore.serve(n, path=data, key_file=key)
+    names.coordinators.append(coord)
+    with shmstore.connect(n) as s:
+        assert s.get("k") == secret
+    r = _sp.run([sys.executable, "-m", "shmstore", "serve", names(), "--encryption", "aes-256-gcm"],
+                capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--path" in r.stderr
