@@ -99,6 +99,8 @@ def render(st: StoreStats) -> str:
     w.one("shmstore_queue_max_bytes", g, "The most bytes any group drained.", st.queue_bytes_max)
     w.one("shmstore_coordinator_runs_total", c, "Coordinators that served this segment (1 + restarts).",
           st.coordinator_runs)
+    w.one("shmstore_expired_total", c, "Records the coordinator reclaimed after their TTL ran out.", st.expired)
+    w.one("shmstore_watch_wakeups_total", c, "Wake-ups posted to clients waiting in watch().", st.watch_posts)
     w.one("shmstore_clients_reclaimed_total", c, "Client blocks reclaimed after their process closed or died.",
           st.clients_reclaimed)
     if st.fsyncs:

@@ -112,6 +112,10 @@ class StoreStats(msgspec.Struct, frozen=True):
     queue_bytes: int = 0  #: bytes the last group drained: the queue depth it found
     queue_bytes_max: int = 0
     coordinator_runs: int = 0  #: coordinators that served this segment (1 + restarts)
+    expired: int = 0  #: records the coordinator reclaimed after their TTL ran out
+    watch_posts: int = 0  #: wake-ups posted to clients in ``watch()``
+    #: ``changes(since=E)`` needs ``E >= feed_horizon`` (older changes were overwritten)
+    feed_horizon: int = 0
     # -- durability (zero / None for memory-only stores)
     fsyncs: int = 0
     fsync_seconds: float = 0.0  #: summed fsync latency
@@ -373,6 +377,7 @@ def collect(store: Store) -> StoreStats:
         group_hist=[q[L.H_GROUP_HIST + b] for b in range(L.GROUP_HIST_BUCKETS)],
         queue_bytes=q[L.H_QUEUE_BYTES], queue_bytes_max=q[L.H_QUEUE_BYTES_MAX],
         coordinator_runs=q[L.H_COORD_RUNS],
+        expired=q[L.H_EXPIRED], watch_posts=q[L.H_WATCH_POSTS], feed_horizon=q[L.H_FEED_HORIZON],
         fsyncs=fs, fsync_seconds=_secs(q[L.H_FSYNC_NS_TOTAL]), fsync_hist=fhist,
         fsync_avg=_avg(q[L.H_FSYNC_NS_TOTAL], fs),
         fsync_min=_secs(q[L.H_FSYNC_NS_MIN]) if fs else None,

@@ -146,6 +146,8 @@ def test_coordinator_reclaims_expired_records_and_capacity_comes_back(served, cl
         # No reader asks for them: the coordinator's background reclaim frees the slots.
         wait_for(lambda: len(s) == 0, timeout=30, what="the coordinator to reclaim expired records")
         assert s._seg.q[L.H_EXPIRED] == 64
+        st = s.stats()
+        assert st.expired == 64 and "shmstore_expired_total{store=\"%s\"} 64" % n in shmstore.prometheus_text(st)
         # Each reclaim was a delete at its own epoch: the feed lists every expired key.
         keys, e1 = s.changes(e0)
         assert {f"old{i}".encode() for i in range(64)} <= set(keys)
