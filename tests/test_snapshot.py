@@ -25,6 +25,7 @@ import pytest
 
 import shmstore
 import shmstore._snapshot as S
+from tests.helpers.processes import run_collecting
 from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name, key_hash
 from shmstore._segment import create_segment, unlink_quietly
 from shmstore.coordinator._engine import Engine
@@ -202,19 +203,7 @@ def test_snapshot_total_never_changes_under_batched_moves(served, method):
     writers = [ctx.Process(target=_mover, args=(n, w, 400, seed)) for w in range(2)]
     # One checker copies lock-free first; one always asks the coordinator.
     checkers = [ctx.Process(target=_checker, args=(n, 2.0, t, out)) for t in (S.SNAPSHOT_TRIES, 0)]
-    procs = writers + checkers
-    try:
-        for p in procs:
-            p.start()
-        results = [out.get(timeout=90) for _ in checkers]
-        for p in procs:
-            p.join(90)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results = run_collecting(writers + checkers, out, len(checkers))
     problems = [b for r in results for b in r[4]]
     print(results)
     assert not problems, f"seed {seed}: {results}"

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import shmstore
-from tests.helpers.processes import python, reap
+from tests.helpers.processes import python, reap, run_collecting
 
 DT = np.dtype([("gen", "<i8"), ("x", "<f8"), ("tag", "S8"), ("arr", "<i4", (3,))])
 
@@ -210,19 +210,7 @@ def test_readers_see_whole_rows_and_whole_writes(served, method):
     out = ctx.Queue()
     writer = ctx.Process(target=_table_writer, args=(n, 1500, seed))
     readers = [ctx.Process(target=_table_reader, args=(n, 2.0, fast, out)) for fast in (True, False)]
-    procs = [writer, *readers]
-    try:
-        for p in procs:
-            p.start()
-        results = [out.get(timeout=90) for _ in readers]
-        for p in procs:
-            p.join(90)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results = run_collecting([writer, *readers], out, len(readers))
     print(results)
     assert not [b for r in results for b in r[3]], f"seed {seed}: {results}"
     assert all(r[1] > 0 for r in results)

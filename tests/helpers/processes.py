@@ -91,3 +91,21 @@ def attached_pids(name: str) -> list[int]:
         return sorted(pids)
     finally:
         ch.close()
+
+
+def run_collecting(procs: list, out, count: int, timeout: float = 90.0) -> list:
+    """Start multiprocessing ``procs``, take ``count`` results from queue ``out``, join
+    them all; every one of them must exit 0. Whatever happens, none is left running."""
+    try:
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=timeout) for _ in range(count)]
+        for p in procs:
+            p.join(timeout)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
