@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
@@ -263,9 +263,11 @@ def _avg(total_ns: int, n: int) -> float | None:
     return total_ns / n / 1e9 if n else None
 
 
-def hist_quantile(hist: list[int], q: float, unit: float) -> float | None:
-    """The upper edge of the log2 bucket holding quantile ``q`` (bucket b spans
-    ``[2**b, 2**(b+1))`` units), or None for an empty histogram."""
+def hist_quantile(hist: list[int], q: float, unit: float = 1.0,
+                  upper: Callable[[int], float] = lambda b: 2.0 ** (b + 1)) -> float | None:
+    """The upper edge of the bucket holding quantile ``q``, or None for an empty
+    histogram. By default bucket b spans ``[2**b, 2**(b+1))`` units; ``upper(b)``
+    gives another histogram's bucket edges (in units)."""
     n = sum(hist)
     if not n:
         return None
@@ -274,8 +276,8 @@ def hist_quantile(hist: list[int], q: float, unit: float) -> float | None:
     for b, c in enumerate(hist):
         cum += c
         if cum >= want:
-            return (2 ** (b + 1)) * unit
-    return (2 ** len(hist)) * unit
+            return upper(b) * unit
+    return upper(len(hist) - 1) * unit
 
 
 def _read_blocks(name: str) -> list[tuple[int, int, int, list[int]]]:

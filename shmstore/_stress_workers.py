@@ -53,16 +53,8 @@ def hist_upper(i: int) -> float:
 
 
 def hist_quantile(hist: list[int], q: float) -> float | None:
-    n = sum(hist)
-    if not n:
-        return None
-    want = q * n
-    cum = 0
-    for i, c in enumerate(hist):
-        cum += c
-        if cum >= want:
-            return hist_upper(i)
-    return hist_upper(len(hist) - 1)
+    """The upper edge (ns) of the bucket holding quantile ``q`` of a latency histogram."""
+    return _stats.hist_quantile(hist, q, upper=hist_upper)
 
 
 class Snapshot(msgspec.Struct):
