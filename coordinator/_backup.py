@@ -6,7 +6,7 @@ A backup is a complete data directory holding a manifest and ONE checkpoint (no
 WAL): ``serve(name, path=dest)`` recovers it directly when no segment of that name
 exists. It is made in three steps so writes are stalled only for the copy:
 
-1. The coordinator, between two ops (``OP_BACKUP`` in :meth:`CoordinatorServer.apply`),
+1. The coordinator, between two ops (``OP_BACKUP`` in ``_apply.apply``),
    checks ``dest``, creates the temporary directory ``.<dest name>.tmp-<random>`` next
    to it (mode 0700), and copies the live records out of the segment
    (:func:`take_snapshot`, the same copy a checkpoint takes). That copy is consistent:

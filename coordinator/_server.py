@@ -17,9 +17,9 @@ takes over the process (gunicorn's ``Worker.__init__`` / ``run`` split):
    start time and a new incarnation in the header. Clients of the previous incarnation
    notice and re-register.
 4. Loop: wait on the doorbell (a short spin first, then block with a tick timeout);
-   drain every client's ring; apply everything as one group; make it durable
-   (the journal seam); then publish replies and ``DONE`` counters and post each served
-   client's reply semaphore. Every tick: heartbeat, reclaim dead clients, parent check.
+   drain every client's ring; apply everything as one group (each request through
+   ``_apply``); make it durable (the journal seam); then publish replies and ``DONE``
+   counters and post each served client's reply semaphore. Every tick: heartbeat, reclaim dead clients, parent check.
 
 Signals (handlers only record the signal; the loop acts on it):
 
@@ -52,15 +52,13 @@ from shmstore import _layout as L
 from shmstore._errors import (
     CoordinatorRunningError,
     IncompatibleStoreError,
-    ProtocolError,
-    RequestTooLargeError,
     SchemaMismatchError,
     ShmStoreError,
     StorageError,
 )
 from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
 
-from ._backup import Deferred, start_backup
+from ._apply import apply, apply_frames
 from ._engine import Engine
 from ._expiry import Expirer
 from ._watch import WatchHub
@@ -68,7 +66,7 @@ from ._journal import Journal, NullJournal
 from ._counters import Metrics
 from ._recovery import RedoArea, repair
 from ._replies import refuse_group, reply_deferred
-from ._table import apply_extra, tables_of
+from ._table import tables_of
 from shmstore._handover import Handovers
 
 EXIT_OK = 0
@@ -76,9 +74,6 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gunicorn's WORKER_BOOT_ERROR)
 
 TICK = 0.1  # seconds between heartbeats / reclaim scans
-WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH))
-_decode = msgspec.msgpack.Decoder().decode
-_encode = msgspec.msgpack.Encoder().encode
 
 DEFAULT_CAPACITY = 100_000
 DEFAULT_KEY_SIZE = 64
@@ -500,124 +495,16 @@ class CoordinatorServer:
             frames.append(bytes(mv[ring + off + 8 : ring + off + 8 + n]))
             tail += 8 + ((n + 7) & ~7)
         cq[w + C.C_TAIL] = tail  # the client may reuse the space now: we hold copies
-        reply = None
-        err = None
         has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
-        for payload in frames:
-            self.done[i] += 1
-            ticket = self.done[i]
-            wait = True
-            try:
-                if payload is None:
-                    raise ProtocolError("a frame overruns the client ring; the client is out of sync")
-                try:
-                    op = _decode(payload)
-                    wait = bool(op[1])
-                except (msgspec.DecodeError, IndexError, TypeError) as e:
-                    raise ProtocolError(f"undecodable request: {e}") from None
-                result = self.apply(op, payload)
-                status = C.ST_OK
-            except ShmStoreError as e:
-                status = C.ST_ERROR
-                result = [type(e).__name__, e.message]
-                self.seg.q[L.H_ERRORS] += 1
-            if status == C.ST_OK and isinstance(result, Deferred):
-                # The client waits for this reply; it sends nothing more until it comes.
-                result.ticket = ticket
-                self.deferred[i] = result
-                continue
-            if wait:
-                blob = _encode([ticket, status, result])
-                if len(blob) > lay.reply_size:
-                    blob = _encode([ticket, C.ST_ERROR, ["RequestTooLargeError",
-                                   f"the reply is {len(blob)} bytes, more than reply_size={lay.reply_size}; "
-                                   f"ask for fewer keys at once or serve with a larger reply_size"]])
-                reply = blob
-            elif status == C.ST_ERROR:
-                cq[w + C.C_ERR_COUNT] += 1
-                if not has_err and err is None:
-                    # Cut the message, never the encoding: the client must decode it.
-                    err = (ticket, _encode([result[0][:100], result[1][: C.ERR_AREA - 200]]))
+        reply, err = apply_frames(self, i, frames, has_err)  # coordinator/_apply.py
         return reply, err, len(frames)
 
     def apply(self, op: list, payload: bytes) -> object:
-        """Apply one decoded request; returns its result or raises a ShmStoreError."""
-        e = self.engine
-        q = self.seg.q
-        kind = op[0]
-        if self.durable and kind in WRITE_OPS:
-            self.journal.check_writable()  # raises StorageError while the disk fails
-        try:
-            if kind == C.OP_PUT:
-                _, _, kb, vb, expiry = op
-                e.check_key(kb)
-                e.check_value(vb)
-                epoch0 = e.epoch
-                result = e.put(kb, vb, expiry)
-                q[L.H_PUTS] += 1
-            elif kind == C.OP_DELETE:
-                _, _, kb = op
-                e.check_key(kb)
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.delete(kb)
-                q[L.H_DELETES] += 1
-                if not result:
-                    return result
-            elif kind == C.OP_CAS:
-                _, _, kb, vb, version, expiry = op
-                e.check_key(kb)
-                e.check_value(vb)
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.cas(kb, vb, version, expiry)
-                q[L.H_CAS] += 1
-            elif kind == C.OP_INCR:
-                _, _, kb, delta = op
-                e.check_key(kb)
-                if not isinstance(delta, int):
-                    raise ProtocolError("incr needs an integer delta")
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.incr(kb, delta)
-                q[L.H_INCRS] += 1
-            elif kind == C.OP_BATCH:
-                _, _, ops = op
-                epoch0 = e.epoch
-                result = e.batch(ops, payload)
-                q[L.H_BATCHES] += 1
-            elif kind == C.OP_GET_MANY:
-                _, _, keys = op
-                q[L.H_FALLBACK_READS] += 1
-                return [e.get(kb) for kb in keys], e.epoch
-            elif kind == C.OP_PING:
-                return e.epoch
-            elif kind == C.OP_BACKUP:
-                return start_backup(self, op)
-            elif kind == C.OP_CHECKPOINT:
-                if not self.durable:
-                    from shmstore._api import DurabilityUnavailableError  # noqa: PLC0415
+        """Apply one decoded request; returns its result or raises a ShmStoreError.
 
-                    raise DurabilityUnavailableError(
-                        f"store {self.name!r} is memory-only (served without path=); there is "
-                        f"nothing to checkpoint to"
-                    )
-                self.journal.commit()  # this group's earlier ops go before the checkpoint
-                return self.journal.checkpoint()
-            elif C.OP_SNAPSHOT <= kind <= 31:
-                result, epoch0 = apply_extra(self, op, payload)  # coordinator/_table.py
-                if epoch0 is None:
-                    return result
-            else:
-                raise ProtocolError(f"unknown op {kind!r}")
-        except (ValueError, IndexError, TypeError) as err:  # a malformed request
-            # Ops validate fully before their first store, so nothing was written.
-            if isinstance(err, ShmStoreError):
-                raise
-            raise ProtocolError(f"malformed {C.OP_NAMES.get(kind, kind)} request: {err}") from None
-        q[L.H_OPS] += 1
-        self.journal.append(epoch0, payload)
-        return result
+        The dispatch itself is ``_apply.apply``; the loop calls it through ``_apply.apply_frames``.
+        """
+        return apply(self, op, payload)
 
     # -- shutdown ----------------------------------------------------------------------
 
