@@ -469,7 +469,7 @@ while True:
 """
 
 GARBAGE_READER = r"""
-import json, sys, msgspec, shmstore
+import json, sys, time, msgspec, shmstore
 from shmstore import _layout as L
 name, slot, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 s = shmstore.connect(name)
@@ -484,7 +484,14 @@ reads = bad = errors = garbage = 0
 examples = []
 print("ready", flush=True)
 sys.stdin.readline()
-for i in range(n):
+# At least n reads, and on until the hazard was met at least once: on a loaded machine
+# the writer can sit off the CPU for all of the first n (the deadline guards a hang).
+deadline = time.monotonic() + 60
+i = -1
+while True:
+    i += 1
+    if i >= n and (garbage or time.monotonic() > deadline):
+        break
     meta = seg.q[w + 3]  # unvalidated, only to show the hazard was live
     if (meta & 0xFFFF) > seg.key_size or (meta >> 32) > seg.value_size:
         garbage += 1
@@ -534,7 +541,7 @@ def test_concurrent_garbage_writes_never_reach_readers(served):
         results = [json.loads(out) if r.returncode == 0 and out else {"rc": r.returncode, "err": err[-2000:]}
                    for r, (out, err) in zip(readers, outs)]
         ok = all(
-            "rc" not in x and x["reads"] == 20000 and x["bad"] == 0 and x["errors"] == 0 and x["garbage"] > 0
+            "rc" not in x and x["reads"] >= 20000 and x["bad"] == 0 and x["errors"] == 0 and x["garbage"] > 0
             for x in results)
         assert ok, results
     finally:
