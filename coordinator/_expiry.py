@@ -33,7 +33,7 @@ import numpy as np
 
 from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._errors import CorruptionError
+from shmstore._errors import CorruptionError, StorageError
 from shmstore._ttl import now_ns
 
 #: most records reclaimed per coordinator tick (0.1 s): bounds the pause it adds
@@ -79,6 +79,8 @@ class Expirer:
         now = self.now = now_ns()
         if now < e.next_expiry:
             return 0  # nothing can be due: no scan (it touches every slot)
+        if getattr(self.journal, "failed", None) is not None:
+            return 0  # the WAL refuses writes (disk full): reclaim once it takes them again
         words = seg.slot_words_view()
         expiry = words[:, L.S_EXPIRY]
         has = expiry != 0
@@ -101,7 +103,13 @@ class Expirer:
         if not keys:
             return 0
         self._reclaim(keys, now)
-        self.journal.commit()
+        try:
+            self.journal.commit()
+        except StorageError:
+            # The disk failed under this very group. Nobody waits for a reclaim, and the
+            # journal keeps the group and writes it again every tick (see its commit()),
+            # refusing client writes meanwhile: the coordinator must not die of it.
+            pass
         return len(keys)
 
     def _reclaim(self, keys: list[bytes], now: int) -> None:

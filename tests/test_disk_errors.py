@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 import shmstore
+from tests.test_ttl import clock  # noqa: F401  (the test clock fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -122,3 +123,45 @@ def test_read_only_data_directory_is_refused_at_start(names, tmp_path):
             c2.stop()
         subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         assert sorted(os.listdir(mnt)) == ["data"]
+
+
+def test_expiry_reclaim_on_a_full_disk_waits_for_it_and_the_coordinator_lives(names, tmp_path, clock):
+    """Records whose TTL runs out while the WAL cannot be written: the coordinator's
+    background reclaim must neither die of the write error nor lose the reclaim; once
+    the disk has room the records are gone, also after a rebuild from disk."""
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
+        n = names("fullttl")
+        coord = shmstore.serve(n, path=mnt / "data", capacity=400, key_size=32, value_size=64,
+                               sync="always")
+        try:
+            s = shmstore.connect(n, timeout=10)
+            with s.batch() as b:  # the reclaim's log record (~9 KB of keys) needs new pages
+                for i in range(300):
+                    b.put(f"t{i:03d}-" + "x" * 26, i, ttl=5)
+            s.put("keep", "kept")
+            filler = fill(mnt, 0)
+            clock(10)  # every t* record is now expired; the reclaim's WAL write fails
+            time.sleep(1.0)  # several coordinator ticks
+            assert coord.alive(), "the coordinator died of a failed reclaim write"
+            assert s.get("t000-" + "x" * 26) is None and s.get("keep") == "kept"  # readers judge expiry
+            os.unlink(filler)
+            deadline = time.monotonic() + 20
+            while True:  # the journal writes the pending reclaim, then takes writes again
+                try:
+                    s.put("after", 1)
+                    break
+                except shmstore.StorageError:
+                    assert time.monotonic() < deadline, "writes did not resume"
+                    time.sleep(0.05)
+            while len(s) != 2:
+                assert time.monotonic() < deadline, f"expired records not reclaimed: {len(s)} left"
+                time.sleep(0.05)
+            assert coord.alive()
+            coord.kill()
+            shmstore.destroy(n)
+            coord = shmstore.serve(n, path=mnt / "data")
+            assert len(s) == 2 and s.get("keep") == "kept" and s.get("after") == 1
+            assert shmstore.check(path=mnt / "data").ok
+            s.close()
+        finally:
+            coord.stop()
