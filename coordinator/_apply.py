@@ -33,7 +33,9 @@ from shmstore._errors import ProtocolError, ShmStoreError
 from ._backup import Deferred, start_backup
 from ._table import apply_extra
 
-WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH))
+#: ops that change the store: refused before they are applied while the WAL cannot be written
+WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH,
+                       C.OP_TABLE_CREATE, C.OP_TABLE_WRITE))
 _decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
 

@@ -49,6 +49,7 @@ def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path
                                sync="always")
         try:
             s = shmstore.connect(n, timeout=10)
+            t = s.table("t", "<i8", 4)
             filler = fill(mnt, 64 * 1024)
             acked = {}
             failed = None
@@ -64,11 +65,16 @@ def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path
             assert "NOT acknowledged" in failed[2] and "ENOSPC" in failed[2], failed[2]
             # Applied in memory (documented): readers see it although it was not acknowledged.
             assert s.get(failed[0]) == failed[1]
-            # Every further write is refused before it is applied.
+            # Every further write is refused before it is applied, table writes too.
             with pytest.raises(shmstore.StorageError, match="refuses writes") as ei:
                 s.put("refused", 1)
             assert isinstance(ei.value, OSError)
             assert s.get("refused") is None
+            with pytest.raises(shmstore.StorageError, match="refuses writes"):
+                t.write([0], [7])
+            assert t.read([0]).tolist() == [0]
+            with pytest.raises(shmstore.StorageError, match="refuses writes"):
+                s.table("t2", "<i8", 4)  # creating a table writes too
             with pytest.raises(shmstore.StorageError):
                 s.checkpoint()
             # Space comes back: writes resume by themselves.
