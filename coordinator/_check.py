@@ -22,6 +22,7 @@ from ._atrest import FLAG_AESGCM, Codec, load_key, verify_key
 from ._checkpoint import HEADER_SIZE as CKPT_HEADER
 from ._checkpoint import load_checkpoint, peek_header, read_header
 from ._datadir import MANIFEST, DataDir, wal_chain
+from ._table import read_tables_file, tables_path
 from ._wal import scan_wal
 
 _OFFSET = re.compile(r"(?:offset|bytes) (\d+)")
@@ -88,9 +89,17 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
                     raise CorruptionError(f"checkpoint {p}: written for another store layout or schema (offset 48)")
             else:
                 load_checkpoint(p, m.layout, m.schema_fp, key=key)
-            good.append(h)
         except CorruptionError as e:
             _add(report, p, e)
+            continue
+        # The checkpoint's numpy tables (a companion file, sealed like it): recovery
+        # refuses a checkpoint whose tables file is damaged.
+        tp = tables_path(p)
+        try:
+            read_tables_file(tp, key, verify_only=key is None)
+            good.append(h)
+        except CorruptionError as e:
+            _add(report, tp, e)
     if good:
         report.newest_checkpoint = good[0].epoch
     elif ckpts or wals:

@@ -43,6 +43,7 @@ from shmstore._errors import (
     InvalidRowsError,
     ProtocolError,
     RowOutOfRangeError,
+    ShmStoreError,
     StoreFullError,
 )
 from shmstore._segment import Segment, unlink_quietly
@@ -372,6 +373,43 @@ def _write_all(fd: int, blob: bytes) -> None:
         mv = mv[n:]
 
 
+def read_tables_file(path: str, key: bytes | None = None, *, verify_only: bool = False) -> list | None:
+    """The table images a ``.tables`` file holds, checked (None: there is no such file).
+
+    Each image is ``[name, dtype text, rows, epoch, created, stamps, data]``, its sizes
+    checked against the dtype. With ``verify_only`` (an encrypted file and no key) only
+    the stored bytes' checksum is verified and ``[]`` is returned.
+
+    Raises:
+        CorruptionError: the file is damaged (or its key does not open it).
+    """
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return None  # a checkpoint of a store that had no tables
+    if len(blob) < 16 or blob[:8] != TABLES_MAGIC or zlib.crc32(blob[8:-4]) != struct.unpack("<I", blob[-4:])[0]:
+        raise CorruptionError(f"tables file {path}: bad magic or checksum (offset 0)")
+    (flags,) = struct.unpack_from("<I", blob, 8)
+    body = blob[12:-4]
+    if flags:
+        if verify_only:
+            return []
+        from ._atrest import Codec  # noqa: PLC0415
+
+        body = Codec(flags, key).open(body, TABLES_MAGIC, f"tables file {path}")
+    try:
+        images = _decode(body)
+        for tname, text, nrows, _epoch, _created, seqs, data in images:
+            check_table_name(tname)
+            dt = text_to_dtype(text)
+            if not 0 < nrows <= MAX_ROWS or len(seqs) != 8 * nrows or len(data) != dt.itemsize * nrows:
+                raise ValueError(f"table {tname!r}: sizes do not match its {nrows} rows")
+    except (ShmStoreError, ValueError, TypeError, msgspec.DecodeError) as e:
+        raise CorruptionError(f"tables file {path}: unreadable ({e})") from None
+    return images
+
+
 def restore_tables(engine: object, ckpt_path: str, key: bytes | None = None) -> None:
     """Recreate the tables a checkpoint holds (during a rebuild; none: no tables).
 
@@ -381,25 +419,10 @@ def restore_tables(engine: object, ckpt_path: str, key: bytes | None = None) -> 
     unlink_tables(engine.seg.name)
     engine.tables = ts = TableSet(engine.seg, engine)
     path = tables_path(ckpt_path)
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        return  # a checkpoint of a store that had no tables
-    if len(blob) < 16 or blob[:8] != TABLES_MAGIC or zlib.crc32(blob[8:-4]) != struct.unpack("<I", blob[-4:])[0]:
-        raise CorruptionError(f"tables file {path}: bad magic or checksum (offset 0)")
-    (flags,) = struct.unpack_from("<I", blob, 8)
-    body = blob[12:-4]
-    if flags:
-        from ._atrest import Codec  # noqa: PLC0415
-
-        body = Codec(flags, key).open(body, TABLES_MAGIC, f"tables file {path}")
-    try:
-        for tname, text, nrows, epoch, created, seqs, data in _decode(body):
-            ts.create(tname, text, nrows, created)
-            tm = ts.tables[tname]
-            tm.seqs[:] = np.frombuffer(seqs, dtype=np.uint64)
-            tm.data[:] = np.frombuffer(data, dtype=tm.dtype)
-            tm.q[T_EPOCH] = epoch
-    except (ValueError, TypeError, msgspec.DecodeError) as e:
-        raise CorruptionError(f"tables file {path}: unreadable ({e})") from None
+    images = read_tables_file(path, key)
+    for tname, text, nrows, epoch, created, seqs, data in images or ():
+        ts.create(tname, text, nrows, created)
+        tm = ts.tables[tname]
+        tm.seqs[:] = np.frombuffer(seqs, dtype=np.uint64)
+        tm.data[:] = np.frombuffer(data, dtype=tm.dtype)
+        tm.q[T_EPOCH] = epoch

@@ -217,3 +217,27 @@ def test_segment_checks(raw_segment):
     assert shmstore.check(name=n).ok
     r = cli("check", n)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_damaged_tables_file_is_named_and_not_restored(served, tmp_path):
+    """A checkpoint's ``.tables`` companion is checked too: recovery refuses a checkpoint
+    whose tables file is damaged, so check() must not call the directory good, nor
+    restore() copy it."""
+    import numpy as np
+
+    n, coord = served("chkt", capacity=100)
+    dt = np.dtype([("id", "<i8"), ("x", "<f8")])
+    with shmstore.connect(n) as s:
+        s.put("a", 1, ttl=3600)
+        rows = np.ones(3, dt)
+        s.table("t1", dt, rows=10).write([0, 1, 2], rows)
+        s.backup(tmp_path / "bk")
+    assert shmstore.check(path=tmp_path / "bk").ok
+    (tables,) = (tmp_path / "bk").glob("*.tables")
+    damaged_copy(tmp_path / "bk", tmp_path / "bad", tables.name, 20)
+    rep = shmstore.check(path=tmp_path / "bad")
+    assert not rep.ok
+    assert any(p.source.endswith(".tables") for p in rep.problems), str(rep)
+    with pytest.raises(shmstore.CorruptionError):
+        shmstore.restore(tmp_path / "bad", tmp_path / "rs")
+    assert not (tmp_path / "rs").exists()
