@@ -12,14 +12,13 @@ laid out as ``shmstore._snapshot.from_handover`` reads it::
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from shmstore import _layout as L
 from shmstore._handover import HANDOVER_HEADER, Handovers
 from shmstore._segment import Segment
 from shmstore._snapshot import HIGH, SNAP_HEADER, U32
+from shmstore._ttl import now_ns
 
 
 def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
@@ -33,7 +32,7 @@ def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
     name, mm = handovers.create(size)
     try:
         o = HANDOVER_HEADER
-        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, seg.slot_size, time.time_ns())
+        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, seg.slot_size, now_ns())
         o += SNAP_HEADER
         out_idx = np.frombuffer(mm, dtype=np.uint64, count=nb, offset=o)
         out_idx[:] = idx

@@ -37,7 +37,6 @@ calls; for one consistent multi-key read ``Store.get_many`` is cheaper.
 from __future__ import annotations
 
 import mmap
-import time
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -256,11 +255,12 @@ def take(store: object, timeout: float | None) -> Snapshot:
     """Store.snapshot(): the optimistic copy, or the coordinator's after the tries."""
     from . import _channel as C
     from ._handover import open_handover
+    from ._ttl import now_ns
 
     seg = store._live_segment()
     decode = store._decode
     for _ in range(SNAPSHOT_TRIES):
-        t = time.time_ns()
+        t = now_ns()  # the clock every expiry check reads (shmstore/_ttl.py)
         r = copy_optimistic(seg)
         if r is not None:
             e, idx, rows = r

@@ -275,3 +275,26 @@ def test_snapshots_match_a_dict_model_at_their_epoch(served, monkeypatch, tries)
         for snap, want in snaps:
             assert {kb.decode(): v for kb, v in snap.items()} == want, seed
             snap.close()
+
+
+def test_snapshot_judges_expiry_by_the_ttl_clock(served, tmp_path, monkeypatch):
+    """A snapshot reads the clock every expiry check reads (shmstore/_ttl.py's, which a
+    test clock moves), so it never shows a record that get() already reads as missing.
+    The clock moves in this process only: the coordinator does not reclaim meanwhile."""
+    from shmstore import _ttl
+
+    n, _ = served(capacity=100)
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    monkeypatch.setattr(_ttl, "_clock_path", str(clock))
+    with shmstore.connect(n) as s:
+        s.put("a", 1, ttl=5)
+        s.put("b", 2)
+        with s.snapshot() as snap:
+            assert snap.get("a") == 1
+        clock.write_text("10")
+        assert s.get("a") is None and s.get("b") == 2
+        with s.snapshot() as snap:
+            assert not snap.via_coordinator
+            assert snap.get("a") is None and "a" not in snap and snap.get("b") == 2
+            assert sorted(snap.keys()) == [b"b"] and len(snap) == 1
