@@ -1,8 +1,8 @@
 """The coordinator's operations counters (header words 96-127, see ``_layout``).
 
-The server calls into this module at three places, once each: :meth:`Metrics.group`
-per group served, :meth:`Metrics.retire` per client block reclaimed, and the
-constructor at start. Everything else (ops by kind, groups, requests, errors) the
+The server calls into this module at :meth:`Metrics.group` per group served,
+:meth:`Metrics.retire` per client block reclaimed (by a tick, or at the handshake of a
+client that claimed the block before a tick could), and the constructor at start. Everything else (ops by kind, groups, requests, errors) the
 server counts inline, as before.
 
 Invariant: only the coordinator writes these words, one word per store, so readers

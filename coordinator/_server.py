@@ -397,6 +397,16 @@ class CoordinatorServer:
         q = self.chan.q
         w = self.chan.layout.block(i) // 8
         session = q[w + C.C_SESSION]
+        if q[w + C.C_ACK]:
+            # The block's previous client closed (or died) and this one claimed it before
+            # a tick could reclaim it: retire what the old client left, as a reclaim does.
+            self.metrics.retire(i)
+            self.deferred.pop(i, None)
+            self.watch.forget(i)
+        # Invariant: zeroed before ACK, the client's first publish comes after it (and
+        # not by the client itself at claim time: the old client's counts were there).
+        for word in C.C_COUNTERS:
+            q[w + word] = 0
         q[w + C.C_TAIL] = 0
         q[w + C.C_DONE] = 0
         q[w + C.C_REPLY_LEN] = 0

@@ -357,8 +357,8 @@ class ClientChannel:
         q[w + C_HEAD] = 0
         q[w + C_ERR_ACK] = 0
         q[w + C_WATCH] = 0  # no watch until shmstore._feed registers one
-        for word in C_COUNTERS:  # the block's previous client's counts are not ours
-            q[w + word] = 0
+        # The counter words still hold the block's previous client's counts: the
+        # coordinator retires and zeroes them at the handshake, before it acknowledges.
         from ._segment import process_start_ms
 
         q[w + C_PID] = os.getpid()

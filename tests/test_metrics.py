@@ -368,3 +368,32 @@ def test_stats_prometheus_on_the_command_line_parses(served):
     r = subprocess.run([sys.executable, "-m", "shmstore", "stats", n, "--prometheus", "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("shmstore: error: --prometheus")
+
+
+def test_a_block_taken_over_before_its_reclaim_keeps_the_old_clients_counts(served):
+    """A handle that closes and another that claims the same client block at once (the
+    coordinator's reclaim tick never saw the block free): the first handle's counts
+    must still reach the totals (the new client used to zero them at its claim)."""
+    n, _ = served(capacity=100)
+    for _ in range(5):  # the takeover must beat the 0.1 s reclaim tick; retried if not
+        with shmstore.connect(n) as s0:
+            seg = open_segment(n)
+            reclaimed = seg.q[L.H_CLIENTS_RECLAIMED]
+            before = s0.stats().total_writes
+        a = shmstore.connect(n)
+        for i in range(10):
+            a.put(f"k{i}", i)
+        client = a._chan.client
+        a.close()
+        b = shmstore.connect(n)
+        try:
+            b.put("b", 1)
+            took_over = b._chan.client == client and seg.q[L.H_CLIENTS_RECLAIMED] == reclaimed
+            st = b.stats()
+        finally:
+            b.close()
+            seg.close()
+        if took_over:
+            break
+    assert took_over, "the coordinator reclaimed the block every time: no takeover happened"
+    assert st.total_writes - before == 11, st
