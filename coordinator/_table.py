@@ -377,8 +377,8 @@ def read_tables_file(path: str, key: bytes | None = None, *, verify_only: bool =
     """The table images a ``.tables`` file holds, checked (None: there is no such file).
 
     Each image is ``[name, dtype text, rows, epoch, created, stamps, data]``, its sizes
-    checked against the dtype. With ``verify_only`` (an encrypted file and no key) only
-    the stored bytes' checksum is verified and ``[]`` is returned.
+    checked against the dtype. With ``verify_only`` (no key at hand) an encrypted file
+    has only its stored bytes' checksum verified, and ``[]`` is returned.
 
     Raises:
         CorruptionError: the file is damaged (or its key does not open it).
@@ -393,10 +393,10 @@ def read_tables_file(path: str, key: bytes | None = None, *, verify_only: bool =
     (flags,) = struct.unpack_from("<I", blob, 8)
     body = blob[12:-4]
     if flags:
-        if verify_only:
-            return []
-        from ._atrest import Codec  # noqa: PLC0415
+        from ._atrest import FLAG_AESGCM, Codec  # noqa: PLC0415
 
+        if verify_only and flags & FLAG_AESGCM:
+            return []
         body = Codec(flags, key).open(body, TABLES_MAGIC, f"tables file {path}")
     try:
         images = _decode(body)

@@ -241,3 +241,27 @@ def test_damaged_tables_file_is_named_and_not_restored(served, tmp_path):
     with pytest.raises(shmstore.CorruptionError):
         shmstore.restore(tmp_path / "bad", tmp_path / "rs")
     assert not (tmp_path / "rs").exists()
+
+
+def test_compressed_tables_file_is_decompressed_by_check_without_a_key(served, tmp_path):
+    """Compression needs no key: a compressed ``.tables`` body that does not decompress
+    (its stored checksum recomputed, so only the contents are wrong) is a problem."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    pytest.importorskip("zstandard")
+    n, coord = served("chkz", capacity=100, path=tmp_path / "data", compression="zstd")
+    dt = np.dtype([("id", "<i8")])
+    with shmstore.connect(n) as s:
+        s.table("t1", dt, rows=1000).write([1], np.ones(1, dt))
+        s.backup(tmp_path / "bk")
+    assert shmstore.check(path=tmp_path / "bk").ok
+    (tables,) = (tmp_path / "bk").glob("*.tables")
+    raw = tables.read_bytes()
+    body = bytearray(raw[8:-4])
+    body[4] ^= 0x01  # the first byte after the flags word: the zstd frame's magic
+    tables.write_bytes(raw[:8] + bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+    rep = shmstore.check(path=tmp_path / "bk")
+    assert any(p.source == str(tables) for p in rep.problems), str(rep)
