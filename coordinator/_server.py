@@ -66,7 +66,7 @@ from ._journal import Journal, NullJournal
 from ._counters import Metrics
 from ._recovery import RedoArea, repair
 from ._replies import refuse_group, reply_deferred
-from ._table import tables_of
+from ._table import tables_of, unlink_tables
 from shmstore._handover import Handovers
 
 EXIT_OK = 0
@@ -259,6 +259,7 @@ class CoordinatorServer:
                 seg.close()
                 self.seg = None
                 unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
+                unlink_tables(self.name)  # a checkpoint's tables, made before the replay failed
                 raise
         self.engine = Engine(seg)
         self.redo = RedoArea(self.name, cfg.ring_size)

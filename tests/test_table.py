@@ -257,6 +257,34 @@ def test_durable_table_survives_restart_and_rebuild(names, tmp_path):
     assert any(p.name.endswith(".tables") for p in data.iterdir())
 
 
+
+def test_a_failed_rebuild_leaves_no_table_segment(names, tmp_path):
+    """A rebuild lays a checkpoint's tables into new segments before it replays the WAL;
+    when the replay then fails (nothing is served), those segments go too."""
+    import shutil
+
+    from tests.helpers.processes import shm_objects
+
+    n = names("ftbl")
+    data = tmp_path / "data"
+    coord = shmstore.serve(n, path=data, capacity=50)
+    names.coordinators.append(coord)
+    with shmstore.connect(n) as s:
+        s.table("t", DT, 10).write([1], rec(1))
+        s.checkpoint()
+    coord.kill()
+    shmstore.destroy(n)
+    # The oldest checkpoint (before the create) given the newest one's tables: the
+    # logged create then finds the table there, and the replay fails.
+    first, newest = sorted(data.glob("ckpt-*.ckpt"))
+    shutil.copy(newest.with_suffix(".tables"), first.with_suffix(".tables"))
+    newest.unlink()
+    newest.with_suffix(".tables").unlink()
+    with pytest.raises(shmstore.CorruptionError, match="found it existing"):
+        shmstore.serve(n, path=data)
+    assert not [e for e in shm_objects(n) if "@t." in e]
+
+
 KILL_MID_WRITE = """
 import os, signal, sys
 import msgspec
