@@ -41,7 +41,9 @@ from ._segment import pid_alive
 
 SHM_DIR = "/dev/shm"
 _ENTRY = re.compile(r"^(?:sem\.)?shmstore\.([A-Za-z0-9_.-]{1,64})(@.*)?$")
-_KNOWN_SUFFIX = re.compile(r"^(|@ch|@lock|@redo|@bell|@r\d+)$")
+# What destroy() removes itself, under the store lock: cleanup must not unlink these
+# again after it, since a coordinator started in between may have made them anew.
+_KNOWN_SUFFIX = re.compile(r"^(|@ch|@lock|@redo|@bell|@r\d+|@w\d+|@t\..+|@x.+)$")
 
 
 class StoreLeftovers(msgspec.Struct):
