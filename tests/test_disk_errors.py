@@ -42,6 +42,19 @@ def fill(mnt, leave: int) -> str:
     return str(p)
 
 
+def put_once_writable(s: shmstore.Store, key: str, value: object, timeout: float) -> float:
+    """Retry ``s.put`` while the store refuses writes (``StorageError``), until it is
+    taken; fail after ``timeout`` s. Returns that deadline (monotonic clock)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.put(key, value)
+            return deadline
+        except shmstore.StorageError:
+            assert time.monotonic() < deadline, "writes did not resume"
+            time.sleep(0.05)
+
+
 def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path):
     with tmpfs(tmp_path / "mnt", "8m") as mnt:
         n = names("full")
@@ -79,14 +92,7 @@ def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path
                 s.checkpoint()
             # Space comes back: writes resume by themselves.
             os.unlink(filler)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    s.put("after", 1)
-                    break
-                except shmstore.StorageError:
-                    assert time.monotonic() < deadline, "writes did not resume"
-                    time.sleep(0.05)
+            put_once_writable(s, "after", 1, timeout=10)
             # Nothing acknowledged is lost, and the group that failed became durable too.
             coord.kill()
             shmstore.destroy(n)
@@ -151,14 +157,8 @@ def test_expiry_reclaim_on_a_full_disk_waits_for_it_and_the_coordinator_lives(na
             assert coord.alive(), "the coordinator died of a failed reclaim write"
             assert s.get("t000-" + "x" * 26) is None and s.get("keep") == "kept"  # readers judge expiry
             os.unlink(filler)
-            deadline = time.monotonic() + 20
-            while True:  # the journal writes the pending reclaim, then takes writes again
-                try:
-                    s.put("after", 1)
-                    break
-                except shmstore.StorageError:
-                    assert time.monotonic() < deadline, "writes did not resume"
-                    time.sleep(0.05)
+            # The journal writes the pending reclaim first, then takes writes again.
+            deadline = put_once_writable(s, "after", 1, timeout=20)
             while len(s) != 2:
                 assert time.monotonic() < deadline, f"expired records not reclaimed: {len(s)} left"
                 time.sleep(0.05)
