@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+from typing import Iterator
 
 from ._core import Result, Spec, log, read_line
 
@@ -70,6 +71,15 @@ class Procs:
                 self.children.reap(p, timeout=10)
         self.writer_pools.clear()
 
+    def runnable(self, specs: list[Spec]) -> Iterator[Spec]:
+        """The specs that can run here; each of the others is finished as skipped."""
+        for spec in specs:
+            reason = self.skip_reason(spec)
+            if reason is None:
+                yield spec
+            else:
+                self.finish(Result(spec, skipped=reason))
+
     def run_writers(self, specs: list[Spec]) -> None:
         """writes_Nproc / durable_Nproc: N writer processes per system."""
         group = specs[0].group
@@ -78,11 +88,7 @@ class Procs:
         live: list[tuple[Spec, list[subprocess.Popen], list[float], list[list[float]]]] = []
         fresh = []
         try:
-            for spec in specs:
-                reason = self.skip_reason(spec)
-                if reason is not None:
-                    self.finish(Result(spec, skipped=reason))
-                    continue
+            for spec in self.runnable(specs):
                 fresh += self._writers(spec, durable, nproc)
                 system, target = self._writer_target(spec.system, durable)
                 live.append((spec, self.writer_pools[(system, target)][:nproc], [], []))
@@ -109,11 +115,7 @@ class Procs:
         ds = self.data("reads_under_write")
         live = []
         try:
-            for spec in specs:
-                reason = self.skip_reason(spec)
-                if reason is not None:
-                    self.finish(Result(spec, skipped=reason))
-                    continue
+            for spec in self.runnable(specs):
                 system, target = {
                     "shmstore": ("shmstore", ds.store_name),
                     "lmdb": ("lmdb", ds.env_dir),
@@ -152,11 +154,7 @@ class Procs:
         import psutil  # noqa: PLC0415
 
         ds = self.data("memory")
-        for spec in specs:
-            reason = self.skip_reason(spec)
-            if reason is not None:
-                self.finish(Result(spec, skipped=reason))
-                continue
+        for spec in self.runnable(specs):
             extra: dict = {"records": ds.n}
             if spec.system == "shmstore_segment":
                 value = os.path.getsize(f"/dev/shm/shmstore.{ds.store_name}")
