@@ -50,7 +50,6 @@ import shmstore
 from ._selfcheck import VALUE_OVERHEAD, key_of, make_record
 from ._stress_workers import (
     HIST_BUCKETS,
-    Snapshot,
     attached,
     check_final,
     hist_quantile,
