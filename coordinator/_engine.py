@@ -73,6 +73,7 @@ class Engine:
         self.free = FreeRing()
         self.capacity = seg.layout.capacity
         self.redo = None  # a RedoArea once serving: holds the batch being applied
+        self._zeros = memoryview(bytes(seg.key_size))  # a key's padding (see _write_slot)
         #: The clock cas/incr judge expiries by. The default (0: nothing is expired)
         #: keeps replay deterministic: the live coordinator reclaims an expired record
         #: with a logged op before an op that looks at it, and sets this to the time it
@@ -152,7 +153,10 @@ class Engine:
             self.next_expiry = expiry
         q[w + L.S_META] = len(kb) | (flags << 16) | (len(vb) << 32)
         o = w * 8 + L.SLOT_HEADER
-        mv[o : o + len(kb)] = kb
+        kl = len(kb)
+        mv[o : o + kl] = kb
+        # The key area is zero-padded: get_many compares keys as whole u64 words.
+        mv[o + kl : o + self.seg.key_size] = self._zeros[kl:]
         if vb:
             vo = o + self.seg.key_size
             mv[vo : vo + len(vb)] = vb

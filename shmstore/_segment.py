@@ -48,7 +48,9 @@ from ._errors import (
 )
 
 key_hash = L.key_hash
-crc32 = L._crc32  # the fast path inlines key_hash: crc32(kb) * HASH_MULT >> 32 & 0xFFFFFFFF
+# The fast paths inline key_hash (see there).
+mod_prime = L._mod_prime
+from_bytes = int.from_bytes
 
 #: lookup() result for a missing key.
 MISS = None
@@ -475,7 +477,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     def probe(kb: bytes) -> tuple[bytes, int] | None:
         """The first-probe fast path: (value bytes, seq), None for a miss, or the full
         lookup's answer when anything is unusual."""
-        h = (crc32(kb) * MULT >> 32) & M32  # key_hash(kb), inline
+        h = mod_prime(from_bytes(kb, "little") * MULT)  # key_hash(kb), inline
+        h = (h ^ h >> 29) & M32
         g = q[H_GEN]
         pos = idx0 + (h & mask)
         b = q[pos]
@@ -518,7 +521,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             return on_stale(key, default)
         n = len(kb)
         if n and n <= ksz and q[H_STATE] == READY:
-            h = (crc32(kb) * MULT >> 32) & M32  # key_hash(kb), inline
+            h = mod_prime(from_bytes(kb, "little") * MULT)  # key_hash(kb), inline
+            h = (h ^ h >> 29) & M32
             g = q[H_GEN]
             pos = idx0 + (h & mask)
             b = q[pos]

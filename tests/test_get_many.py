@@ -2,41 +2,84 @@
 
 from __future__ import annotations
 
-import random
-import zlib
-
 import hypothesis.strategies as st
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 import shmstore
+from shmstore import _layout as L
+from shmstore._many import key_words, padded_words
+from tests.helpers.hashes import same_hash_keys
 
 
-def crc_collision() -> tuple[bytes, bytes]:
-    """Two different 8-byte keys with the same CRC-32: a birthday search over random
-    keys from a fixed seed (CRC is linear, so near-identical keys almost never collide)."""
-    rng = random.Random(2026)
-    seen: dict[int, bytes] = {}
-    while True:
-        k = rng.randbytes(8)
-        h = zlib.crc32(k)
-        if h in seen and seen[h] != k:
-            return seen[h], k
-        seen[h] = k
-
-
-COLLIDING = crc_collision()
+COLLIDING = tuple(same_hash_keys(2))  # two keys, one key_hash
 
 
 def test_collision_pair_is_real():
     a, b = COLLIDING
-    assert a != b and zlib.crc32(a) == zlib.crc32(b)
+    assert a != b and L.key_hash(a) == L.key_hash(b)
+
+
+def test_key_words_match_the_encoded_keys():
+    """key_words (the fast key array) gives each key's UTF-8 bytes zero-padded, or
+    declines (None) so the caller takes the per-key path that raises typed errors."""
+    ksz = 21
+    cases = {
+        "one length, str": [f"key:{i:06d}" for i in range(40)],
+        "one length, bytes": [b"k%05d" % i for i in range(40)],
+        "lengths vary": [f"k{i}" * (1 + i % 4) for i in range(40)],
+        "not ascii": ["kľúč-%d" % i for i in range(40)],
+        "longest allowed": ["x" * ksz] * 40,
+        "one length, not ascii": ["é" * 10] * 40,
+    }
+    for what, keys in cases.items():
+        got = key_words(keys, ksz)
+        assert got is not None, what
+        words, lens = got
+        kbs = [k.encode() if isinstance(k, str) else k for k in keys]
+        assert lens.tolist() == [len(k) for k in kbs], what
+        assert np.array_equal(words, padded_words(kbs, ksz)), what
+    declined = {
+        "a NUL inside": ["a\0b"] + ["k%d" % i for i in range(39)],
+        "a NUL at the end": [b"ab\0"] * 40,
+        "too long": ["x" * (ksz + 1)] * 40,
+        "too long, lengths vary": ["x" * (ksz + 1)] + ["k%d" % i for i in range(39)],
+        "empty": [""] * 40,
+        "an empty one": [""] + ["k%d" % i for i in range(39)],
+        "str and bytes": ["a", b"b"] * 20,
+        "bytearray": [bytearray(b"ab")] * 40,
+        "not a key": [1] * 40,
+    }
+    for what, keys in declined.items():
+        assert key_words(keys, ksz) is None, what
+
+
+def test_get_many_refuses_bad_keys_with_typed_errors(served):
+    n, _ = served(capacity=100, key_size=8)
+    with shmstore.connect(n) as s:
+        with pytest.raises(shmstore.KeyTooLongError):
+            s.get_many(["k%d" % i for i in range(40)] + ["x" * 9])
+        with pytest.raises(shmstore.KeyTooLongError):
+            s.get_many(["y" * 9] * 40)
+        with pytest.raises(shmstore.InvalidKeyError):
+            s.get_many([""] * 40)
+        with pytest.raises(shmstore.InvalidKeyError):
+            s.get_many([1] * 40)
+
+
+ALPHABET = ([b"k%d" % i for i in range(60)] + ["s%d" % i for i in range(20)] + list(COLLIDING)
+            + ["ключ", "ключ2", b"n\0ul", b"\xff\xfe", "é"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_vectorized_get_many_matches_per_key_gets(served, data):
-    n, _ = served(capacity=60, key_size=24, value_size=64)
-    alphabet = [b"k%d" % i for i in range(80)] + list(COLLIDING) + [b"x" * 24, b"y" * 23]
+@given(data=st.data(), key_size=st.sampled_from([21, 24]))
+def test_vectorized_get_many_matches_per_key_gets(served, data, key_size):
+    """Random puts and deletes, then get_many of random keys (str, bytes, colliding,
+    NULs, not ASCII, the longest allowed; key_size 21 makes the last key word run into
+    the value) agrees with per-key gets."""
+    n, _ = served(capacity=60, key_size=key_size, value_size=64)
+    alphabet = ALPHABET + [b"x" * key_size, b"y" * (key_size - 1), "z" * key_size]
     with shmstore.connect(n) as s:
         ops = data.draw(st.lists(st.tuples(st.sampled_from(["put", "del"]), st.sampled_from(alphabet),
                                            st.binary(max_size=40)), max_size=120))
@@ -48,10 +91,13 @@ def test_vectorized_get_many_matches_per_key_gets(served, data):
                     pass
             else:
                 s.delete(k)
-        query = data.draw(st.lists(st.sampled_from(alphabet), min_size=32, max_size=200))
+        shape = data.draw(st.sampled_from(["any", "str", "bytes"]))
+        pool = [k for k in alphabet if shape == "any" or isinstance(k, str) == (shape == "str")]
+        query = data.draw(st.lists(st.sampled_from(pool), min_size=32, max_size=200))
         expected = [s.get(k, "MISSING") for k in query]
         assert s.get_many(query, default="MISSING") == expected
-        fast, _, slow, _ = s._probe_many(query, __import__("numpy").array([len(k) for k in query]))
+        lens = np.array([len(k.encode() if isinstance(k, str) else k) for k in query])
+        fast, _, slow, _ = s._probe_many(query, lens)
         assert len(fast) + len(slow) == sum(e != "MISSING" for e in expected)
 
 

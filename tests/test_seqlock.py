@@ -25,7 +25,6 @@ import platform
 import subprocess
 import sys
 import threading
-import zlib
 
 import msgspec
 import numpy as np
@@ -35,6 +34,7 @@ import shmstore
 from shmstore import _layout as L
 from shmstore._segment import Segment, make_readers, open_segment
 from shmstore.coordinator._engine import Engine
+from tests.helpers.hashes import same_hash_keys
 from tests.helpers.processes import python, reap, reap_pids, shm_objects
 
 enc = msgspec.msgpack.encode
@@ -745,49 +745,14 @@ def _colliding_keys(mask: int, count: int) -> list[str]:
     raise AssertionError("no colliding keys found")
 
 
-def _crc_table() -> tuple[list[int], list[int]]:
-    fwd, rev = [], []
-    for i in range(256):
-        f, r = i, i << 24
-        for _ in range(8):
-            f = (f >> 1) ^ 0xEDB88320 if f & 1 else f >> 1
-            r = (((r ^ 0xEDB88320) << 1) | 1) & 0xFFFFFFFF if r & 0x80000000 else (r << 1) & 0xFFFFFFFF
-        fwd.append(f)
-        rev.append(r)
-    return fwd, rev
-
-
-def _same_crc32_keys(count: int, target: int = 0x5EED1234) -> list[bytes]:
-    """``count`` keys with one and the same crc32: a prefix plus 4 forged bytes.
-
-    Full-hash collisions make a lookup read and compare every slot of the probe run,
-    so a walk is slower than the coordinator's shift of one bucket, and a shift can
-    overtake a reader: exactly the race the index generation guards against.
-    """
-    fwd, rev = _crc_table()
-    keys = []
-    for i in range(count):
-        prefix = f"s{i}-".encode()
-        crc = 0xFFFFFFFF
-        for b in prefix:
-            crc = (crc >> 8) ^ fwd[(crc ^ b) & 0xFF]
-        back = target ^ 0xFFFFFFFF
-        for c in crc.to_bytes(4, "little")[::-1]:
-            back = ((back << 8) & 0xFFFFFFFF) ^ rev[back >> 24] ^ c
-        keys.append(prefix + back.to_bytes(4, "little"))
-    assert {zlib.crc32(k) for k in keys} == {target}
-    assert len({L.key_hash(k) for k in keys}) == 1  # key_hash is a function of the CRC
-    return keys
-
-
-@pytest.mark.parametrize("collide", ["home_bucket", "full_crc32"])
+@pytest.mark.parametrize("collide", ["home_bucket", "full_hash"])
 def test_no_false_miss_while_deletes_move_buckets(served, collide):
     """Rule 4 (no false negatives): keys that are never deleted share one probe run
     with keys a writer process keeps deleting and re-inserting (singly and in
     batches), so backward-shift deletion keeps moving their buckets. Two reader
     processes look the stable keys up through get, store[key], lookup, `in` and
     get_many: every one must be found with its value, every time. Keys collide on
-    their home bucket (crc32 & mask), or on the whole crc32 so every probe step reads
+    their home bucket (key_hash & mask), or on the whole key_hash so every probe step reads
     a slot (slow walks that a shift can overtake)."""
     n, coord = served(capacity=16, key_size=16, value_size=32)
     s = shmstore.connect(n)
@@ -795,7 +760,7 @@ def test_no_false_miss_while_deletes_move_buckets(served, collide):
     if collide == "home_bucket":
         keys = [k.encode() for k in _colliding_keys(seg.mask, 8)]
     else:
-        keys = _same_crc32_keys(8)
+        keys = same_hash_keys(8)  # every probe step reads a slot: slow walks
     churn, stable = keys[0::2], keys[1::2]
     writer = None
     readers: list = []
