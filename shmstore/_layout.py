@@ -176,7 +176,7 @@ def key_hash(kb: bytes) -> int:
     must hash through this function: the segment format depends on it.
     """
     x = _mod_prime(_from_bytes(kb, "little") * HASH_MULT)
-    return (x ^ x >> 29) & 0xFFFFFFFF
+    return x & 0xFFFFFFFF ^ x >> 29  # == (x ^ x >> 29) & 0xFFFFFFFF, as x < 2**61
 
 
 def _chunks(kw: int) -> list[tuple[int, int]]:

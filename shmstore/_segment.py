@@ -446,11 +446,13 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     Returns ``(get, probe_many)``. ``probe_many(kbs, lens)`` (see ``_many``) returns
     the raw values and the highest slot seq it accepted, for ``Store.get_many``.
 
-    The common case (the key's first probe position holds it, or is empty) runs
-    inline: one bucket load, the slot's seqlock read, a re-check of the bucket, one
-    decode. Anything else (a hash collision, an odd seq, a moving index, a long key,
-    a key neither str nor bytes, an expired record, a destroyed segment) takes the full :meth:`Segment.lookup`
-    path, which has the same protocol plus backoff.
+    The common case runs inline: the walk from the key's home bucket to the first
+    bucket with its hash (usually the home bucket itself) or an empty one, the slot's
+    seqlock read, a re-check of the bucket, one decode; a miss is trusted when the
+    index generation was even and did not move. Anything else (a full-hash collision,
+    an odd seq, a moving index, a long key, a key neither str nor bytes, an expired
+    record, a destroyed segment) takes the full :meth:`Segment.lookup` path, which has
+    the same protocol plus backoff.
 
     ``get`` counts its calls in a closure cell (``get.reads()``) and calls
     ``on_publish()`` every ``PUBLISH_MASK + 1`` of them, so the handle can publish its
@@ -460,6 +462,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     mv = seg.mv
     mask = seg.mask
     idx0 = seg.idx0
+    last = idx0 + mask  # the index's last bucket, as a word of q
     slot0 = seg.slot0
     sw = seg.slot_words
     ksz = seg.key_size
@@ -478,14 +481,17 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         """The first-probe fast path: (value bytes, seq), None for a miss, or the full
         lookup's answer when anything is unusual."""
         h = mod_prime(from_bytes(kb, "little") * MULT)  # key_hash(kb), inline
-        h = (h ^ h >> 29) & M32
+        h = h & M32 ^ h >> 29  # == (h ^ h >> 29) & M32, on smaller ints
         g = q[H_GEN]
         pos = idx0 + (h & mask)
         b = q[pos]
+        while b and b >> 32 != h:  # another key's bucket: walk the run
+            pos = pos + 1 if pos != last else idx0
+            b = q[pos]
         if b == 0:
             if not g & 1 and q[H_GEN] == g:
                 return None
-        elif b >> 32 == h:
+        else:  # the hash matches
             w = slot0 + ((b & M32) - 1) * sw
             s1 = q[w]
             meta = q[w + 3]
@@ -522,14 +528,17 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         n = len(kb)
         if n and n <= ksz and q[H_STATE] == READY:
             h = mod_prime(from_bytes(kb, "little") * MULT)  # key_hash(kb), inline
-            h = (h ^ h >> 29) & M32
+            h = h & M32 ^ h >> 29  # == (h ^ h >> 29) & M32, on smaller ints
             g = q[H_GEN]
             pos = idx0 + (h & mask)
             b = q[pos]
+            while b and b >> 32 != h:  # another key's bucket: walk the run
+                pos = pos + 1 if pos != last else idx0
+                b = q[pos]
             if b == 0:
                 if not g & 1 and q[H_GEN] == g:
                     return default
-            elif b >> 32 == h:
+            else:  # the hash matches
                 w = slot0 + ((b & M32) - 1) * sw
                 s1 = q[w]
                 meta = q[w + 3]

@@ -796,6 +796,30 @@ def test_no_false_miss_while_deletes_move_buckets(served, collide):
         s.close()
 
 
+def test_get_walks_a_probe_run_inline(served):
+    """get's fast path walks past other keys' buckets itself: a key displaced from its
+    home bucket is found, and a missing key whose home bucket is taken is a trusted
+    miss at the run's end, neither through the full lookup (which is counted here)."""
+    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+        keys = [k.encode() for k in _colliding_keys(wseg.mask, 5)]
+        present, absent = keys[:4], keys[4]
+        for k in present:
+            eng.put(k, enc(k.decode()))
+        assert bucket_pos(wseg, present[3]) == (L.key_hash(present[3]) + 3) & wseg.mask
+        reader = open_segment(n)
+        try:
+            full = []
+            real_lookup = reader.lookup
+            reader.lookup = lambda kb: full.append(kb) or real_lookup(kb)
+            get, probe_many = make_readers(reader, dec, lambda *a: pytest.fail("stale path"))
+            assert [get(k) for k in present] == [k.decode() for k in present]
+            assert get(absent, "none") == "none"
+            assert full == [], f"took the full lookup for {full}"
+            del get, probe_many
+        finally:
+            reader.close()
+
+
 @pytest.mark.parametrize("path", ["lookup", "get", "get_many"])
 def test_a_lookup_overtaken_by_a_backward_shift_probes_again(served, path):
     """Rule 4 (no false negatives), the race itself, deterministically: a reader walks
