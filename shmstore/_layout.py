@@ -179,24 +179,26 @@ def key_hash(kb: bytes) -> int:
     return x & 0xFFFFFFFF ^ x >> 29  # == (x ^ x >> 29) & 0xFFFFFFFF, as x < 2**61
 
 
-def _chunks(kw: int) -> list[tuple[int, int]]:
+def _chunks(kw: int) -> tuple[list[tuple[int, int]], bool]:
     """For :func:`key_hash_words`: runs of key words ``[a, b)`` whose rotated terms can
-    be summed in u64 on top of a folded sum without passing 2**64.
+    be summed in u64 at once, and whether the total needs a last fold to be below
+    2**63 (what the modular product needs).
 
     Word j's term (a rotation by ``s = 64j mod 61``, see there) is below
-    ``2**61 + 2**(3 + s)``; a folded sum is below ``2**61 + 8``.
+    ``2**61 + 2**(3 + s)``; the running sum is folded between runs, to below
+    ``2**61 + 8``.
     """
-    out = []
+    runs = []
     a = 0
-    bound = (1 << 61) + 8
+    bound = 0
     for j in range(kw):
         term = (1 << 61) + (1 << (3 + (64 * j) % 61))
         if bound + term >= 1 << 64:
-            out.append((a, j))
+            runs.append((a, j))
             a, bound = j, (1 << 61) + 8
         bound += term
-    out.append((a, kw))
-    return out
+    runs.append((a, kw))
+    return runs, bound >= 1 << 63
 
 
 _HASH_CONSTS: dict[int, tuple] = {}
@@ -230,13 +232,16 @@ def key_hash_words(words: "np.ndarray") -> "np.ndarray":
     terms = wt << S
     terms &= P
     terms += wt >> S_REV
-    acc = np.zeros(n, np.uint64)
-    for a, b in chunks:
-        acc += terms[a:b].sum(axis=0, dtype=np.uint64)
+    runs, fold_last = chunks
+    acc = terms[0] if len(terms) == 1 else terms[: runs[0][1]].sum(axis=0, dtype=np.uint64)
+    for a, b in runs[1:]:
         acc = (acc & P) + (acc >> S61)
-    acc = (acc & P) + (acc >> S61)  # <= P, == X (mod P)
+        acc += terms[a:b].sum(axis=0, dtype=np.uint64)
+    if fold_last:
+        acc = (acc & P) + (acc >> S61)
+    # acc < 2**63, == X (mod P). Times m, with a = acc = a1*2**32 + a0 (a1 < 2**31):
     # a*m = a1*m1*2**64 + (a1*m0 + a0*m1)*2**32 + a0*m0, with 2**64 == 8 (mod P) and
-    # t*2**32 == (t >> 29) + ((t mod 2**29) << 32) (mod P) for the middle t < 2**62.
+    # t*2**32 == (t >> 29) + ((t mod 2**29) << 32) (mod P) for the middle t < 2**64.
     a0 = acc & M32
     a1 = acc >> S32
     t = a1 * M0
@@ -249,7 +254,7 @@ def key_hash_words(words: "np.ndarray") -> "np.ndarray":
     x += t >> S29
     t &= M29
     t <<= S32
-    x += t  # < 2**63
+    x += t  # < 2**61 + 8 + 2**63 + 2**35 + 2**61 < 2**64
     x = (x & P) + (x >> S61)
     x = (x & P) + (x >> S61)
     x[x == P] = 0  # x <= P here; Python's hash gives the canonical residue

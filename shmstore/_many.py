@@ -57,18 +57,21 @@ def array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def values_array(vals: np.ndarray, vlen: np.ndarray, maxv: int) -> np.ndarray:
+def values_array(vals: np.ndarray, vlen: np.ndarray, maxv: int,
+                 first_bytes: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
     """The msgpack array of values: an array header, then each row's first
-    ``vlen[i]`` bytes of ``vals`` (uint8 ``(k, maxv)``), in one buffer (one copy)."""
+    ``vlen[i]`` bytes of ``vals`` (uint8 ``(k, maxv)``), in one buffer.
+
+    ``first_bytes(vlen, maxv)`` gives the bool ``(k, maxv)`` mask of those bytes.
+    """
     head = array_header(len(vlen))
     h = len(head)
     if len(vlen) and int(vlen.min()) == maxv:  # every value has the same length
         out = np.empty(h + vals.size, np.uint8)
         out[h:].reshape(vals.shape)[...] = vals
-    else:
-        keep = np.arange(maxv) < vlen[:, None]
+    else:  # a contiguous copy first: boolean indexing is 3x faster on it
         out = np.empty(h + int(vlen.sum()), np.uint8)
-        out[h:] = vals[keep]
+        out[h:] = np.ascontiguousarray(vals)[first_bytes(vlen, maxv)]
     out[:h] = np.frombuffer(head, np.uint8)
     return out
 
@@ -148,6 +151,7 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
     RECORD_OFF = 8 * L.S_EXPIRY
     KEY_AT = L.SLOT_HEADER - RECORD_OFF  # the key's byte offset in a record
     records: dict[int, np.ndarray] = {}  # record width -> strided view of every slot
+    WHOLE = KEY_AT + ksz + vsz <= 256  # whole records are cheap to copy
 
     def record_view(maxv: int) -> np.ndarray:
         width = max(KEY_AT + 8 * KW, L.align(KEY_AT + ksz + maxv, 8))
@@ -167,6 +171,18 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
     # difference is masked to the key's bytes.
     TAIL = np.uint64((1 << 8 * (ksz % 8)) - 1) if ksz % 8 else None
     WINDOWS = [np.arange(1, 8, dtype=np.intp), np.arange(8, MAX_WALK, dtype=np.intp)]
+
+    mask_tables: dict[int, np.ndarray] = {}  # maxv -> row n: n True, then False
+
+    def first_bytes(vlen: np.ndarray, maxv: int) -> np.ndarray:
+        table = mask_tables.get(maxv)
+        if table is None:
+            if (vsz + 1) * maxv > 1 << 20:  # too big to keep: compute it
+                return np.arange(maxv) < vlen[:, None]
+            if len(mask_tables) >= 64:
+                mask_tables.clear()
+            table = mask_tables[maxv] = np.arange(maxv) < np.arange(vsz + 1)[:, None]
+        return table.take(vlen, axis=0)  # take, not [vlen]: 5x faster for rows
 
     def walk(homes: np.ndarray, hashes: np.ndarray, steps: np.ndarray):
         """Buckets ``home + steps`` of each key: where each stops, if it does."""
@@ -217,24 +233,31 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
             stop_pos[pend] = pos2
             stop_b[pend] = b2
             pend = pend[~st2]
-        ck = np.flatnonzero(stopped & (stop_b != 0))  # stopped at a matching hash
-        cp = stop_pos[ck]
-        cb = stop_b[ck]
+        hit = stopped & (stop_b != 0)  # stopped at a matching hash
+        if hit.all():  # the usual case: every key has a candidate
+            ck, cp, cb, klens = np.arange(n), stop_pos, stop_b, lens
+        else:
+            ck = np.flatnonzero(hit)
+            cp, cb, klens = stop_pos[ck], stop_b[ck], lens[ck]
         if not ck.size:
             g2 = q[H_GEN]
             return settle(keys, _EMPTY, _NO_VALUES, 0, g1, g2, pend, ck)
         # 2. The candidates' slots, under their seqlocks.
         slots = (cb & U32).astype(np.intp) - 1
         s1 = seq_col[slots]
-        maxv = min(int((meta_col[slots] >> S32).max()), vsz)
-        rec = record_view(maxv)[slots].view(np.uint64).reshape(slots.size, -1)
+        if WHOLE:  # small records: copy them whole rather than look up the longest value
+            rec = record_view(vsz)[slots].view(np.uint64).reshape(slots.size, -1)
+        else:
+            maxv = min(int((meta_col[slots] >> S32).max()), vsz)
+            rec = record_view(maxv)[slots].view(np.uint64).reshape(slots.size, -1)
         s2 = seq_col[slots]
         bb = flat_buckets[cp]
         g2 = q[H_GEN]
         # 3. Checks. Invariant: nothing read above is trusted until they pass.
         meta = rec[:, 1]
         vlen = (meta >> S32).astype(np.intp)
-        klens = lens[ck]
+        if WHOLE:
+            maxv = min(int(vlen.max()), vsz)
         # s1 == s2 and even; the bucket unchanged; no expiry; live, with the key's length.
         bad = (s1 ^ s2) | (s1 & ONE) | (bb ^ cb) | rec[:, 0] | ((meta & LIVE_KEY) ^ klens.astype(np.uint64))
         # Keys are zero-padded in their slots (the engine writes them so), so a key
@@ -252,7 +275,7 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
         body = rec.view(np.uint8)[:, KEY_AT + ksz : KEY_AT + ksz + maxv]
         vals = body if all_ok else body[ok]
         vl = vlen if all_ok else vlen[ok]
-        blob = values_array(vals, vl, maxv)
+        blob = values_array(vals, vl, maxv, first_bytes)
         top = int((s1 if all_ok else s1[ok]).max()) if fast.size else 0
         if fast.size == n:
             return fast, blob, {}, top

@@ -48,14 +48,19 @@ def test_python_hash_of_an_int_is_the_modulus():
 
 
 def test_fold_plan_never_overflows():
-    """Each run of words summed at once stays below 2**64 on top of a folded sum."""
+    """Each run of words summed at once stays below 2**64 on top of the folded sum
+    of the runs before it, and the last sum is folded when it may reach 2**63."""
     for kw in (1, 2, 7, 8, 9, 64, 512):
-        runs = L._chunks(kw)
+        runs, _ = L._chunks(kw)
         assert runs[0][0] == 0 and runs[-1][1] == kw
         assert all(a < b for a, b in runs) and all(runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
-        for a, b in runs:
-            bound = (1 << 61) + 8 + sum((1 << 61) + (1 << (3 + (64 * j) % 61)) for j in range(a, b))
+        for i, (a, b) in enumerate(runs):
+            bound = sum((1 << 61) + (1 << (3 + (64 * j) % 61)) for j in range(a, b))
+            if i:
+                bound += (1 << 61) + 8  # the folded sum of the runs before
             assert bound < 1 << 64, (kw, a, b)
+        fold_last = L._chunks(kw)[1]
+        assert fold_last == (bound >= 1 << 63), kw  # the product needs a sum below 2**63
 
 
 def _displaced(hashes: list[int], nbuckets: int) -> int:
