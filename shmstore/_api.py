@@ -24,7 +24,7 @@ from ._errors import (
     rebuild,
 )
 from ._segment import coordinator_alive, open_segment, unlink_quietly
-from ._store import Store
+from ._store import DEFAULT_READ_CACHE, Store
 
 SYNC_MODES = ("always", "periodic", "never")
 
@@ -287,7 +287,8 @@ def _read_line(fd: int, timeout: float) -> str:
     return buf.decode(errors="replace")
 
 
-def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us: float = 50.0) -> Store:
+def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us: float = 50.0,
+            read_cache: int = DEFAULT_READ_CACHE) -> Store:
     """Attach to an existing store. Reads work at once, even while no coordinator runs.
 
     Args:
@@ -297,12 +298,15 @@ def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us:
         timeout: seconds a write waits for the coordinator (and its queue) before it
             raises, and for a segment that is still being created.
         spin_us: microseconds a write spins for its reply before sleeping.
+        read_cache: how many records ``get`` keeps in this process to answer again
+            after checking two words of the segment (0: none). A hit is exactly as
+            current as a fresh read (see :class:`~shmstore.Store`'s ``get``).
 
     Raises:
         StoreNotFoundError: no such store.
         SchemaMismatchError: ``value_type`` is not the store's.
     """
-    return Store(name, value_type=value_type, timeout=timeout, spin_us=spin_us)
+    return Store(name, value_type=value_type, timeout=timeout, spin_us=spin_us, read_cache=read_cache)
 
 
 def open(  # noqa: A001 - the public name is part of the API

@@ -434,13 +434,17 @@ def unlink_quietly(kind: type, name: str) -> bool:
         return False
 
 
+#: Values a cache hit may hand out again as they are: the caller cannot change them.
+IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+
 #: ``get`` calls ``on_publish`` once every this many reads (a power of two, minus one).
 PUBLISH_MASK = 4095
 
 
 def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  on_stale: Callable[..., object],
-                 on_publish: Callable[[], object] | None = None) -> tuple[Callable, Callable]:
+                 on_publish: Callable[[], object] | None = None,
+                 read_cache: int = 0) -> tuple[Callable, Callable]:
     """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
 
     Returns ``(get, probe_many)``. ``probe_many(kbs, lens)`` (see ``_many``) returns
@@ -512,12 +516,26 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     publish = on_publish if on_publish is not None else (lambda: None)
     assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
+    cache: dict = {}  # key -> (bucket word, bucket, slot seq word, seq, value, decoded?)
+    cache_get = cache.get
+    cap = read_cache
+    full_misses = 0  # uncached reads since the cache filled up
+    refill_after = 8 * cap
+
     def get(key: object, default: object = None) -> object:
         # probe() inlined: a Python call costs ~10% of a get.
-        nonlocal reads
+        nonlocal reads, full_misses
         reads += 1
         if not reads & 4095:  # PUBLISH_MASK
             publish()
+        try:
+            e = cache_get(key)
+        except TypeError:  # unhashable: not a key
+            return on_stale(key, default)
+        # A cached record is current while its bucket still points to its slot and
+        # the slot still carries the seq it was read under (see read_cache).
+        if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
+            return e[4] if e[5] else decode(e[4])
         cls = key.__class__
         if cls is str:
             kb = key.encode()
@@ -549,7 +567,20 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                 # Invariant: every word used below was read between s1 and s2.
                 if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
                         and not meta & FREE and not expiry and raw.startswith(kb)):
-                    return decode(raw[ksz:])
+                    value = decode(raw[ksz:])
+                    if len(cache) < cap:
+                        if value.__class__ in IMMUTABLE:
+                            cache[key] = (pos, b, w, s1, value, True)
+                        else:  # the caller may change it: decode anew on each hit
+                            cache[key] = (pos, b, w, s1, raw[ksz:], False)
+                    elif cap:
+                        # Full: start over only after 8x cap uncached reads, so a store
+                        # far larger than the cache does not pay an insert per get.
+                        full_misses += 1
+                        if full_misses > refill_after:
+                            full_misses = 0
+                            cache.clear()
+                    return value
             r = lookup(kb)
             return default if r is None else decode(r[3])
         return on_stale(key, default)
@@ -573,4 +604,5 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         return reads
 
     get.reads = count
+    get.cached = cache.__len__  # records in the read cache (for stats and tests)
     return get, probe_many

@@ -18,6 +18,7 @@ from . import _channel as C
 from . import _layout as L
 from ._errors import (
     InvalidKeyError,
+    InvalidLayoutError,
     KeyTooLongError,
     SchemaMismatchError,
     ShmStoreError,
@@ -45,6 +46,8 @@ __all__ = ["Batch", "Store", "StoreStats"]
 
 #: get_many() validates optimistically this many times before asking the coordinator.
 OPTIMISTIC_TRIES = 8
+#: Records each handle's ``get`` keeps by default (``connect(read_cache=)``).
+DEFAULT_READ_CACHE = 16384
 
 _STORES: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -81,10 +84,15 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
     """
 
     def __init__(self, name: str, *, value_type: Any = None, timeout: float = 5.0,
-                 spin_us: float = 50.0) -> None:
+                 spin_us: float = 50.0, read_cache: int = DEFAULT_READ_CACHE) -> None:
         self.name = L.check_name(name)
         self.timeout = timeout
         self._spin_us = spin_us
+        if not isinstance(read_cache, int) or isinstance(read_cache, bool) or read_cache < 0:
+            raise InvalidLayoutError(
+                f"read_cache must be an integer >= 0 (records kept per handle; 0 turns the "
+                f"cache off), got {read_cache!r}")
+        self._read_cache = read_cache
         self._value_type = value_type
         self._schema_fp = L.schema_fingerprint(value_type)
         self._seg: Segment | None = open_segment(name, timeout=timeout)
@@ -240,8 +248,20 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it is missing. Never blocks writers.
 
-        (Each handle replaces this method with a fast closure bound to its mapping,
-        see ``_segment.make_get``; this is the general path it falls back to.)
+        Each handle replaces this method with a fast closure bound to its mapping
+        (``_segment.make_readers``); this is the general path it falls back to.
+
+        The fast ``get`` keeps up to ``read_cache`` records (``connect(read_cache=)``,
+        default 16384) it has read. A cached record is answered again only after
+        checking, on every call, that the store is live, that the index bucket that
+        found it still points to its slot, and that the slot still carries the seq it
+        was read under: two loads of shared memory instead of a hash, a probe and a
+        copy. Since a slot the index points to is never rewritten and every write
+        takes a new seq, a hit returns exactly what a fresh read would return at that
+        moment. Immutable values (str, bytes, int, float, bool, None) are returned
+        as cached; others are decoded anew on each hit, so callers may change what
+        they get. When the cache is full, new records are not added until 8x
+        ``read_cache`` further uncached reads have passed; then it starts over.
         """
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))
@@ -251,7 +271,7 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
 
     def _bind_fast_get(self) -> None:
         self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self),
-                                                  self._publish_counters)
+                                                  self._publish_counters, self._read_cache)
 
     def _publish_counters(self) -> None:
         _stats.publish_or_claim(self)

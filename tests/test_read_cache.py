@@ -1,0 +1,185 @@
+"""The per-handle read cache of ``get``: a hit is exactly as current as a fresh read.
+
+A cached record is answered again only while the index bucket that found it still
+points to its slot and the slot still carries the seq it was read under, checked on
+every hit (shmstore/_segment.py, make_readers).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import msgspec
+import pytest
+
+import shmstore
+from shmstore import _layout as L
+from shmstore._segment import make_readers, open_segment
+from tests.test_seqlock import writer_side
+
+enc = msgspec.msgpack.encode
+dec = msgspec.msgpack.decode
+
+
+def test_hits_follow_every_change(served):
+    n, _ = served(capacity=100)
+    with shmstore.connect(n) as reader, shmstore.connect(n) as writer:
+        writer.put("k", "v1")
+        assert reader.get("k") == "v1"
+        assert reader.get.cached() == 1
+        assert reader.get("k") == "v1"  # a hit
+        writer.put("k", "v2")
+        assert reader.get("k") == "v2"
+        writer.delete("k")
+        assert reader.get("k", "gone") == "gone"
+        writer.put("k", "v3", ttl=3600)
+        assert reader.get("k") == "v3"
+        with writer.batch() as b:
+            b.put("k", "v4")
+            b.put("other", 1)
+        assert [reader.get("k"), reader.get("other")] == ["v4", 1]
+        writer.incr("other")
+        assert reader.get("other") == 2
+        assert reader.get(b"k") == "v4"  # the same record under its bytes name
+
+
+def test_mutable_values_are_decoded_anew_on_each_hit(served):
+    n, _ = served(capacity=100)
+    with shmstore.connect(n) as s:
+        s.put("d", {"a": [1]})
+        v = s.get("d")
+        v["a"].append(2)
+        v["b"] = 0
+        assert s.get("d") == {"a": [1]}
+        assert s.get("d") is not s.get("d")
+
+
+def test_a_hit_is_refused_once_the_bucket_points_elsewhere(served):
+    """A coordinator that died between pointing the key's bucket at a new slot and
+    freeing the old one leaves the old slot's seq unchanged: a cache that checked
+    only the seq would go on answering the old value while fresh reads see the new.
+    The bucket check makes the cached reader see the new value too."""
+    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+        kb = b"key"
+        eng.put(kb, enc("old"))
+        reader = open_segment(n)
+        try:
+            get, probe_many = make_readers(reader, dec, lambda *a: pytest.fail("stale path"),
+                                           read_cache=16)
+            assert get(kb) == "old" and get.cached() == 1
+            # Half an update: new slot written and published, old slot left as it was.
+            h = L.key_hash(kb)
+            pos, old_slot = eng.find(kb, h)
+            new_slot = eng.free.pop()
+            epoch = eng.next_epoch()
+            eng._write_slot(new_slot, epoch, kb, enc("new"), epoch, 0, 0)
+            wseg.q[wseg.idx0 + pos] = (h << 32) | (new_slot + 1)
+            assert wseg.q[eng._slot_word(old_slot)] % 2 == 0  # the old slot is untouched
+            assert get(kb) == "new"
+            del get, probe_many
+        finally:
+            reader.close()
+
+
+def test_a_hit_is_refused_when_a_new_record_reuses_the_slot(served):
+    """Delete and put again until the key's new record lands in the same slot at the
+    same bucket: the bucket word is then the same as when the value was cached, and
+    only the slot's seq (a new epoch) tells the cached value is stale."""
+    n, _ = served(capacity=1)
+    with shmstore.connect(n) as reader, shmstore.connect(n) as writer:
+        writer.put("k", "v0")
+        assert reader.get("k") == "v0"
+        seg = reader._seg
+        bucket = next(int(b) for b in seg.index_view() if b)
+        for i in range(1, 10):
+            writer.delete("k")
+            writer.put("k", f"v{i}")
+            if next(int(b) for b in seg.index_view() if b) == bucket:
+                break
+        else:
+            pytest.fail("the slot was never reused")
+        assert reader.get("k") == f"v{i}"
+
+
+def test_hits_do_not_read_the_slot(served):
+    """Shows the hit path is taken: bytes changed under an unchanged seq (which the
+    coordinator never does) are not seen by a hit, and are by a handle without cache."""
+    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+        kb = b"key"
+        eng.put(kb, enc("aaaa"))
+        reader = open_segment(n)
+        try:
+            get, pm = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=16)
+            plain, pm2 = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=0)
+            assert get(kb) == "aaaa" == plain(kb)
+            _, slot = eng.find(kb, L.key_hash(kb))
+            vo = eng._slot_word(slot) * 8 + L.SLOT_HEADER + wseg.key_size
+            wseg.mv[vo : vo + 5] = enc("bbbb")
+            assert get(kb) == "aaaa"
+            assert plain(kb) == "bbbb" and plain.cached() == 0
+            del get, pm, plain, pm2
+        finally:
+            reader.close()
+
+
+def test_read_cache_option(served):
+    n, _ = served(capacity=200)
+    with shmstore.connect(n) as w:
+        for i in range(100):
+            w.put(f"k{i}", i)
+    with shmstore.connect(n, read_cache=0) as s:
+        assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
+        assert s.get.cached() == 0
+    with shmstore.connect(n, read_cache=8) as s:
+        assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
+        assert s.get.cached() == 8  # full: the first 8 stay until 8 x 8 more misses
+        assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
+        assert s.get.cached() <= 8
+    for bad in (-1, 1.5, "10", True, None):
+        with pytest.raises(shmstore.InvalidLayoutError, match="read_cache"):
+            shmstore.connect(n, read_cache=bad)
+
+
+def test_a_recreated_store_is_not_answered_from_the_old_cache(served, names):
+    n, coord = served(capacity=100)
+    with shmstore.connect(n) as w:
+        w.put("k", "first")
+    s = shmstore.connect(n)
+    try:
+        assert s.get("k") == "first" and s.get.cached() == 1
+        coord.stop()
+        shmstore.destroy(n)
+        coord2 = shmstore.serve(n, capacity=100)
+        names.coordinators.append(coord2)
+        with shmstore.connect(n) as w:
+            w.put("k", "second")
+        assert s.get("k") == "second"
+    finally:
+        s.close()
+
+
+def _child_reads(name: str, want: object) -> None:
+    import shmstore as _s  # noqa: F401 (the inherited handle is used)
+
+    got = _HANDLE.get("k")
+    raise SystemExit(0 if got == want else 1)
+
+
+_HANDLE = None
+
+
+def test_a_forked_child_validates_the_inherited_cache(served):
+    global _HANDLE
+    n, _ = served(capacity=100)
+    with shmstore.connect(n) as s, shmstore.connect(n) as w:
+        w.put("k", "before")
+        assert s.get("k") == "before" and s.get.cached() == 1
+        w.put("k", "after")
+        _HANDLE = s
+        try:
+            p = mp.get_context("fork").Process(target=_child_reads, args=(n, "after"))
+            p.start()
+            p.join(30)
+        finally:
+            _HANDLE = None
+        assert p.exitcode == 0, "the child answered the inherited cached value"
