@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench.py"
 
 #: Every row the benchmark reports, "measure.system" (pinned here on purpose).
-_GETS = ["shmstore", "lmdb_txn", "lmdb_txn_decode", "redis", "dict"]
+_GETS = ["shmstore", "shmstore_nocache", "lmdb_txn", "lmdb_txn_decode", "redis", "dict"]
 EXPECTED = [
-    "get_hot.shmstore", "get_hot.lmdb_txn", "get_hot.lmdb_txn_decode", "get_hot.lmdb_txn_per_get",
+    "get_hot.shmstore", "get_hot.shmstore_nocache", "get_hot.lmdb_txn", "get_hot.lmdb_txn_decode",
+    "get_hot.lmdb_txn_per_get",
     "get_hot.redis", "get_hot.manager", "get_hot.dict", "get_hot.numpy_copy",
-    "get_random.shmstore", "get_random.lmdb_txn", "get_random.lmdb_txn_decode",
+    "get_random.shmstore", "get_random.shmstore_nocache", "get_random.lmdb_txn", "get_random.lmdb_txn_decode",
     "get_random.lmdb_txn_per_get", "get_random.redis", "get_random.manager", "get_random.dict",
     *[f"{g}.{s}" for g in ("get_1k", "get_big", "get_big_1k") for s in _GETS],
     "get_many.shmstore", "get_many.lmdb_loop", "get_many.lmdb_loop_decode", "get_many.redis_mget",

@@ -31,6 +31,7 @@ class Loaded:
 
         self.tag = spec.tag
         self.n = n
+        self.nocache = None  # a second shmstore handle, read_cache=0 (Bench.nocache_store)
         self.value_bytes = spec.value_bytes
         self.keys = [peers.key_for(spec.tag, i) for i in range(n)]
         self.kbs = [k.encode() for k in self.keys]
@@ -162,6 +163,16 @@ class Bench(Reads, Procs):
         self.datasets[tag] = ds
         return ds
 
+    def nocache_store(self, group: str):
+        """A second handle on the measure's store, with the read cache off."""
+        import shmstore  # noqa: PLC0415
+
+        ds = self.data(group)
+        if ds.nocache is None:
+            ds.nocache = shmstore.connect(ds.store_name, read_cache=0)
+            self.stores.append(ds.nocache)
+        return ds.nocache
+
     def _env(self, path: str, *, sync: bool):
         env = peers.open_lmdb(path, sync=sync)
         self.envs[path] = env
@@ -285,11 +296,13 @@ class Bench(Reads, Procs):
 
     # -- comparisons ---------------------------------------------------------------------
 
-    def speedup(self, spec: Spec) -> float | None:
-        """How many times better shmstore is than this row (None: not comparable)."""
+    def speedup(self, spec: Spec, mine_id: str | None = None) -> float | None:
+        """How many times better shmstore (its row ``mine_id``, by default the
+        measure's ``shmstore`` row) is than this row (None: not comparable)."""
         if spec.peer == "shmstore":
             return None
-        mine_id = MEMORY_PAIRS.get(spec.id) if spec.unit == "bytes" else f"{spec.group}.shmstore"
+        if mine_id is None:
+            mine_id = MEMORY_PAIRS.get(spec.id) if spec.unit == "bytes" else f"{spec.group}.shmstore"
         mine = self.results.get(mine_id) if mine_id else None
         other = self.results.get(spec.id)
         if mine is None or other is None or mine.median is None or other.median is None:

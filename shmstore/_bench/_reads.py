@@ -102,6 +102,8 @@ class Reads:
     def get_row(self, group: str, system: str) -> Callable[[int], int]:
         if system == "shmstore":
             return self._loop(self.data(group).store.get, self._get_keys(group, "str"))
+        if system == "shmstore_nocache":
+            return self._loop(self.nocache_store(group).get, self._get_keys(group, "str"))
         if system == "lmdb_txn":
             return self._lmdb_txn_loop(group, decode=False)
         if system == "lmdb_txn_decode":

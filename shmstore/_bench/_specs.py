@@ -45,13 +45,16 @@ GROUPS: dict[str, tuple[str, str | None]] = {
     "table_read": ("Table read of 100k numpy-typed rows", None),
 }
 
+_S = "shmstore store.get (read cache on: the default)"
+_SN = "shmstore store.get, read_cache=0 (every get reads the segment)"
 _L, _LD, _LP, _R, _M, _D = (
     "py-lmdb txn.get, one long read txn", "py-lmdb long txn + msgspec decode",
     "py-lmdb, a read txn per get", "redis-py GET (unix socket)",
     "multiprocessing.Manager().dict() get", "plain dict.get (floor)")
 
 SPECS: list[Spec] = [
-    Spec("get_hot", "shmstore", "shmstore store.get", "yes (str)", "ns/op"),
+    Spec("get_hot", "shmstore", _S, "yes (str)", "ns/op"),
+    Spec("get_hot", "shmstore_nocache", _SN, "yes (str)", "ns/op"),
     Spec("get_hot", "lmdb_txn", _L, "no (bytes)", "ns/op", "lmdb"),
     Spec("get_hot", "lmdb_txn_decode", _LD, "yes (str)", "ns/op", "lmdb"),
     Spec("get_hot", "lmdb_txn_per_get", _LP, "no (bytes)", "ns/op", "lmdb"),
@@ -59,7 +62,8 @@ SPECS: list[Spec] = [
     Spec("get_hot", "manager", _M, "yes (pickle)", "ns/op", "manager"),
     Spec("get_hot", "dict", _D, "n/a (object)", "ns/op", "floor"),
     Spec("get_hot", "numpy_copy", "numpy copy of 64 B (floor)", "n/a (bytes)", "ns/op", "floor"),
-    Spec("get_random", "shmstore", "shmstore store.get", "yes (str)", "ns/op"),
+    Spec("get_random", "shmstore", _S, "yes (str)", "ns/op"),
+    Spec("get_random", "shmstore_nocache", _SN, "yes (str)", "ns/op"),
     Spec("get_random", "lmdb_txn", _L, "no (bytes)", "ns/op", "lmdb"),
     Spec("get_random", "lmdb_txn_decode", _LD, "yes (str)", "ns/op", "lmdb"),
     Spec("get_random", "lmdb_txn_per_get", _LP, "no (bytes)", "ns/op", "lmdb"),
@@ -69,7 +73,8 @@ SPECS: list[Spec] = [
     *[Spec(g, sys_, label, dec, "ns/op", peer)
       for g in ("get_1k", "get_big", "get_big_1k")
       for sys_, label, dec, peer in (
-          ("shmstore", "shmstore store.get", "yes (str)", "shmstore"),
+          ("shmstore", _S, "yes (str)", "shmstore"),
+          ("shmstore_nocache", _SN, "yes (str)", "shmstore"),
           ("lmdb_txn", _L, "no (bytes)", "lmdb"),
           ("lmdb_txn_decode", _LD, "yes (str)", "lmdb"),
           ("redis", _R, "no (bytes)", "redis"),
