@@ -45,10 +45,14 @@ import hashlib
 import platform
 import re
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from ._errors import InvalidLayoutError, InvalidNameError, UnsupportedPlatformError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = 0x31_4D_54_53_4D_48_53  # b"SHMSTM1" little-endian, 7 bytes
 #: 2: the index hash is key_hash() (CRC-32 + multiply-shift mix), no longer the bare CRC-32

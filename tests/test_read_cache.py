@@ -159,9 +159,7 @@ def test_a_recreated_store_is_not_answered_from_the_old_cache(served, names):
 
 
 def _child_reads(name: str, want: object) -> None:
-    import shmstore as _s  # noqa: F401 (the inherited handle is used)
-
-    got = _HANDLE.get("k")
+    got = _HANDLE.get("k")  # the handle the parent forked with
     raise SystemExit(0 if got == want else 1)
 
 
