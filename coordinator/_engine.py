@@ -147,6 +147,7 @@ class Engine:
         # Invariant: seq is odd from the first byte written to the last (x86-64 keeps
         # the order of these stores as issued).
         q[w] = 2 * epoch + 1
+        old_kl = q[w + L.S_META] & 0xFFFF  # the key this slot held (0: never written)
         q[w + L.S_VERSION] = version
         q[w + L.S_EXPIRY] = expiry
         if expiry and expiry < self.next_expiry:
@@ -155,8 +156,10 @@ class Engine:
         o = w * 8 + L.SLOT_HEADER
         kl = len(kb)
         mv[o : o + kl] = kb
-        # The key area is zero-padded: get_many compares keys as whole u64 words.
-        mv[o + kl : o + self.seg.key_size] = self._zeros[kl:]
+        # The key area is zero-padded (get_many compares keys as whole u64 words): it
+        # is zero past the old key, so only a longer old key's tail needs clearing.
+        if old_kl > kl:
+            mv[o + kl : o + old_kl] = self._zeros[kl:old_kl]
         if vb:
             vo = o + self.seg.key_size
             mv[vo : vo + len(vb)] = vb

@@ -112,3 +112,22 @@ def test_colliding_keys_are_told_apart(served):
         assert s.get_many(keys) == ["b"] * 20 + ["a"] * 20
         s.delete(a)
         assert s.get_many(keys) == ["b"] * 20 + [None] * 20
+
+
+def test_short_keys_in_slots_of_longer_keys_take_the_numpy_path(served):
+    """The engine clears the tail of a longer key a slot held, so the word-wise key
+    compare of the numpy path accepts the short key (a stale tail would send every
+    such key through the per-key path: correct, but slow)."""
+    n, _ = served(capacity=40, key_size=24)
+    with shmstore.connect(n) as s:
+        long_keys = [b"L%02d" % i + b"x" * 21 for i in range(40)]
+        short_keys = [b"s%02d" % i for i in range(40)]
+        for k in long_keys:
+            s.put(k, 1)
+        for k in long_keys:
+            s.delete(k)
+        for k in short_keys:
+            s.put(k, 2)  # every slot of the store held a long key before
+        fast, _, slow, _ = s._probe_many(short_keys, np.array([len(k) for k in short_keys]))
+        assert len(fast) == 40 and not slow, (len(fast), len(slow))
+        assert s.get_many(short_keys) == [2] * 40
