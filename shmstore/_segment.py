@@ -520,11 +520,12 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     cache_get = cache.get
     cap = read_cache
     full_misses = 0  # uncached reads since the cache filled up
+    uncached = 0  # gets not answered from the cache (hits = reads - uncached)
     refill_after = 8 * cap
 
     def get(key: object, default: object = None) -> object:
         # probe() inlined: a Python call costs ~10% of a get.
-        nonlocal reads, full_misses
+        nonlocal reads, full_misses, uncached
         reads += 1
         if not reads & 4095:  # PUBLISH_MASK
             publish()
@@ -536,6 +537,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         # the slot still carries the seq it was read under (see read_cache).
         if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
             return e[4] if e[5] else decode(e[4])
+        uncached += 1
         cls = key.__class__
         if cls is str:
             kb = key.encode()
@@ -605,4 +607,9 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
 
     get.reads = count
     get.cached = cache.__len__  # records in the read cache (for stats and tests)
+
+    def cache_hits() -> int:
+        return reads - uncached
+
+    get.cache_hits = cache_hits
     return get, probe_many

@@ -101,6 +101,9 @@ class StoreStats(msgspec.Struct, frozen=True):
     write_errors: int = 0
     write_latency_avg: float | None = None
     write_latency_max: float | None = None
+    #: gets this handle answered from its read cache (since it attached to the segment)
+    read_cache_hits: int = 0
+    read_cache_records: int = 0  #: records in this handle's read cache now
     # -- the coordinator's counters
     puts: int = 0
     deletes: int = 0
@@ -374,6 +377,7 @@ def collect(store: Store) -> StoreStats:
         reads=mine[0], read_retries=mine[1], writes=mine[2], timeouts=mine[3],
         write_errors=mine[7], write_latency_avg=_avg(mine[4], mine[6]),
         write_latency_max=_secs(mine[5]) if mine[6] else None,
+        read_cache_hits=store.get.cache_hits(), read_cache_records=store.get.cached(),
         puts=q[L.H_PUTS], deletes=q[L.H_DELETES], compare_and_sets=q[L.H_CAS],
         incrs=q[L.H_INCRS], batches=q[L.H_BATCHES],
         group_hist=[q[L.H_GROUP_HIST + b] for b in range(L.GROUP_HIST_BUCKETS)],

@@ -43,6 +43,18 @@ def test_hits_follow_every_change(served):
         assert reader.get(b"k") == "v4"  # the same record under its bytes name
 
 
+def test_stats_count_the_hits(served):
+    n, _ = served(capacity=100)
+    with shmstore.connect(n) as s:
+        s.put("a", 1)
+        s.put("b", [1])
+        got = [s.get("a"), s.get("a"), s.get("b"), s.get("b"), s.get("b"), s.get("nope")]
+        assert got == [1, 1, [1], [1], [1], None]
+        st = s.stats()
+        assert (st.read_cache_hits, st.read_cache_records) == (3, 2)
+        assert st.reads >= 6
+
+
 def test_mutable_values_are_decoded_anew_on_each_hit(served):
     n, _ = served(capacity=100)
     with shmstore.connect(n) as s:
