@@ -202,10 +202,15 @@ def note_write(store: Store, ns: int | None, error: bool) -> None:
         store._write_errors += 1
 
 
-def publish(store: Store) -> None:
-    """Store the handle's totals into its client block, if it has one."""
+def publish(store: Store, pid_checked: bool = False) -> None:
+    """Store the handle's totals into its client block, if it has one.
+
+    ``pid_checked``: the caller saw ``store._pid == os.getpid()`` under the handle's
+    write lock (a write request does), so the block is this process's; a getpid()
+    is a system call here (glibc does not cache it), and a write would make two.
+    """
     ch = store._chan
-    if ch is None or store._pid != os.getpid():
+    if ch is None or (not pid_checked and store._pid != os.getpid()):
         return
     q = ch.chan.__dict__.get("q")
     if q is None:

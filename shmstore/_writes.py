@@ -88,7 +88,7 @@ class WritesMixin:
                     self._last_ticket = ticket
                     self._writes += 1
                     if not wait:
-                        _stats.publish(self)
+                        _stats.publish(self, pid_checked=True)
                         return None
                     try:
                         ch.wait_done(ticket, deadline, what)
@@ -100,13 +100,13 @@ class WritesMixin:
                         self._drop_channel()
             except StoreTimeoutError:
                 self._timeouts += 1
-                _stats.publish(self)
+                _stats.publish(self, pid_checked=True)
                 raise
             t, status, result = ch.reply()
             if t != ticket:
                 raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
             _stats.note_write(self, time.perf_counter_ns() - t0, status != C.ST_OK)
-            _stats.publish(self)
+            _stats.publish(self, pid_checked=True)
         if status != C.ST_OK:
             raise rebuild(result[0], result[1])
         return result
