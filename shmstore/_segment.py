@@ -516,16 +516,30 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     publish = on_publish if on_publish is not None else (lambda: None)
     assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
-    cache: dict = {}  # key -> (bucket word, bucket, slot seq word, seq, value, decoded?)
+    # key -> (bucket word, bucket, slot's seq word, seq, value, True: as is / False: to
+    # decode), or for a miss (H_INDEX_GEN, generation, the empty bucket's word, 0, None, None)
+    cache: dict = {}
     cache_get = cache.get
     cap = read_cache
     full_misses = 0  # uncached reads since the cache filled up
     uncached = 0  # gets not answered from the cache (hits = reads - uncached)
     refill_after = 8 * cap
 
+    def remember(key: object, entry: tuple) -> None:
+        nonlocal full_misses
+        if len(cache) < cap:
+            cache[key] = entry
+        else:
+            # Full: start over only after 8x cap uncached reads, so a store far larger
+            # than the cache does not pay an insert per get.
+            full_misses += 1
+            if full_misses > refill_after:
+                full_misses = 0
+                cache.clear()
+
     def get(key: object, default: object = None) -> object:
         # probe() inlined: a Python call costs ~10% of a get.
-        nonlocal reads, full_misses, uncached
+        nonlocal reads, uncached
         reads += 1
         if not reads & 4095:  # PUBLISH_MASK
             publish()
@@ -534,9 +548,12 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         except TypeError:  # unhashable: not a key
             return on_stale(key, default)
         # A cached record is current while its bucket still points to its slot and
-        # the slot still carries the seq it was read under (see read_cache).
+        # the slot still carries the seq it was read under; a cached miss while the
+        # index generation and the empty bucket that ended the walk are unchanged
+        # (see read_cache in Store.get).
         if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
-            return e[4] if e[5] else decode(e[4])
+            kind = e[5]
+            return e[4] if kind is True else decode(e[4]) if kind is False else default
         uncached += 1
         cls = key.__class__
         if cls is str:
@@ -557,6 +574,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                 b = q[pos]
             if b == 0:
                 if not g & 1 and q[H_GEN] == g:
+                    if cap:
+                        remember(key, (H_GEN, g, pos, 0, None, None))
                     return default
             else:  # the hash matches
                 w = slot0 + ((b & M32) - 1) * sw
@@ -570,18 +589,11 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                 if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
                         and not meta & FREE and not expiry and raw.startswith(kb)):
                     value = decode(raw[ksz:])
-                    if len(cache) < cap:
+                    if cap:
                         if value.__class__ in IMMUTABLE:
-                            cache[key] = (pos, b, w, s1, value, True)
+                            remember(key, (pos, b, w, s1, value, True))
                         else:  # the caller may change it: decode anew on each hit
-                            cache[key] = (pos, b, w, s1, raw[ksz:], False)
-                    elif cap:
-                        # Full: start over only after 8x cap uncached reads, so a store
-                        # far larger than the cache does not pay an insert per get.
-                        full_misses += 1
-                        if full_misses > refill_after:
-                            full_misses = 0
-                            cache.clear()
+                            remember(key, (pos, b, w, s1, raw[ksz:], False))
                     return value
             r = lookup(kb)
             return default if r is None else decode(r[3])

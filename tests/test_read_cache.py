@@ -15,7 +15,7 @@ import pytest
 import shmstore
 from shmstore import _layout as L
 from shmstore._segment import make_readers, open_segment
-from tests.test_seqlock import writer_side
+from tests.test_seqlock import bucket_pos, writer_side
 
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
@@ -43,6 +43,59 @@ def test_hits_follow_every_change(served):
         assert reader.get(b"k") == "v4"  # the same record under its bytes name
 
 
+def test_cached_misses_follow_inserts_and_moves(served):
+    """A miss is cached too (the empty bucket that ended the walk and the index
+    generation): inserting the key fills that bucket, and deleting any key bumps
+    the generation, so a cached miss never hides a record."""
+    n, _ = served(capacity=100)
+    with shmstore.connect(n) as reader, shmstore.connect(n) as writer:
+        assert reader.get("absent", 1) == 1
+        assert reader.get.cached() == 1
+        assert reader.get("absent", 2) == 2  # a hit: the caller's default each time
+        assert reader.stats().read_cache_hits == 1
+        writer.put("absent", "here")
+        assert reader.get("absent", 3) == "here"
+        writer.delete("absent")
+        assert reader.get("absent", 4) == 4
+        assert reader.get("absent", 5) == 5
+        writer.put("other", 1)
+        writer.delete("other")  # moves buckets: bumps the index generation
+        writer.put("absent", "back")
+        assert reader.get("absent") == "back"
+
+
+def test_a_cached_miss_is_refused_when_its_empty_bucket_fills(served):
+    """Keys sharing a home bucket: the miss of C is cached at the run's end; a put of
+    C lands exactly there (no delete, so the generation does not move)."""
+    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+        from tests.test_seqlock import _colliding_keys
+
+        a, b, c = (k.encode() for k in _colliding_keys(wseg.mask, 3))
+        eng.put(a, enc("a"))
+        eng.put(b, enc("b"))
+        reader = open_segment(n)
+        try:
+            get, pm = make_readers(reader, dec, lambda *x: pytest.fail("stale path"), read_cache=16)
+            gen = wseg.q[L.H_INDEX_GEN]
+            assert get(c, "none") == "none" and get.cached() == 1
+            eng.put(c, enc("c"))
+            assert wseg.q[L.H_INDEX_GEN] == gen  # only the empty bucket tells
+            assert get(c, "none") == "c"
+            # Now the other way: the miss is cached at the run's end, a delete shifts
+            # the run back, and the key lands before that bucket, which stays empty:
+            # only the index generation tells.
+            eng.delete(c)
+            assert get(c, "none") == "none"
+            end = bucket_pos(wseg, b) + 1
+            eng.delete(a)  # b moves back one bucket
+            eng.put(c, enc("c2"))
+            assert bucket_pos(wseg, c) == end - 1 and wseg.q[wseg.idx0 + end] == 0
+            assert get(c, "none") == "c2"
+            del get, pm
+        finally:
+            reader.close()
+
+
 def test_stats_count_the_hits(served):
     n, _ = served(capacity=100)
     with shmstore.connect(n) as s:
@@ -50,8 +103,9 @@ def test_stats_count_the_hits(served):
         s.put("b", [1])
         got = [s.get("a"), s.get("a"), s.get("b"), s.get("b"), s.get("b"), s.get("nope")]
         assert got == [1, 1, [1], [1], [1], None]
+        assert s.get("nope") is None
         st = s.stats()
-        assert (st.read_cache_hits, st.read_cache_records) == (3, 2)
+        assert (st.read_cache_hits, st.read_cache_records) == (4, 3)
         assert st.reads >= 6
 
 
