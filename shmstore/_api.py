@@ -298,9 +298,9 @@ def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us:
         timeout: seconds a write waits for the coordinator (and its queue) before it
             raises, and for a segment that is still being created.
         spin_us: microseconds a write spins for its reply before sleeping.
-        read_cache: how many records ``get`` keeps in this process to answer again
-            after checking two words of the segment (0: none). A hit is exactly as
-            current as a fresh read (see :class:`~shmstore.Store`'s ``get``).
+        read_cache: how many records (and misses) ``get`` keeps in this process, to
+            answer again after checking three words of the segment (0: none). A hit
+            is exactly as current as a fresh read (see :meth:`Store.get`).
 
     Raises:
         StoreNotFoundError: no such store.

@@ -255,7 +255,7 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         default 16384) it has read. A cached record is answered again only after
         checking, on every call, that the store is live, that the index bucket that
         found it still points to its slot, and that the slot still carries the seq it
-        was read under: two loads of shared memory instead of a hash, a probe and a
+        was read under: three loads of shared memory instead of a hash, a probe and a
         copy. Since a slot the index points to is never rewritten and every write
         takes a new seq, a hit returns exactly what a fresh read would return at that
         moment. A miss is kept too, as the empty bucket that ended the walk and the
@@ -263,7 +263,7 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         removal of buckets bumps the generation, so a kept miss holds exactly while
         both are unchanged. Immutable values (str, bytes, int, float, bool, None) are
         returned as cached; others are decoded anew on each hit, so callers may
-        change what they get. When the cache is full, new records are not added until 8x
+        change what they get. When the cache is full, nothing is added until 8x
         ``read_cache`` further uncached reads have passed; then it starts over.
         """
         seg = self._live_segment()
