@@ -315,13 +315,15 @@ def open(  # noqa: A001 - the public name is part of the API
     path: str | os.PathLike | None = None,
     value_type: Any = None,
     timeout: float = 5.0,
+    read_cache: int = DEFAULT_READ_CACHE,
     **serve_kwargs: Any,
 ) -> Store:
     """Connect to a store, first starting a coordinator for it if none runs.
 
     The coordinator started here lives until this process exits or ``store.coordinator
     .stop()``; if another process started one first, this connects to that one.
-    ``serve_kwargs`` are :func:`serve`'s (capacity, key_size, value_size, ...).
+    ``read_cache`` is :func:`connect`'s; ``serve_kwargs`` are :func:`serve`'s
+    (capacity, key_size, value_size, ...).
     """
     coord = None
     try:
@@ -335,7 +337,7 @@ def open(  # noqa: A001 - the public name is part of the API
             coord = serve(name, path=path, value_type=value_type, timeout=max(timeout, 10.0), **serve_kwargs)
         except CoordinatorRunningError:
             pass  # another process won the race; use its coordinator
-    store = connect(name, value_type=value_type, timeout=timeout)
+    store = connect(name, value_type=value_type, timeout=timeout, read_cache=read_cache)
     store.coordinator = coord
     return store
 

@@ -201,6 +201,8 @@ def test_read_cache_option(served):
         assert s.get.cached() == 8  # full: the first 8 stay until 8 x 8 more misses
         assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
         assert s.get.cached() <= 8
+    with shmstore.open(n, read_cache=0) as s:
+        assert s.get("k1") == 1 and s.get.cached() == 0
     for bad in (-1, 1.5, "10", True, None):
         with pytest.raises(shmstore.InvalidLayoutError, match="read_cache"):
             shmstore.connect(n, read_cache=bad)
