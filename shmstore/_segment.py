@@ -552,8 +552,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         # index generation and the empty bucket that ended the walk are unchanged
         # (see read_cache in Store.get).
         if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
-            kind = e[5]
-            return e[4] if kind is True else decode(e[4]) if kind is False else default
+            kind = e[5]  # True: the value as is; False: to decode; None: a miss
+            return e[4] if kind else default if kind is None else decode(e[4])
         uncached += 1
         cls = key.__class__
         if cls is str:
