@@ -525,21 +525,10 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     uncached = 0  # gets not answered from the cache (hits = reads - uncached)
     refill_after = 8 * cap
 
-    def remember(key: object, entry: tuple) -> None:
-        nonlocal full_misses
-        if len(cache) < cap:
-            cache[key] = entry
-        else:
-            # Full: start over only after 8x cap uncached reads, so a store far larger
-            # than the cache does not pay an insert per get.
-            full_misses += 1
-            if full_misses > refill_after:
-                full_misses = 0
-                cache.clear()
-
     def get(key: object, default: object = None) -> object:
-        # probe() inlined: a Python call costs ~10% of a get.
-        nonlocal reads, uncached
+        # probe() inlined: a Python call costs ~10% of a get. (So is the cache insert,
+        # twice: a call per uncached get costs ~10% once the cache is full.)
+        nonlocal reads, uncached, full_misses
         reads += 1
         if not reads & 4095:  # PUBLISH_MASK
             publish()
@@ -574,8 +563,13 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                 b = q[pos]
             if b == 0:
                 if not g & 1 and q[H_GEN] == g:
-                    if cap:
-                        remember(key, (H_GEN, g, pos, 0, None, None))
+                    if len(cache) < cap:
+                        cache[key] = (H_GEN, g, pos, 0, None, None)
+                    elif cap:  # full: start over after 8x cap uncached reads
+                        full_misses += 1
+                        if full_misses > refill_after:
+                            full_misses = 0
+                            cache.clear()
                     return default
             else:  # the hash matches
                 w = slot0 + ((b & M32) - 1) * sw
@@ -589,11 +583,18 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                 if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
                         and not meta & FREE and not expiry and raw.startswith(kb)):
                     value = decode(raw[ksz:])
-                    if cap:
+                    if len(cache) < cap:
                         if value.__class__ in IMMUTABLE:
-                            remember(key, (pos, b, w, s1, value, True))
+                            cache[key] = (pos, b, w, s1, value, True)
                         else:  # the caller may change it: decode anew on each hit
-                            remember(key, (pos, b, w, s1, raw[ksz:], False))
+                            cache[key] = (pos, b, w, s1, raw[ksz:], False)
+                    elif cap:
+                        # Full: start over only after 8x cap uncached reads, so a store
+                        # far larger than the cache does not pay an insert per get.
+                        full_misses += 1
+                        if full_misses > refill_after:
+                            full_misses = 0
+                            cache.clear()
                     return value
             r = lookup(kb)
             return default if r is None else decode(r[3])
