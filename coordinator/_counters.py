@@ -67,7 +67,8 @@ class Metrics:
                         (C.C_WRITES, L.H_RETIRED_WRITES), (C.C_TIMEOUTS, L.H_RETIRED_TIMEOUTS),
                         (C.C_WRITE_NS, L.H_RETIRED_WRITE_NS),
                         (C.C_WRITES_TIMED, L.H_RETIRED_WRITES_TIMED),
-                        (C.C_WRITE_ERRORS, L.H_RETIRED_WRITE_ERRORS)):
+                        (C.C_WRITE_ERRORS, L.H_RETIRED_WRITE_ERRORS),
+                        (C.C_CACHE_HITS, L.H_RETIRED_CACHE_HITS)):
             q[h] += cq[w + word]
         if cq[w + C.C_WRITE_NS_MAX] > q[L.H_RETIRED_WRITE_NS_MAX]:
             q[L.H_RETIRED_WRITE_NS_MAX] = cq[w + C.C_WRITE_NS_MAX]

@@ -77,6 +77,7 @@ C_PID = 2
 C_START = 3
 C_ERR_ACK = 4
 C_WATCH = 5  # nonzero: this client wants watch wake-ups (a token the coordinator echoes)
+C_CACHE_HITS = 6  # gets answered from the handle's read cache (a counter, see below)
 # Per-client counters (one writer: the client; see shmstore/_stats.py). They hold the
 # handle's running totals, published by the client (not incremented in place), so a
 # handle that re-registers with a new coordinator carries its totals over.
@@ -89,7 +90,7 @@ C_WRITE_NS_MAX = 13  # the slowest waited write, ns
 C_WRITES_TIMED = 14  # waited writes summed in C_WRITE_NS
 C_WRITE_ERRORS = 15  # writes the coordinator refused with an error
 C_COUNTERS = (C_READS, C_READ_RETRIES, C_WRITES, C_TIMEOUTS, C_WRITE_NS, C_WRITE_NS_MAX,
-              C_WRITES_TIMED, C_WRITE_ERRORS)
+              C_WRITES_TIMED, C_WRITE_ERRORS, C_CACHE_HITS)
 # client block words, coordinator-written
 C_ACK = 16
 C_TAIL = 17

@@ -107,10 +107,12 @@ def client_table(clients: list) -> str:
     """The live clients as a small table (empty string if there are none)."""
     if not clients:
         return ""
-    lines = ["", "", "       pid       age      reads  retries     writes  timeouts  write avg  write max"]
+    lines = ["", "", "       pid       age      reads cache hits  retries     writes  timeouts  write avg"
+                     "  write max"]
     for c in sorted(clients, key=lambda c: c.pid)[:SHOW_CLIENTS]:
-        lines.append(f"  {c.pid:>8} {c.age:>8.0f}s {c.reads:>10,} {c.read_retries:>8,} {c.writes:>10,} "
-                     f"{c.timeouts:>9,} {_dur(c.write_latency_avg):>10} {_dur(c.write_latency_max):>10}")
+        lines.append(f"  {c.pid:>8} {c.age:>8.0f}s {c.reads:>10,} {c.read_cache_hits:>10,} "
+                     f"{c.read_retries:>8,} {c.writes:>10,} {c.timeouts:>9,} "
+                     f"{_dur(c.write_latency_avg):>10} {_dur(c.write_latency_max):>10}")
     if len(clients) > SHOW_CLIENTS:
         lines.append(f"  ... and {len(clients) - SHOW_CLIENTS} more")
     return "\n".join(lines)

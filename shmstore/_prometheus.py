@@ -127,6 +127,8 @@ def render(st: StoreStats) -> str:
     w.one("shmstore_client_reads_total", c, "Reads by all clients (live, closed and dead).", st.total_reads)
     w.one("shmstore_client_read_retries_total", c, "Reads that met a change in progress and read again.",
           st.total_read_retries)
+    w.one("shmstore_client_read_cache_hits_total", c, "Reads answered from a handle's read cache.",
+          st.total_read_cache_hits)
     w.one("shmstore_client_writes_total", c, "Write requests sent by all clients.", st.total_writes)
     w.one("shmstore_client_timeouts_total", c, "Client writes that timed out.", st.total_timeouts)
     w.one("shmstore_client_write_errors_total", c, "Client writes refused with an error.",

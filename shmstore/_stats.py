@@ -9,9 +9,10 @@ Every counter has one writer, so none needs a lock or an atomic:
   errors, and the journal's fsync/WAL/checkpoint counters. It writes them; anyone
   reads them.
 - Each client's live in its client block of the write channel (``_channel``
-  ``C_READS`` .. ``C_WRITE_ERRORS``, words 8-15). The handle keeps its running totals
-  in process memory (the ``get`` fast path counts in a closure cell, nothing more) and
-  *publishes* them - stores the totals into its block - at these moments:
+  ``C_READS`` .. ``C_WRITE_ERRORS``, words 8-15, and ``C_CACHE_HITS``, word 6). The
+  handle keeps its running totals in process memory (the ``get`` fast path counts in
+  closure cells, nothing more) and *publishes* them - stores the totals into its
+  block - at these moments:
 
   * after every write request (a few word stores next to a request that costs tens of
     microseconds);
@@ -69,6 +70,7 @@ class ClientStats(msgspec.Struct, frozen=True):
     write_errors: int
     write_latency_avg: float | None  #: seconds, over waited writes (None: none yet)
     write_latency_max: float | None
+    read_cache_hits: int = 0  #: of its reads, those its read cache answered
 
 
 class StoreStats(msgspec.Struct, frozen=True):
@@ -101,8 +103,7 @@ class StoreStats(msgspec.Struct, frozen=True):
     write_errors: int = 0
     write_latency_avg: float | None = None
     write_latency_max: float | None = None
-    #: gets this handle answered from its read cache (since it attached to the segment)
-    read_cache_hits: int = 0
+    read_cache_hits: int = 0  #: of this handle's reads, those its read cache answered
     read_cache_records: int = 0  #: records in this handle's read cache now
     # -- the coordinator's counters
     puts: int = 0
@@ -144,6 +145,7 @@ class StoreStats(msgspec.Struct, frozen=True):
     total_writes: int = 0
     total_timeouts: int = 0
     total_write_errors: int = 0
+    total_read_cache_hits: int = 0
     total_write_latency_avg: float | None = None
     total_write_latency_max: float | None = None
     # -- rates
@@ -169,13 +171,16 @@ def init_counters(store: Store) -> None:
     store._write_ns_max = 0
     store._writes_timed = 0
     store._write_errors = 0
+    store._cache_hits = 0
     store._get_base = 0  # get.reads() at the last reset (the closure cell is not reset)
+    store._hits_base = 0  # the same for get.cache_hits()
     store._retries_base = 0  # the same for the segment's retry count
     store._next_claim = 0.0
     store._prev_stats = None
     get = store.__dict__.get("get")
     if get is not None:
         store._get_base = get.reads()
+        store._hits_base = get.cache_hits()
     seg = store.__dict__.get("_seg")
     if seg is not None:
         store._retries_base = seg.retries
@@ -186,9 +191,10 @@ def totals(store: Store) -> tuple[int, ...]:
     seg = store._seg
     get = store.__dict__.get("get")
     reads = store._reads + (get.reads() - store._get_base if get is not None else 0)
+    hits = store._cache_hits + (get.cache_hits() - store._hits_base if get is not None else 0)
     retries = store._read_retries + (seg.retries - store._retries_base if seg is not None else 0)
     return (reads, retries, store._writes, store._timeouts, store._write_ns,
-            store._write_ns_max, store._writes_timed, store._write_errors)
+            store._write_ns_max, store._writes_timed, store._write_errors, hits)
 
 
 def note_write(store: Store, ns: int | None, error: bool) -> None:
@@ -314,7 +320,8 @@ def _client(block: int, pid: int, start: int, c: list[int], now_ms: float) -> Cl
     return ClientStats(
         block=block, pid=pid, age=max(0.0, (now_ms - start) / 1000), reads=c[0],
         read_retries=c[1], writes=c[2], timeouts=c[3], write_errors=c[7],
-        write_latency_avg=_avg(c[4], c[6]), write_latency_max=_secs(c[5]) if c[6] else None)
+        write_latency_avg=_avg(c[4], c[6]), write_latency_max=_secs(c[5]) if c[6] else None,
+        read_cache_hits=c[8])
 
 
 def live_clients(name: str) -> list[ClientStats]:
@@ -365,7 +372,7 @@ def collect(store: Store) -> StoreStats:
     # Invariant: C.C_COUNTERS order, like the handle's totals() and a block's words.
     tot = [q[L.H_RETIRED_READS], q[L.H_RETIRED_READ_RETRIES], q[L.H_RETIRED_WRITES],
            q[L.H_RETIRED_TIMEOUTS], q[L.H_RETIRED_WRITE_NS], q[L.H_RETIRED_WRITE_NS_MAX],
-           q[L.H_RETIRED_WRITES_TIMED], q[L.H_RETIRED_WRITE_ERRORS]]
+           q[L.H_RETIRED_WRITES_TIMED], q[L.H_RETIRED_WRITE_ERRORS], q[L.H_RETIRED_CACHE_HITS]]
     for b in blocks:
         _add(tot, b[3])
     ch = store._chan
@@ -382,7 +389,7 @@ def collect(store: Store) -> StoreStats:
         reads=mine[0], read_retries=mine[1], writes=mine[2], timeouts=mine[3],
         write_errors=mine[7], write_latency_avg=_avg(mine[4], mine[6]),
         write_latency_max=_secs(mine[5]) if mine[6] else None,
-        read_cache_hits=store.get.cache_hits(), read_cache_records=store.get.cached(),
+        read_cache_hits=mine[8], read_cache_records=store.get.cached(),
         puts=q[L.H_PUTS], deletes=q[L.H_DELETES], compare_and_sets=q[L.H_CAS],
         incrs=q[L.H_INCRS], batches=q[L.H_BATCHES],
         group_hist=[q[L.H_GROUP_HIST + b] for b in range(L.GROUP_HIST_BUCKETS)],
@@ -399,7 +406,7 @@ def collect(store: Store) -> StoreStats:
         last_checkpoint_epoch=q[L.H_LAST_CHECKPOINT_EPOCH],
         coordinator_rss=rss, coordinator_cpu_seconds=cpu, coordinator_uptime=uptime,
         clients=clients, total_reads=tot[0], total_read_retries=tot[1], total_writes=tot[2],
-        total_timeouts=tot[3], total_write_errors=tot[7],
+        total_timeouts=tot[3], total_write_errors=tot[7], total_read_cache_hits=tot[8],
         total_write_latency_avg=_avg(tot[4], tot[6]),
         total_write_latency_max=_secs(tot[5]) if tot[6] else None,
     )

@@ -146,9 +146,10 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         if old is not None:  # keep the old mapping's counts in the handle's totals
             self._read_retries += old.retries - self._retries_base
             self._reads += self.get.reads() - self._get_base
+            self._cache_hits += self.get.cache_hits() - self._hits_base
         self._seg = seg
         self._bind_fast_get()
-        self._retries_base = self._get_base = 0
+        self._retries_base = self._get_base = self._hits_base = 0
         self._drop_channel()
         if old is not None:
             old.close()

@@ -72,6 +72,7 @@ def test_100_puts_50_gets_show_exactly_in_the_block_and_the_header(served):
     me = [c for c in st.clients if c.pid == os.getpid()]
     assert len(me) == 1 and (me[0].reads, me[0].writes) == (50, 100) and me[0].age > 0
     assert (st.total_reads, st.total_writes) == (50, 100)
+    assert (st.read_cache_hits, me[0].read_cache_hits, st.total_read_cache_hits) == (0, 0, 0)
 
 
 def test_pipelined_writes_fill_the_group_histogram_consistently(served):
@@ -131,11 +132,14 @@ def test_a_closed_clients_counts_are_retired_into_the_header(served):
         st = wait_for(lambda: (x := s.stats()).clients_reclaimed >= 1 and x, what="the block reclaimed")
         seg = open_segment(n)
         try:
-            retired = (seg.q[L.H_RETIRED_READS], seg.q[L.H_RETIRED_WRITES], seg.q[L.H_RETIRED_WRITES_TIMED])
+            retired = (seg.q[L.H_RETIRED_READS], seg.q[L.H_RETIRED_WRITES], seg.q[L.H_RETIRED_WRITES_TIMED],
+                       seg.q[L.H_RETIRED_CACHE_HITS])
         finally:
             seg.close()
-    assert retired == (5000, 10, 10)
+    # 5000 gets of one key: the first reads the segment, the read cache answers the rest.
+    assert retired == (5000, 10, 10, 4999)
     assert (st.total_reads, st.total_writes, st.clients) == (5000, 10, [])
+    assert st.total_read_cache_hits == 4999
     assert st.total_write_latency_avg > 0
 
 
@@ -311,6 +315,8 @@ def test_prometheus_text_parses_and_matches_a_known_workload(served):
             s.put(f"k{i}", i)
         s.delete("k0")
         s.incr("n", 5)
+        for _ in range(3):
+            s.get("k1")  # read once, then answered twice from the read cache
         fams = parse_exposition(shmstore.prometheus_text(s))
     assert value(fams, "shmstore_up", store=n) == 1
     assert value(fams, "shmstore_records") == 7
@@ -322,6 +328,8 @@ def test_prometheus_text_parses_and_matches_a_known_workload(served):
     assert value(fams, "shmstore_group_size_requests_bucket", le="1.0") == 9
     assert value(fams, "shmstore_group_size_requests_sum") == 9
     assert value(fams, "shmstore_client_writes_total") == 9
+    assert value(fams, "shmstore_client_reads_total") == 3
+    assert value(fams, "shmstore_client_read_cache_hits_total") == 2
     assert value(fams, "shmstore_coordinator_resident_memory_bytes") > 0
     assert fams["shmstore_group_size_requests"]["type"] == "histogram"
 
