@@ -6,17 +6,19 @@ The same protocol as one ``get`` (see ``_segment``), done for every key in a few
 passes, each pass one numpy call over all keys still in play, in program order:
 
 0. The keys as a zero-padded ``(n, kw)`` array of u64 words (:func:`key_words`: one
-   ``np.array(keys, "S..")`` for a list of str or of bytes), hashed in numpy
-   (:func:`_layout.key_hash_words`, the same value as ``key_hash``).
+   join and a reshape when the keys have one length, else a split and one
+   ``np.array(kbs, "S..")``), hashed in numpy (:func:`_layout.key_hash_words`, the
+   same value as ``key_hash``).
 1. Walk the index: load every key's home bucket; a key stops at an empty bucket (a
    miss) or a bucket whose hash matches (a candidate). The few keys that met neither
    load a window of the next buckets at once and stop at the first of either there.
-2. For the candidates: load each slot's ``seq`` (s1); then its meta word, for the
-   longest value; then one gather of expiry, meta, key and value (a strided view of
-   one fixed-width record per slot, so the gather is one copy per slot); then ``seq``
-   again (s2) and the bucket again.
+2. For the candidates: load each slot's ``seq`` (s1); then (records over 256 bytes
+   only) its meta word, for the longest value; then one gather of expiry, meta, key
+   and value (a strided view of one fixed-width record per slot, so the gather is one
+   copy per slot); then ``seq`` again (s2) and the bucket again.
 3. Accept a candidate only if s1 is even and equal to s2, the bucket did not change,
-   the slot is live, unexpired, and holds exactly the query's key (length and bytes).
+   the slot is live, unexpired, and holds exactly the query's key: its length, and
+   its bytes compared as whole words (the engine keeps the key area zero-padded).
    Accept a miss only if the index generation was even before the first bucket load
    and unchanged after the last one.
 
@@ -25,9 +27,10 @@ hash that matched another key, a slot that moved under us) goes through the per-
 ``probe``, which has the full protocol with backoff. Nothing read is trusted before
 its checks pass; lengths are clamped to the slot before slicing.
 
-Where the time goes for 1000 keys of 16 bytes (``scripts/bench.py --only get_many``):
-the key array ~30 us, the hash ~25 us, the walk ~20 us, the slot gathers ~10 us, the
-checks ~25 us; the values decode in one msgspec call in ``Store.get_many``.
+Where the time goes for 1000 keys of 16 bytes with 64-byte values, ~170 us in all
+(py-spy over ``scripts/read_profile.py get_many``): the key array ~28 us, the hash
+~27 us, the walk ~12 us, the gathers and checks ~45 us, the values array ~9 us, and
+the msgspec decode of all values in one call (in ``Store.get_many``) ~19 us.
 """
 
 from __future__ import annotations
