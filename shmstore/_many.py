@@ -148,8 +148,7 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
     slot_q = np.ndarray((nslots, seg.slot_words), dtype=np.uint64, buffer=mm, offset=L.SLOTS_OFFSET)
     seq_col = slot_q[:, 0]
     meta_col = slot_q[:, L.S_META]
-    buckets = seg.index_view()
-    flat_buckets = buckets.reshape(-1)
+    buckets = seg.index_view()  # 1-D u64
     # A record from the expiry word on: expiry, meta, key, value (RECORD_OFF bytes in).
     RECORD_OFF = 8 * L.S_EXPIRY
     KEY_AT = L.SLOT_HEADER - RECORD_OFF  # the key's byte offset in a record
@@ -190,14 +189,14 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
     def walk(homes: np.ndarray, hashes: np.ndarray, steps: np.ndarray):
         """Buckets ``home + steps`` of each key: where each stops, if it does."""
         pos = (homes[:, None] + steps) & MASK
-        b = flat_buckets[pos]
+        b = buckets[pos]
         stop = (b == 0) | ((b >> S32) == hashes[:, None])
         first = stop.argmax(axis=1)
         at = np.arange(len(homes)) * len(steps) + first
         return stop.reshape(-1)[at], pos.reshape(-1)[at], b.reshape(-1)[at]
 
-    def probe_many(keys: list, lens: np.ndarray,
-                   words: np.ndarray | None = None) -> tuple[np.ndarray, bytes, dict[int, bytes], int]:
+    def probe_many(keys: list, lens: np.ndarray, words: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, bytes | np.ndarray, dict[int, bytes], int]:
         """Probe many keys at once.
 
         Args:
@@ -225,7 +224,7 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
         # few keys that met neither an empty bucket nor their hash there.
         g1 = q[H_GEN]
         stop_pos = homes & MASK
-        stop_b = flat_buckets[stop_pos]
+        stop_b = buckets[stop_pos]
         stopped = (stop_b == 0) | ((stop_b >> S32) == hashes)
         pend = np.flatnonzero(~stopped)
         for steps in WINDOWS:
@@ -254,7 +253,7 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
             maxv = min(int((meta_col[slots] >> S32).max()), vsz)
             rec = record_view(maxv)[slots].view(np.uint64).reshape(slots.size, -1)
         s2 = seq_col[slots]
-        bb = flat_buckets[cp]
+        bb = buckets[cp]
         g2 = q[H_GEN]
         # 3. Checks. Invariant: nothing read above is trusted until they pass.
         meta = rec[:, 1]
@@ -284,8 +283,9 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
             return fast, blob, {}, top
         return settle(keys, fast, blob, top, g1, g2, pend, ck)
 
-    def settle(keys: list, fast: np.ndarray, blob: bytes, top: int, g1: int, g2: int,
-               pend: np.ndarray, ck: np.ndarray) -> tuple[np.ndarray, bytes, dict[int, bytes], int]:
+    def settle(keys: list, fast: np.ndarray, blob: bytes | np.ndarray, top: int, g1: int, g2: int,
+               pend: np.ndarray, ck: np.ndarray
+               ) -> tuple[np.ndarray, bytes | np.ndarray, dict[int, bytes], int]:
         """The keys numpy did not settle, through the per-key probe."""
         n = len(keys)
         rest = np.ones(n, bool)

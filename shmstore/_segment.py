@@ -447,8 +447,9 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  read_cache: int = 0) -> tuple[Callable, Callable]:
     """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
 
-    Returns ``(get, probe_many)``. ``probe_many(kbs, lens)`` (see ``_many``) returns
-    the raw values and the highest slot seq it accepted, for ``Store.get_many``.
+    Returns ``(get, probe_many)``. ``probe_many(keys, lens, words=None)`` (see
+    ``_many``) returns the keys found, their values as one msgpack array, and the
+    highest slot seq it accepted, for ``Store.get_many``.
 
     The common case runs inline: the walk from the key's home bucket to the first
     bucket with its hash (usually the home bucket itself) or an empty one, the slot's
