@@ -8,7 +8,7 @@ still a cycle a reader has to untangle. Modules are named as they install
 The rooms, bottom to top (README, "How it works"):
 library (shmstore) ← coordinator ← workers ← tools (shmstore._tools) ← command
 (shmstore._cli, shmstore.__main__) ← scripts. The library may reach the coordinator
-only through its declared seams (the settings module and ``check``), and only lazily.
+only through its declared seams (``LIBRARY_SEAMS``), and only lazily.
 """
 
 from __future__ import annotations
@@ -113,8 +113,11 @@ def _room(mod: str) -> str:
 
 
 ORDER = ["library", "coordinator", "workers", "tools", "command", "scripts"]
-#: The library's only ways into the coordinator: its settings and the data check.
-LIBRARY_SEAMS = {"shmstore.coordinator._config", "shmstore.coordinator._check"}
+#: The library's only ways into the coordinator, each imported when called: its settings
+#: (``serve()``), and the data-directory tools the caller's process runs itself
+#: (``check()``, ``restore()``, the destination check of ``backup()``).
+LIBRARY_SEAMS = {"shmstore.coordinator._config", "shmstore.coordinator._check",
+                 "shmstore.coordinator._backup"}
 
 
 def test_no_import_cycles():
