@@ -18,6 +18,7 @@ from . import _layout as L
 from ._errors import (
     CoordinatorRunningError,
     CoordinatorUnavailableError,
+    DurabilityUnavailableError,  # noqa: F401  (shmstore exports it from here)
     InvalidLayoutError,
     ShmStoreError,
     StoreNotFoundError,
@@ -27,11 +28,6 @@ from ._segment import coordinator_alive, open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
 
 SYNC_MODES = ("always", "periodic", "never")
-
-
-class DurabilityUnavailableError(ShmStoreError, NotImplementedError):
-    """Durability was asked for and cannot be given: ``checkpoint()`` of a memory-only
-    store, or a checkpoint the data directory could not take (disk full, I/O error)."""
 
 
 class Coordinator:

@@ -132,23 +132,6 @@ class InvalidCursorError(ShmStoreError, ValueError):
     ``min_interval=`` is not 0 to 60 seconds."""
 
 
-def rebuild(type_name: str, message: str) -> ShmStoreError:
-    """Rebuild an error that crossed the coordinator protocol.
-
-    Args:
-        type_name: the class name the coordinator sent.
-        message: its message.
-
-    Returns:
-        An instance of the registered class, or of :class:`ShmStoreError` for a name
-        this version does not know (a newer coordinator), with the name kept in front.
-    """
-    cls = _REGISTRY.get(type_name)
-    if cls is None:
-        return ShmStoreError(f"{type_name}: {message}")
-    return cls(message)
-
-
 class StorageError(ShmStoreError, OSError):
     """A data directory, backup or restore target cannot be written or used: it is
     read-only, full, not empty, not writable, or the file system failed."""
@@ -157,6 +140,13 @@ class StorageError(ShmStoreError, OSError):
 class EncryptionKeyError(ShmStoreError, ValueError):
     """An encrypted data directory or backup was opened without its key, or with
     another key; or a key is malformed."""
+
+
+class DurabilityUnavailableError(ShmStoreError, NotImplementedError):
+    """Durability was asked for and cannot be given: ``checkpoint()`` of a memory-only
+    store, or a checkpoint the data directory could not take (disk full, I/O error)."""
+
+
 # -- snapshots and tables --------------------------------------------------------------
 
 
@@ -176,3 +166,20 @@ class RowOutOfRangeError(ShmStoreError, IndexError):
 
 class InvalidRowsError(ShmStoreError, ValueError):
     """Rows and values do not match (lengths differ, a row repeats, not integers)."""
+
+
+def rebuild(type_name: str, message: str) -> ShmStoreError:
+    """Rebuild an error that crossed the coordinator protocol.
+
+    Args:
+        type_name: the class name the coordinator sent.
+        message: its message.
+
+    Returns:
+        An instance of the registered class, or of :class:`ShmStoreError` for a name
+        this version does not know (a newer coordinator), with the name kept in front.
+    """
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        return ShmStoreError(f"{type_name}: {message}")
+    return cls(message)
