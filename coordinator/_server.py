@@ -12,13 +12,13 @@ takes over the process (gunicorn's ``Worker.__init__`` / ``run`` split):
    repairing what a death mid-write can leave (see ``_recovery``), or create a new one.
    A durable store (``path=``) first locks and checks its data directory; a new
    segment is rebuilt from it (checkpoint + WAL replay), an adopted one brought in
-   line with it (see ``_durable``).
+   line with it (see ``_durable/_journal.py``).
 3. Make a fresh write channel, doorbell and reply semaphores, then publish our pid,
    start time and a new incarnation in the header. Clients of the previous incarnation
    notice and re-register.
 4. Loop: wait on the doorbell (a short spin first, then block with a tick timeout);
    drain every client's ring; apply everything as one group (each request through
-   ``_apply``); make it durable (the journal seam); then publish replies and ``DONE``
+   ``Applier``); make it durable (the journal seam); then publish replies and ``DONE``
    counters and post each served client's reply semaphore. Every tick: heartbeat, reclaim dead clients, parent check.
 
 Signals (handlers only record the signal; the loop acts on it):
@@ -58,14 +58,14 @@ from shmstore._errors import (
 )
 from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
 
-from ._apply import apply, apply_frames
+from ._apply import Applier
 from ._engine import Engine
 from ._expiry import Expirer
 from ._watch import WatchHub
 from ._journal import Journal, NullJournal
-from ._counters import Metrics
+from ._metrics import ServerMetrics
 from ._recovery import RedoArea, repair
-from ._replies import refuse_group, reply_deferred
+from ._replies import Deferred, Replies
 from ._table import tables_of, unlink_tables
 from shmstore._handover import Handovers
 
@@ -137,8 +137,8 @@ class CoordinatorServer:
         self.stopping = False
         self.durable = False
         self.created = False
-        #: client -> a reply sent later (a backup being written); see ``_backup``
-        self.deferred: dict[int, object] = {}
+        #: client -> a reply sent later (a backup being written); see ``_replies``
+        self.deferred: dict[int, Deferred] = {}
 
     # -- signals ---------------------------------------------------------------------
 
@@ -284,10 +284,13 @@ class CoordinatorServer:
         self.done = [0] * cfg.max_clients
         self.active: list[int] = []
         self.watch = WatchHub(self.name, ch, q, self.active)
-        self.metrics = Metrics(q, ch)
+        self.metrics = ServerMetrics(q, ch)
         # Byte offsets of each client block, computed once (ChannelLayout.stride is a
         # property: recomputing it twice per served client cost ~4% of a put).
         self.blocks = [ch.layout.block(i) for i in range(cfg.max_clients)]
+        self.replies = Replies(ch, self.blocks, self.done, self.deferred, self.active, self.reply_sems)
+        self.applier = Applier(seg=seg, engine=self.engine, journal=self.journal, expirer=self.expirer,
+                               handovers=self.handovers, replies=self.replies, durable=self.durable)
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -348,7 +351,7 @@ class CoordinatorServer:
                 self._handle_signal()
             self.serve_group()
             if self.deferred:
-                reply_deferred(self, block=False)
+                self.replies.reply_deferred(block=False)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -356,7 +359,7 @@ class CoordinatorServer:
             self.watch.service()
         # Drain what is already queued before going away (graceful stop).
         self.serve_group()
-        reply_deferred(self, block=True)
+        self.replies.reply_deferred(block=True)
         if self.durable:
             self.journal.checkpoint()  # a clean stop leaves nothing to replay
 
@@ -451,7 +454,7 @@ class CoordinatorServer:
             self.journal.commit()
         except StorageError as e:
             # Nothing of this group is acknowledged; see ``shmstore.serve`` (disk trouble).
-            served = refuse_group(self, served, e)
+            served = self.replies.refuse_group(served, e)
         q = self.seg.q
         q[L.H_GROUPS] += 1
         q[L.H_FRAMES] += nframes
@@ -507,15 +510,8 @@ class CoordinatorServer:
             tail += 8 + ((n + 7) & ~7)
         cq[w + C.C_TAIL] = tail  # the client may reuse the space now: we hold copies
         has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
-        reply, err = apply_frames(self, i, frames, has_err)  # coordinator/_apply.py
+        reply, err = self.applier.apply_frames(i, frames, has_err)  # coordinator/_apply.py
         return reply, err, len(frames)
-
-    def apply(self, op: list, payload: bytes) -> object:
-        """Apply one decoded request; returns its result or raises a ShmStoreError.
-
-        The dispatch itself is ``_apply.apply``; the loop calls it through ``_apply.apply_frames``.
-        """
-        return apply(self, op, payload)
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """The coordinator's side of numpy tables, and of snapshots: the ops 24-31.
 
+:func:`apply_extra` dispatches them (called by ``Applier.apply``).
+
 Design
 ------
 :class:`TableSet` holds the writable mappings of a store's table segments (layout:
@@ -18,18 +20,23 @@ area, :meth:`TableSet.finish_repair` after it): a table left with ``T_WRITING`` 
 a write cut short; it is applied again, whole, from the redo copy, at a new epoch
 above every stamp left behind. A write is idempotent as a whole (absolute values).
 
-Checkpoints: :func:`table_images` copies every table between two ops (in the
-coordinator thread); :func:`write_tables_file` writes them next to the checkpoint,
-``ckpt-<epoch>-<id>.tables`` (msgpack, crc32 trailer, tmp + fsync + rename), BEFORE
-the checkpoint itself, so a checkpoint on disk always has its tables beside it.
-:func:`restore_tables` recreates the tables from it during a rebuild.
+Checkpoints copy every table and write them next to the checkpoint file: see
+``_durable/_tablefile.py``.
+
+Snapshots (``Store.snapshot()``): :func:`write_snapshot` is called between two ops
+(the coordinator applies one op at a time), so every slot the index points to is
+stable: copying the index and those slots is the store exactly at the current epoch.
+The copy goes into a handover segment (``shmstore._handover``) laid out as
+``shmstore._snapshot.from_handover`` reads it::
+
+    64   u64 x 5   epoch, records n, buckets, slot size, wall-clock ns of the copy
+    128  u64 x nbuckets   the index, each bucket pointing to ``row + 1``
+    ...  n x slot size    the slots, in row order
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 
 import msgspec
 import numpy as np
@@ -43,10 +50,11 @@ from shmstore._errors import (
     InvalidRowsError,
     ProtocolError,
     RowOutOfRangeError,
-    ShmStoreError,
     StoreFullError,
 )
+from shmstore._handover import HANDOVER_HEADER, Handovers
 from shmstore._segment import Segment, unlink_quietly
+from shmstore._snapshot import HIGH, SNAP_HEADER, U32
 from shmstore._table import (
     DESCR_OFFSET,
     MAX_ROWS,
@@ -66,14 +74,15 @@ from shmstore._table import (
     TableMap,
     check_room,
     check_table_name,
-    dtype_to_text,
     map_table,
     table_prefix,
     table_segment_name,
     text_to_dtype,
 )
+from shmstore._ttl import now_ns
 
-TABLES_MAGIC = b"SHMSTBL1"
+from ._engine import Engine
+
 _decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -97,7 +106,7 @@ def unlink_tables(store: str) -> int:
 class TableSet:
     """The writable table segments of one store (coordinator process only)."""
 
-    def __init__(self, seg: Segment, engine: object) -> None:
+    def __init__(self, seg: Segment, engine: Engine) -> None:
         self.seg = seg
         self.engine = engine
         self.store = seg.name
@@ -270,7 +279,7 @@ class TableSet:
         return name
 
 
-def tables_of(engine: object) -> TableSet:
+def tables_of(engine: Engine) -> TableSet:
     """The engine's TableSet, made (adopting what /dev/shm holds) on first use."""
     ts = getattr(engine, "tables", None)
     if ts is None:
@@ -279,20 +288,25 @@ def tables_of(engine: object) -> TableSet:
     return ts
 
 
-def apply_extra(server: object, op: list, payload: bytes) -> tuple[object, int | None]:
-    """The server's branch for ops 24-31. Returns ``(result, epoch before)``; the epoch
-    is None for ops that change nothing (they are not logged)."""
-    from ._snapshot import write_snapshot
+def apply_extra(engine: Engine, handovers: Handovers, op: list, payload: bytes) -> tuple[object, int | None]:
+    """``Applier.apply``'s branch for ops 24-31. Returns ``(result, epoch before)``; the
+    epoch is None for ops that change nothing (they are not logged).
 
+    Args:
+        engine: the store's writer (its segment, its tables).
+        handovers: where a snapshot or a whole-table read is handed to the client.
+        op: the decoded request.
+        payload: its bytes (a table write keeps them in the redo area).
+    """
     kind = op[0]
-    e = server.engine
+    e = engine
     if kind == C.OP_SNAPSHOT:
-        server.seg.q[L.H_FALLBACK_READS] += 1
-        return [write_snapshot(server.seg, e.epoch, server.handovers), e.epoch], None
+        e.seg.q[L.H_FALLBACK_READS] += 1
+        return [write_snapshot(e.seg, e.epoch, handovers), e.epoch], None
     ts = tables_of(e)
     if kind == C.OP_TABLE_READ:
-        server.seg.q[L.H_FALLBACK_READS] += 1
-        return [ts.read_all(op[2], server.handovers), e.epoch], None
+        e.seg.q[L.H_FALLBACK_READS] += 1
+        return [ts.read_all(op[2], handovers), e.epoch], None
     epoch0 = e.epoch
     if kind == C.OP_TABLE_CREATE:
         _, _, tname, text, nrows = op
@@ -308,7 +322,38 @@ def apply_extra(server: object, op: list, payload: bytes) -> tuple[object, int |
     raise ProtocolError(f"unknown op {kind!r}")
 
 
-def replay(engine: object, op: list) -> bool:
+def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
+    """Copy the store into a new handover segment; returns its name."""
+    idx = seg.index_view()
+    pos = np.flatnonzero(idx)
+    b = idx[pos]
+    n = len(pos)
+    nb = seg.nbuckets
+    size = SNAP_HEADER + 8 * nb + n * seg.slot_size
+    name, mm = handovers.create(size)
+    try:
+        o = HANDOVER_HEADER
+        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, seg.slot_size, now_ns())
+        o += SNAP_HEADER
+        out_idx = np.frombuffer(mm, dtype=np.uint64, count=nb, offset=o)
+        out_idx[:] = idx
+        out_idx[pos] = (b & HIGH) | np.arange(1, n + 1, dtype=np.uint64)
+        if n:
+            slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
+                                    offset=L.SLOTS_OFFSET)
+            out_rows = np.frombuffer(mm, dtype=np.uint8, count=n * seg.slot_size,
+                                     offset=o + 8 * nb).reshape(n, seg.slot_size)
+            np.take(slot_bytes, (b & U32).astype(np.intp) - 1, axis=0, out=out_rows)
+            del slot_bytes, out_rows
+        del out_idx, idx
+    except BaseException:
+        mm.close()
+        raise
+    Handovers.seal(mm, size)
+    return name
+
+
+def replay(engine: Engine, op: list) -> bool:
     """Apply a logged table op during recovery; False if ``op`` is not one."""
     kind = op[0]
     if kind == C.OP_TABLE_CREATE:
@@ -324,105 +369,3 @@ def replay(engine: object, op: list) -> bool:
         engine.publish()
         return True
     return False
-
-
-# -- checkpoints ---------------------------------------------------------------------
-
-
-def table_images(engine: object) -> list:
-    """Copies of every table, between two ops (coordinator thread)."""
-    ts = getattr(engine, "tables", None)
-    if ts is None:
-        return []
-    return [(tname, dtype_to_text(tm.dtype), tm.nrows, tm.q[T_EPOCH], tm.q[T_CREATED],
-             tm.seqs.copy(), tm.data.copy()) for tname, tm in sorted(ts.tables.items())]
-
-
-def tables_path(ckpt_path: str) -> str:
-    return ckpt_path[: -len(".ckpt")] + ".tables" if ckpt_path.endswith(".ckpt") else ckpt_path + ".tables"
-
-
-def write_tables_file(path: str, images: list, codec: object = None) -> None:
-    """Write the images durably to ``path`` (tmp, fsync, rename; dir fsync by caller).
-
-    The file is ``magic | flags u32 | body | crc32(flags + body)``; with a ``codec``
-    (``_atrest.Codec``: compression, encryption) the body is sealed like the
-    checkpoint it belongs to, so a table is never on disk in the clear when the store's
-    data directory is encrypted.
-    """
-    body = _encode([[t, text, n, ep, cr, s.tobytes(), d.tobytes()] for t, text, n, ep, cr, s, d in images])
-    flags = codec.flags if codec is not None else 0
-    if flags:
-        body = codec.seal(body, TABLES_MAGIC)
-    body = struct.pack("<I", flags) + body
-    blob = TABLES_MAGIC + body + struct.pack("<I", zlib.crc32(body))
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, blob) if len(blob) < (1 << 30) else _write_all(fd, blob)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_all(fd: int, blob: bytes) -> None:
-    mv = memoryview(blob)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def read_tables_file(path: str, key: bytes | None = None, *, verify_only: bool = False) -> list | None:
-    """The table images a ``.tables`` file holds, checked (None: there is no such file).
-
-    Each image is ``[name, dtype text, rows, epoch, created, stamps, data]``, its sizes
-    checked against the dtype. With ``verify_only`` (no key at hand) an encrypted file
-    has only its stored bytes' checksum verified, and ``[]`` is returned.
-
-    Raises:
-        CorruptionError: the file is damaged (or its key does not open it).
-    """
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        return None  # a checkpoint of a store that had no tables
-    if len(blob) < 16 or blob[:8] != TABLES_MAGIC or zlib.crc32(blob[8:-4]) != struct.unpack("<I", blob[-4:])[0]:
-        raise CorruptionError(f"tables file {path}: bad magic or checksum (offset 0)")
-    (flags,) = struct.unpack_from("<I", blob, 8)
-    body = blob[12:-4]
-    if flags:
-        from ._atrest import FLAG_AESGCM, Codec  # noqa: PLC0415
-
-        if verify_only and flags & FLAG_AESGCM:
-            return []
-        body = Codec(flags, key).open(body, TABLES_MAGIC, f"tables file {path}")
-    try:
-        images = _decode(body)
-        for tname, text, nrows, _epoch, _created, seqs, data in images:
-            check_table_name(tname)
-            dt = text_to_dtype(text)
-            if not 0 < nrows <= MAX_ROWS or len(seqs) != 8 * nrows or len(data) != dt.itemsize * nrows:
-                raise ValueError(f"table {tname!r}: sizes do not match its {nrows} rows")
-    except (ShmStoreError, ValueError, TypeError, msgspec.DecodeError) as e:
-        raise CorruptionError(f"tables file {path}: unreadable ({e})") from None
-    return images
-
-
-def restore_tables(engine: object, ckpt_path: str, key: bytes | None = None) -> None:
-    """Recreate the tables a checkpoint holds (during a rebuild; none: no tables).
-
-    Raises:
-        CorruptionError: the tables file is damaged.
-    """
-    unlink_tables(engine.seg.name)
-    engine.tables = ts = TableSet(engine.seg, engine)
-    path = tables_path(ckpt_path)
-    images = read_tables_file(path, key)
-    for tname, text, nrows, epoch, created, seqs, data in images or ():
-        ts.create(tname, text, nrows, created)
-        tm = ts.tables[tname]
-        tm.seqs[:] = np.frombuffer(seqs, dtype=np.uint64)
-        tm.data[:] = np.frombuffer(data, dtype=tm.dtype)
-        tm.q[T_EPOCH] = epoch

@@ -120,7 +120,7 @@ def bench_recovery(root: str, n: int, results: dict, modes: list[str]) -> None:
 
 def bench_checkpoint(name: str, path: str, root: str, results: dict) -> None:
     """Checkpoint of the recovered store (its segment rebuilt by ``_recover``)."""
-    from shmstore.coordinator._checkpoint import take_snapshot, write_checkpoint
+    from shmstore.coordinator._durable._checkpoint import take_snapshot, write_checkpoint
 
     shmstore.destroy(name)
     coord = shmstore.serve(name, path=path, timeout=120)

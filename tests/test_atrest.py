@@ -7,9 +7,9 @@ import os
 import pytest
 
 import shmstore
-from shmstore.coordinator._atrest import FLAG_AESGCM, FLAG_ZSTD, load_key
-from shmstore.coordinator._checkpoint import peek_header
-from shmstore.coordinator._wal import HEADER_SIZE, WalHeader
+from shmstore.coordinator._durable._atrest import FLAG_AESGCM, FLAG_ZSTD, load_key
+from shmstore.coordinator._durable._checkpoint import peek_header
+from shmstore.coordinator._durable._wal import HEADER_SIZE, WalHeader
 
 pytest.importorskip("zstandard")
 pytest.importorskip("cryptography")

@@ -15,7 +15,7 @@ import shmstore
 from shmstore import _layout as L
 from shmstore._segment import create_segment
 from shmstore.coordinator import Engine
-from shmstore.coordinator._wal import REC_SIZE, scan_wal
+from shmstore.coordinator._durable._wal import REC_SIZE, scan_wal
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

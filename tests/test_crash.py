@@ -28,7 +28,7 @@ import pytest
 
 import shmstore
 from shmstore.coordinator import CoordinatorServer, ServerConfig
-from shmstore.coordinator._wal import HEADER_SIZE, REC_SIZE, scan_wal
+from shmstore.coordinator._durable._wal import HEADER_SIZE, REC_SIZE, scan_wal
 
 _spec = importlib.util.spec_from_file_location(
     "_shmstore_crash_test", Path(__file__).resolve().parent.parent / "scripts" / "crash_test.py")

@@ -17,9 +17,9 @@ import pytest
 import shmstore
 from shmstore import _layout as L
 from shmstore.coordinator import CoordinatorServer, ServerConfig
-from shmstore.coordinator._checkpoint import load_checkpoint, take_snapshot, write_checkpoint
+from shmstore.coordinator._durable._checkpoint import load_checkpoint, take_snapshot, write_checkpoint
 from shmstore.coordinator._durable import EPOCH_GAP, Manifest
-from shmstore.coordinator._wal import HEADER_SIZE, WalWriter, scan_wal
+from shmstore.coordinator._durable._wal import HEADER_SIZE, WalWriter, scan_wal
 from tests.helpers.processes import wait_for
 
 

@@ -6,7 +6,7 @@ import shmstore
 from shmstore import _layout as L
 from shmstore._segment import open_segment
 from shmstore.coordinator._metrics import hist_bucket
-from shmstore.coordinator._wal import HEADER_SIZE
+from shmstore.coordinator._durable._wal import HEADER_SIZE
 
 
 def words(name: str) -> dict:

@@ -21,7 +21,7 @@ in the chain (or is a file the chain continues, which holds nothing after C), an
 chain reaches the epoch of the newest checkpoint on disk. So a
 fallback to an older checkpoint either reproduces the newest state or is refused.
 
-Used by the journal (``_durable``), backups (``_backup``) and ``shmstore.check``.
+Used by the journal (``_journal``), backups (``_backup``) and ``shmstore.check``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, CorruptionError, IncompatibleStoreError
 from shmstore._segment import Segment
 
-from ._engine import Engine
-from ._expiry import replay_expire
-from ._table import replay as table_replay
+from .._engine import Engine
+from .._expiry import replay_expire
+from .._table import replay as table_replay
 from ._wal import WalHeader, fsync_dir, parse_name
 
 MANIFEST = "MANIFEST"

@@ -69,7 +69,7 @@ import numpy as np
 
 from shmstore._errors import CorruptionError
 
-from ._metrics import timed, timed_fsync_dir
+from .._metrics import timed, timed_fsync_dir
 
 WAL_MAGIC = b"SHMSWAL1"
 WAL_VERSION = 1

@@ -1,8 +1,8 @@
 """Rebuilding a segment from a data directory: the newest checkpoint whose WAL chain
-is complete, plus replay of that chain (see ``_durable`` for the order of recovery).
+is complete, plus replay of that chain (see ``_journal`` for the order of recovery).
 
-The functions take the :class:`DurableJournal` whose directory, manifest and key they
-use as ``self``.
+:func:`rebuild` is given what it reads (the directory, its manifest, the key, the sync
+mode) and returns its report; the :class:`DurableJournal` keeps the report.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import gc
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
-
 import msgspec
 
 from shmstore import _layout as L
@@ -20,17 +18,25 @@ from shmstore._errors import CorruptionError, ShmStoreError
 from shmstore._segment import Segment
 
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into
-from ._table import restore_tables
-from ._datadir import WalInfo, epochs_of, replay_record, wal_chain, zero_segment
-from ._engine import Engine
+from ._tablefile import restore_tables
+from ._datadir import DataDir, Manifest, WalInfo, epochs_of, replay_record, wal_chain, zero_segment
+from .._engine import Engine
 from ._wal import WalScan, fsync_dir, scan_wal, truncate_torn
 
-if TYPE_CHECKING:
-    from ._durable import DurableJournal
 
+def rebuild(seg: Segment, data_dir: DataDir, manifest: Manifest | None, key: bytes | None, sync: str) -> dict:
+    """Rebuild the new, empty ``seg`` from ``data_dir`` (see ``DurableJournal.restore``).
 
-def rebuild(self: DurableJournal, seg: Segment) -> dict:
-    """Rebuild a new, empty segment from the journal's directory (see ``DurableJournal.restore``).
+    Args:
+        seg: the segment just created, not yet readable.
+        data_dir: the store's data directory, locked.
+        manifest: its manifest (None: a new directory, nothing to rebuild).
+        key: the encryption key, if the directory is encrypted.
+        sync: the sync mode ("never" may recover from an older checkpoint, losing epochs).
+
+    Returns:
+        The report: ``mode`` ("new" or "rebuild"), the checkpoint used, the records
+        replayed, a torn tail cut, the checkpoints that failed or were damaged.
 
     The cyclic garbage collector is paused meanwhile: replay makes no reference cycles,
     and with a million scanned records alive its passes cost a third of the replay
@@ -39,31 +45,30 @@ def rebuild(self: DurableJournal, seg: Segment) -> dict:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _rebuild(self, seg)
+        return _rebuild(seg, data_dir, manifest, key, sync)
     finally:
         if enabled:
             gc.enable()
 
 
-def _rebuild(self: DurableJournal, seg: Segment) -> dict:
+def _rebuild(seg: Segment, data_dir: DataDir, m: Manifest | None, key: bytes | None, sync: str) -> dict:
     t0 = time.monotonic()
-    m = self.manifest
     report = {"mode": "rebuild", "checkpoint": None, "records": 0, "torn": None, "failed": [], "damaged": []}
-    ckpts = self.dir.checkpoints()
-    wals = self.dir.wal_files()
+    ckpts = data_dir.checkpoints()
+    wals = data_dir.wal_files()
     if m is None or (not ckpts and not wals):
         report["mode"] = "new"
-        self.restored = report
         return report
+    name = m.name  # the store's: prepare() refused a directory of another store
     if not ckpts:
-        raise CorruptionError(f"data directory {self.dir.path!r} has WAL files but no checkpoint to start from")
+        raise CorruptionError(f"data directory {data_dir.path!r} has WAL files but no checkpoint to start from")
     newest = ckpts[0][0]
     scans: dict[str, WalScan | CorruptionError] = {}
     errors: list[str] = []
     for epoch, path in ckpts:
         try:
             try:
-                ck = load_checkpoint(path, m.layout, m.schema_fp, key=self.key)
+                ck = load_checkpoint(path, m.layout, m.schema_fp, key=key)
             except CorruptionError:
                 report["damaged"].append(path)
                 raise
@@ -73,7 +78,7 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
                 s = scans.get(w.path)
                 if s is None:
                     try:
-                        s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp, key=self.key)
+                        s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp, key=key)
                     except CorruptionError as e:
                         s = e
                     scans[w.path] = s
@@ -85,8 +90,8 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
                         f"(it was fsynced in full before its successor was started)"
                     )
                 scanned.append(s)
-            end = replay(seg, ck, scanned, self.key)
-            if end < newest and self.sync != "never":
+            end = replay(seg, ck, scanned, key)
+            if end < newest and sync != "never":
                 raise CorruptionError(
                     f"checkpoint {path}: its WAL chain ends at epoch {end}, before the newest "
                     f"checkpoint's {newest}; recovering from it would lose acknowledged writes"
@@ -97,7 +102,7 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
             zero_segment(seg)
             continue
         if report["failed"] and end < newest:
-            print(f"shmstore coordinator: store {self.name!r}: sync='never' recovery from {path} "
+            print(f"shmstore coordinator: store {name!r}: sync='never' recovery from {path} "
                   f"loses epochs {end + 1}..{newest}", file=sys.stderr)
         for s in scanned:
             # Records replayed now stand under new writes: make them durable first
@@ -115,24 +120,24 @@ def _rebuild(self: DurableJournal, seg: Segment) -> dict:
             s = scanned[-1]
             truncate_torn(s.path, s.end)
             report["torn"] = (s.path, s.end, s.size)
-            print(f"shmstore coordinator: store {self.name!r}: cut the torn tail of {s.path} at "
+            print(f"shmstore coordinator: store {name!r}: cut the torn tail of {s.path} at "
                   f"offset {s.end} ({s.size - s.end} bytes never made durable)", file=sys.stderr)
         for bad in report["damaged"]:
             os.replace(bad, bad + ".corrupt")
-            print(f"shmstore coordinator: store {self.name!r}: {bad} is damaged, renamed to *.corrupt; "
+            print(f"shmstore coordinator: store {name!r}: {bad} is damaged, renamed to *.corrupt; "
                   f"recovered from {path}", file=sys.stderr)
         if report["damaged"]:
-            fsync_dir(self.dir.path)
+            fsync_dir(data_dir.path)
         report["seconds"] = time.monotonic() - t0
-        print(f"shmstore coordinator: store {self.name!r}: rebuilt {seg.q[L.H_COUNT]} records from "
+        print(f"shmstore coordinator: store {name!r}: rebuilt {seg.q[L.H_COUNT]} records from "
               f"{os.path.basename(path)} + {report['records']} WAL records in "
               f"{report['seconds']:.2f} s", file=sys.stderr)
-        self.restored = report
         return report
     raise CorruptionError(
-        f"store {self.name!r}: no checkpoint in {self.dir.path!r} could be recovered with a "
+        f"store {name!r}: no checkpoint in {data_dir.path!r} could be recovered with a "
         f"complete WAL; nothing was served. " + " | ".join(errors)
     )
+
 
 def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan], key: bytes | None = None) -> int:
     """Lay the checkpoint into ``seg`` and replay the chain after it; returns the epoch."""
@@ -163,7 +168,7 @@ def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan], key: bytes 
     return engine.epoch
 
 
-def verified_end(self: DurableJournal, ckpts: list, wals: list[WalInfo]) -> tuple[int | None, int]:
+def verified_end(ckpts: list, wals: list[WalInfo], key: bytes | None) -> tuple[int | None, int]:
     """The epoch the directory's history reaches, following the newest checkpoint's
     chain with every checksum checked (its slots are not read), or None."""
     if not ckpts:
@@ -174,7 +179,7 @@ def verified_end(self: DurableJournal, ckpts: list, wals: list[WalInfo]) -> tupl
         chain = wal_chain(h.id, h.epoch, h.wal_id, wals, path)
         end, last_id = h.epoch, h.id
         for i, w in enumerate(chain):
-            s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp, key=self.key)
+            s = scan_wal(w.path, layout_fp=h.layout_fp, schema_fp=h.schema_fp, key=key)
             if s.torn:
                 return None, 0
             end = max(end, s.header.start)

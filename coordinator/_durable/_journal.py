@@ -3,7 +3,7 @@
 Design
 ------
 The directory's files and how WAL files chain to checkpoints are described in
-``_datadir``.
+``_datadir``; the rebuild from them in ``_rebuild``.
 
 Recovery at coordinator start (the server calls, in order):
 
@@ -58,9 +58,9 @@ import time
 import msgspec
 
 from shmstore import _layout as L
-from shmstore._api import DurabilityUnavailableError as DurabilityError
 from shmstore._errors import (
     CorruptionError,
+    DurabilityUnavailableError,
     EncryptionKeyError,
     IncompatibleStoreError,
     SchemaMismatchError,
@@ -71,11 +71,11 @@ from shmstore._segment import Segment
 
 from ._atrest import KEY_ENV, KEY_FILE_ENV, Codec, flags_for, key_check, load_key, verify_key
 from ._checkpoint import ckpt_name, peek_header, take_snapshot, write_checkpoint
-from ._datadir import MANIFEST, DataDir, Manifest, wal_chain  # noqa: F401  (MANIFEST: re-exported)
-from ._engine import Engine
-from ._metrics import DurabilityMetrics
+from ._datadir import MANIFEST, DataDir, Manifest, wal_chain
+from .._engine import Engine
+from .._metrics import DurabilityMetrics
 from ._rebuild import rebuild, verified_end
-from ._table import table_images, tables_path, write_tables_file
+from ._tablefile import table_images, tables_path, write_tables_file
 from ._wal import WalWriter, new_id
 
 #: Epochs skipped after a rebuild from disk: more than any number of ops a coordinator
@@ -232,7 +232,8 @@ class DurableJournal:
             CorruptionError: no checkpoint with a complete chain could be loaded.
             StorageError: the directory cannot be written.
         """
-        return self._io("recover from", rebuild, self, seg)
+        self.restored = self._io("recover from", rebuild, seg, self.dir, self.manifest, self.key, self.sync)
+        return self.restored
 
     def open(self, seg: Segment, engine: Engine) -> None:
         """Called after the server adopted (and repaired) or restored the segment.
@@ -300,7 +301,7 @@ class DurableJournal:
                 f"store, shmstore.destroy({self.name!r}) and serve it again with this path; to keep "
                 f"the segment, serve it with a new directory"
             )
-        end, last_id = verified_end(self, ckpts, wals)
+        end, last_id = verified_end(ckpts, wals, self.key)
         if end is not None and end > engine.epoch:
             raise IncompatibleStoreError(
                 f"store {self.name!r}: data directory {self.dir.path!r} is ahead of the segment "
@@ -507,11 +508,11 @@ class DurableJournal:
             self._finish(self._bg_result, background=False)
 
     def _write(self, snap: object, ck_id: int, wal_id: int, base: bool, tables: list | None = None) -> None:
-        # Runs in the helper thread: it touches no header word (see ``_metrics``).
+        # Runs in the helper thread: it touches no header word (see ``.._metrics``).
         lat: list[int] = []
         t0 = time.perf_counter_ns()
         try:
-            if tables:  # written before the checkpoint it belongs to (coordinator/_table.py)
+            if tables:  # written before the checkpoint it belongs to (``_tablefile``)
                 write_tables_file(tables_path(os.path.join(self.dir.path, ckpt_name(snap.epoch, ck_id))),
                                   tables, self.codec)
             path = write_checkpoint(self.dir.path, snap, ckpt_id=ck_id, wal_id=wal_id, fsync_ns=lat,
@@ -532,7 +533,7 @@ class DurableJournal:
             # The WAL still holds everything since the last checkpoint: nothing is lost.
             msg = f"store {self.name!r}: checkpoint at epoch {epoch} in {self.dir.path!r} failed: {err}"
             if not background:
-                raise DurabilityError(msg) from err
+                raise DurabilityUnavailableError(msg) from err
             print(f"shmstore coordinator: {msg}; will retry", file=sys.stderr)
             return
         self.last_ckpt_epoch = epoch
@@ -565,5 +566,3 @@ class DurableJournal:
         for w in wals:
             if w.path not in needed:
                 os.unlink(w.path)
-
-

@@ -55,7 +55,7 @@ from shmstore import _layout as L
 from shmstore._errors import CorruptionError
 from shmstore._segment import Segment
 
-from ._metrics import timed, timed_fsync_dir
+from .._metrics import timed, timed_fsync_dir
 
 CKPT_MAGIC = b"SHMSCKP1"
 CKPT_VERSION = 1
