@@ -22,7 +22,7 @@ from ._errors import (
     InvalidLayoutError,
     ShmStoreError,
     StoreNotFoundError,
-    rebuild,
+    from_wire,
 )
 from ._segment import coordinator_alive, open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
@@ -259,7 +259,7 @@ def serve(
     proc.wait()
     if line.startswith("error "):
         type_name, _, message = line[6:].partition(": ")
-        raise rebuild(type_name, message.strip())
+        raise from_wire(type_name, message.strip())
     raise CoordinatorUnavailableError(
         f"the coordinator for {name!r} did not come up within {timeout} s "
         f"(exit code {proc.returncode}); see its stderr above"

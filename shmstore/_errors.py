@@ -6,7 +6,7 @@ catch (``KeyError``, ``ValueError``, ``TimeoutError``), the way filelock's ``Tim
 is a ``TimeoutError``.
 
 Errors cross the coordinator protocol as ``(type name, message)`` and are rebuilt by
-:func:`rebuild` from a registry filled in automatically for every subclass, so a new
+:func:`from_wire` from a registry filled in automatically for every subclass, so a new
 error needs no hand-kept list. Every exception pickles (it crosses Pool boundaries):
 ``__reduce__`` rebuilds it from its message alone.
 """
@@ -168,8 +168,8 @@ class InvalidRowsError(ShmStoreError, ValueError):
     """Rows and values do not match (lengths differ, a row repeats, not integers)."""
 
 
-def rebuild(type_name: str, message: str) -> ShmStoreError:
-    """Rebuild an error that crossed the coordinator protocol.
+def from_wire(type_name: str, message: str) -> ShmStoreError:
+    """Turn an error that crossed the coordinator protocol back into an exception.
 
     Args:
         type_name: the class name the coordinator sent.

@@ -29,7 +29,7 @@ from ._errors import (
     StoreTimeoutError,
     TooManyClientsError,
     ValueEncodingError,
-    rebuild,
+    from_wire,
 )
 from ._segment import Segment, coordinator_alive
 from ._ttl import expiry_ns
@@ -108,7 +108,7 @@ class WritesMixin:
             _stats.note_write(self, time.perf_counter_ns() - t0, status != C.ST_OK)
             _stats.publish(self, pid_checked=True)
         if status != C.ST_OK:
-            raise rebuild(result[0], result[1])
+            raise from_wire(result[0], result[1])
         return result
 
     def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
@@ -209,7 +209,7 @@ class WritesMixin:
             err = ch.take_error()
         if err is not None:
             _, type_name, message = err
-            raise rebuild(type_name, message)
+            raise from_wire(type_name, message)
 
     def batch(self, *, wait: bool = True) -> Batch:
         """Collect puts and deletes, applied atomically when the ``with`` block exits.

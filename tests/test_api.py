@@ -305,8 +305,8 @@ def test_errors_pickle_and_keep_their_class():
         assert type(back) is type(err) and str(back) == "msg"
     assert isinstance(shmstore.StoreTimeoutError("x"), TimeoutError)
     assert isinstance(shmstore.StoreNotFoundError("x"), FileNotFoundError)
-    assert type(shmstore._errors.rebuild("VersionConflictError", "m")) is shmstore.VersionConflictError
-    assert "FutureError" in str(shmstore._errors.rebuild("FutureError", "m"))
+    assert type(shmstore._errors.from_wire("VersionConflictError", "m")) is shmstore.VersionConflictError
+    assert "FutureError" in str(shmstore._errors.from_wire("FutureError", "m"))
 
 
 def test_segments_are_mode_0600(served):
