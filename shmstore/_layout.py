@@ -117,7 +117,7 @@ H_EXPIRED = 128  # records the coordinator reclaimed after their expiry
 #: changes(since) with since < H_FEED_HORIZON could miss a change and is refused.
 H_FEED_HORIZON = 129
 H_WATCH_POSTS = 130  # wake-ups posted to watching clients
-# Operations counters (one writer: the coordinator), words 96-127; see coordinator/_counters.py.
+# Operations counters (one writer: the coordinator), words 96-127; see coordinator/_metrics.py.
 H_GROUP_HIST = 96  # GROUP_HIST_BUCKETS words: bucket b counts groups of [2**b, 2**(b+1)) requests
 GROUP_HIST_BUCKETS = 16  # (the last bucket also counts all larger groups)
 H_QUEUE_BYTES = 112  # bytes the last group drained from the rings: the queue depth it found

@@ -86,7 +86,7 @@ def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
 
 
 def from_handover(mm: mmap.mmap, n: int) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """The coordinator's copy, as written by ``coordinator._snapshot.write_snapshot``."""
+    """The coordinator's copy, as written by ``coordinator._table.write_snapshot``."""
     hdr = np.frombuffer(mm, dtype=np.uint64, count=5, offset=64)
     epoch, count, nbuckets, slot_size, taken = (int(x) for x in hdr)
     o = 64 + SNAP_HEADER
