@@ -85,7 +85,7 @@ class Setting:
             return None if isinstance(value, bool) else f"must be True or False; got {value!r}"
         if t in (int, float):
             ok = isinstance(value, int) if t is int else isinstance(value, (int, float))
-            if not ok or isinstance(value, bool) or (t is float and not math.isfinite(value)):
+            if not ok or isinstance(value, bool) or (t is float and not _finite(value)):
                 return f"must be {self._range()}; got {value!r}"
             low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
             if low or (self.hi is not None and value > self.hi):
@@ -118,6 +118,13 @@ class Setting:
         if self.default is None:
             return "none"
         return _num(self.default) if isinstance(self.default, (int, float)) else repr(self.default)
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _num(x: Any) -> str:
