@@ -2,9 +2,10 @@
 
 import argparse
 
-import msgspec
+from shmstore._errors import ShmStoreError
 
-from ._server import ServerConfig, main_serve
+from ._config import decode
+from ._server import EXIT_ERROR, _report, main_serve
 
 
 def main() -> int:
@@ -12,10 +13,14 @@ def main() -> int:
         prog="python -m shmstore.coordinator",
         description="Run a shmstore coordinator in the foreground (shmstore.serve() uses this).",
     )
-    parser.add_argument("--config", required=True, help="the ServerConfig, as JSON")
+    parser.add_argument("--config", required=True, help="the ServerConfig, as JSON (see docs/settings.md)")
     parser.add_argument("--ready-fd", type=int, default=-1, help="write 'ok' here once serving")
     args = parser.parse_args()
-    config = msgspec.json.decode(args.config, type=ServerConfig)
+    try:
+        config = decode(args.config)  # the same struct and check as the caller's
+    except ShmStoreError as e:
+        _report(args.ready_fd, e)  # the caller gets the typed error, not a timeout
+        return EXIT_ERROR
     return main_serve(config, ready_fd=args.ready_fd)
 
 

@@ -44,7 +44,6 @@ import sys
 import time
 from typing import Callable
 
-import msgspec
 import posix_ipc
 
 from shmstore import _channel as C
@@ -59,6 +58,16 @@ from shmstore._errors import (
 from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
 
 from ._apply import Applier
+from ._config import (  # noqa: F401  (ServerConfig and the defaults were defined here)
+    DEFAULT_CAPACITY,
+    DEFAULT_KEY_SIZE,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_REPLY_SIZE,
+    DEFAULT_RING_SIZE,
+    DEFAULT_VALUE_SIZE,
+    ServerConfig,
+    validate,
+)
 from ._engine import Engine
 from ._expiry import Expirer
 from ._watch import WatchHub
@@ -74,50 +83,6 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gunicorn's WORKER_BOOT_ERROR)
 
 TICK = 0.1  # seconds between heartbeats / reclaim scans
-
-DEFAULT_CAPACITY = 100_000
-DEFAULT_KEY_SIZE = 64
-DEFAULT_VALUE_SIZE = 1024
-DEFAULT_MAX_CLIENTS = 64
-DEFAULT_RING_SIZE = 256 * 1024
-DEFAULT_REPLY_SIZE = 1024 * 1024
-
-
-class ServerConfig(msgspec.Struct, kw_only=True, frozen=True):
-    """Settings of one coordinator run. ``None`` sizes mean: the existing segment's,
-    or the defaults for a new store."""
-
-    name: str
-    capacity: int | None = None
-    key_size: int | None = None
-    value_size: int | None = None
-    schema_fp: int = 0
-    schema_given: bool = False
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    ring_size: int = DEFAULT_RING_SIZE
-    reply_size: int = DEFAULT_REPLY_SIZE
-    spin_us: float = 50.0
-    parent_pid: int = 0  # stop when this process is gone (0: never)
-    #: data directory of a durable store (None: memory only); see ``_durable``
-    path: str | None = None
-    #: "always" | "periodic" | "never": what a crash can lose, see ``shmstore.serve``
-    sync: str = "never"
-    #: periodic mode: the longest a written group waits for its fsync, seconds
-    sync_interval: float = 0.1
-    #: a checkpoint after this many logged ops ...
-    checkpoint_ops: int = 200_000
-    #: ... or this many seconds after the last one, if anything was written since ...
-    checkpoint_interval: float = 300.0
-    #: ... or once the current WAL file holds this many bytes
-    checkpoint_bytes: int = 256 << 20
-    #: checkpoints kept (a damaged newest one falls back to the one before + the WAL)
-    checkpoint_keep: int = 2
-    #: at-rest protection (see ``_atrest``): None keeps the data directory's setting
-    compression: str | None = None
-    encryption: str | None = None
-    #: where the encryption key is (else $SHMSTORE_KEY_FILE / $SHMSTORE_KEY); never the key
-    key_file: str | None = None
-
 
 class CoordinatorServer:
     """Serve one store until stopped. Construction changes no process-wide state."""
@@ -231,11 +196,7 @@ class CoordinatorServer:
 
     def setup(self) -> None:
         """Everything up to serving: lock, segment, repair, channel, header."""
-        cfg = self.config
-        for field, value, lo in (("max_clients", cfg.max_clients, 1), ("ring_size", cfg.ring_size, 4096),
-                                 ("reply_size", cfg.reply_size, 4096)):
-            if not isinstance(value, int) or value < lo:
-                raise L.InvalidLayoutError(f"{field} must be an integer >= {lo}, got {value!r}")
+        cfg = self.config = validate(self.config)  # the one check of the settings (_config)
         L.check_platform()
         self._take_lock()
         if cfg.path is not None and isinstance(self.journal, NullJournal):

@@ -19,15 +19,12 @@ from ._errors import (
     CoordinatorRunningError,
     CoordinatorUnavailableError,
     DurabilityUnavailableError,  # noqa: F401  (shmstore exports it from here)
-    InvalidLayoutError,
     ShmStoreError,
     StoreNotFoundError,
     from_wire,
 )
 from ._segment import coordinator_alive, open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
-
-SYNC_MODES = ("always", "periodic", "never")
 
 
 class Coordinator:
@@ -93,17 +90,19 @@ def serve(
     key_size: int | None = None,
     value_size: int | None = None,
     value_type: Any = None,
+    max_clients: int = 64,
+    ring_size: int = 256 * 1024,
+    reply_size: int = 1024 * 1024,
+    spin_us: float = 50.0,
     sync: str | None = None,
     sync_interval: float = 0.1,
     checkpoint_ops: int = 200_000,
     checkpoint_interval: float = 300.0,
+    checkpoint_bytes: int = 256 << 20,
     checkpoint_keep: int = 2,
     compression: str | None = None,
     encryption: str | None = None,
     key_file: str | os.PathLike | None = None,
-    max_clients: int = 64,
-    ring_size: int = 256 * 1024,
-    reply_size: int = 1024 * 1024,
     detach: bool = False,
     timeout: float = 10.0,
 ) -> Coordinator:
@@ -161,6 +160,10 @@ def serve(
     :class:`StorageError` (reads go on); it retries the disk every 0.1 s. A data
     directory on a read-only file system is refused at start with ``StorageError``.
 
+    The settings are declared once, in ``shmstore.coordinator._config`` (the table
+    behind docs/settings.md and ``shmstore serve``'s flags); a test holds this signature
+    to it. They are checked here, in the calling process, before any process starts.
+
     Args:
         name: the store name, 1-64 characters of ``[A-Za-z0-9_.-]``.
         path: a data directory of its own for a durable store; None: memory only.
@@ -178,6 +181,7 @@ def serve(
         checkpoint_interval: ... or this many seconds after the last one, if anything
             was written since. Checkpoints are also taken by ``store.checkpoint()``, at
             a clean stop, and at start when the segment is ahead of the directory.
+        checkpoint_bytes: ... or once the current WAL file holds this many bytes.
         checkpoint_keep: checkpoints kept; a damaged newest one falls back to an older
             one plus the WAL.
         compression: ``"zstd"`` or ``"none"``; None: the directory's (new: none).
@@ -186,10 +190,16 @@ def serve(
         max_clients: processes that can write at once (each claims a client block).
         ring_size: bytes of each client's request queue (bounds the largest batch).
         reply_size: bytes of each client's reply area (bounds a get_many fallback).
+        spin_us: microseconds the coordinator spins on its doorbell before it blocks.
         detach: keep serving after this process exits (default: stop with it).
         timeout: seconds to wait for the coordinator to come up.
 
     Raises:
+        InvalidNameError: ``name`` is not a valid store name.
+        InvalidLayoutError: a setting is of the wrong type (a bool, a string, 1.5 where
+            an integer goes), NaN, infinite or out of range, or settings that do not go
+            together (``sync="always"`` without ``path``). Raised before a process starts.
+        TypeError: a keyword that is not a setting.
         CoordinatorRunningError: a coordinator already serves the store.
         IncompatibleStoreError: the existing segment, or the data directory, has other
             sizes or value_type, or they hold different stores.
@@ -197,47 +207,17 @@ def serve(
         EncryptionKeyError: the directory is encrypted and the key is missing or wrong.
         StorageError: the data directory cannot be written (read-only file system).
     """
+    settings = dict(locals())  # the first statement: exactly serve()'s arguments
     L.check_platform()
-    L.check_name(name)
-    if sync is None:
-        sync = "never" if path is None else "always"
-    if sync not in SYNC_MODES:
-        raise InvalidLayoutError(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}")
-    if path is None and sync != "never":
-        raise InvalidLayoutError(f"sync={sync!r} needs path=; a memory-only store has only sync='never'")
-    if path is not None:
-        path = os.path.abspath(os.fspath(path))  # the coordinator may run elsewhere
-    for field, value, allowed in (("compression", compression, ("none", "zstd")),
-                                  ("encryption", encryption, ("none", "aes-256-gcm"))):
-        if value is not None and value not in allowed:
-            raise InvalidLayoutError(f"{field} must be one of {', '.join(allowed)} (or None); got {value!r}")
-        if value not in (None, "none") and path is None:
-            raise InvalidLayoutError(f"{field}={value!r} needs path=: it protects the data directory's files")
-    if key_file is not None:
-        key_file = os.path.abspath(os.fspath(key_file))
-    for field, value, lo in (("sync_interval", sync_interval, 0.0), ("checkpoint_interval", checkpoint_interval, 0.0)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > lo:
-            raise InvalidLayoutError(f"{field} must be a number of seconds > 0, got {value!r}")
-    for field, value in (("checkpoint_ops", checkpoint_ops), ("checkpoint_keep", checkpoint_keep)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidLayoutError(f"{field} must be an integer >= 1, got {value!r}")
-    if capacity is not None or key_size is not None or value_size is not None:
-        L.Layout(
-            capacity=1 if capacity is None else capacity,
-            key_size=1 if key_size is None else key_size,
-            value_size=1 if value_size is None else value_size,
-        ).validate()
-    from shmstore.coordinator import ServerConfig  # noqa: PLC0415  (one-way dependency at call time)
+    from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
 
-    config = ServerConfig(
-        name=name, capacity=capacity, key_size=key_size, value_size=value_size,
-        schema_fp=L.schema_fingerprint(value_type), schema_given=value_type is not None,
-        max_clients=max_clients, ring_size=ring_size, reply_size=reply_size,
-        parent_pid=0 if detach else os.getpid(),
-        path=path, sync=sync, sync_interval=float(sync_interval), checkpoint_ops=checkpoint_ops,
-        checkpoint_interval=float(checkpoint_interval), checkpoint_keep=checkpoint_keep,
-        compression=compression, encryption=encryption, key_file=key_file,
-    )
+    return _start(from_serve(**settings), timeout)
+
+
+def _start(config: Any, timeout: float) -> Coordinator:
+    """Run ``python -m shmstore.coordinator`` with a checked config; wait until it serves."""
+    name = config.name
+    detach = config.parent_pid == 0
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -252,30 +232,35 @@ def serve(
         line = _read_line(r, timeout)
     finally:
         os.close(r)
-    if line.startswith("ok"):
+    if line is not None and line.startswith("ok"):
         return Coordinator(name, proc)
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    if line is None:
+        raise CoordinatorUnavailableError(
+            f"the coordinator for {name!r} did not come up within {timeout} s; see its stderr above"
+        )
     if line.startswith("error "):
         type_name, _, message = line[6:].partition(": ")
         raise from_wire(type_name, message.strip())
     raise CoordinatorUnavailableError(
-        f"the coordinator for {name!r} did not come up within {timeout} s "
-        f"(exit code {proc.returncode}); see its stderr above"
+        f"the coordinator for {name!r} exited (code {proc.returncode}) before it served; "
+        f"see its stderr above"
     )
 
 
-def _read_line(fd: int, timeout: float) -> str:
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to ``fd``; what came before EOF; None at the timeout."""
     deadline = time.monotonic() + timeout
     buf = b""
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
-            break
+            return None
         ready, _, _ = select.select([fd], [], [], left)
         if not ready:
-            break
+            return None
         chunk = os.read(fd, 4096)
         if not chunk:
             break
@@ -321,6 +306,11 @@ def open(  # noqa: A001 - the public name is part of the API
     ``read_cache`` is :func:`connect`'s; ``serve_kwargs`` are :func:`serve`'s
     (capacity, key_size, value_size, ...).
     """
+    from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
+
+    # Checked whether or not a coordinator runs already: a bad setting is never ignored.
+    serve_timeout = max(timeout, 10.0)
+    config = from_serve(name, path=path, value_type=value_type, timeout=serve_timeout, **serve_kwargs)
     coord = None
     try:
         seg = open_segment(name, timeout=timeout)
@@ -330,7 +320,8 @@ def open(  # noqa: A001 - the public name is part of the API
         running = False
     if not running:
         try:
-            coord = serve(name, path=path, value_type=value_type, timeout=max(timeout, 10.0), **serve_kwargs)
+            L.check_platform()
+            coord = _start(config, serve_timeout)
         except CoordinatorRunningError:
             pass  # another process won the race; use its coordinator
     store = connect(name, value_type=value_type, timeout=timeout, read_cache=read_cache)

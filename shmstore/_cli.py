@@ -197,18 +197,14 @@ def _connect(args: argparse.Namespace) -> shmstore.Store:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from shmstore.coordinator import CoordinatorServer, ServerConfig  # noqa: PLC0415
+    from shmstore._errors import InvalidLayoutError  # noqa: PLC0415
+    from shmstore.coordinator import CoordinatorServer  # noqa: PLC0415
+    from shmstore.coordinator._config import from_args  # noqa: PLC0415
 
-    sync = args.sync or ("always" if args.path else "never")
-    if args.path is None and sync != "never":
-        raise UsageError(f"--sync {sync} needs --path: a memory-only store has only --sync never")
-    if args.path is None and (args.compression or args.encryption or args.key_file):
-        raise UsageError("--compression, --encryption and --key-file protect a data directory: give --path")
-    config = ServerConfig(name=args.name, capacity=args.capacity, key_size=args.key_size,
-                          value_size=args.value_size, max_clients=args.max_clients,
-                          path=os.path.abspath(args.path) if args.path else None, sync=sync,
-                          compression=args.compression, encryption=args.encryption,
-                          key_file=os.path.abspath(args.key_file) if args.key_file else None)
+    try:
+        config = from_args(args)  # the settings table's one check, messages in --flags
+    except InvalidLayoutError as e:
+        raise UsageError(str(e)) from None
 
     def ready() -> None:
         lay = server.seg.layout
@@ -377,12 +373,7 @@ def _delta(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shmstore.coordinator._server import (  # noqa: PLC0415
-        DEFAULT_CAPACITY,
-        DEFAULT_KEY_SIZE,
-        DEFAULT_MAX_CLIENTS,
-        DEFAULT_VALUE_SIZE,
-    )
+    from shmstore.coordinator._config import add_arguments as add_serve_settings  # noqa: PLC0415
 
     parser = _Parser(
         prog=PROG,
@@ -409,25 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run a coordinator for store NAME in the foreground",
             "shmstore serve app --capacity 100000 --value-size 2048\n"
             "(Ctrl-C or SIGTERM stops it; the store stays readable until `shmstore destroy app`)")
-    for flag, default, what in (
-        ("--capacity", DEFAULT_CAPACITY, "the most records the store holds"),
-        ("--key-size", DEFAULT_KEY_SIZE, "the longest key, in bytes"),
-        ("--value-size", DEFAULT_VALUE_SIZE, "the largest msgpack-encoded value, in bytes"),
-    ):
-        p.add_argument(flag, type=_positive_int, default=None, metavar="N",
-                       help=f"{what} (default: the existing store's, or {default:,} for a new one)")
-    p.add_argument("--max-clients", type=_positive_int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-                   help=f"processes that can write at once (default: {DEFAULT_MAX_CLIENTS})")
-    p.add_argument("--path", metavar="DIR", default=None,
-                   help="data directory of a durable store (WAL + checkpoints); default: memory only")
-    p.add_argument("--sync", choices=("always", "periodic", "never"), default=None,
-                   help="when writes are fsynced (default: always with --path, never without)")
-    p.add_argument("--compression", choices=("none", "zstd"), default=None,
-                   help="compress checkpoints and WAL (default: the directory's; new: none)")
-    p.add_argument("--encryption", choices=("none", "aes-256-gcm"), default=None,
-                   help="encrypt checkpoints and WAL (default: the directory's; new: none)")
-    p.add_argument("--key-file", metavar="FILE", default=None,
-                   help="the 32-byte encryption key (default: $SHMSTORE_KEY_FILE or $SHMSTORE_KEY)")
+    add_serve_settings(p)  # every setting of shmstore.serve() that has a flag (docs/settings.md)
 
     p = add("get", cmd_get, "print the value of KEY as JSON (exit 1 if it is missing)",
             "shmstore get app user:42", timeout=True)
