@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import msgspec
 import numpy as np
@@ -25,7 +25,6 @@ from ._errors import (
     InvalidLayoutError,
     KeyTooLongError,
     SchemaMismatchError,
-    ShmStoreError,
     StoreClosedError,
     StoreNotFoundError,
     ValueEncodingError,
@@ -37,11 +36,9 @@ from ._many import MIN_KEYS, array_header, key_words
 from ._segment import Segment, make_readers, open_segment
 from ._snapshot import Snapshot, take
 from ._stats import StoreStats, _Counters, collect
+from ._table import Table, open_table
 from ._ttl import expiry_ns, now_ns
 from ._writes import Batch, _Writer
-
-if TYPE_CHECKING:
-    from ._table import Table
 
 __all__ = ["Store"]
 
@@ -324,19 +321,11 @@ class Store(FeedMixin, AsyncMixin):
         (``_segment.make_readers``); this is the general path it falls back to.
 
         The fast ``get`` keeps up to ``read_cache`` records (``connect(read_cache=)``,
-        default 16384) it has read. A cached record is answered again only after
-        checking, on every call, that the store is live, that the index bucket that
-        found it still points to its slot, and that the slot still carries the seq it
-        was read under: three loads of shared memory instead of a hash, a probe and a
-        copy. Since a slot the index points to is never rewritten and every write
-        takes a new seq, a hit returns exactly what a fresh read would return at that
-        moment. A miss is kept too, as the empty bucket that ended the walk and the
-        index generation: the key's insert fills that bucket, and every move or
-        removal of buckets bumps the generation, so a kept miss holds exactly while
-        both are unchanged. Immutable values (str, bytes, int, float, bool, None) are
+        default 16384) it has read, and answers from them only while a fresh read
+        would return the same at that moment (checked on every call: three loads of
+        shared memory). Immutable values (str, bytes, int, float, bool, None) are
         returned as cached; others are decoded anew on each hit, so callers may
-        change what they get. When the cache is full, nothing is added until 8x
-        ``read_cache`` further uncached reads have passed; then it starts over.
+        change what they get. How the cache stays exact: ``_segment.make_readers``.
         """
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))
@@ -530,8 +519,6 @@ class Store(FeedMixin, AsyncMixin):
             IncompatibleStoreError: it exists with another dtype or number of rows.
             TableDtypeError: ``dtype`` cannot be stored (object fields).
         """
-        from ._table import open_table
-
         return open_table(self, name, dtype, rows, timeout)
 
     # -- stats -----------------------------------------------------------------------
