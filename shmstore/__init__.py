@@ -40,8 +40,9 @@ from ._errors import (
 from ._data import CheckProblem, CheckReport, check, restore
 from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
 from ._snapshot import Snapshot
-from ._stats import ClientStats
-from ._store import Batch, Store, StoreStats
+from ._stats import ClientStats, StoreStats
+from ._store import Store
+from ._writes import Batch
 from ._table import Table
 from ._version import __version__
 

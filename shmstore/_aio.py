@@ -28,17 +28,24 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
-from . import _channel as C
+from ._errors import StoreClosedError
 from ._feed import WATCH_SLICE, _Watcher
+from ._writes import Batch
 
 
 class AsyncMixin:
-    """Async write calls; mixed into :class:`shmstore.Store`."""
+    """Async write calls; mixed into :class:`shmstore.Store`.
+
+    A pure method surface: it calls the Store's public methods (``put``, ``incr``,
+    ``delete``, ``compare_and_set``, ``batch``, ``watch``'s :class:`_Watcher`) from its
+    own worker thread, and keeps only that thread (``_aio``, ``_aio_pid``) as state.
+    """
 
     def _aio_pool(self) -> ThreadPoolExecutor:
         pool = self.__dict__.get("_aio")
         if pool is None or self.__dict__.get("_aio_pid") != os.getpid():
-            self._live_segment()  # a closed handle raises here, not in the thread
+            if self.closed:  # a closed handle raises here, not in the thread
+                raise StoreClosedError(f"store handle {self.name!r} is closed; connect again")
             pool = self.__dict__["_aio"] = ThreadPoolExecutor(1, thread_name_prefix="shmstore-aio")
             self.__dict__["_aio_pid"] = os.getpid()
         return pool
@@ -79,9 +86,7 @@ class AsyncMixin:
                 b.put("a", 1, ttl=60)
                 b.delete("b")
         """
-        from ._store import Batch
-
-        return AsyncBatch(Batch(self, True))
+        return AsyncBatch(self.batch(), self._arun)
 
     async def awatch(self, prefix: str | bytes | None = None, timeout: float | None = None, *,
                      since: int | None = None, min_interval: float = 0.01
@@ -105,8 +110,9 @@ class AsyncMixin:
 class AsyncBatch:
     """What :meth:`AsyncMixin.abatch` returns: ``put``/``delete`` as on a Batch."""
 
-    def __init__(self, batch: Any) -> None:
+    def __init__(self, batch: Batch, run: Callable[..., Any]) -> None:
         self._batch = batch
+        self._run = run  # the handle's AsyncMixin._arun
         self.put = batch.put
         self.delete = batch.delete
         self.results: list | None = None
@@ -119,7 +125,7 @@ class AsyncBatch:
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         b = self._batch
-        if exc_type is not None or not b._ops:
+        if exc_type is not None or not len(b):
             return
-        store = b._store
-        self.results = await store._arun(store._request, [C.OP_BATCH, 1, b._ops], "batch")
+        await self._run(b.__exit__, None, None, None)  # sends it, in the handle's thread
+        self.results = b.results

@@ -45,7 +45,6 @@ import traceback
 from typing import TextIO
 
 import shmstore
-from shmstore import _stats
 from shmstore._cli import human
 from shmstore._errors import CoordinatorRunningError, CoordinatorUnavailableError, ShmStoreError
 from shmstore._stress_workers import HIST_BUCKETS as _HIST_BUCKETS
@@ -244,7 +243,7 @@ def _flush(store: shmstore.Store, w: int, t: dict, flushed: dict) -> None:
             store.incr(f"counter:{c}", d)  # every worker adds to this one key
             store.incr(f"counter:{c}:w{w}", d)
             flushed[c] += d
-    t["retries"] = _stats.totals(store)[1]  # this handle's read retries
+    t["retries"] = store._counters.totals()[1]  # this handle's read retries
     store.put(f"demo:progress:w{w}", [t["reads"], t["writes"], t["retries"], t["read_ns"], t["read_n"],
                                       t["write_ns"], t["write_n"]], wait=False)
 

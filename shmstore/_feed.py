@@ -38,6 +38,7 @@ import posix_ipc
 from . import _channel as C
 from . import _layout as L
 from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError, InvalidKeyError
+from ._writes import _Writer
 
 #: longest single sleep of a watcher; it re-checks the coordinator in between
 WATCH_SLICE = 1.0
@@ -191,7 +192,7 @@ class FeedMixin:
     def _watch_hub(self) -> _Hub:
         hub = self.__dict__.get("_hub")
         if hub is None or hub.pid != os.getpid():
-            hub = self.__dict__["_hub"] = _Hub()
+            hub = self.__dict__["_hub"] = _Hub(self._writer)
         return hub
 
 
@@ -233,7 +234,8 @@ class _Hub:
     """A handle's watch wake-ups in this process: one thread sleeps on the semaphore,
     the others on a Condition it notifies when it wakes."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: _Writer) -> None:
+        self.writer = writer  # the handle's write session: the watch registers on its channel
         self.pid = os.getpid()
         self.cond = threading.Condition()
         self.leader = False
@@ -252,7 +254,7 @@ class _Hub:
                 return
             self.leader = True
         try:
-            if store._live_segment().q[L.H_EPOCH] != epoch:
+            if store.epoch != epoch:
                 return  # changed since the caller looked
             end = time.monotonic() + timeout
             sem = self._semaphore(store, timeout)
@@ -274,8 +276,9 @@ class _Hub:
         seg = store._live_segment()
         deadline = time.monotonic() + max(timeout, 0.1)
         try:
-            with store._wlock:
-                ch = store._channel(seg, deadline)
+            writer = self.writer
+            with writer.lock:
+                ch = writer.channel(seg, deadline)
                 if self.sem is not None and self.sem_ch is ch:
                     return self.sem
                 if self.sem is not None:
@@ -289,7 +292,7 @@ class _Hub:
                     if time.monotonic() > deadline or not ch.alive():
                         return None
                     time.sleep(0.001)
-                self.sem = posix_ipc.Semaphore(L.watch_sem_name(store.name, ch.client))
+                self.sem = posix_ipc.Semaphore(L.watch_sem_name(writer.name, ch.client))
                 self.sem_ch = ch
                 return self.sem
         except (CoordinatorUnavailableError, posix_ipc.ExistentialError):

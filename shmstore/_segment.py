@@ -459,9 +459,22 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     record, a destroyed segment) takes the full :meth:`Segment.lookup` path, which has
     the same protocol plus backoff.
 
+    The read cache (``read_cache`` records; ``Store.get`` states the contract): a
+    cached record is answered again only after checking, on every call, that the store
+    is live, that the index bucket that found it still points to its slot, and that
+    the slot still carries the seq it was read under: three loads of shared memory
+    instead of a hash, a probe and a copy. Since a slot the index points to is never
+    rewritten and every write takes a new seq, a hit returns exactly what a fresh read
+    would return at that moment. A miss is kept too, as the empty bucket that ended
+    the walk and the index generation: the key's insert fills that bucket, and every
+    move or removal of buckets bumps the generation, so a kept miss holds exactly
+    while both are unchanged. When the cache is full, nothing is added until 8x
+    ``read_cache`` further uncached reads have passed; then it starts over.
+
     ``get`` counts its calls in a closure cell (``get.reads()``) and calls
-    ``on_publish()`` every ``PUBLISH_MASK + 1`` of them, so the handle can publish its
-    counters to shared memory without a store per read (see ``shmstore._stats``).
+    ``on_publish()`` every ``PUBLISH_MASK + 1`` of them, so the handle's counters
+    (``shmstore._stats._Counters``) can publish to shared memory without a store per
+    read.
     """
     q = seg.q
     mv = seg.mv
@@ -540,7 +553,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         # A cached record is current while its bucket still points to its slot and
         # the slot still carries the seq it was read under; a cached miss while the
         # index generation and the empty bucket that ended the walk are unchanged
-        # (see read_cache in Store.get).
+        # (see make_readers' docstring).
         if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
             kind = e[5]  # True: the value as is; False: to decode; None: a miss
             return e[4] if kind else default if kind is None else decode(e[4])

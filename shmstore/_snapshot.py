@@ -37,11 +37,20 @@ calls; for one consistent multi-key read ``Store.get_many`` is cheaper.
 from __future__ import annotations
 
 import mmap
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import _channel as C
 from . import _layout as L
+from ._errors import InvalidKeyError, StoreClosedError
+from ._handover import open_handover
+from ._ttl import now_ns
+
+if TYPE_CHECKING:
+    from ._segment import Segment
+    from ._stats import _Counters
+    from ._writes import _Writer
 
 U32 = np.uint64(0xFFFFFFFF)
 HIGH = np.uint64(0xFFFFFFFF00000000)
@@ -130,8 +139,6 @@ class Snapshot:
     def _find(self, kb: bytes) -> bytes | None:
         """The value bytes of ``kb`` in the copy, or None."""
         if self._b is None:
-            from ._errors import StoreClosedError
-
             raise StoreClosedError("this snapshot is closed; take a new one with store.snapshot()")
         if self._mask < 0:
             return None
@@ -193,8 +200,6 @@ class Snapshot:
     def keys(self) -> Iterator[bytes]:
         """Every key of the snapshot (bytes), in no particular order."""
         if self._b is None:
-            from ._errors import StoreClosedError
-
             raise StoreClosedError("this snapshot is closed; take a new one with store.snapshot()")
         raw = self._raw
         w = self._w
@@ -246,27 +251,20 @@ def _kb(key: object) -> bytes:
         return bytes(key)
     if isinstance(key, str):
         return key.encode()
-    from ._errors import InvalidKeyError
-
     raise InvalidKeyError(f"keys are str or bytes, not {type(key).__name__}")
 
 
-def take(store: object, timeout: float | None) -> Snapshot:
+def take(seg: Segment, decode: Callable[[bytes], Any], counters: _Counters, writer: _Writer,
+         timeout: float) -> Snapshot:
     """Store.snapshot(): the optimistic copy, or the coordinator's after the tries."""
-    from . import _channel as C
-    from ._handover import open_handover
-    from ._ttl import now_ns
-
-    seg = store._live_segment()
-    decode = store._decode
     for _ in range(SNAPSHOT_TRIES):
         t = now_ns()  # the clock every expiry check reads (shmstore/_ttl.py)
         r = copy_optimistic(seg)
         if r is not None:
             e, idx, rows = r
             return Snapshot(e, idx, rows, seg.key_size, seg.value_size, t, decode, False)
-        store._read_retries += 1
-    seg_name, _ = store._request([C.OP_SNAPSHOT, 1], "snapshot", timeout=timeout)
+        counters.read_retries += 1
+    seg_name, _ = writer.request(seg, [C.OP_SNAPSHOT, 1], "snapshot", True, timeout)
     mm, n = open_handover(seg_name)
     e, idx, rows, taken = from_handover(mm, n)
     return Snapshot(e, idx, rows, seg.key_size, seg.value_size, taken, decode, True, mm)

@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import msgspec
 
 from . import _channel as C
 from . import _layout as L
 from ._errors import ShmStoreError
-from ._segment import coordinator_alive, pid_alive
-
-if TYPE_CHECKING:
-    from ._store import Store
+from ._segment import Segment, coordinator_alive, pid_alive
 
 #: seconds between a reader process's attempts to claim a client block for its counters
 CLAIM_RETRY = 10.0
@@ -161,109 +158,133 @@ class StoreStats(msgspec.Struct, frozen=True):
 # -- the handle's own counters ---------------------------------------------------------
 
 
-def init_counters(store: Store) -> None:
-    """Give a new handle (or a forked child's copy) zeroed counters."""
-    store._reads = 0
-    store._read_retries = 0
-    store._writes = 0
-    store._timeouts = 0
-    store._write_ns = 0
-    store._write_ns_max = 0
-    store._writes_timed = 0
-    store._write_errors = 0
-    store._cache_hits = 0
-    store._get_base = 0  # get.reads() at the last reset (the closure cell is not reset)
-    store._hits_base = 0  # the same for get.cache_hits()
-    store._retries_base = 0  # the same for the segment's retry count
-    store._next_claim = 0.0
-    store._prev_stats = None
-    get = store.__dict__.get("get")
-    if get is not None:
-        store._get_base = get.reads()
-        store._hits_base = get.cache_hits()
-    seg = store.__dict__.get("_seg")
-    if seg is not None:
-        store._retries_base = seg.retries
+class WriteSession(Protocol):
+    """What :class:`_Counters` needs of the handle's write session (``_writes._Writer``):
+    the channel its totals are published to, and a way to claim one."""
+
+    pid: int  #: the process the session belongs to
+    chan: C.ClientChannel | None
+
+    def claim(self, seg: Segment, timeout: float) -> bool:
+        """Open a write channel if none is alive, without waiting for the write lock."""
+        ...
 
 
-def totals(store: Store) -> tuple[int, ...]:
-    """The handle's counters in ``C.C_COUNTERS`` order."""
-    seg = store._seg
-    get = store.__dict__.get("get")
-    reads = store._reads + (get.reads() - store._get_base if get is not None else 0)
-    hits = store._cache_hits + (get.cache_hits() - store._hits_base if get is not None else 0)
-    retries = store._read_retries + (seg.retries - store._retries_base if seg is not None else 0)
-    return (reads, retries, store._writes, store._timeouts, store._write_ns,
-            store._write_ns_max, store._writes_timed, store._write_errors, hits)
+class _Counters:
+    """One handle's counters in this process, and their publishing to its client block.
 
-
-def note_write(store: Store, ns: int | None, error: bool) -> None:
-    """Count one finished write request (``ns``: its latency if it was waited for)."""
-    if ns is not None:
-        store._write_ns += ns
-        store._writes_timed += 1
-        if ns > store._write_ns_max:
-            store._write_ns_max = ns
-    if error:
-        store._write_errors += 1
-
-
-def publish(store: Store, pid_checked: bool = False) -> None:
-    """Store the handle's totals into its client block, if it has one.
-
-    ``pid_checked``: the caller saw ``store._pid == os.getpid()`` under the handle's
-    write lock (a write request does), so the block is this process's; a getpid()
-    is a system call here (glibc does not cache it), and a write would make two.
+    The running totals live here; the ``get`` fast path counts in its closure cells and
+    the segment counts its retries, so :meth:`totals` adds what those counted since
+    they were attached (their ``*_base``). One writer: the handle's process (a write
+    updates them under the write session's lock, a read without any lock, as before).
     """
-    ch = store._chan
-    if ch is None or (not pid_checked and store._pid != os.getpid()):
-        return
-    q = ch.chan.__dict__.get("q")
-    if q is None:
-        return
-    w = ch.w
-    try:
-        for word, value in zip(C.C_COUNTERS, totals(store)):
-            q[w + word] = value
-    except ValueError:
-        pass  # another thread of this process just closed that channel: its next one counts
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seg: Segment | None = None
+        self.get: Callable | None = None  # the fast ``get`` closure (make_readers)
+        self.reset()
 
-def publish_or_claim(store: Store) -> None:
-    """A publish moment of a handle that may have no block (see the module docstring)."""
-    ch = store._chan
-    if ch is not None and ch.alive():
-        publish(store)
-        return
-    # No block, or one of a coordinator that is gone (a reader has no write that would
-    # register it with the new one): claim one, at most every CLAIM_RETRY seconds.
-    seg = store._seg
-    now = time.monotonic()
-    if seg is None or now < store._next_claim or store._pid != os.getpid():
-        return
-    store._next_claim = now + CLAIM_RETRY
-    if totals(store)[0] == 0 or not seg.q[L.H_COORD_INCARNATION] or not coordinator_alive(seg):
-        return
-    try:
-        ch = C.open_channel(store.name)
-    except ShmStoreError:
-        return
-    try:
-        free = int((ch.words(C.C_SESSION) == 0).sum())
-        half = ch.layout.max_clients // 2
-    finally:
-        ch.close()
-    if free <= half or not store._wlock.acquire(blocking=False):
-        return
-    try:
-        if store._chan is None or not store._chan.alive():
-            store._channel(seg, time.monotonic() + CLAIM_TIMEOUT)
-    except ShmStoreError:
-        return
-    finally:
-        store._wlock.release()
-    store._next_claim = 0.0  # claimed: the retry pause is for failures only
-    publish(store)
+    def reset(self) -> None:
+        """Zeroed counters: a new handle, or a forked child's copy (a new client)."""
+        self.reads = 0
+        self.read_retries = 0
+        self.writes = 0
+        self.timeouts = 0
+        self.write_ns = 0
+        self.write_ns_max = 0
+        self.writes_timed = 0
+        self.write_errors = 0
+        self.cache_hits = 0
+        self.next_claim = 0.0
+        self.prev_stats: tuple[float, dict] | None = None
+        get, seg = self.get, self.seg
+        # the closure cells and the segment's count are not reset: count from here
+        self.get_base = get.reads() if get is not None else 0
+        self.hits_base = get.cache_hits() if get is not None else 0
+        self.retries_base = seg.retries if seg is not None else 0
+
+    def attach(self, seg: Segment | None, get: Callable | None) -> None:
+        """Count through a new mapping and ``get`` closure (at open, after a reattach,
+        None at close), keeping what the old ones counted in the totals."""
+        old_seg, old_get = self.seg, self.get
+        if old_seg is not None:
+            self.read_retries += old_seg.retries - self.retries_base
+        if old_get is not None:
+            self.reads += old_get.reads() - self.get_base
+            self.cache_hits += old_get.cache_hits() - self.hits_base
+        self.seg, self.get = seg, get
+        self.get_base = get.reads() if get is not None else 0
+        self.hits_base = get.cache_hits() if get is not None else 0
+        self.retries_base = seg.retries if seg is not None else 0
+
+    def totals(self) -> tuple[int, ...]:
+        """The handle's counters in ``C.C_COUNTERS`` order."""
+        seg, get = self.seg, self.get
+        reads = self.reads + (get.reads() - self.get_base if get is not None else 0)
+        hits = self.cache_hits + (get.cache_hits() - self.hits_base if get is not None else 0)
+        retries = self.read_retries + (seg.retries - self.retries_base if seg is not None else 0)
+        return (reads, retries, self.writes, self.timeouts, self.write_ns,
+                self.write_ns_max, self.writes_timed, self.write_errors, hits)
+
+    def note_write(self, ns: int | None, error: bool) -> None:
+        """Count one finished write request (``ns``: its latency if it was waited for)."""
+        if ns is not None:
+            self.write_ns += ns
+            self.writes_timed += 1
+            if ns > self.write_ns_max:
+                self.write_ns_max = ns
+        if error:
+            self.write_errors += 1
+
+    def publish(self, ch: C.ClientChannel | None) -> None:
+        """Store the totals into the client block of ``ch``, if there is one.
+
+        The caller saw that ``ch`` is this process's (a write request holds the write
+        lock and has checked the pid; :meth:`publish_or_claim` checks it itself): a
+        getpid() is a system call here (glibc does not cache it).
+        """
+        if ch is None:
+            return
+        q = ch.chan.__dict__.get("q")
+        if q is None:
+            return
+        w = ch.w
+        try:
+            for word, value in zip(C.C_COUNTERS, self.totals()):
+                q[w + word] = value
+        except ValueError:
+            pass  # another thread of this process just closed that channel: its next one counts
+
+    def publish_or_claim(self, session: WriteSession) -> None:
+        """A publish moment of a handle that may have no block (see the module docstring)."""
+        ch = session.chan
+        if ch is not None and ch.alive():
+            if session.pid == os.getpid():
+                self.publish(ch)
+            return
+        # No block, or one of a coordinator that is gone (a reader has no write that would
+        # register it with the new one): claim one, at most every CLAIM_RETRY seconds.
+        seg = self.seg
+        now = time.monotonic()
+        if seg is None or now < self.next_claim or session.pid != os.getpid():
+            return
+        self.next_claim = now + CLAIM_RETRY
+        if self.totals()[0] == 0 or not seg.q[L.H_COORD_INCARNATION] or not coordinator_alive(seg):
+            return
+        try:
+            ch = C.open_channel(self.name)
+        except ShmStoreError:
+            return
+        try:
+            free = int((ch.words(C.C_SESSION) == 0).sum())
+            half = ch.layout.max_clients // 2
+        finally:
+            ch.close()
+        if free <= half or not session.claim(seg, CLAIM_TIMEOUT):
+            return
+        self.next_claim = 0.0  # claimed: the retry pause is for failures only
+        self.publish(session.chan)
 
 
 # -- reading everything ----------------------------------------------------------------
@@ -356,17 +377,17 @@ def _coordinator_process(pid: int | None) -> tuple[int | None, float | None, flo
         return None, None, None
 
 
-def collect(store: Store) -> StoreStats:
-    """Build :class:`StoreStats` for ``store`` (see :meth:`Store.stats`)."""
-    seg = store._live_segment()
-    publish_or_claim(store)
+def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreStats:
+    """Build :class:`StoreStats` for the handle whose live mapping, counters and write
+    session these are (see :meth:`Store.stats`)."""
+    counters.publish_or_claim(session)
     q = seg.q
     now = time.monotonic()
     alive = coordinator_alive(seg)
     pid = q[L.H_COORD_PID] if alive else None
     rss, cpu, uptime = _coordinator_process(pid)
-    mine = totals(store)
-    blocks = _read_blocks(store.name) if alive else []
+    mine = counters.totals()
+    blocks = _read_blocks(seg.name) if alive else []
     now_ms = time.time() * 1000
     clients = [_client(*b, now_ms) for b in blocks]
     # Invariant: C.C_COUNTERS order, like the handle's totals() and a block's words.
@@ -375,13 +396,13 @@ def collect(store: Store) -> StoreStats:
            q[L.H_RETIRED_WRITES_TIMED], q[L.H_RETIRED_WRITE_ERRORS], q[L.H_RETIRED_CACHE_HITS]]
     for b in blocks:
         _add(tot, b[3])
-    ch = store._chan
+    ch = session.chan
     if ch is None or not ch.alive() or ch.client not in {b[0] for b in blocks}:
         _add(tot, mine)  # this handle's counts are in no live block
     fs = q[L.H_FSYNCS]
     fhist = [q[L.H_FSYNC_HIST + b] for b in range(L.FSYNC_HIST_BUCKETS)]
     fields = dict(
-        name=store.name, records=q[L.H_COUNT], capacity=seg.layout.capacity,
+        name=seg.name, records=q[L.H_COUNT], capacity=seg.layout.capacity,
         key_size=seg.key_size, value_size=seg.value_size, epoch=q[L.H_EPOCH],
         coordinator_pid=pid, ops=q[L.H_OPS], groups=q[L.H_GROUPS], frames=q[L.H_FRAMES],
         max_group=q[L.H_MAX_GROUP], errors=q[L.H_ERRORS],
@@ -389,7 +410,7 @@ def collect(store: Store) -> StoreStats:
         reads=mine[0], read_retries=mine[1], writes=mine[2], timeouts=mine[3],
         write_errors=mine[7], write_latency_avg=_avg(mine[4], mine[6]),
         write_latency_max=_secs(mine[5]) if mine[6] else None,
-        read_cache_hits=mine[8], read_cache_records=store.get.cached(),
+        read_cache_hits=mine[8], read_cache_records=counters.get.cached(),
         puts=q[L.H_PUTS], deletes=q[L.H_DELETES], compare_and_sets=q[L.H_CAS],
         incrs=q[L.H_INCRS], batches=q[L.H_BATCHES],
         group_hist=[q[L.H_GROUP_HIST + b] for b in range(L.GROUP_HIST_BUCKETS)],
@@ -410,8 +431,8 @@ def collect(store: Store) -> StoreStats:
         total_write_latency_avg=_avg(tot[4], tot[6]),
         total_write_latency_max=_secs(tot[5]) if tot[6] else None,
     )
-    prev = store._prev_stats
-    store._prev_stats = (now, fields)
+    prev = counters.prev_stats
+    counters.prev_stats = (now, fields)
     if prev is not None:
         dt = now - prev[0]
         fields["interval"] = dt

@@ -1,15 +1,19 @@
 """The client handle users hold: :class:`Store`.
 
-The write path (``put``, ``delete``, ``flush``, ``batch``, ...) is mixed in from ``_writes``,
-as change feeds (``_feed``), ``ttl`` (``_ttl``) and the async calls (``_aio``) are.
+The Store validates keys and values and holds the public methods; the rest is parts it
+holds: the mapping (``_segment.Segment``) and its fast ``get`` closure
+(``_segment.make_readers``), the process's write session (``_writes._Writer``: channel,
+write lock, tickets) and the handle's counters (``_stats._Counters``). A write goes
+``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change feeds
+(``_feed``) and the async calls (``_aio``) are mixed in.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import msgspec
 import numpy as np
@@ -21,7 +25,6 @@ from ._errors import (
     InvalidLayoutError,
     KeyTooLongError,
     SchemaMismatchError,
-    ShmStoreError,
     StoreClosedError,
     StoreNotFoundError,
     ValueEncodingError,
@@ -31,18 +34,13 @@ from ._aio import AsyncMixin
 from ._feed import FeedMixin
 from ._many import MIN_KEYS, array_header, key_words
 from ._segment import Segment, make_readers, open_segment
-from ._ttl import TTLMixin
-from ._writes import Batch, WritesMixin
+from ._snapshot import Snapshot, take
+from ._stats import StoreStats, _Counters, collect
+from ._table import Table, open_table
+from ._ttl import expiry_ns, now_ns
+from ._writes import Batch, _Writer
 
-from . import _stats
-from ._stats import StoreStats
-
-if TYPE_CHECKING:
-    from ._snapshot import Snapshot
-    from ._table import Table
-
-# What shmstore/__init__.py imports from here (Batch lives in _writes, StoreStats in _stats).
-__all__ = ["Batch", "Store", "StoreStats"]
+__all__ = ["Store"]
 
 #: get_many() validates optimistically this many times before asking the coordinator.
 OPTIMISTIC_TRIES = 8
@@ -60,7 +58,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
+class Store(FeedMixin, AsyncMixin):
     """A handle on a shared store: lock-free reads, writes through the coordinator.
 
     Concurrency: reads take no lock of any kind and never block the coordinator; they
@@ -102,12 +100,11 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         self._decode_list = (msgspec.msgpack.Decoder(list[value_type]) if value_type is not None
                              else msgspec.msgpack.Decoder(list)).decode
         self._encode = msgspec.msgpack.Encoder().encode
+        #: per-handle counters, published to the client block
+        self._counters = _Counters(self.name)
+        #: this process's write session: channel, write lock, tickets
+        self._writer = _Writer(self.name, spin_us, self._counters)
         self._bind_fast_get()
-        self._wlock = threading.Lock()
-        self._chan: C.ClientChannel | None = None
-        self._pid = os.getpid()
-        self._last_ticket = 0
-        _stats.init_counters(self)  # per-handle counters, published to the client block
         #: the Coordinator that shmstore.open() started for this handle, if it did
         self.coordinator = None
         _STORES.add(self)
@@ -143,46 +140,25 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
                 f"store {self.name!r} was destroyed; serve it again before reading"
             ) from None
         self._check_schema(seg)
-        if old is not None:  # keep the old mapping's counts in the handle's totals
-            self._read_retries += old.retries - self._retries_base
-            self._reads += self.get.reads() - self._get_base
-            self._cache_hits += self.get.cache_hits() - self._hits_base
         self._seg = seg
-        self._bind_fast_get()
-        self._retries_base = self._get_base = self._hits_base = 0
-        self._drop_channel()
+        self._bind_fast_get()  # the counters keep the old mapping's counts in the totals
+        self._writer.drop_channel()
         if old is not None:
             old.close()
         return seg
 
     def _after_fork(self) -> None:
         self.__dict__.pop("_aio", None)  # the parent's async-write thread is not ours
-        self._wlock = threading.Lock()
-        self._pid = os.getpid()
-        if self._chan is not None:
-            self._chan.drop_after_fork()
-            self._chan = None
-        self._last_ticket = 0
-        _stats.init_counters(self)  # a new process is a new client: its counts start at 0
-
-    def _drop_channel(self) -> None:
-        if self._chan is not None:
-            self._chan.close()
-            self._chan = None
+        self._writer.after_fork()  # and zeroes the counters: a new process is a new client
 
     def close(self) -> None:
         """Release the handle. Idempotent. Pending pipelined writes are flushed first."""
         if self._seg is None:
             return
         self._aio_close()
-        if self._chan is not None and self._pid == os.getpid():
-            try:
-                self.flush()
-            except ShmStoreError:
-                pass  # the coordinator is gone: nothing left to flush to
-            _stats.publish(self)  # the coordinator retires these when it reclaims the block
-            self._drop_channel()
+        self._writer.close(self.timeout)
         self.__dict__.pop("get", None)  # the fast path holds views of the mapping
+        self._counters.attach(None, None)
         self._seg.close()
         self._seg = None
         _STORES.discard(self)
@@ -244,6 +220,98 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
             )
         return vb
 
+    # -- writes (through the coordinator: shmstore/_writes.py) -----------------------------
+
+    def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
+        """Send one validated frame through the write session (see ``_writes``)."""
+        return self._writer.request(self._live_segment(), frame, what, wait,
+                                    self.timeout if timeout is None else timeout)
+
+    def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
+            timeout: float | None = None) -> int | None:
+        """Write a record. Returns its new version, or None with ``wait=False``.
+
+        With ``wait=False`` the op is queued and the call returns at once (it blocks
+        only while the queue is full); :meth:`flush` waits for it and raises its error.
+
+        ``ttl``: seconds until the record expires (reads as missing; the coordinator
+        reclaims it). Without it the record has no expiry, even if the one it replaces
+        had (``incr`` keeps an expiry); see ``shmstore/_ttl.py``.
+        """
+        seg = self._live_segment()
+        kb = self._key(key, seg)
+        return self._writer.request(seg, [C.OP_PUT, int(wait), kb, self._value(value, seg), expiry_ns(ttl)],
+                                    "put", wait, self.timeout if timeout is None else timeout)
+
+    def __setitem__(self, key: str | bytes, value: Any) -> None:
+        self.put(key, value)
+
+    def delete(self, key: str | bytes, *, wait: bool = True, timeout: float | None = None) -> bool | None:
+        """Remove a record. Returns whether it existed (None with ``wait=False``)."""
+        seg = self._live_segment()
+        return self._writer.request(seg, [C.OP_DELETE, int(wait), self._key(key, seg)], "delete",
+                                    wait, self.timeout if timeout is None else timeout)
+
+    def __delitem__(self, key: str | bytes) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def compare_and_set(self, key: str | bytes, value: Any, *, version: int, ttl: float | None = None,
+                        timeout: float | None = None) -> int:
+        """Write only if the record's version is ``version`` (0: it must not exist,
+        or has expired). ``ttl`` as in :meth:`put`.
+
+        Returns:
+            The new version.
+
+        Raises:
+            VersionConflictError: the version differs; nothing was written.
+        """
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        seg = self._live_segment()
+        return self._writer.request(seg, [C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version,
+                                          expiry_ns(ttl)],
+                                    "compare_and_set", True, self.timeout if timeout is None else timeout)
+
+    def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
+        """Add ``delta`` to an integer record atomically; a missing key counts from 0.
+
+        Returns:
+            The new value.
+        """
+        if not isinstance(delta, int) or isinstance(delta, bool):
+            raise ValueEncodingError(f"incr needs an int delta, got {type(delta).__name__}")
+        if not -(1 << 63) <= delta < (1 << 64):
+            raise ValueEncodingError(f"incr delta {delta} is outside the 64-bit range msgpack stores")
+        seg = self._live_segment()
+        if not self._writable_schema:
+            self._value(0, seg)  # raises the schema error
+        if self._value_type is not None:
+            try:
+                msgspec.convert(0, self._value_type)
+            except msgspec.ValidationError:
+                raise ValueEncodingError(
+                    f"incr stores integers, which value_type {self._value_type!r} does not accept"
+                ) from None
+        return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True,
+                                    self.timeout if timeout is None else timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write this handle queued is applied.
+
+        Raises:
+            ShmStoreError: the first error any queued write met since the last flush.
+        """
+        self._writer.flush(self.timeout if timeout is None else timeout)
+
+    def batch(self, *, wait: bool = True) -> Batch:
+        """Collect puts and deletes, applied atomically when the ``with`` block exits.
+
+        Readers see all of the batch or none of it through :meth:`get_many`.
+        """
+        return Batch(self, wait)
+
     # -- reads (lock-free) ---------------------------------------------------------------
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
@@ -253,19 +321,11 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         (``_segment.make_readers``); this is the general path it falls back to.
 
         The fast ``get`` keeps up to ``read_cache`` records (``connect(read_cache=)``,
-        default 16384) it has read. A cached record is answered again only after
-        checking, on every call, that the store is live, that the index bucket that
-        found it still points to its slot, and that the slot still carries the seq it
-        was read under: three loads of shared memory instead of a hash, a probe and a
-        copy. Since a slot the index points to is never rewritten and every write
-        takes a new seq, a hit returns exactly what a fresh read would return at that
-        moment. A miss is kept too, as the empty bucket that ended the walk and the
-        index generation: the key's insert fills that bucket, and every move or
-        removal of buckets bumps the generation, so a kept miss holds exactly while
-        both are unchanged. Immutable values (str, bytes, int, float, bool, None) are
+        default 16384) it has read, and answers from them only while a fresh read
+        would return the same at that moment (checked on every call: three loads of
+        shared memory). Immutable values (str, bytes, int, float, bool, None) are
         returned as cached; others are decoded anew on each hit, so callers may
-        change what they get. When the cache is full, nothing is added until 8x
-        ``read_cache`` further uncached reads have passed; then it starts over.
+        change what they get. How the cache stays exact: ``_segment.make_readers``.
         """
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))
@@ -274,16 +334,16 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         return self._decode(r[3])
 
     def _bind_fast_get(self) -> None:
+        # every 4096th get publishes the counters, claiming a client block if need be
+        publish = functools.partial(self._counters.publish_or_claim, self._writer)
         self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self),
-                                                  self._publish_counters, self._read_cache)
-
-    def _publish_counters(self) -> None:
-        _stats.publish_or_claim(self)
+                                                  publish, self._read_cache)
+        self._counters.attach(self._seg, self.get)
 
     def __getitem__(self, key: str | bytes) -> Any:
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))
-        self._reads += 1
+        self._counters.reads += 1
         if r is None:
             raise KeyError(key)
         return self._decode(r[3])
@@ -297,6 +357,34 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))
         return None if r is None else r[2]
+
+    def ttl(self, key: str | bytes) -> float | None:
+        """Seconds until the record expires, or None if it has no expiry.
+
+        Lock-free, like ``get``: the expiry word of a live slot is never rewritten
+        (copy-on-write), so it is read after the lookup and checked against the slot's
+        seqlock stamp (see ``shmstore/_ttl.py``).
+
+        Raises:
+            KeyError: the record is missing or has expired (as ``store[key]`` does).
+        """
+        seg = self._live_segment()
+        kb = self._key(key, seg)
+        while True:
+            r = seg.lookup(kb)
+            if r is None:
+                raise KeyError(key)
+            slot, seq = r[0], r[1]
+            w = seg.slot0 + slot * seg.slot_words
+            expiry = seg.q[w + L.S_EXPIRY]
+            if seg.q[w] == seq:
+                break
+        if not expiry:
+            return None
+        left = (expiry - now_ns()) / 1e9
+        if left <= 0:
+            raise KeyError(key)
+        return left
 
     def __len__(self) -> int:
         return self._live_segment().q[L.H_COUNT]
@@ -338,7 +426,7 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
             # 2E+2) and, when a key was missing, no key was deleted after E.
             missing = len(fast) + len(found) < len(kbs)
             if top <= 2 * e1 + 2 and (not missing or q[L.H_LAST_DELETE_EPOCH] <= e1):
-                self._reads += len(kbs)
+                self._counters.reads += len(kbs)
                 if len(fast) == len(kbs):  # all found by numpy, in key order
                     return self._decode_list(blob)
                 out = [default] * len(kbs)
@@ -348,11 +436,11 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
                 for i, raw in found.items():
                     out[i] = self._decode(raw)
                 return out
-            self._read_retries += 1
+            self._counters.read_retries += 1
         if words is not None:
             kbs = [k if k.__class__ is bytes else k.encode() for k in kbs]
         found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
-        self._reads += len(kbs)
+        self._counters.reads += len(kbs)
         return self._decode_values([None if r is None else r[1] for r in found], default)
 
     def _decode_values(self, raw: list, default: Any) -> list:
@@ -366,8 +454,6 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
 
     def _scan_keys(self) -> Iterator[bytes]:
         """Keys of live-looking slots, read under their seqlocks (may repeat)."""
-        import numpy as np
-
         seg = self._live_segment()
         words = seg.slot_words_view()
         meta = words[:, L.S_META]
@@ -417,9 +503,9 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         coordinator makes the copy), so it always ends and never shows an inconsistent
         view; it costs O(store size) time and memory. See ``shmstore._snapshot``.
         """
-        from ._snapshot import take
-
-        return take(self, timeout)
+        seg = self._live_segment()
+        return take(seg, self._decode, self._counters, self._writer,
+                    self.timeout if timeout is None else timeout)
 
     def table(self, name: str, dtype: Any = None, rows: int | None = None, *,
               timeout: float | None = None) -> Table:
@@ -433,8 +519,6 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
             IncompatibleStoreError: it exists with another dtype or number of rows.
             TableDtypeError: ``dtype`` cannot be stored (object fields).
         """
-        from ._table import open_table
-
         return open_table(self, name, dtype, rows, timeout)
 
     # -- stats -----------------------------------------------------------------------
@@ -443,7 +527,7 @@ class Store(WritesMixin, FeedMixin, TTLMixin, AsyncMixin):
         """A snapshot of the store's counters: the coordinator's, every live client's,
         this handle's, and rates since this handle's previous call (see
         :class:`StoreStats` and ``shmstore._stats``)."""
-        return _stats.collect(self)
+        return collect(self._live_segment(), self._counters, self._writer)
 
     # -- durability ------------------------------------------------------------------
 

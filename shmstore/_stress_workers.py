@@ -190,7 +190,7 @@ def reader_main(name: str, rid: int, gen: int, nkeys: int, size: int, run_dir: s
 def _fill(snap: Snapshot, st: ReadStats, store: shmstore.Store) -> None:
     snap.reads, snap.torn, snap.violations, snap.missing = st.reads, st.torn, st.violations, st.missing
     snap.examples = (snap.examples + st.examples)[:5] if st.examples else snap.examples
-    snap.read_retries = _stats.totals(store)[1]
+    snap.read_retries = store._counters.totals()[1]
 
 
 def writer_main(name: str, wid: int, gen: int, nwriters: int, nkeys: int, size: int, run_dir: str,

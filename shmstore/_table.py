@@ -320,7 +320,7 @@ class Table:
         tm = self._map()
         sel = as_rows(rows, self.nrows)
         out = self._read(tm, sel)
-        self._store._reads += len(out)
+        self._store._counters.reads += len(out)
         return out
 
     def read_all(self) -> np.ndarray:
@@ -383,7 +383,7 @@ class Table:
         stamps = s1
         store = self._store
         for _ in range(READ_TRIES):
-            store._read_retries += 1
+            store._counters.read_retries += 1
             e = q[T_EPOCH]
             bi = np.flatnonzero(bad)
             br = rows[bi]

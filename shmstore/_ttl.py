@@ -1,4 +1,4 @@
-"""Time to live: the clock, ``ttl=`` validation and :meth:`Store.ttl`.
+"""Time to live: the clock and ``ttl=`` validation (:meth:`Store.ttl` reads the expiry word).
 
 Design
 ------
@@ -88,35 +88,3 @@ def expiry_ns(ttl: Any) -> int:
             f"(100 years), got {ttl!r}; to keep a record forever, leave ttl out"
         )
     return now_ns() + max(1, math.ceil(ttl * 1e9))
-
-
-class TTLMixin:
-    """``Store.ttl``; mixed into :class:`shmstore.Store`."""
-
-    def ttl(self, key: str | bytes) -> float | None:
-        """Seconds until the record expires, or None if it has no expiry.
-
-        Lock-free, like ``get``: the expiry word of a live slot is never rewritten
-        (copy-on-write), so it is read after the lookup and checked against the slot's
-        seqlock stamp.
-
-        Raises:
-            KeyError: the record is missing or has expired (as ``store[key]`` does).
-        """
-        seg = self._live_segment()
-        kb = self._key(key, seg)
-        while True:
-            r = seg.lookup(kb)
-            if r is None:
-                raise KeyError(key)
-            slot, seq = r[0], r[1]
-            w = seg.slot0 + slot * seg.slot_words
-            expiry = seg.q[w + 2]  # S_EXPIRY
-            if seg.q[w] == seq:
-                break
-        if not expiry:
-            return None
-        left = (expiry - now_ns()) / 1e9
-        if left <= 0:
-            raise KeyError(key)
-        return left

@@ -1,64 +1,100 @@
-"""The write path of a :class:`shmstore.Store`: :class:`WritesMixin` and :class:`Batch`.
+"""The write path of a :class:`shmstore.Store`: its write session :class:`_Writer`, and
+:class:`Batch`.
 
 Design
 ------
-Every write is one msgpack frame ``[op, wait, *args]`` sent through the process's
-write channel (``shmstore._channel``), opened lazily on the first write and reopened
-after a fork or a coordinator restart. :meth:`WritesMixin._request` publishes the
-frame and, unless ``wait=False``, waits until the coordinator's ``DONE`` counter
-passes its ticket, then reads the reply. One request is in flight per handle: callers
-hold the handle's ``_wlock``. A frame the coordinator never consumed (it died first)
-is sent again to its successor; pipelined writes (``wait=False``) that died with it
-are reported, never silently resent. The concurrency, fork and durability contract
-is stated on :class:`shmstore.Store`.
+Every write is one msgpack frame ``[op, wait, *args]`` that the Store has validated and
+hands to its :class:`_Writer`, the process's write session: the write channel
+(``shmstore._channel``), opened lazily on the first write and reopened after a fork or a
+coordinator restart, the write lock, and the ticket of the last request.
+:meth:`_Writer.request` publishes the frame and, unless ``wait=False``, waits until the
+coordinator's ``DONE`` counter passes its ticket, then reads the reply. One request is
+in flight per handle: it holds the session's ``lock``. A frame the coordinator never
+consumed (it died first) is sent again to its successor; pipelined writes
+(``wait=False``) that died with it are reported, never silently resent. The
+concurrency, fork and durability contract is stated on :class:`shmstore.Store`.
+
+The session counts its requests in the handle's counters (``shmstore._stats``) and
+publishes them after each one; it knows nothing else of the Store.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
 from . import _channel as C
 from . import _layout as L
-from . import _stats
 from ._errors import (
     CoordinatorUnavailableError,
+    ShmStoreError,
     StoreTimeoutError,
     TooManyClientsError,
-    ValueEncodingError,
     from_wire,
 )
 from ._segment import Segment, coordinator_alive
+from ._stats import _Counters
 from ._ttl import expiry_ns
-
-if TYPE_CHECKING:
-    from ._store import Store
 
 _frame = msgspec.msgpack.Encoder().encode
 
 
-class WritesMixin:
-    """Writes through the coordinator: ``put``, ``delete``, ``compare_and_set``,
-    ``incr``, ``flush`` and ``batch``; mixed into :class:`shmstore.Store`."""
+class _Writer:
+    """One handle's write session in this process: channel, write lock, last ticket.
 
-    def _channel(self, seg: Segment, deadline: float) -> C.ClientChannel:
-        """This process's write channel, (re)opened as needed; caller holds _wlock."""
-        ch = self._chan
+    Thread-safe: every use of the channel holds ``lock``. After a fork,
+    :meth:`after_fork` gives the child a session of its own (no channel yet, a new lock,
+    zeroed counters); nothing of the parent's channel is used or released.
+    """
+
+    def __init__(self, name: str, spin_us: float, counters: _Counters) -> None:
+        self.name = name
+        self.spin_us = spin_us
+        self.counters = counters
+        self.lock = threading.Lock()
+        # Invariant: chan, last_ticket and the counters' write fields change only under
+        # lock, in the process ``pid``.
+        self.chan: C.ClientChannel | None = None
+        self.pid = os.getpid()
+        self.last_ticket = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's channel, start a new client."""
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        if self.chan is not None:
+            self.chan.drop_after_fork()
+            self.chan = None
+        self.last_ticket = 0
+        self.counters.reset()  # a new process is a new client: its counts start at 0
+
+    def drop_channel(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+
+    def channel(self, seg: Segment, deadline: float, waited: float = 0.0) -> C.ClientChannel:
+        """This process's write channel, (re)opened as needed; caller holds ``lock``.
+
+        ``waited``: the timeout to name in the error when no coordinator comes.
+        """
+        ch = self.chan
         if ch is not None and ch.alive():
             stale = time.time_ns() - seg.q[L.H_HEARTBEAT] > 2_000_000_000
             if not stale or coordinator_alive(seg):
                 return ch
         if ch is not None:
-            self._drop_channel()
+            self.drop_channel()
         while True:
             if seg.q[L.H_COORD_INCARNATION] and coordinator_alive(seg):
                 try:
-                    self._chan = C.ClientChannel(self.name, seg.q, spin_us=self._spin_us,
-                                                 timeout=max(0.1, deadline - time.monotonic()))
-                    return self._chan
+                    self.chan = C.ClientChannel(self.name, seg.q, spin_us=self.spin_us,
+                                                timeout=max(0.1, deadline - time.monotonic()))
+                    return self.chan
                 except CoordinatorUnavailableError:
                     pass  # it went away during the handshake: wait for the next one
                 except TooManyClientsError:
@@ -68,27 +104,50 @@ class WritesMixin:
             if time.monotonic() > deadline:
                 raise CoordinatorUnavailableError(
                     f"store {self.name!r}: no coordinator is running (waited "
-                    f"{self.timeout} s). Reads still work; start one with "
+                    f"{waited} s). Reads still work; start one with "
                     f"shmstore.serve({self.name!r}) or `shmstore serve {self.name}`."
                 )
             time.sleep(0.01)
 
-    def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
-        seg = self._live_segment()
+    def claim(self, seg: Segment, timeout: float) -> bool:
+        """Open a channel if none is alive, unless another thread holds the lock.
+
+        True if the session has a live channel afterwards (for a reader process's
+        counters, see ``shmstore._stats``).
+        """
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.chan is None or not self.chan.alive():
+                self.channel(seg, time.monotonic() + timeout, timeout)
+        except ShmStoreError:
+            return False
+        finally:
+            self.lock.release()
+        return True
+
+    def request(self, seg: Segment, frame: list, what: str, wait: bool, timeout: float) -> Any:
+        """Send one frame and, with ``wait``, return the coordinator's reply.
+
+        Raises:
+            ShmStoreError: the error the coordinator replied with (rebuilt), or
+                :class:`CoordinatorUnavailableError` / :class:`StoreTimeoutError`.
+        """
         payload = _frame(frame)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._wlock:
-            if self._pid != os.getpid():  # forked without the at-fork hook (vfork-ish)
-                self._after_fork()
+        deadline = time.monotonic() + timeout
+        counters = self.counters
+        with self.lock:
+            if self.pid != os.getpid():  # forked without the at-fork hook (vfork-ish)
+                self.after_fork()
             t0 = time.perf_counter_ns()
             try:
                 while True:
-                    ch = self._channel(seg, deadline)
+                    ch = self.channel(seg, deadline, timeout)
                     ticket = ch.publish(payload, deadline)
-                    self._last_ticket = ticket
-                    self._writes += 1
+                    self.last_ticket = ticket
+                    counters.writes += 1
                     if not wait:
-                        _stats.publish(self, pid_checked=True)
+                        counters.publish(ch)
                         return None
                     try:
                         ch.wait_done(ticket, deadline, what)
@@ -97,126 +156,73 @@ class WritesMixin:
                         if self._unflushed_lost(ch, ticket - 1):
                             raise
                         # The coordinator died before reading it: wait for the next one.
-                        self._drop_channel()
+                        self.drop_channel()
             except StoreTimeoutError:
-                self._timeouts += 1
-                _stats.publish(self, pid_checked=True)
+                counters.timeouts += 1
+                counters.publish(self.chan)
                 raise
             t, status, result = ch.reply()
             if t != ticket:
                 raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
-            _stats.note_write(self, time.perf_counter_ns() - t0, status != C.ST_OK)
-            _stats.publish(self, pid_checked=True)
+            counters.note_write(time.perf_counter_ns() - t0, status != C.ST_OK)
+            counters.publish(ch)
         if status != C.ST_OK:
             raise from_wire(result[0], result[1])
         return result
-
-    def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
-            timeout: float | None = None) -> int | None:
-        """Write a record. Returns its new version, or None with ``wait=False``.
-
-        With ``wait=False`` the op is queued and the call returns at once (it blocks
-        only while the queue is full); :meth:`flush` waits for it and raises its error.
-
-        ``ttl``: seconds until the record expires (reads as missing; the coordinator
-        reclaims it). Without it the record has no expiry, even if the one it replaces
-        had (``incr`` keeps an expiry); see ``shmstore/_ttl.py``.
-        """
-        seg = self._live_segment()
-        kb = self._key(key, seg)
-        return self._request([C.OP_PUT, int(wait), kb, self._value(value, seg), expiry_ns(ttl)], "put",
-                             wait=wait, timeout=timeout)
-
-    def __setitem__(self, key: str | bytes, value: Any) -> None:
-        self.put(key, value)
-
-    def delete(self, key: str | bytes, *, wait: bool = True, timeout: float | None = None) -> bool | None:
-        """Remove a record. Returns whether it existed (None with ``wait=False``)."""
-        seg = self._live_segment()
-        return self._request([C.OP_DELETE, int(wait), self._key(key, seg)], "delete",
-                             wait=wait, timeout=timeout)
-
-    def __delitem__(self, key: str | bytes) -> None:
-        if not self.delete(key):
-            raise KeyError(key)
-
-    def compare_and_set(self, key: str | bytes, value: Any, *, version: int, ttl: float | None = None,
-                        timeout: float | None = None) -> int:
-        """Write only if the record's version is ``version`` (0: it must not exist,
-        or has expired). ``ttl`` as in :meth:`put`.
-
-        Returns:
-            The new version.
-
-        Raises:
-            VersionConflictError: the version differs; nothing was written.
-        """
-        if not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
-        seg = self._live_segment()
-        return self._request([C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version,
-                              expiry_ns(ttl)],
-                             "compare_and_set", timeout=timeout)
-
-    def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
-        """Add ``delta`` to an integer record atomically; a missing key counts from 0.
-
-        Returns:
-            The new value.
-        """
-        if not isinstance(delta, int) or isinstance(delta, bool):
-            raise ValueEncodingError(f"incr needs an int delta, got {type(delta).__name__}")
-        if not -(1 << 63) <= delta < (1 << 64):
-            raise ValueEncodingError(f"incr delta {delta} is outside the 64-bit range msgpack stores")
-        seg = self._live_segment()
-        if not self._writable_schema:
-            self._value(0, seg)  # raises the schema error
-        if self._value_type is not None:
-            try:
-                msgspec.convert(0, self._value_type)
-            except msgspec.ValidationError:
-                raise ValueEncodingError(
-                    f"incr stores integers, which value_type {self._value_type!r} does not accept"
-                ) from None
-        return self._request([C.OP_INCR, 1, self._key(key, seg), delta], "incr", timeout=timeout)
 
     def _unflushed_lost(self, ch: C.ClientChannel, last: int) -> bool:
         """True (and raise) if queued writes before ``last`` died with the coordinator."""
         done = ch.chan.q[ch.w + C.C_DONE]
         if done < last:
-            self._drop_channel()
+            self.drop_channel()
             raise CoordinatorUnavailableError(
                 f"store {self.name!r}: the coordinator stopped before applying "
                 f"{last - done} queued write(s) of this handle; they were not applied"
             )
         return False
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every write this handle queued is applied.
-
-        Raises:
-            ShmStoreError: the first error any queued write met since the last flush.
-        """
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._wlock:
-            ch = self._chan
-            if ch is None or self._last_ticket == 0:
+    def flush(self, timeout: float) -> None:
+        """Wait until every write this session queued is applied; raise the first
+        error any of them met since the last flush."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            ch = self.chan
+            if ch is None or self.last_ticket == 0:
                 return
             try:
-                ch.wait_done(self._last_ticket, deadline, "queued writes")
+                ch.wait_done(self.last_ticket, deadline, "queued writes")
             except C.NotConsumed:
-                self._unflushed_lost(ch, self._last_ticket)
+                self._unflushed_lost(ch, self.last_ticket)
             err = ch.take_error()
         if err is not None:
             _, type_name, message = err
             raise from_wire(type_name, message)
 
-    def batch(self, *, wait: bool = True) -> Batch:
-        """Collect puts and deletes, applied atomically when the ``with`` block exits.
+    def close(self, timeout: float) -> None:
+        """Flush what is queued, publish the counters and release the channel (in the
+        process that opened it; a forked child's copy holds nothing to release)."""
+        if self.chan is None or self.pid != os.getpid():
+            return
+        try:
+            self.flush(timeout)
+        except ShmStoreError:
+            pass  # the coordinator is gone: nothing left to flush to
+        self.counters.publish(self.chan)  # the coordinator retires these when it reclaims the block
+        self.drop_channel()
 
-        Readers see all of the batch or none of it through :meth:`get_many`.
-        """
-        return Batch(self, wait)
+
+class _Client(Protocol):
+    """What a :class:`Batch` needs of its :class:`shmstore.Store` (a module above this
+    one): the live mapping, key and value validation, and the request."""
+
+    def _live_segment(self) -> Segment: ...
+
+    def _key(self, key: object, seg: Segment) -> bytes: ...
+
+    def _value(self, value: object, seg: Segment) -> bytes: ...
+
+    def _request(self, frame: list, what: str, *, wait: bool = True,
+                 timeout: float | None = None) -> Any: ...
 
 
 class Batch:
@@ -225,7 +231,7 @@ class Batch:
     Nothing is sent if the block raises. Sizes are checked as ops are added.
     """
 
-    def __init__(self, store: Store, wait: bool) -> None:
+    def __init__(self, store: _Client, wait: bool) -> None:
         self._store = store
         self._wait = wait
         self._ops: list[list] = []

@@ -391,12 +391,12 @@ def test_a_block_taken_over_before_its_reclaim_keeps_the_old_clients_counts(serv
         a = shmstore.connect(n)
         for i in range(10):
             a.put(f"k{i}", i)
-        client = a._chan.client
+        client = a._writer.chan.client
         a.close()
         b = shmstore.connect(n)
         try:
             b.put("b", 1)
-            took_over = b._chan.client == client and seg.q[L.H_CLIENTS_RECLAIMED] == reclaimed
+            took_over = b._writer.chan.client == client and seg.q[L.H_CLIENTS_RECLAIMED] == reclaimed
             st = b.stats()
         finally:
             b.close()

@@ -196,7 +196,7 @@ def _table_reader(name: str, seconds: float, fast: bool, out: mp.Queue) -> None:
         bad.append(f"{type(e).__name__}: {e}")
     finally:
         s.close()
-        out.put((os.getpid(), reads, s._read_retries, bad))
+        out.put((os.getpid(), reads, s._counters.read_retries, bad))
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
