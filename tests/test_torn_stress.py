@@ -1,8 +1,9 @@
 """The torn-read stress test (DESIGN.md section 2, the epoch-stamped seqlock).
 
 Writer processes rewrite self-checking records through their own Store handles while
-reader processes verify every value they read; see ``scripts/torn_stress.py``, which
-this file drives in-process (and which runs standalone with ``--help``). The short
+reader processes verify every value they read; see shmstore/_tools/_stress_torn.py
+(``shmstore stress --scenario torn``), which this file drives in-process, and
+``scripts/torn_stress.py``, its wrapper (which runs standalone with ``--help``). The short
 version runs in CI under both start methods; the long one is ``@pytest.mark.slow``.
 The last tests show the checker itself can fail, so a green stress run means
 something.
@@ -17,13 +18,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-if str(SCRIPTS) not in sys.path:
-    # Spawned workers import the script's functions by module name, so its folder
-    # must be on the path they inherit.
-    sys.path.insert(0, str(SCRIPTS))
+from shmstore._tools import _stress_torn as torn_stress
 
-import torn_stress  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
