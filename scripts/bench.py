@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark shmstore against py-lmdb, Redis, multiprocessing.Manager and floors.
 
-A thin wrapper: the benchmark lives in ``shmstore._bench`` (also ``shmstore bench``).
+A thin wrapper: the benchmark lives in ``shmstore._tools._bench`` (also ``shmstore bench``).
 
     python scripts/bench.py                  # full run (several minutes), results in bench-results/
     python scripts/bench.py --quick          # smoke run (what CI runs)
@@ -10,7 +10,7 @@ A thin wrapper: the benchmark lives in ``shmstore._bench`` (also ``shmstore benc
 
 import sys
 
-from shmstore._bench import main
+from shmstore._tools._bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

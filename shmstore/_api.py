@@ -364,9 +364,9 @@ def destroy(name: str) -> bool:
             seg.q[L.H_STATE] = L.STATE_DESTROYED
             seg.close()
         found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
-        found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name) + "@redo")
+        found |= unlink_quietly(posix_ipc.SharedMemory, L.redo_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
-        found |= _unlink_prefixed(f"shmstore.{name}@t.", f"shmstore.{name}@x")  # tables, handovers
+        found |= _unlink_prefixed(name, ("table", "handover"))
         found |= unlink_quietly(posix_ipc.Semaphore, L.bell_name(name))
         for i in range(max(max_clients, _reply_sems_on_disk(name))):
             found |= unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(name, i))
@@ -378,27 +378,22 @@ def destroy(name: str) -> bool:
             lock.close_fd()
 
 
-def _unlink_prefixed(*prefixes: str) -> bool:
-    """Unlink every segment in /dev/shm whose name starts with one of ``prefixes``."""
+def _unlink_prefixed(name: str, kinds: tuple[str, ...]) -> bool:
+    """Unlink store ``name``'s segments in /dev/shm of the ``kinds`` (see
+    :func:`_layout.entry_kind`) whose names only a listing knows: tables, handovers."""
     found = False
-    try:
-        entries = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return False
-    for entry in entries:
-        if entry.startswith(prefixes):
+    for entry in L.store_entries(name):
+        _, suffix, sem = L.parse_entry(entry)
+        if not sem and L.entry_kind(suffix) in kinds:
             found |= unlink_quietly(posix_ipc.SharedMemory, "/" + entry)
     return found
 
 
 def _reply_sems_on_disk(name: str) -> int:
     """1 + the highest reply semaphore number of the store present in /dev/shm."""
-    prefix = f"sem.shmstore.{name}@r"
     top = 0
-    try:
-        for entry in os.listdir("/dev/shm"):
-            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
-                top = max(top, int(entry[len(prefix):]) + 1)
-    except FileNotFoundError:
-        pass
+    for entry in L.store_entries(name):
+        _, suffix, sem = L.parse_entry(entry)
+        if sem and L.entry_kind(suffix) == "reply":
+            top = max(top, int(suffix[2:]) + 1)
     return top

@@ -36,7 +36,7 @@ HANDOVER_TTL = 30.0
 
 
 def handover_prefix(name: str) -> str:
-    return f"{L.data_name(name)}@x"
+    return L.handover_prefix(name)
 
 
 def open_handover(seg_name: str) -> tuple[mmap.mmap, int]:

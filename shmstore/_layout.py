@@ -42,6 +42,7 @@ seq twice (the ABA case of seqlocks).
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import sys
@@ -332,6 +333,69 @@ def reply_sem_name(name: str, client: int) -> str:
 
 def watch_sem_name(name: str, client: int) -> str:
     return f"/shmstore.{name}@w{client}"
+
+
+def redo_name(name: str) -> str:
+    return f"/shmstore.{name}@redo"
+
+
+def table_prefix(name: str) -> str:
+    """A table segment is this plus the table name (``shmstore._table``)."""
+    return f"/shmstore.{name}@t."
+
+
+def handover_prefix(name: str) -> str:
+    """A handover segment is this plus 16 hex digits (``shmstore._handover``)."""
+    return f"/shmstore.{name}@x"
+
+
+# The same objects as entries of /dev/shm, where Linux shows them: a segment ``/X`` as
+# ``X``, a semaphore ``/X`` as ``sem.X``. Every entry of store NAME is ``shmstore.NAME``
+# or ``shmstore.NAME@<suffix>`` (``sem.`` before it for semaphores), so listing,
+# grouping and removing a store's objects all go through the functions below.
+SHM_DIR = "/dev/shm"
+_ENTRY_RE = re.compile(r"^(sem\.)?shmstore\.([A-Za-z0-9_.-]{1,64})(@.*)?$")
+#: suffix -> kind of every object the library and the coordinator make (a tool's own
+#: objects under a store's name, e.g. a stop semaphore, are not among them)
+_KIND_RE = re.compile(r"^(?:(?P<data>)|@(?P<channel>ch)|@(?P<lock>lock)|@(?P<redo>redo)|@(?P<bell>bell)"
+                      r"|@r(?P<reply>\d+)|@w(?P<watch>\d+)|@t\.(?P<table>.+)|@x(?P<handover>.+))$")
+
+
+def parse_entry(entry: str) -> tuple[str, str, bool] | None:
+    """``(store name, suffix, is a semaphore)`` of a /dev/shm entry, or None if it
+    belongs to no store (``"shmstore.app@r3"`` -> ``("app", "@r3", False)``)."""
+    m = _ENTRY_RE.match(entry)
+    return None if m is None else (m.group(2), m.group(3) or "", m.group(1) is not None)
+
+
+def entry_kind(suffix: str) -> str | None:
+    """What the object of ``suffix`` is: ``data``, ``channel``, ``lock``, ``redo``,
+    ``bell``, ``reply``, ``watch``, ``table`` or ``handover``; None for an object the
+    store itself never makes."""
+    m = _KIND_RE.match(suffix)
+    return None if m is None else m.lastgroup
+
+
+def _listing() -> list[str]:
+    try:
+        return sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def shm_entries() -> dict[str, list[str]]:
+    """``{store name: its /dev/shm entries, sorted}`` for every store with any entry."""
+    groups: dict[str, list[str]] = {}
+    for entry in _listing():
+        parsed = parse_entry(entry)
+        if parsed is not None:
+            groups.setdefault(parsed[0], []).append(entry)
+    return groups
+
+
+def store_entries(name: str) -> list[str]:
+    """Store ``name``'s entries in /dev/shm (segments and semaphores), sorted."""
+    return [e for e in _listing() if (p := parse_entry(e)) is not None and p[0] == name]
 
 
 def align(n: int, to: int) -> int:

@@ -94,12 +94,12 @@ def check_table_name(tname: object) -> str:
 
 
 def table_segment_name(store: str, tname: str) -> str:
-    return f"{L.data_name(store)}@t.{tname}"
+    return L.table_prefix(store) + tname
 
 
 def table_prefix(store: str) -> str:
     """Entries in /dev/shm of the store's tables start with this."""
-    return f"shmstore.{store}@t."
+    return L.table_prefix(store).lstrip("/")
 
 
 def dtype_to_text(dtype: Any) -> str:

@@ -1,4 +1,4 @@
-"""``scripts/bench.py --quick`` (``shmstore._bench``) runs end to end, reports every
+"""``scripts/bench.py --quick`` (``shmstore._tools._bench``) runs end to end, reports every
 measure, and cleans up.
 
 No speed is asserted here: the figures depend on the machine. What is checked is the

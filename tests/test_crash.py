@@ -1,6 +1,7 @@
 """Crash and corruption tests of durable stores.
 
-- The crash loop of scripts/crash_test.py with a few kills: writer processes record
+- The crash loop of ``shmstore stress --scenario crash`` (shmstore/_tools/_stress_crash.py)
+  with a few kills: writer processes record
   every acknowledged write while the coordinator is SIGKILLed at random moments and
   restarted, keeping the segment (adopt) or destroying it first (the reboot case:
   rebuild from the data directory). Every acknowledged write must be there with its
@@ -16,25 +17,18 @@ Set SEED=... to replay a failing run; every test prints its seed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import shmstore
+from shmstore._tools import _stress_crash as crash_test
 from shmstore.coordinator import CoordinatorServer, ServerConfig
 from shmstore.coordinator._durable._wal import HEADER_SIZE, REC_SIZE, scan_wal
-
-_spec = importlib.util.spec_from_file_location(
-    "_shmstore_crash_test", Path(__file__).resolve().parent.parent / "scripts" / "crash_test.py")
-crash_test = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = crash_test  # dataclasses look their module up
-_spec.loader.exec_module(crash_test)
 
 
 def _seed() -> int:

@@ -22,11 +22,12 @@ import pytest
 
 import shmstore
 from shmstore import _cli
-from shmstore._stress import StressOptions, StressReport
-from shmstore._stress_workers import check_final
-from shmstore._selfcheck import key_of, make_record
+from shmstore._cli._store_cmds import CLEAR
+from shmstore._tools._stress import StressOptions, StressReport
+from shmstore._tools._stress_workers import check_final
+from shmstore._tools._selfcheck import key_of, make_record
 from tests.helpers.processes import python, reap, shm_objects, wait_for
-from tests.test_cli import assert_error, assert_ok, cli, popen_cli
+from tests.helpers.cli import assert_error, assert_ok, cli, popen_cli
 
 ZERO_LINES = ("torn reads accepted", "acknowledged writes lost", "version monotonicity violations",
               "missing records", "unexpected errors")
@@ -100,9 +101,9 @@ def test_cleanup_errors_are_one_line():
 
 def test_bench_forwards_its_arguments_to_the_runner(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("shmstore._bench")
+    fake = types.ModuleType("shmstore._tools._bench")
     fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "shmstore._bench", fake)
+    monkeypatch.setitem(sys.modules, "shmstore._tools._bench", fake)
     assert _cli.main(["bench", "--", "--quick", "--json", "x"]) == 3
     assert _cli.main(["bench"]) == 3
     assert _cli.main(["bench", "--quick", "-n", "5"]) == 3  # no `--` needed
@@ -110,7 +111,7 @@ def test_bench_forwards_its_arguments_to_the_runner(monkeypatch, capsys):
 
 
 def test_bench_without_the_runner_is_a_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "shmstore._bench", None)  # import fails as if missing
+    monkeypatch.setitem(sys.modules, "shmstore._tools._bench", None)  # import fails as if missing
     assert _cli.main(["bench", "--", "--quick"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("shmstore: error: the benchmark runner"), err
@@ -128,10 +129,10 @@ def test_stats_watch_redraws_in_place_on_a_terminal(served):
     try:
         buf = b""
         deadline = time.monotonic() + 60
-        while buf.count(_cli.CLEAR.encode()) < 3 and time.monotonic() < deadline:
+        while buf.count(CLEAR.encode()) < 3 and time.monotonic() < deadline:
             if select.select([master], [], [], 1)[0]:
                 buf += os.read(master, 65536)
-        frames = buf.decode().split(_cli.CLEAR)
+        frames = buf.decode().split(CLEAR)
         assert len(frames) >= 4 and frames[0] == "", buf[:300]  # each redraw starts at home
         assert all("ops/s" in f and "Ctrl-C to stop" in f for f in frames[1:3])
         p.send_signal(signal.SIGINT)

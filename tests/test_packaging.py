@@ -23,9 +23,10 @@ def test_wheel_maps_coordinator_and_workers_into_the_shmstore_namespace(tmp_path
     (wheel,) = wheels.glob("shmstore-*.whl")
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert "shmstore" in tops
-    assert not {"coordinator", "workers"} & tops, tops
+    assert not {"coordinator", "workers", "scripts"} & tops, tops
     names = zipfile.ZipFile(wheel).namelist()
     assert "shmstore/coordinator/__main__.py" in names and "shmstore/workers/__init__.py" in names
+    assert "shmstore/_cli/_main.py" in names and "shmstore/_tools/_bench/_peers.py" in names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

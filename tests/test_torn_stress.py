@@ -1,8 +1,9 @@
 """The torn-read stress test (DESIGN.md section 2, the epoch-stamped seqlock).
 
 Writer processes rewrite self-checking records through their own Store handles while
-reader processes verify every value they read; see ``scripts/torn_stress.py``, which
-this file drives in-process (and which runs standalone with ``--help``). The short
+reader processes verify every value they read; see shmstore/_tools/_stress_torn.py
+(``shmstore stress --scenario torn``), which this file drives in-process, and
+``scripts/torn_stress.py``, its wrapper (which runs standalone with ``--help``). The short
 version runs in CI under both start methods; the long one is ``@pytest.mark.slow``.
 The last tests show the checker itself can fail, so a green stress run means
 something.
@@ -17,13 +18,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-if str(SCRIPTS) not in sys.path:
-    # Spawned workers import the script's functions by module name, so its folder
-    # must be on the path they inherit.
-    sys.path.insert(0, str(SCRIPTS))
+from shmstore._tools import _selfcheck as selfcheck
+from shmstore._tools import _stress_torn as torn_stress
 
-import torn_stress  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
@@ -49,7 +47,7 @@ def test_no_torn_read_is_accepted_long(names, method):
 
 
 def _encoded(key: str, counter: int, size: int) -> bytes:
-    return msgspec.msgpack.encode(torn_stress.make_record(key, counter, size))
+    return msgspec.msgpack.encode(selfcheck.make_record(key, counter, size))
 
 
 def test_checker_detects_torn_values():
@@ -58,47 +56,47 @@ def test_checker_detects_torn_values():
     size = 200
     a, b = _encoded("k000001", 5, size), _encoded("k000001", 21, size)
     assert len(a) == len(b)  # same length: only the bytes differ
-    assert torn_stress.check_encoded("k000001", a, size) == 5
-    assert torn_stress.check_encoded("k000001", b, size) == 21
+    assert selfcheck.check_encoded("k000001", a, size) == 5
+    assert selfcheck.check_encoded("k000001", b, size) == 21
     # The length of one write with the bytes of another (its length differs).
     c = _encoded("k000001", 6, size)
     assert len(c) != len(a)
-    with pytest.raises(torn_stress.TornRead):
-        torn_stress.check_encoded("k000001", c[: len(a)] if len(c) > len(a) else c + a[len(c):], size)
+    with pytest.raises(selfcheck.TornRead):
+        selfcheck.check_encoded("k000001", c[: len(a)] if len(c) > len(a) else c + a[len(c):], size)
     half = len(a) // 2
     spliced = [a[:half] + b[half:], b[:half] + a[half:], a[:40] + b[40:]]
     other_key = _encoded("k000002", 5, size)
-    rec = torn_stress.make_record("k000001", 5, size)
+    rec = selfcheck.make_record("k000001", 5, size)
     bad_crc = msgspec.msgpack.encode([rec[0], rec[1], rec[2], rec[3] ^ 1])
     truncated = a[: len(a) - 30]
     for raw in [*spliced, other_key, bad_crc, truncated]:
-        with pytest.raises(torn_stress.TornRead):
-            torn_stress.check_encoded("k000001", raw, size)
+        with pytest.raises(selfcheck.TornRead):
+            selfcheck.check_encoded("k000001", raw, size)
 
 
 def test_reader_counts_torn_values_and_counters_going_back(store):
     """The readers' bookkeeping can fail: a torn record, an undecodable value and a
     counter that goes back are each counted, through every read path."""
     size = 50
-    keys = [torn_stress.key_of(i) for i in range(40)]  # >= 32: get_many's numpy pass
+    keys = [selfcheck.key_of(i) for i in range(40)]  # >= 32: get_many's numpy pass
     for k in keys:
-        store.put(k, torn_stress.make_record(k, 3, size))
-    good = torn_stress.make_record(keys[1], 3, size)
+        store.put(k, selfcheck.make_record(k, 3, size))
+    good = selfcheck.make_record(keys[1], 3, size)
     store.put(keys[1], [good[0], good[1], good[2][:-1] + b"?", good[3]])  # torn payload
     for mode in (0, 1, 2):
-        stats = torn_stress.ReadStats()
+        stats = selfcheck.ReadStats()
         last = {keys[2]: 7}  # this reader saw counter 7 before: 3 is going back
         torn_stress.read_round(store, keys, mode, size, stats, last)
         assert (stats.reads, stats.torn, stats.violations, stats.missing, stats.errors) == (
             40, 1, 1, 0, 0), (mode, stats)
     # A key that reads as missing is counted too (readers' keys are never deleted).
     store.delete(keys[3])
-    stats = torn_stress.ReadStats()
+    stats = selfcheck.ReadStats()
     torn_stress.read_round(store, keys, 0, size, stats, {})
     assert stats.missing == 1
     # Bytes the decoder cannot take, accepted by the store, count as torn.
     store._decode = lambda raw: (_ for _ in ()).throw(msgspec.DecodeError("truncated"))
-    stats = torn_stress.ReadStats()
+    stats = selfcheck.ReadStats()
     torn_stress.read_round(store, keys, 2, size, stats, {})
     assert stats.torn == 1, stats
 
@@ -108,9 +106,9 @@ def test_final_state_check_detects_a_lost_or_stale_write(store):
     counter a writer wrote is reported."""
     size = 30
     for i in range(3):
-        k = torn_stress.key_of(i)
-        store.put(k, torn_stress.make_record(k, 4, size))
-    k0, k1, k2 = (torn_stress.key_of(i) for i in range(3))
+        k = selfcheck.key_of(i)
+        store.put(k, selfcheck.make_record(k, 4, size))
+    k0, k1, k2 = (selfcheck.key_of(i) for i in range(3))
     assert torn_stress.check_final(store, {k0: 4, k1: 4, k2: 4}, size) == []
     problems = torn_stress.check_final(store, {k0: 4, k1: 5, k2: 4}, size)
     assert len(problems) == 1 and k1 in problems[0]

@@ -30,20 +30,16 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import re
 
 import msgspec
 import posix_ipc
 
-from . import _layout as L
-from ._errors import CoordinatorRunningError, ShmStoreError
-from ._segment import pid_alive
+from shmstore import _layout as L
+from shmstore._api import destroy
+from shmstore._errors import CoordinatorRunningError, ShmStoreError
+from shmstore._segment import pid_alive
 
-SHM_DIR = "/dev/shm"
-_ENTRY = re.compile(r"^(?:sem\.)?shmstore\.([A-Za-z0-9_.-]{1,64})(@.*)?$")
-# What destroy() removes itself, under the store lock: cleanup must not unlink these
-# again after it, since a coordinator started in between may have made them anew.
-_KNOWN_SUFFIX = re.compile(r"^(|@ch|@lock|@redo|@bell|@r\d+|@w\d+|@t\..+|@x.+)$")
+SHM_DIR = L.SHM_DIR
 
 
 class StoreLeftovers(msgspec.Struct):
@@ -56,20 +52,8 @@ class StoreLeftovers(msgspec.Struct):
 
 
 def _group(prefix: str, names: list[str] | None) -> dict[str, list[str]]:
-    try:
-        listing = sorted(os.listdir(SHM_DIR))
-    except FileNotFoundError:
-        return {}
-    groups: dict[str, list[str]] = {}
-    for entry in listing:
-        m = _ENTRY.match(entry)
-        if m is None:
-            continue
-        name = m.group(1)
-        if not name.startswith(prefix) or (names and name not in names):
-            continue
-        groups.setdefault(name, []).append(entry)
-    return groups
+    return {name: entries for name, entries in L.shm_entries().items()
+            if name.startswith(prefix) and not (names and name not in names)}
 
 
 def _mappers(me: int) -> dict[str, set[int]]:
@@ -180,8 +164,6 @@ def remove(item: StoreLeftovers) -> list[str]:
         CoordinatorRunningError: a coordinator started serving it meanwhile.
     """
     try:
-        from ._api import destroy
-
         destroy(item.name)
     except CoordinatorRunningError:
         raise
@@ -191,10 +173,10 @@ def remove(item: StoreLeftovers) -> list[str]:
     # (e.g. a tool's stop semaphore) goes here. Not the known names: a coordinator that
     # started after destroy() may have made them anew.
     for entry in item.entries:
-        m = _ENTRY.match(entry)
-        if m is not None and not _KNOWN_SUFFIX.match(m.group(2) or ""):
+        parsed = L.parse_entry(entry)
+        if parsed is not None and L.entry_kind(parsed[1]) is None:
             try:
                 os.unlink(os.path.join(SHM_DIR, entry))
             except FileNotFoundError:
                 pass
-    return sorted(set(item.entries) & set(os.listdir(SHM_DIR)))
+    return sorted(set(item.entries) & set(L.store_entries(item.name)))

@@ -1,4 +1,4 @@
-"""The benchmark's building blocks: rows, targets, timing, child processes, formats."""
+"""The benchmark's building blocks: rows, targets, timing, child processes."""
 
 from __future__ import annotations
 
@@ -186,35 +186,3 @@ def read_line(p: subprocess.Popen, timeout: float) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# -- formatting ---------------------------------------------------------------------------
-
-
-def fmt_value(v: float | None, unit: str) -> str:
-    if v is None:
-        return "-"
-    if unit == "ns/op":
-        if v < 1e3:
-            return f"{v:.0f} ns"
-        if v < 1e6:
-            return f"{v / 1e3:.2f} us"
-        return f"{v / 1e6:.2f} ms"
-    if unit == "bytes":
-        return fmt_bytes(v)
-    return fmt_rate(v)
-
-
-def fmt_rate(v: float) -> str:
-    if v >= 1e6:
-        return f"{v / 1e6:.2f} M/s"
-    if v >= 1e3:
-        return f"{v / 1e3:.1f} k/s"
-    return f"{v:.0f} /s"
-
-
-def fmt_bytes(v: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(v) >= size:
-            return f"{v / size:.1f} {unit}"
-    return f"{v:.0f} B"

@@ -9,7 +9,7 @@ import signal
 import time
 from typing import Any
 
-from ._bench import Bench
+from ._suite import Bench
 from ._core import Config, log
 from ._report import chart, machine_info, markdown, warn_load
 from ._specs import GROUPS, SPECS

@@ -1,7 +1,7 @@
 """The measures that need several processes: writers, readers under a writer, durable
 writers, and memory.
 
-Every child runs ``python -m shmstore._bench._peers`` and is driven over pipes: all
+Every child runs ``python shmstore/_tools/_bench/_peers.py`` and is driven over pipes: all
 children of a measure start up front and sit idle (blocked on a pipe) except during
 their own rounds, and the rounds of the systems interleave, so a change of background
 load hits every system alike. A warm-up round per system is excluded.
@@ -37,7 +37,7 @@ def _ready(procs: list[subprocess.Popen]) -> None:
 
 
 class Procs:
-    """Mixin of :class:`~shmstore._bench._bench.Bench`: the multi-process measures."""
+    """Mixin of :class:`~shmstore._tools._bench._suite.Bench`: the multi-process measures."""
 
     def _writer_target(self, system: str, durable: bool) -> tuple[str, str]:
         if system == "shmstore":

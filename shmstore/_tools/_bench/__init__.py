@@ -8,7 +8,7 @@ imported only when used, and their rows are reported as skipped, with the reason
 when missing.
 
 Modules: ``_specs`` (what is measured), ``_core`` (timing, rows, child processes),
-``_reads`` (in-process loops), ``_procs`` (multi-process measures), ``_bench`` (data
+``_reads`` (in-process loops), ``_procs`` (multi-process measures), ``_suite`` (data
 sets, setup, order), ``_report`` (Markdown, JSON, chart), ``_peers`` (peer servers
 and the child processes), ``_main`` (the command line).
 """

@@ -24,6 +24,12 @@ The verdict, each line of which must read 0:
 - unexpected errors: any exception other than the CoordinatorUnavailableError /
   StoreTimeoutError that clients meet by design while the coordinator is down.
 
+Scenarios (``--scenario``): ``mixed``, the run above (the default); ``torn``
+(``_stress_torn``), readers that stall mid-read against writers that move records out
+of their slots and back, checked against each writer's last counters; ``crash``
+(``_stress_crash``), a durable store's coordinator SIGKILLed again and again, the store
+checked after every restart against an exact model of what was acknowledged.
+
 Exit status: 0 all zero; 1 a violation (or a worker that hung or crashed on its
 own); 2 bad arguments; 130 interrupted (Ctrl-C or SIGTERM) without a violation in
 the partial report. Whatever happens, workers and coordinator are stopped and the
@@ -46,7 +52,9 @@ from typing import TextIO
 import msgspec
 
 import shmstore
+from shmstore import _layout as L
 
+from ._format import duration_ns, human
 from ._selfcheck import VALUE_OVERHEAD, key_of, make_record
 from ._stress_workers import (
     HIST_BUCKETS,
@@ -54,8 +62,9 @@ from ._stress_workers import (
     check_final,
     hist_quantile,
     read_acks,
-    read_snapshots,
+    read_progress,
     reader_main,
+    reap,
     writer_main,
 )
 
@@ -134,8 +143,8 @@ class StressReport(msgspec.Struct):
             f"{o.value_size}-byte values, sync {o.sync}, {self.seconds:.1f} s, seed {self.seed}",
             f"  crash injection     coordinator killed {self.coordinator_kills}x, readers killed "
             f"{self.reader_kills}x, writers killed {self.writer_kills}x",
-            f"  reads               {self.reads:,} ({_rate(self.reads / t)}/s), {self.read_retries:,} retried",
-            f"  writes              {self.writes:,} ({_rate(self.writes / t)}/s), {self.acks:,} acknowledged "
+            f"  reads               {self.reads:,} ({human(self.reads / t)}/s), {self.read_retries:,} retried",
+            f"  writes              {self.writes:,} ({human(self.writes / t)}/s), {self.acks:,} acknowledged "
             f"records, {self.uncertain:,} uncertain (the coordinator died with them in flight)",
             f"  read latency        {_lat(self.read_hist, self.read_max_ns)}",
             f"  write latency       {_lat(self.write_hist, self.write_max_ns)}",
@@ -155,26 +164,11 @@ class StressReport(msgspec.Struct):
         return "\n".join(lines)
 
 
-def _rate(x: float) -> str:
-    from ._cli import human  # noqa: PLC0415
-
-    return human(x)
-
-
-def _ns(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.0f} ns"
-
-
 def _lat(hist: list[int], mx: int) -> str:
     if not hist or not sum(hist):
         return "-"
-    return (f"p50 {_ns(hist_quantile(hist, 0.5))}  p99 {_ns(hist_quantile(hist, 0.99))}  "
-            f"max {_ns(mx)}  (p50/p99: bucket upper edges, within 9%)")
+    return (f"p50 {duration_ns(hist_quantile(hist, 0.5))}  p99 {duration_ns(hist_quantile(hist, 0.99))}  "
+            f"max {duration_ns(mx)}  (p50/p99: bucket upper edges, within 9%)")
 
 
 # -- the run -------------------------------------------------------------------------
@@ -275,16 +269,16 @@ class StressRun:
         self.start(w.role, w.id)
 
     def totals(self) -> StressReport:
-        """The workers' counts so far (every generation's last snapshot)."""
+        """The workers' counts so far (every generation's last progress file)."""
         r = self.report
-        snaps = read_snapshots(self.run_dir)
+        progs = read_progress(self.run_dir)
         fields = ("reads", "read_retries", "torn", "violations", "missing", "errors", "expected_errors",
                   "writes", "acks", "uncertain")
         sums = dict.fromkeys(fields, 0)
         rh, wh = [0] * HIST_BUCKETS, [0] * HIST_BUCKETS
         rmax = wmax = 0
         examples: list[str] = []
-        for s in snaps:
+        for s in progs:
             for f in fields:
                 sums[f] += getattr(s, f)
             h = rh if s.role == "reader" else wh
@@ -309,8 +303,8 @@ class StressRun:
         frac = min(1.0, el / self.o.seconds)
         bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
         bad = r.torn + r.violations + r.missing + r.errors
-        line = (f"[{bar}] {el:5.1f}/{self.o.seconds:g} s  reads {_rate(r.reads)} ({_rate(r.reads / max(el, 1e-9))}/s)"
-                f"  writes {_rate(r.writes)}  kills c{r.coordinator_kills} r{r.reader_kills} "
+        line = (f"[{bar}] {el:5.1f}/{self.o.seconds:g} s  reads {human(r.reads)} ({human(r.reads / max(el, 1e-9))}/s)"
+                f"  writes {human(r.writes)}  kills c{r.coordinator_kills} r{r.reader_kills} "
                 f"w{r.writer_kills}  violations {bad}")
         if self.err.isatty():
             self.err.write("\r\x1b[2K" + line + ("\n" if final else ""))
@@ -385,16 +379,8 @@ class StressRun:
         try:
             with open(os.path.join(self.run_dir, "stop"), "w"):
                 pass
-            deadline = time.monotonic() + 15
-            for w in self.workers:
-                w.proc.join(max(0.0, deadline - time.monotonic()))
-            for w in self.workers:
-                if w.proc.is_alive():
-                    r.problems.append(f"{w.role} {w.id} did not stop within 15 s; killed")
-                    w.proc.kill()
-                    w.proc.join()
-                elif w.proc.exitcode != 0:
-                    r.problems.append(f"{w.role} {w.id} (gen {w.gen}) exited with {w.proc.exitcode}")
+            r.problems += reap([(f"{w.role} {w.id} (gen {w.gen})", w.proc) for w in self.workers],
+                               time.monotonic() + 15, "did not stop within 15 s; killed")
             self.totals()
             self._check_store()
         except shmstore.ShmStoreError as e:
@@ -437,9 +423,7 @@ class StressRun:
         except shmstore.ShmStoreError as e:
             self.report.problems.append(f"cleanup: {e}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        from ._demo import shm_leftovers  # noqa: PLC0415
-
-        left = shm_leftovers(self.name)
+        left = L.store_entries(self.name)
         if left:
             self.report.problems.append(f"left in /dev/shm: {', '.join(left)}")
 
@@ -473,8 +457,18 @@ def _count(lo: int, hi: int):
     return parse
 
 
+SCENARIOS = ("mixed", "torn", "crash")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The stress options (shared by ``shmstore stress`` and ``scripts/stress.py``)."""
+    p.add_argument("--scenario", choices=SCENARIOS, default="mixed",
+                   help="mixed: readers and writers, optional kills (this module; the default); "
+                        "torn: readers that stall mid-read against writers rewriting slots "
+                        "(_stress_torn; uses --readers --writers --seconds --ops --keys --value-size "
+                        "--start-method --name); crash: SIGKILL a durable store's coordinator again and "
+                        "again, checking an exact model of what was acknowledged (_stress_crash; uses "
+                        "--writers --seconds --kills --destroy --sync --seed)")
     p.add_argument("--readers", type=_count(0, 256), default=4, metavar="N", help="reader processes (default 4)")
     p.add_argument("--writers", type=_count(1, 256), default=2, metavar="M", help="writer processes (default 2)")
     p.add_argument("--seconds", type=_nonneg, default=10.0, metavar="S", help="how long to run (default 10)")
@@ -491,19 +485,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
     p.add_argument("--name", default=None, help="store name (default stress-<pid>; it must not exist)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p.add_argument("--ops", type=_count(0, 1 << 40), default=0, metavar="N",
+                   help="torn: writes per writer, 0 = until --seconds (default 0)")
+    p.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
+                   help="torn: the workers' multiprocessing start method (default fork)")
+    p.add_argument("--kills", type=_count(1, 1 << 30), default=200, metavar="N",
+                   help="crash: stop after this many coordinator kills, or --seconds (default 200)")
+    p.add_argument("--destroy", type=_fraction, default=0.5, metavar="P",
+                   help="crash: probability of destroying the segment after a kill, the reboot case "
+                        "(default 0.5)")
+
+
+def _fraction(text: str) -> float:
+    x = _nonneg(text)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a probability, from 0 to 1")
+    return x
 
 
 def run_from_args(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
+    scenario = getattr(args, "scenario", "mixed")
+    if args.seconds <= 0:
+        print("shmstore: error: --seconds must be more than 0", file=sys.stderr)
+        return EXIT_USAGE
+    if scenario == "crash":
+        if args.sync == "never":
+            args.sync = "always"  # the scenario is about a durable store
+        from ._stress_crash import run_and_report  # noqa: PLC0415  (a scenario loads when run)
+
+        return run_and_report(kills=args.kills, seconds=args.seconds, writers=args.writers,
+                              destroy=args.destroy, sync=args.sync, seed=args.seed, out=out)
     if args.writers > args.keys:
         print(f"shmstore: error: --keys ({args.keys}) must be at least --writers ({args.writers}): "
               f"each key has one writer", file=sys.stderr)
         return EXIT_USAGE
-    if args.seconds <= 0:
-        print("shmstore: error: --seconds must be more than 0", file=sys.stderr)
-        return EXIT_USAGE
     if args.name is not None:
-        shmstore._layout.check_name(args.name)
+        L.check_name(args.name)
+    if scenario == "torn":
+        if args.readers < 1:
+            print("shmstore: error: --scenario torn needs --readers of at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        from ._stress_torn import run_and_report  # noqa: PLC0415  (a scenario loads when run)
+
+        return run_and_report(readers=args.readers, writers=args.writers, keys=args.keys,
+                              value_size=args.value_size, ops=args.ops, seconds=args.seconds,
+                              method=args.start_method, name=args.name, out=out)
     opts = StressOptions(readers=args.readers, writers=args.writers, seconds=args.seconds, keys=args.keys,
                          value_size=args.value_size, sync=args.sync, kill_coordinator=args.kill_coordinator,
                          kill_clients=args.kill_clients, seed=args.seed, name=args.name, progress=args.progress)

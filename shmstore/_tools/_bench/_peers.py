@@ -4,21 +4,21 @@ the child processes it runs.
 Run as a module it is one of the benchmark's child processes. The parent passes only
 names, paths and ints on the command line; everything else goes over pipes::
 
-    python shmstore/_bench/_peers.py echo FD
+    python shmstore/_tools/_bench/_peers.py echo FD
         the far end of the socketpair ping-pong floor: echo each byte until EOF
-    python shmstore/_bench/_peers.py writer SYSTEM TARGET WORKER_ID [TAG NKEYS]
+    python shmstore/_tools/_bench/_peers.py writer SYSTEM TARGET WORKER_ID [TAG NKEYS]
         a client doing sync puts. SYSTEM is shmstore (TARGET: store name), redis
         (TARGET: unix socket path), lmdb-nosync or lmdb-sync (TARGET: environment
         directory). It writes its own keys ("w<id>-<n>"), or with TAG and NKEYS random
         keys of that data set.
-    python shmstore/_bench/_peers.py reader SYSTEM TARGET TAG NKEYS
+    python shmstore/_tools/_bench/_peers.py reader SYSTEM TARGET TAG NKEYS
         a client doing gets of random keys of a data set (lmdb: a read txn per get,
         so it sees the writer's changes).
 
 Writers and readers print "ready", then for every "go DURATION_NS" line on stdin work
 for that long and print "COUNT ELAPSED_NS"; "quit" or EOF ends them.
 
-    python shmstore/_bench/_peers.py memclient SYSTEM TARGET TAG NKEYS
+    python shmstore/_tools/_bench/_peers.py memclient SYSTEM TARGET TAG NKEYS
         prints "RSS0 USS0 RSS1 USS1": its memory before connecting, and after
         connecting and reading 1,000 random keys (the per-client overhead).
 """

@@ -1,5 +1,9 @@
-"""The operations commands of ``shmstore``: ``cleanup``, ``stress``, ``bench``, and the
-formatting helpers of ``stats`` (the rest of the command line is ``_cli``)."""
+"""The operations subcommands of ``shmstore``: cleanup, stress, bench, demo.
+
+``_main.build_parser`` calls :func:`register` with its ``add`` helper. Each command's
+program lives in ``shmstore._tools`` and is imported only when the command runs, but
+for stress: its options are the stress tool's own, so the parser needs its module.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +13,16 @@ from typing import Callable
 
 import shmstore
 import shmstore._layout
+from shmstore._tools._stress import add_arguments as add_stress_arguments
+from shmstore._tools._stress import run_from_args as run_stress
 
-EXIT_OK = 0
-EXIT_ERROR = 1
+from ._common import EXIT_ERROR, EXIT_OK, fail, positive_float, positive_int
 
-
-def _fail(message: str) -> None:
-    print(f"shmstore: error: {message}", file=sys.stderr)
-
-
-def _dur(x: float | None) -> str:
-    """Seconds as a short duration: '-', '850 ns', '12.3 us', '4.56 ms', '1.20 s'."""
-    if x is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if x >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x * 1e9:.0f} ns"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _hist_quantile(hist: list[int], q: float) -> int | None:
-    """The largest group size of the log2 bucket holding quantile ``q``."""
-    from shmstore._stats import hist_quantile  # noqa: PLC0415
-
-    x = hist_quantile(hist, q, 1.0)
-    return None if x is None else int(x) - 1
+MAX_DEMO_WORKERS = 256  # each takes a client block (~130 KiB of /dev/shm) of the demo store
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from shmstore._cleanup import examine, remove  # noqa: PLC0415
+    from shmstore._tools._cleanup import examine, remove  # noqa: PLC0415
 
     for n in args.names:
         shmstore._layout.check_name(n)
@@ -68,7 +44,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             continue
         print(f"removed {x.name}: {x.reason} ({what})")
         if left:
-            _fail(f"could not remove {', '.join(left)}")
+            fail(f"could not remove {', '.join(left)}")
             return EXIT_ERROR
     kept = len(found) - len(removable)
     verb = "would remove" if args.dry_run else "removed"
@@ -79,19 +55,18 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
-    from shmstore._stress import run_from_args  # noqa: PLC0415
-
-    return run_from_args(args)
+    return run_stress(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from shmstore._bench import main as bench_main  # noqa: PLC0415
+        from shmstore._tools._bench import main as bench_main  # noqa: PLC0415
     except ImportError as e:
-        if e.name not in ("shmstore._bench", None) and not str(e).endswith("'main'"):
+        if e.name not in ("shmstore._tools._bench", None) and not str(e).endswith("'main'"):
             raise
-        _fail("the benchmark runner (shmstore._bench) is not part of this shmstore build; "
-              "run scripts/bench.py from a source checkout")
+        # scripts/bench.py runs this same module, so it is no way out: the install is broken.
+        fail("the benchmark runner (shmstore._tools._bench) is missing from this shmstore "
+             "install; reinstall shmstore")
         return EXIT_ERROR
     argv = list(args.bench_args)
     if argv[:1] == ["--"]:
@@ -99,30 +74,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(argv) or 0)
 
 
-#: live clients listed under ``shmstore stats`` (the count is always shown)
-SHOW_CLIENTS = 10
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shmstore._tools._demo import run_demo  # noqa: PLC0415  (multiprocessing only when needed)
+
+    return run_demo(workers=args.workers, seconds=args.seconds, keys=args.keys)
 
 
-def client_table(clients: list) -> str:
-    """The live clients as a small table (empty string if there are none)."""
-    if not clients:
-        return ""
-    lines = ["", "", "       pid       age      reads cache hits  retries     writes  timeouts  write avg"
-                     "  write max"]
-    for c in sorted(clients, key=lambda c: c.pid)[:SHOW_CLIENTS]:
-        lines.append(f"  {c.pid:>8} {c.age:>8.0f}s {c.reads:>10,} {c.read_cache_hits:>10,} "
-                     f"{c.read_retries:>8,} {c.writes:>10,} {c.timeouts:>9,} "
-                     f"{_dur(c.write_latency_avg):>10} {_dur(c.write_latency_max):>10}")
-    if len(clients) > SHOW_CLIENTS:
-        lines.append(f"  ... and {len(clients) - SHOW_CLIENTS} more")
-    return "\n".join(lines)
+def _demo_workers(text: str) -> int:
+    return positive_int(text, MAX_DEMO_WORKERS)
 
 
-def add_ops_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``cleanup``, ``stress`` and ``bench`` with ``_cli.build_parser``'s ``add``."""
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the subcommands through ``_main.build_parser``'s ``add`` helper."""
     p = add("cleanup", cmd_cleanup,
             "remove stores left in /dev/shm by dead coordinators (never one that a live "
-            "coordinator serves or a live process maps; see shmstore/_cleanup.py)",
+            "coordinator serves or a live process maps; see shmstore/_tools/_cleanup.py)",
             "shmstore cleanup --dry-run          # list what would go, and why\n"
             "shmstore cleanup                    # remove it\n"
             "shmstore cleanup --prefix demo- -v  # only stores named demo-*, say why others stay",
@@ -131,8 +97,6 @@ def add_ops_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prefix", default="", metavar="P", help="only stores whose name starts with P")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="also list the stores kept, and why")
-
-    from shmstore._stress import add_arguments as add_stress_arguments  # noqa: PLC0415
 
     p = add("stress", cmd_stress,
             "hammer a fresh store with reader and writer processes that check every record, "
@@ -143,9 +107,21 @@ def add_ops_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     add_stress_arguments(p)
 
     p = add("bench", cmd_bench,
-            "run the benchmarks (shmstore._bench); arguments after 'bench' go to it",
+            "run the benchmarks (shmstore._tools._bench); arguments after 'bench' go to it",
             "shmstore bench --quick              # options after 'bench' are the runner's\n"
             "shmstore bench -- --help            # the runner's own help", store=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="arguments for the benchmark runner (-h/--help right after 'bench' is this "
                         "help; 'bench -- --help' the runner's)")
+
+    p = add("demo", cmd_demo,
+            "run a coordinator and a pool of worker processes sharing a cache and counters, "
+            "with live stats and a consistency check at the end",
+            "shmstore demo                       # 4 workers, 5 seconds\n"
+            "shmstore demo --workers 8 --seconds 20 --keys 5000", store=False)
+    p.add_argument("--workers", type=_demo_workers, default=4, metavar="N",
+                   help=f"worker processes, 1 to {MAX_DEMO_WORKERS} (default: 4)")
+    p.add_argument("--seconds", type=positive_float, default=5.0, metavar="S",
+                   help="how long the workers run (default: 5)")
+    p.add_argument("--keys", type=positive_int, default=1000, metavar="K",
+                   help="product records in the shared cache (default: 1000)")

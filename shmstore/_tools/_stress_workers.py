@@ -1,4 +1,7 @@
-"""The processes of ``shmstore stress``: readers and writers (see ``_stress``).
+"""The processes of ``shmstore stress``: readers and writers (see ``_stress``), and the
+harness every stress scenario shares: start a worker, its progress file, run its body
+and leave, reap the workers (the torn scenario, ``_stress_torn``, runs its own readers
+and writers on it).
 
 Workers are forked; each gets names and ints only, connects to the store by name and
 leaves through ``os._exit``. What they tell the parent lives in files of the run
@@ -9,7 +12,7 @@ of counts and never an acknowledgement:
   write, with one ``write()`` on an ``O_APPEND`` file *after* the store acknowledged
   it (the kernel keeps it when the process dies);
 - ``<role><id>-g<gen>.json``: counts and latency histograms, replaced atomically every
-  ``SNAPSHOT_EVERY`` seconds and at exit.
+  ``PROGRESS_EVERY`` seconds and at exit.
 
 The stop signal is the file ``stop`` in the run directory (checked every few hundred
 ops), or the parent's death.
@@ -18,6 +21,7 @@ ops), or the parent's death.
 from __future__ import annotations
 
 import math
+import multiprocessing.process
 import os
 import random
 import signal
@@ -29,11 +33,13 @@ import msgspec
 
 import shmstore
 
-from . import _stats
-from ._errors import CoordinatorUnavailableError, ShmStoreError, StoreTimeoutError
+from shmstore import _channel as C
+from shmstore import _stats
+from shmstore._errors import CoordinatorUnavailableError, ShmStoreError, StoreTimeoutError
+
 from ._selfcheck import ReadStats, TornRead, check_record, key_of, make_record, verify
 
-SNAPSHOT_EVERY = 0.5
+PROGRESS_EVERY = 0.5
 CHECK_EVERY = 256  # ops between looks at the stop file
 HIST_BUCKETS = 8 * 40  # 8 buckets per power of two, up to 2**40 ns
 #: errors a reader or writer meets, by design, while the coordinator is dead or restarting
@@ -57,7 +63,7 @@ def hist_quantile(hist: list[int], q: float) -> float | None:
     return _stats.hist_quantile(hist, q, upper=hist_upper)
 
 
-class Snapshot(msgspec.Struct):
+class Progress(msgspec.Struct):
     """What one worker generation reports (the file it replaces every half second)."""
 
     role: str
@@ -77,6 +83,7 @@ class Snapshot(msgspec.Struct):
     hist: list[int] = []
     max_ns: int = 0
     examples: list[str] = []
+    finals: dict[str, int] = {}  # torn scenario: the last counter this writer wrote per key
     done: bool = False
 
 
@@ -85,14 +92,16 @@ def _paths(run_dir: str, role: str, wid: int, gen: int) -> tuple[str, str]:
             os.path.join(run_dir, f"acks-w{wid}-g{gen}.log"))
 
 
-def _save(path: str, snap: Snapshot) -> None:
+def save_progress(path: str, prog: Progress) -> None:
+    """Replace the worker's progress file atomically (a reader never sees half of one)."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(snap))
+        f.write(msgspec.json.encode(prog))
     os.replace(tmp, path)
 
 
-def _start_worker() -> None:
+def start_worker() -> None:
+    """A forked or spawned worker's first step: the parent owns Ctrl-C, SIGTERM kills."""
     # The parent handles Ctrl-C and tells us to stop; the signals were blocked across
     # the fork, so none arrived before these dispositions took effect.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -104,19 +113,21 @@ def _should_stop(stop_path: str, parent: int) -> bool:
     return os.path.exists(stop_path) or os.getppid() != parent
 
 
-def _run(body: Callable[[Snapshot], None], snap: Snapshot, path: str) -> None:
+def run_worker(body: Callable[[Progress], None], prog: Progress, path: str) -> None:
+    """Run a worker's ``body``, count what it raises as an error, save its progress
+    (``done``) and leave the process through ``os._exit`` (0: the body returned)."""
     code = 1
     try:
-        body(snap)
+        body(prog)
         code = 0
-    except BaseException as e:  # noqa: BLE001 - reported in the snapshot, then exit
-        snap.errors += 1
-        if len(snap.examples) < 5:
-            snap.examples.append(f"{type(e).__name__}: {e}")
+    except BaseException as e:  # noqa: BLE001 - reported in the progress file, then exit
+        prog.errors += 1
+        if len(prog.examples) < 5:
+            prog.examples.append(f"{type(e).__name__}: {e}")
     finally:
         try:
-            snap.done = True
-            _save(path, snap)
+            prog.done = True
+            save_progress(path, prog)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -127,23 +138,23 @@ def reader_main(name: str, rid: int, gen: int, nkeys: int, size: int, run_dir: s
                 seed: int, parent: int) -> None:
     """Read random keys (``get``; every 16th round a ``get_many`` of 16) and verify
     each value and each key's counter monotonicity, until told to stop."""
-    _start_worker()
+    start_worker()
     path, _ = _paths(run_dir, "reader", rid, gen)
-    snap = Snapshot(role="reader", id=rid, gen=gen, pid=os.getpid(), hist=[0] * HIST_BUCKETS)
+    prog = Progress(role="reader", id=rid, gen=gen, pid=os.getpid(), hist=[0] * HIST_BUCKETS)
 
-    def body(snap: Snapshot) -> None:
+    def body(prog: Progress) -> None:
         rng = random.Random(seed)
         keys = [key_of(i) for i in range(nkeys)]
         stop_path = os.path.join(run_dir, "stop")
         st = ReadStats()
         last: dict[str, int] = {}
-        hist = snap.hist
+        hist = prog.hist
         clock = time.perf_counter_ns
         log2 = math.log2
         top = HIST_BUCKETS - 1
         store = shmstore.connect(name, timeout=5.0)
         get = store.get
-        next_save = time.monotonic() + SNAPSHOT_EVERY
+        next_save = time.monotonic() + PROGRESS_EVERY
         rounds = 0
         try:
             while not _should_stop(stop_path, parent):
@@ -154,7 +165,7 @@ def reader_main(name: str, rid: int, gen: int, nkeys: int, size: int, run_dir: s
                         try:
                             values = store.get_many(batch)
                         except EXPECTED_ERRORS:
-                            snap.expected_errors += 1
+                            prog.expected_errors += 1
                             continue
                         for k, v in zip(batch, values):
                             verify(st, last, k, v, size)
@@ -164,7 +175,7 @@ def reader_main(name: str, rid: int, gen: int, nkeys: int, size: int, run_dir: s
                     try:
                         v = get(k)
                     except EXPECTED_ERRORS:
-                        snap.expected_errors += 1
+                        prog.expected_errors += 1
                         continue
                     except (msgspec.DecodeError, msgspec.ValidationError) as e:
                         st.reads += 1
@@ -173,35 +184,35 @@ def reader_main(name: str, rid: int, gen: int, nkeys: int, size: int, run_dir: s
                         continue
                     dt = clock() - t0
                     hist[min(top, int(log2(dt) * 8)) if dt > 1 else 0] += 1
-                    if dt > snap.max_ns:
-                        snap.max_ns = dt
+                    if dt > prog.max_ns:
+                        prog.max_ns = dt
                     verify(st, last, k, v, size)
                 if time.monotonic() >= next_save:
-                    _fill(snap, st, store)
-                    _save(path, snap)
-                    next_save = time.monotonic() + SNAPSHOT_EVERY
+                    _fill(prog, st, store)
+                    save_progress(path, prog)
+                    next_save = time.monotonic() + PROGRESS_EVERY
         finally:
-            _fill(snap, st, store)
+            _fill(prog, st, store)
             store.close()
 
-    _run(body, snap, path)
+    run_worker(body, prog, path)
 
 
-def _fill(snap: Snapshot, st: ReadStats, store: shmstore.Store) -> None:
-    snap.reads, snap.torn, snap.violations, snap.missing = st.reads, st.torn, st.violations, st.missing
-    snap.examples = (snap.examples + st.examples)[:5] if st.examples else snap.examples
-    snap.read_retries = store._counters.totals()[1]
+def _fill(prog: Progress, st: ReadStats, store: shmstore.Store) -> None:
+    prog.reads, prog.torn, prog.violations, prog.missing = st.reads, st.torn, st.violations, st.missing
+    prog.examples = (prog.examples + st.examples)[:5] if st.examples else prog.examples
+    prog.read_retries = store._counters.totals()[1]
 
 
 def writer_main(name: str, wid: int, gen: int, nwriters: int, nkeys: int, size: int, run_dir: str,
                 seed: int, parent: int) -> None:
     """Rewrite this writer's keys (``i % nwriters == wid``) with rising counters, logging
     every acknowledged write; every 10th request is a batch of two keys."""
-    _start_worker()
+    start_worker()
     path, ack_path = _paths(run_dir, "writer", wid, gen)
-    snap = Snapshot(role="writer", id=wid, gen=gen, pid=os.getpid(), hist=[0] * HIST_BUCKETS)
+    prog = Progress(role="writer", id=wid, gen=gen, pid=os.getpid(), hist=[0] * HIST_BUCKETS)
 
-    def body(snap: Snapshot) -> None:
+    def body(prog: Progress) -> None:
         rng = random.Random(seed)
         mine = [i for i in range(nkeys) if i % nwriters == wid]
         stop_path = os.path.join(run_dir, "stop")
@@ -218,7 +229,7 @@ def writer_main(name: str, wid: int, gen: int, nwriters: int, nkeys: int, size: 
             except TornRead as e:
                 raise TornRead(f"at writer start: {e}") from None
         fd = os.open(ack_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        next_save = time.monotonic() + SNAPSHOT_EVERY
+        next_save = time.monotonic() + PROGRESS_EVERY
         n = 0
         try:
             while mine and not _should_stop(stop_path, parent):
@@ -231,7 +242,7 @@ def writer_main(name: str, wid: int, gen: int, nwriters: int, nkeys: int, size: 
                     for i in ks:
                         counter[i] += 1
                     t0 = clock()
-                    snap.writes += 1
+                    prog.writes += 1
                     try:
                         if len(ks) == 1:
                             versions = [store.put(key_of(ks[0]), make_record(key_of(ks[0]), counter[ks[0]], size))]
@@ -243,26 +254,50 @@ def writer_main(name: str, wid: int, gen: int, nwriters: int, nkeys: int, size: 
                     except EXPECTED_ERRORS:
                         # Sent or not, applied or not: the next write of the key takes
                         # the next counter, so readers still see counters only rise.
-                        snap.uncertain += 1
+                        prog.uncertain += 1
                         if _should_stop(stop_path, parent):
                             break
                         time.sleep(0.005)
                         continue
                     dt = clock() - t0
-                    snap.hist[hist_index(dt)] += 1
-                    if dt > snap.max_ns:
-                        snap.max_ns = dt
+                    prog.hist[hist_index(dt)] += 1
+                    if dt > prog.max_ns:
+                        prog.max_ns = dt
                     # Invariant: logged only after the store acknowledged it.
                     os.write(fd, "".join(f"{i} {counter[i]} {v}\n" for i, v in zip(ks, versions)).encode())
-                    snap.acks += len(ks)
+                    prog.acks += len(ks)
                 if time.monotonic() >= next_save:
-                    _save(path, snap)
-                    next_save = time.monotonic() + SNAPSHOT_EVERY
+                    save_progress(path, prog)
+                    next_save = time.monotonic() + PROGRESS_EVERY
         finally:
             os.close(fd)
             store.close()
 
-    _run(body, snap, path)
+    run_worker(body, prog, path)
+
+
+def reap(workers: list[tuple[str, multiprocessing.process.BaseProcess]], deadline: float,
+         hung: str) -> list[str]:
+    """Join every worker by ``deadline`` (``time.monotonic()``); kill those still running.
+
+    Args:
+        workers: ``(label, process)`` pairs; the label names the worker in problems.
+        hung: what to say of a worker that was still running, after its label.
+
+    Returns:
+        One problem per worker that hung (and was killed) or exited non-zero.
+    """
+    problems = []
+    for _, p in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for label, p in workers:
+        if p.is_alive():
+            problems.append(f"{label} {hung}")
+            p.kill()
+            p.join()
+        elif p.exitcode != 0:
+            problems.append(f"{label} exited with {p.exitcode}")
+    return problems
 
 
 def read_acks(run_dir: str) -> dict[int, list[tuple[int, int]]]:
@@ -280,13 +315,13 @@ def read_acks(run_dir: str) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def read_snapshots(run_dir: str) -> list[Snapshot]:
+def read_progress(run_dir: str) -> list[Progress]:
     out = []
     for entry in os.listdir(run_dir):
         if entry.endswith(".json"):
             try:
                 with open(os.path.join(run_dir, entry), "rb") as f:
-                    out.append(msgspec.json.decode(f.read(), type=Snapshot))
+                    out.append(msgspec.json.decode(f.read(), type=Progress))
             except (OSError, msgspec.DecodeError):
                 continue  # replaced under us: the next look reads it
     return out
@@ -324,8 +359,6 @@ def check_final(store: shmstore.Store, nkeys: int, size: int,
 
 def attached(name: str, pid: int) -> bool:
     """True while a client block of the running coordinator is registered to ``pid``."""
-    from . import _channel as C
-
     try:
         ch = C.open_channel(name)
     except ShmStoreError:

@@ -1,7 +1,7 @@
 """The timed loops that run in the benchmark's own process: gets, get_many, puts.
 
 Each ``b_<measure>_<system>`` returns ``fn(n) -> elapsed ns of n ops``; the runner
-calibrates n, runs a warm-up, then the timed repeats (see ``_bench.Bench.run_timed``).
+calibrates n, runs a warm-up, then the timed repeats (see ``_suite.Bench.run_timed``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ MANY = 1_000
 
 
 class Reads:
-    """Mixin of :class:`~shmstore._bench._bench.Bench`: the in-process measures."""
+    """Mixin of :class:`~shmstore._tools._bench._suite.Bench`: the in-process measures."""
 
     # -- helpers -------------------------------------------------------------------------
 

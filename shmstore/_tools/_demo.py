@@ -37,18 +37,22 @@ import multiprocessing
 import os
 import queue
 import random
-import re
 import signal
 import sys
 import time
 import traceback
 from typing import TextIO
 
+import msgspec
+
 import shmstore
-from shmstore._cli import human
+from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, CoordinatorUnavailableError, ShmStoreError
-from shmstore._stress_workers import HIST_BUCKETS as _HIST_BUCKETS
-from shmstore._stress_workers import hist_index, hist_quantile
+from shmstore._segment import open_segment, pid_alive, process_start_ms
+
+from ._format import human, micros
+from ._stress_workers import HIST_BUCKETS as _HIST_BUCKETS
+from ._stress_workers import hist_index, hist_quantile
 
 #: What each worker sends back, in this order, as plain ints.
 REPORT_FIELDS = ("worker", "reads", "hits", "misses", "get_many", "writes", "batches",
@@ -65,6 +69,9 @@ SESSIONS_KEPT = 32  # sessions per worker before the oldest expires
 FLUSH_EVERY = 0.2  # seconds between counter flushes / progress updates in a worker
 CHECK_EVERY = 32  # ops between looks at the stop flag
 STOP_KEY = "demo:stop"
+#: [pid, start ms] of the demo process that owns the store: a later demo removes the
+#: store only once that very process is gone (a reused pid has another start time)
+OWNER_KEY = "demo:owner"
 SHOW_WORKERS = 16  # rows of the summary table; the totals count every worker
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -118,9 +125,10 @@ def _wkey(w: int, j: int) -> str:
 # -- the worker ----------------------------------------------------------------------
 
 
-def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: int, reports) -> None:
+def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: int, parent_start: int,
+                reports) -> None:
     """One worker process: run the mix until ``demo:stop`` (or until the demo process
-    ``parent`` is gone), then send its counts on ``reports``.
+    ``parent``, started at ``parent_start`` ms, is gone), then send its counts on ``reports``.
 
     ``parent`` is a pid, not ``os.getppid()``: under the forkserver start method the
     worker's parent is the fork server.
@@ -135,10 +143,10 @@ def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: i
     t["rh"], t["wh"] = [0] * HIST_BUCKETS, [0] * HIST_BUCKETS
     try:
         with shmstore.connect(name, timeout=2.0) as store:
-            _work(store, w, workers, keys, random.Random(seed), t, parent)
+            _work(store, w, workers, keys, random.Random(seed), t, parent, parent_start)
     except ShmStoreError as e:
         t["failed"] = 1
-        if not _pid_alive(parent):
+        if not pid_alive(parent, parent_start):
             return  # the demo was killed, and its coordinator stopped with it: no news
         first = str(e).split(". ")[0]  # the rest is advice for interactive use
         print(f"demo worker w{w} stopped: {type(e).__name__}: {first}", file=sys.stderr)
@@ -149,7 +157,7 @@ def worker_main(name: str, w: int, workers: int, keys: int, seed: int, parent: i
 
 
 def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Random, t: dict,
-          parent: int) -> None:
+          parent: int, parent_start: int) -> None:
     get, get_many = store.get, store.get_many
     clock = time.perf_counter_ns
 
@@ -218,7 +226,7 @@ def _work(store: shmstore.Store, w: int, workers: int, keys: int, rng: random.Ra
                 t["batches"] += 1
                 t["writes"] += 1
         if time.monotonic() >= next_flush:
-            if not _pid_alive(parent):
+            if not pid_alive(parent, parent_start):
                 return  # the demo was killed: nobody will read a report
             _flush(store, w, t, flushed)
             next_flush = time.monotonic() + FLUSH_EVERY
@@ -306,6 +314,7 @@ class _Run:
         self.reports_q = None
         self.reports: dict[int, dict[str, int]] = {}
         self.aborted = False  # Ctrl-C / SIGTERM: terminate the workers, ask nothing
+        self.start_ms = process_start_ms(os.getpid()) or 0
         per_worker = WALLETS + SESSIONS_KEPT + 2 + 1 + len(COUNTERS)
         self.capacity = 2 * (keys + keys // 4 + 1 + workers * per_worker + len(COUNTERS) + 8)
 
@@ -317,6 +326,7 @@ class _Run:
                                     max_clients=self.workers + 4, ring_size=64 * 1024,
                                     reply_size=64 * 1024)
         self.store = store = shmstore.connect(self.name)
+        store.put(OWNER_KEY, [os.getpid(), self.start_ms])
         self._seed()
         _say(self.out, f"shmstore demo: store {self.name!r}, coordinator pid {self.coord.pid}, "
                        f"{self.workers} workers, {self.seconds:g} s")
@@ -355,7 +365,7 @@ class _Run:
             for w in range(self.workers):
                 p = ctx.Process(target=worker_main, name=f"shmstore-demo-w{w}", daemon=True,
                                 args=(self.name, w, self.workers, self.keys, seed + w, os.getpid(),
-                                      self.reports_q))
+                                      self.start_ms, self.reports_q))
                 p.start()
                 self.procs.append(p)
         finally:
@@ -387,8 +397,8 @@ class _Run:
             dgroups = st.groups - prev[1].groups
             avg = (st.frames - prev[1].frames) / dgroups if dgroups else 0.0
             d = [a - b for a, b in zip(pr, prev[2])]
-            read_avg = _us(d[3] / d[4]) if d[4] else "-"
-            write_avg = _us(d[5] / d[6]) if d[6] else "-"
+            read_avg = micros(d[3] / d[4]) if d[4] else "-"
+            write_avg = micros(d[5] / d[6]) if d[6] else "-"
             _say(self.out, f"{now - t0:>6.1f}s {human(d[0] / dt):>9} "
                            f"{human(d[1] / dt):>9} {human((st.ops - prev[1].ops) / dt):>9} "
                            f"{human(dgroups / dt):>9} {avg:>10.2f} {pr[2]:>8,} {read_avg:>8} "
@@ -509,19 +519,14 @@ class _Run:
         if self.coord is not None:
             self.coord.stop()
         destroy_quietly(self.name)
-        return shm_leftovers(self.name)
-
-
-def _us(ns: float) -> str:
-    """Nanoseconds as a short string in us or ms."""
-    return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} us"
+        return L.store_entries(self.name)
 
 
 def _lat(hist: list[int], mx: int) -> str:
     if not hist or not sum(hist):
         return "-"
-    return (f"p50 {_us(hist_quantile(hist, 0.5))}, p99 {_us(hist_quantile(hist, 0.99))}, "
-            f"max {_us(mx)}")
+    return (f"p50 {micros(hist_quantile(hist, 0.5))}, p99 {micros(hist_quantile(hist, 0.99))}, "
+            f"max {micros(mx)}")
 
 
 def destroy_quietly(name: str) -> None:
@@ -536,38 +541,36 @@ def destroy_quietly(name: str) -> None:
 def remove_stale_demos() -> list[str]:
     """Destroy demo stores whose demo process is gone (a ``kill -9`` leaves them)."""
     removed = []
-    try:
-        entries = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        m = re.fullmatch(r"shmstore\.(demo-(\d+))", entry)
-        if m is None or _pid_alive(int(m.group(2))):
+    for name in L.shm_entries():
+        if not (name.startswith("demo-") and name[5:].isdigit()) or _owner_alive(name):
             continue
         try:
-            shmstore.destroy(m.group(1))
+            shmstore.destroy(name)
         except ShmStoreError:
             continue  # its coordinator still runs (it stops within a tick of its parent)
-        removed.append(m.group(1))
+        removed.append(name)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def _owner_alive(name: str) -> bool:
+    """True while the demo process that made store ``demo-<pid>`` may still run it."""
+    pid = int(name[5:])
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def shm_leftovers(name: str) -> list[str]:
-    """Entries of store ``name`` still in /dev/shm (segments and semaphores)."""
-    base = f"shmstore.{name}"
-    try:
-        entries = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return []
-    return sorted(e for e in entries
-                  if e == base or e.startswith(base + "@") or e.startswith(f"sem.{base}@"))
+        seg = open_segment(name, timeout=0.1)
+    except ShmStoreError:
+        seg = None  # no readable segment: the demo died before (or while) making it
+    owner = None
+    if seg is not None:
+        try:
+            found = seg.lookup(OWNER_KEY.encode())
+            if found is not None:
+                owner = msgspec.msgpack.decode(found[3])
+        except (ShmStoreError, msgspec.DecodeError):
+            pass
+        finally:
+            seg.close()
+    if owner is None:
+        # Not recorded yet: no start time to check against, so any process with the pid
+        # keeps the store (never a live demo's store removed).
+        return process_start_ms(pid) is not None
+    return pid_alive(owner[0], owner[1])

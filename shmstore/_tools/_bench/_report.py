@@ -9,7 +9,8 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from ._core import fmt_rate, fmt_value, log
+from .._format import figure, per_second
+from ._core import log
 from ._specs import GROUPS, SPECS
 
 
@@ -52,9 +53,9 @@ def markdown(bench: Any, meta: dict[str, Any]) -> str:
         if res.skipped:
             median, rate, ratio = f"skipped: {res.skipped.split(';')[0]}", "-", "-"
         else:
-            median = fmt_value(res.median, spec.unit)
+            median = figure(res.median, spec.unit)
             rate = ("-" if spec.unit == "bytes" else
-                    fmt_rate(1e9 / res.median if spec.unit == "ns/op" else res.median))
+                    per_second(1e9 / res.median if spec.unit == "ns/op" else res.median))
             r = bench.speedup(spec)
             ratio = "-" if r is None else f"{r:.2f}x"
             if spec.peer == "shmstore" and spec.unit != "bytes":
@@ -94,7 +95,7 @@ def markdown(bench: Any, meta: dict[str, Any]) -> str:
         for t in trows:
             r = "-" if t["speedup"] is None else f"{t['speedup']:.2f}x"
             out.append("| " + " | ".join(md_cell(c) for c in [
-                t["target"], fmt_value(t["shmstore"], t["unit"]), fmt_value(t["peer"], t["unit"]),
+                t["target"], figure(t["shmstore"], t["unit"]), figure(t["peer"], t["unit"]),
                 r, f">= {t['min_speedup']:.3g}x", t["status"].upper()]) + " |")
         out.append("")
     return "\n".join(out)

@@ -15,7 +15,8 @@ import uuid
 from typing import Any, Callable
 
 from . import _peers as peers
-from ._core import Children, Config, Result, Spec, calibrate, fmt_value, log, run_once
+from .._format import figure
+from ._core import Children, Config, Result, Spec, calibrate, log, run_once
 from ._procs import Procs
 from ._reads import MANY, Reads
 from ._specs import DATASETS, GROUPS, PROC_GROUPS, SPEC_BY_ID, SPECS, TARGETS, DataSet, MEMORY_PAIRS
@@ -263,7 +264,7 @@ class Bench(Reads, Procs):
 
     def finish(self, res: Result) -> None:
         self.results[res.spec.id] = res
-        shown = f"skipped: {res.skipped}" if res.skipped else fmt_value(res.median, res.spec.unit)
+        shown = f"skipped: {res.skipped}" if res.skipped else figure(res.median, res.spec.unit)
         log(f"  {res.spec.id:<36} {shown}")
 
     def _timed_fn(self, spec: Spec) -> Callable[[int], int]:

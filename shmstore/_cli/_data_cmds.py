@@ -1,6 +1,6 @@
 """The data subcommands of the ``shmstore`` command line: checkpoint, backup, restore, check.
 
-``shmstore._cli.build_parser`` calls :func:`register` with its ``add`` helper. Errors
+``_main.build_parser`` calls :func:`register` with its ``add`` helper. Errors
 follow the CLI's rules: one line ``shmstore: error: ...`` on stderr, exit 1 for a store
 error (and for ``check`` finding damage), 2 for bad usage.
 """
@@ -16,22 +16,18 @@ import msgspec
 
 import shmstore
 
-
-def _connect(args: argparse.Namespace) -> shmstore.Store:
-    from shmstore._cli import _connect as connect  # noqa: PLC0415  (_cli imports this module)
-
-    return connect(args)
+from ._common import UsageError, connect
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    with _connect(args) as store:
+    with connect(args) as store:
         epoch = store.checkpoint()
     print(epoch)
     return 0
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    with _connect(args) as store:
+    with connect(args) as store:
         epoch = store.backup(args.dest)
     print(f"store {args.name!r}: backup at epoch {epoch} written to {os.path.abspath(args.dest)}", file=sys.stderr)
     print(epoch)
@@ -48,8 +44,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from shmstore._cli import UsageError  # noqa: PLC0415
-
     if args.name is None and args.path is None:
         raise UsageError("check needs a store NAME, --path DIR, or both")
     report = shmstore.check(args.name, args.path, key_file=args.key_file)
@@ -64,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add the subcommands through ``_cli.build_parser``'s ``add`` helper."""
+    """Add the subcommands through ``_main.build_parser``'s ``add`` helper."""
     add("checkpoint", cmd_checkpoint, "make the coordinator of durable store NAME write a checkpoint now; "
         "print its epoch", "shmstore checkpoint app", timeout=True)
 

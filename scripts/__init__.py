@@ -1,0 +1,1 @@
+"""Tools run from a source checkout; tests import them as ``scripts.<name>``."""
