@@ -78,9 +78,11 @@ def test_vectorized_get_many_matches_per_key_gets(served, data, key_size):
     """Random puts and deletes, then get_many of random keys (str, bytes, colliding,
     NULs, not ASCII, the longest allowed; key_size 21 makes the last key word run into
     the value) agrees with per-key gets."""
-    n, _ = served(capacity=60, key_size=key_size, value_size=64)
+    n, coord = served(capacity=60, key_size=key_size, value_size=64)
     alphabet = ALPHABET + [b"x" * key_size, b"y" * (key_size - 1), "z" * key_size]
-    with shmstore.connect(n) as s:
+    # One coordinator per example, stopped when the example ends: left to the fixture's
+    # teardown, 60 of them ran at once and their stops outlasted the test's timeout.
+    with coord, shmstore.connect(n) as s:
         ops = data.draw(st.lists(st.tuples(st.sampled_from(["put", "del"]), st.sampled_from(alphabet),
                                            st.binary(max_size=40)), max_size=120))
         for op, k, v in ops:
