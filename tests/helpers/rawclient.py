@@ -118,7 +118,7 @@ def wal_files(path: str) -> list[str]:
 
 def wal_chain_end(path: str) -> str:
     """The WAL file of data directory ``path`` that no other file continues (the newest)."""
-    from shmstore.coordinator._wal import HEADER_SIZE, WalHeader
+    from shmstore.coordinator._durable._wal import HEADER_SIZE, WalHeader
 
     heads = {}
     for p in wal_files(path):
@@ -132,7 +132,7 @@ def wal_chain_end(path: str) -> str:
 def append_wal_record(wal_path: str, payload: bytes) -> int:
     """Append a record holding ``payload`` with a valid checksum, after every record
     the file holds, with an epoch after theirs; returns its offset."""
-    from shmstore.coordinator._wal import HEADER_SIZE, WalHeader, frame, scan_wal
+    from shmstore.coordinator._durable._wal import HEADER_SIZE, WalHeader, frame, scan_wal
 
     scan = scan_wal(wal_path, raw=True)
     last_eb = scan.records[-1][1] if scan.records else scan.header.start - 1
