@@ -45,7 +45,7 @@ VALUE = b"v" * 62  # msgpack bin8: 64 bytes encoded
 
 
 def _name(tag: str) -> str:
-    return f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    return f"dbench-{tag}-{uuid.uuid4().hex[:8]}"
 
 
 def _load(name: str, n: int, *, single: bool, first: int = 0) -> None:
@@ -168,9 +168,11 @@ def bench_checkpoint(name: str, path: str, root: str, results: dict) -> None:
 
 _WORKER = r"""
 import shmstore, sys, time
-name, wid, start, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+name, wid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 s = shmstore.connect(name, timeout=30)
 s.put(b"w%d-warm" % wid, b"x")
+print("ready", flush=True)
+start = float(sys.stdin.readline())  # the same instant for every worker, sent once all are ready
 while time.time() < start:
     time.sleep(0.001)
 end = start + seconds
@@ -211,10 +213,16 @@ def bench_writes(root: str, seconds: float, clients: list[int], results: dict) -
         coord = shmstore.serve(name, path=path, capacity=k * 1000 + 100, key_size=KEY_SIZE, value_size=64,
                                sync="always", timeout=60)
         try:
-            start = time.time() + 1.0 + 0.2 * k
-            procs = [subprocess.Popen([sys.executable, "-c", _WORKER, name, str(w), str(start), str(seconds)],
-                                      stdout=subprocess.PIPE, text=True) for w in range(k)]
-            counts = [int(pr.communicate(timeout=seconds + 120)[0]) for pr in procs]
+            procs = [subprocess.Popen([sys.executable, "-c", _WORKER, name, str(w), str(seconds)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                     for w in range(k)]
+            # Start the clock only once every worker has imported, connected and written:
+            # a fixed head start lost whole windows on a busy machine.
+            for pr in procs:
+                if pr.stdout.readline().strip() != "ready":
+                    raise RuntimeError("a durable-writes worker died before it was ready")
+            start = time.time() + 0.05
+            counts = [int(pr.communicate(f"{start}\n", timeout=seconds + 120)[0]) for pr in procs]
             q = open_segment(name)
             groups, frames, fsyncs, fsync_ns = q.q[41], q.q[42], q.q[52], q.q[53]
             q.close()
