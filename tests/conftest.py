@@ -1,4 +1,4 @@
-"""Fixtures: unique store names, a served store, and a leak check per test.
+"""Fixtures: unique store names, a served store, a leak check per test, the test clock.
 
 Every test gets names of its own (xdist-safe); whatever a test creates is destroyed in
 teardown even when the test fails, and the teardown fails the test if anything of its
@@ -7,9 +7,13 @@ stores is left in /dev/shm.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import shmstore
+from shmstore import _ttl
+from shmstore._ttl import CLOCK_ENV
 from tests.helpers.processes import shm_objects, unique_name
 
 
@@ -77,3 +81,24 @@ def store(served):
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def clock(tmp_path, monkeypatch):
+    """Set the test clock for this process and every process started from it.
+
+    Returns a function ``advance(seconds)`` that moves every process's clock forward.
+    """
+    path = tmp_path / "clock"
+    path.write_text("0")
+    monkeypatch.setenv(CLOCK_ENV, str(path))  # for the processes the test starts
+    monkeypatch.setattr(_ttl, "_clock_path", str(path))  # for this one (set_test_clock)
+    offset = [0.0]
+
+    def advance(seconds: float) -> None:
+        offset[0] += seconds
+        tmp = tmp_path / "clock.tmp"
+        tmp.write_text(repr(offset[0]))
+        os.replace(tmp, path)  # readers see the old or the new offset, never a torn one
+
+    return advance

@@ -15,7 +15,7 @@ import pytest
 import shmstore
 from shmstore import _layout as L
 from shmstore._segment import make_readers, open_segment
-from tests.test_seqlock import bucket_pos, writer_side
+from tests.helpers.seqlock import bucket_pos, colliding_keys, writer_side
 
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
@@ -68,9 +68,8 @@ def test_a_cached_miss_is_refused_when_its_empty_bucket_fills(served):
     """Keys sharing a home bucket: the miss of C is cached at the run's end; a put of
     C lands exactly there (no delete, so the generation does not move)."""
     with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
-        from tests.test_seqlock import _colliding_keys
 
-        a, b, c = (k.encode() for k in _colliding_keys(wseg.mask, 3))
+        a, b, c = (k.encode() for k in colliding_keys(wseg.mask, 3))
         eng.put(a, enc("a"))
         eng.put(b, enc("b"))
         reader = open_segment(n)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 
 import numpy as np
@@ -16,29 +15,7 @@ import pytest
 import shmstore
 from shmstore import _layout as L
 from shmstore import _ttl
-from shmstore._ttl import CLOCK_ENV
 from tests.helpers.processes import python, reap, wait_for
-
-
-@pytest.fixture
-def clock(tmp_path, monkeypatch):
-    """Set the test clock for this process and every process started from it.
-
-    Returns a function ``advance(seconds)`` that moves every process's clock forward.
-    """
-    path = tmp_path / "clock"
-    path.write_text("0")
-    monkeypatch.setenv(CLOCK_ENV, str(path))  # for the processes the test starts
-    monkeypatch.setattr(_ttl, "_clock_path", str(path))  # for this one (set_test_clock)
-    offset = [0.0]
-
-    def advance(seconds: float) -> None:
-        offset[0] += seconds
-        tmp = tmp_path / "clock.tmp"
-        tmp.write_text(repr(offset[0]))
-        os.replace(tmp, path)  # readers see the old or the new offset, never a torn one
-
-    return advance
 
 
 READER = """

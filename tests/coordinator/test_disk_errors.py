@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import pytest
 
 import shmstore
-from tests.test_ttl import clock  # noqa: F401  (the test clock fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

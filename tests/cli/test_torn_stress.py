@@ -21,7 +21,7 @@ import pytest
 from shmstore._tools import _selfcheck as selfcheck
 from shmstore._tools import _stress_torn as torn_stress
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

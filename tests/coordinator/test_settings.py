@@ -22,7 +22,7 @@ from shmstore.coordinator import _config
 from shmstore.coordinator._config import BY_NAME, CLI, FIELD, SERVE, SETTINGS
 from tests.helpers.processes import shm_objects
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_signature_is_the_tables():

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.processes import shm_objects
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "read_profile.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "read_profile.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
