@@ -59,7 +59,7 @@ expiries = st.one_of(st.just(0), ints, st.floats(allow_nan=True), st.integers(1,
 waits = st.one_of(st.sampled_from([0, 1, True, False]), ints)
 leaves = st.one_of(st.none(), st.booleans(), ints, st.floats(), st.binary(max_size=40), st.text(max_size=20))
 any_msgpack = st.recursive(leaves, lambda inner: st.one_of(
-    st.lists(inner, max_size=6), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)),
+    st.lists(inner, max_size=6), st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-100, 100)), inner, max_size=4)),
     max_leaves=30)
 batch_ops = st.lists(st.one_of(
     st.tuples(st.just(C.OP_PUT), keys, values).map(list),
