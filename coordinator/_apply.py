@@ -7,9 +7,11 @@ exist: it holds what applying needs and nothing else. The loop (``_server``) cop
 client's frames out of its ring and hands them to :meth:`Applier.apply_frames`, which
 runs them in ring order, one at a time, in the coordinator thread:
 
-1. decode the frame (msgpack ``[op, wait, *args]``, see ``shmstore._channel``);
+1. decode the frame (msgpack ``[op, wait, *args]``, see ``shmstore._channel``) into a
+   typed op (``_ops``): depth, arity, types and integer ranges are checked there, and a
+   frame that fails becomes a ``ProtocolError`` for its sender, nothing else;
 2. :meth:`Applier.apply` dispatches on the op. A write is validated fully before its first
-   store, so a malformed request changes nothing and becomes a ``ProtocolError``; it
+   store, so a malformed request changes nothing and becomes a typed error; it
    is applied through the :class:`Engine`, counted in the header and appended to the
    journal with the epoch before it. Reads, ping, checkpoint and backup are not
    logged; ops 24-31 go to ``_table.apply_extra``;
@@ -35,6 +37,7 @@ from shmstore._segment import Segment
 
 from ._durable._backup import start_backup
 from ._engine import Engine
+from . import _ops as O
 from ._expiry import Expirer
 from ._journal import Journal
 from ._replies import Deferred, Replies
@@ -43,7 +46,8 @@ from ._table import apply_extra
 #: ops that change the store: refused before they are applied while the WAL cannot be written
 WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH,
                        C.OP_TABLE_CREATE, C.OP_TABLE_WRITE))
-_decode = msgspec.msgpack.Decoder().decode
+_WRITES = frozenset(O.WRITES)
+decode_request = O.decode_request
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -97,12 +101,12 @@ class Applier:
             wait = True
             try:
                 if payload is None:
-                    raise ProtocolError("a frame overruns the client ring; the client is out of sync")
+                    raise ProtocolError("this client's ring words are out of sync with the coordinator (an impossible HEAD, TAIL or frame length); its channel is closed")
                 try:
-                    op = _decode(payload)
-                    wait = bool(op[1])
-                except (msgspec.DecodeError, IndexError, TypeError) as e:
-                    raise ProtocolError(f"undecodable request: {e}") from None
+                    op = decode_request(payload)
+                except msgspec.DecodeError as e:
+                    raise ProtocolError(f"malformed request: {str(e)[:200]}") from None
+                wait = bool(op.wait)
                 result = self.apply(op, payload)
                 status = C.ST_OK
             except ShmStoreError as e:
@@ -129,79 +133,64 @@ class Applier:
         return reply, err
 
 
-    def apply(self, op: list, payload: bytes) -> object:
-        """Apply one decoded request; returns its result or raises a ShmStoreError."""
+    def apply(self, op: O.Request, payload: bytes) -> object:
+        """Apply one decoded, shape-checked request (``_ops``); returns its result or
+        raises a ShmStoreError. Nothing is stored before every field is checked."""
         e = self.engine
         q = self.seg.q
-        kind = op[0]
-        if self.durable and kind in WRITE_OPS:
+        t = type(op)
+        if self.durable and t in _WRITES:
             self.journal.check_writable()  # raises StorageError while the disk fails
-        try:
-            if kind == C.OP_PUT:
-                _, _, kb, vb, expiry = op
-                e.check_key(kb)
-                e.check_value(vb)
-                epoch0 = e.epoch
-                result = e.put(kb, vb, expiry)
-                q[L.H_PUTS] += 1
-            elif kind == C.OP_DELETE:
-                _, _, kb = op
-                e.check_key(kb)
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.delete(kb)
-                q[L.H_DELETES] += 1
-                if not result:
-                    return result
-            elif kind == C.OP_CAS:
-                _, _, kb, vb, version, expiry = op
-                e.check_key(kb)
-                e.check_value(vb)
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.cas(kb, vb, version, expiry)
-                q[L.H_CAS] += 1
-            elif kind == C.OP_INCR:
-                _, _, kb, delta = op
-                e.check_key(kb)
-                if not isinstance(delta, int):
-                    raise ProtocolError("incr needs an integer delta")
-                self.expirer.purge(kb)
-                epoch0 = e.epoch
-                result = e.incr(kb, delta)
-                q[L.H_INCRS] += 1
-            elif kind == C.OP_BATCH:
-                _, _, ops = op
-                epoch0 = e.epoch
-                result = e.batch(ops, payload)
-                q[L.H_BATCHES] += 1
-            elif kind == C.OP_GET_MANY:
-                _, _, keys = op
-                q[L.H_FALLBACK_READS] += 1
-                return [e.get(kb) for kb in keys], e.epoch
-            elif kind == C.OP_PING:
-                return e.epoch
-            elif kind == C.OP_BACKUP:
-                return start_backup(op, self.seg, e, self.journal)
-            elif kind == C.OP_CHECKPOINT:
-                if not self.durable:
-                    raise DurabilityUnavailableError(
-                        f"store {self.seg.name!r} is memory-only (served without path=); there is "
-                        f"nothing to checkpoint to"
-                    )
-                self.journal.commit()  # this group's earlier ops go before the checkpoint
-                return self.journal.checkpoint()
-            elif C.OP_SNAPSHOT <= kind <= 31:
-                result, epoch0 = apply_extra(e, self.handovers, op, payload)  # coordinator/_table.py
-                if epoch0 is None:
-                    return result
-            else:
-                raise ProtocolError(f"unknown op {kind!r}")
-        except (ValueError, IndexError, TypeError) as err:  # a malformed request
-            # Ops validate fully before their first store, so nothing was written.
-            if isinstance(err, ShmStoreError):
-                raise
-            raise ProtocolError(f"malformed {C.OP_NAMES.get(kind, kind)} request: {err}") from None
+        if t is O.Put:
+            kb = e.check_key(op.key)
+            vb = e.check_value(op.value)
+            epoch0 = e.epoch
+            result = e.put(kb, vb, op.expiry)
+            q[L.H_PUTS] += 1
+        elif t is O.Delete:
+            kb = e.check_key(op.key)
+            self.expirer.purge(kb)
+            epoch0 = e.epoch
+            result = e.delete(kb)
+            q[L.H_DELETES] += 1
+            if not result:
+                return result
+        elif t is O.Cas:
+            kb = e.check_key(op.key)
+            vb = e.check_value(op.value)
+            self.expirer.purge(kb)
+            epoch0 = e.epoch
+            result = e.cas(kb, vb, op.version, op.expiry)
+            q[L.H_CAS] += 1
+        elif t is O.Incr:
+            kb = e.check_key(op.key)
+            self.expirer.purge(kb)
+            epoch0 = e.epoch
+            result = e.incr(kb, op.delta)
+            q[L.H_INCRS] += 1
+        elif t is O.Batch:
+            epoch0 = e.epoch
+            result = e.batch(op.ops, payload)
+            q[L.H_BATCHES] += 1
+        elif t is O.GetMany:
+            q[L.H_FALLBACK_READS] += 1
+            return [e.get(e.check_key(kb)) for kb in op.keys], e.epoch
+        elif t is O.Ping:
+            return e.epoch
+        elif t is O.Backup:
+            return start_backup([C.OP_BACKUP, op.wait, op.dest], self.seg, e, self.journal)
+        elif t is O.Checkpoint:
+            if not self.durable:
+                raise DurabilityUnavailableError(
+                    f"store {self.seg.name!r} is memory-only (served without path=); there is "
+                    f"nothing to checkpoint to"
+                )
+            self.journal.commit()  # this group's earlier ops go before the checkpoint
+            return self.journal.checkpoint()
+        else:  # snapshots and tables: coordinator/_table.py
+            result, epoch0 = apply_extra(e, self.handovers, op, payload)
+            if epoch0 is None:
+                return result
         q[L.H_OPS] += 1
         self.journal.append(epoch0, payload)
         return result

@@ -341,26 +341,29 @@ class Engine:
         return new_value
 
     def batch(self, ops: list, payload: bytes | None = None) -> list:
-        """Apply ``[[OP_PUT, key, value, expiry] | [OP_DELETE, key], ...]`` atomically.
+        """Apply a batch's ops (``_ops.BatchPut`` / ``_ops.BatchDelete``) atomically.
 
         Validation (key and value sizes, capacity) happens for the whole batch before
         the first store; then the ops apply in order inside one odd ``H_BATCH_SEQ``.
+        The ops' types and integer ranges were checked when they were decoded.
 
         Returns:
             Per op: the new version for a put, whether it existed for a delete.
         """
-        from shmstore._channel import OP_DELETE, OP_PUT
+        from ._ops import BatchDelete, BatchPut
 
         # Pass 1: validate everything and simulate the count of records.
         present: dict[bytes, bool] = {}
         count = self.q[L.H_COUNT]
         for op in ops:
-            kind = op[0]
-            kb = self.check_key(op[1])
+            t = type(op)
+            if t is not BatchPut and t is not BatchDelete:
+                raise ValueEncodingError(f"unknown op {op!r:.80} in a batch")
+            kb = self.check_key(op.key)
             if kb not in present:
                 present[kb] = self.find(kb, key_hash(kb))[1] >= 0
-            if kind == OP_PUT:
-                self.check_value(op[2])
+            if t is BatchPut:
+                self.check_value(op.value)
                 if not present[kb]:
                     count += 1
                     if count > self.capacity:
@@ -370,12 +373,10 @@ class Engine:
                             f"Nothing in the batch was written."
                         )
                 present[kb] = True
-            elif kind == OP_DELETE:
+            else:
                 if present[kb]:
                     count -= 1
                 present[kb] = False
-            else:
-                raise ValueEncodingError(f"unknown op {kind!r} in a batch")
         # Pass 2: apply. The redo copy goes first, so a death mid-batch rolls forward.
         q = self.q
         if self.redo is not None and payload is not None:
@@ -384,12 +385,12 @@ class Engine:
         results = []
         try:
             for op in ops:
-                kb = op[1]
+                kb = op.key
                 h = key_hash(kb)
                 pos, slot = self.find(kb, h)
                 epoch = self.next_epoch()
-                if op[0] == OP_PUT:
-                    results.append(self._store(kb, h, pos, slot, op[2], op[3] if len(op) > 3 else 0, epoch))
+                if type(op) is BatchPut:
+                    results.append(self._store(kb, h, pos, slot, op.value, op.expiry, epoch))
                 elif slot >= 0:
                     self._unlink(pos, slot, epoch)
                     results.append(True)

@@ -122,14 +122,15 @@ class Expirer:
         self.journal.append(epoch0, payload)
 
 
-def replay_expire(engine: object, op: list) -> None:
-    """Apply a logged OP_EXPIRE again (recovery). Each key must be there, expired.
+def replay_expire(engine: object, op: object) -> None:
+    """Apply a logged OP_EXPIRE (an ``_ops.Expire``) again (recovery). Each key must be
+    there, expired.
 
     Raises:
         CorruptionError: a key is missing or not expired at the logged instant: the
             log does not fit the state it is replayed onto.
     """
-    _, _, keys, now = op
+    keys, now = op.keys, op.now
     q = engine.q
     for kb in keys:
         _, slot = engine.find(engine.check_key(kb), key_hash(kb))

@@ -42,6 +42,7 @@ class ServerMetrics:
         self.q = seg_q
         self.chan = chan
         self.stride_words = chan.layout.stride // 8
+        self.ring_size = chan.layout.ring_size
         self.block0 = C.CH_HEADER // 8
         n = chan.layout.max_clients
         # Per block: the session and TAIL this run last saw when serving it, so the
@@ -68,7 +69,9 @@ class ServerMetrics:
             if sessions[i] != session:  # a new client: its ring started at 0
                 sessions[i] = session
                 tails[i] = 0
-            drained += tail - tails[i]
+            d = tail - tails[i]
+            if 0 < d <= self.ring_size:  # not a client refused for impossible ring words
+                drained += d
             tails[i] = tail
         q[L.H_QUEUE_BYTES] = drained
         if drained > q[L.H_QUEUE_BYTES_MAX]:

@@ -137,7 +137,19 @@ def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[s
             )
         import msgspec
 
-        ops = msgspec.msgpack.decode(blob)[2]
+        from ._ops import Batch, decode_logged
+
+        try:
+            op = decode_logged(blob)
+        except msgspec.DecodeError:
+            op = None
+        if type(op) is not Batch:
+            raise CorruptionError(
+                f"store {seg.name!r}: a batch was cut short by the previous coordinator's "
+                f"death and its redo copy is not a batch; the segment cannot be trusted. "
+                f"Destroy it and recover from the data directory."
+            )
+        ops = op.ops
         q[L.H_BATCH_SEQ] += 1  # even again; batch() makes it odd while re-applying
         engine.batch(ops)
         report["batch_redone"] = 1

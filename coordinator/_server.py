@@ -83,6 +83,7 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gunicorn's WORKER_BOOT_ERROR)
 
 TICK = 0.1  # seconds between heartbeats / reclaim scans
+_FRAME_HEAD = struct.Struct("<II")  # a ring frame's length and its zero word
 
 class CoordinatorServer:
     """Serve one store until stopped. Construction changes no process-wide state."""
@@ -249,6 +250,8 @@ class CoordinatorServer:
         # Byte offsets of each client block, computed once (ChannelLayout.stride is a
         # property: recomputing it twice per served client cost ~4% of a put).
         self.blocks = [ch.layout.block(i) for i in range(cfg.max_clients)]
+        self.ring_size = ch.layout.ring_size
+        self._refused: dict[int, int] = {}  # client -> the session logged as out of sync
         self.replies = Replies(ch, self.blocks, self.done, self.deferred, self.active, self.reply_sems)
         self.applier = Applier(seg=seg, engine=self.engine, journal=self.journal, expirer=self.expirer,
                                handovers=self.handovers, replies=self.replies, durable=self.durable)
@@ -403,8 +406,8 @@ class CoordinatorServer:
         tails = self.tails
         served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
         nframes = 0
-        for i in self.active:
-            if heads[i] > tails[i] and i not in self.deferred:  # a deferred client waits
+        for i in list(self.active):  # a client refused by _drain_client leaves it
+            if heads[i] != tails[i] and i not in self.deferred:  # a deferred client waits
                 reply, err, n = self._drain_client(i)
                 served.append((i, reply, err))
                 nframes += n
@@ -446,32 +449,71 @@ class CoordinatorServer:
             self.reply_sems[i].release()
 
     def _drain_client(self, i: int) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
+        """Copy client ``i``'s published frames out of its ring and apply them.
+
+        Every word the client wrote is bounded before use: ``0 <= HEAD - TAIL <=
+        ring_size``, both 8-aligned, each frame's length within the ring and within
+        ``HEAD``, a padding mark only where a frame could not fit (never at offset 0),
+        the frame header's second word 0. So one drain walks at most ``ring_size``
+        bytes: one client costs at most its own ring's worth per wake-up. A client
+        whose words are impossible is out of sync with us: its waiting frame (if any)
+        gets a ``ProtocolError`` and its channel is closed (see :meth:`_refuse_client`).
+        """
         ch = self.chan
         cq = ch.q
         mv = ch.mv
-        lay = ch.layout
-        R = lay.ring_size
+        R = self.ring_size
         base = self.blocks[i]
         w = base // 8
         ring = base + C.CONTROL
         head = cq[w + C.C_HEAD]
         tail = cq[w + C.C_TAIL]
+        if head < tail or head - tail > R or tail % R & 7:
+            return self._refuse_client(i, f"HEAD={head} TAIL={tail} (ring of {R} bytes)")
         frames = []
+        unpack = _FRAME_HEAD.unpack_from
         while tail < head:
             off = tail % R
-            (n,) = struct.unpack_from("<I", mv, ring + off)
+            n, zero = unpack(mv, ring + off) if off + 8 <= R else (C.PAD_MARK, 0)
             if n == C.PAD_MARK:
+                if off == 0 or tail + R - off > head:
+                    return self._refuse_client(i, f"a padding mark at ring offset {off}", frames)
                 tail += R - off
                 continue
-            if n > R - off - 8:
-                frames.append(None)
-                tail = head
-                break
+            need = 8 + ((n + 7) & ~7)
+            if zero or n > R - off - 8 or tail + need > head:
+                return self._refuse_client(i, f"a frame of {n} bytes at ring offset {off}", frames)
             frames.append(bytes(mv[ring + off + 8 : ring + off + 8 + n]))
-            tail += 8 + ((n + 7) & ~7)
+            tail += need
         cq[w + C.C_TAIL] = tail  # the client may reuse the space now: we hold copies
         has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
         reply, err = self.applier.apply_frames(i, frames, has_err)  # coordinator/_apply.py
+        return reply, err, len(frames)
+
+    def _refuse_client(self, i: int, what: str, frames: list | None = None,
+                       ) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
+        """Client ``i`` wrote impossible control words or framing: apply the whole
+        frames before the bad spot, answer the bad one with a ``ProtocolError``, and
+        close its channel (ACK cleared: it must register again). Logged once per session."""
+        cq = self.chan.q
+        w = self.blocks[i] // 8
+        session = cq[w + C.C_SESSION]
+        if session != cq[w + C.C_ACK] and not frames:
+            # The block's client closed and a new one claimed it (it zeroed HEAD) before
+            # a tick reclaimed it: nothing to drain, the handshake resets the words.
+            return None, None, 0
+        if self._refused.get(i) != session:
+            self._refused[i] = session
+            print(f"shmstore coordinator: store {self.name!r}: client block {i} (pid "
+                  f"{cq[w + C.C_PID]}) is out of sync: {what}; its channel is closed",
+                  file=sys.stderr, flush=True)
+        frames = list(frames or ())
+        frames.append(None)  # apply_frames answers it with a ProtocolError
+        cq[w + C.C_TAIL] = cq[w + C.C_HEAD]
+        has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
+        reply, err = self.applier.apply_frames(i, frames, has_err)
+        self.metrics.retire(i)
+        self._forget_client(i)
         return reply, err, len(frames)
 
     # -- shutdown ----------------------------------------------------------------------

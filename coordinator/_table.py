@@ -82,6 +82,7 @@ from shmstore._table import (
 from shmstore._ttl import now_ns
 
 from ._engine import Engine
+from ._ops import Snapshot, TableCreate, TableRead, TableWrite, decode_logged
 
 _decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
@@ -138,10 +139,19 @@ class TableSet:
                     f"store {self.store!r}: a table write was cut short by the previous "
                     f"coordinator's death and its redo copy is missing or damaged. Destroy the "
                     f"store and recover it from its data directory.")
-            return _decode(blob)
+            try:
+                op = decode_logged(blob)
+            except msgspec.DecodeError:
+                op = None
+            if type(op) is not TableWrite or op.table not in self.tables:
+                raise CorruptionError(
+                    f"store {self.store!r}: a table write was cut short by the previous "
+                    f"coordinator's death and its redo copy is not a table write. Destroy the "
+                    f"store and recover it from its data directory.")
+            return op
         return None
 
-    def finish_repair(self, op: list | None) -> int:
+    def finish_repair(self, op: TableWrite | None) -> int:
         """Re-apply a cut-short write whole (after repair() set the engine's epoch)."""
         top = 0
         for tm in self.tables.values():
@@ -152,7 +162,7 @@ class TableSet:
         eng.publish()
         if op is None:
             return 0
-        tm = self.tables[op[2]]
+        tm = self.tables[op.table]
         tm.q[T_WRITING] += 1  # even again; write() makes it odd while re-applying
         self.write(op, None)
         eng.publish()
@@ -215,9 +225,9 @@ class TableSet:
         check_room(nrows, dt.itemsize)
         return False
 
-    def check_write(self, op: list) -> tuple[TableMap, np.ndarray, np.ndarray]:
+    def check_write(self, op: TableWrite) -> tuple[TableMap, np.ndarray, np.ndarray]:
         """Validate a write request completely before anything is stored."""
-        _, _, tname, rows_b, vals_b = op
+        tname, rows_b, vals_b = op.table, op.rows, op.values
         tm = self.tables.get(tname)
         if tm is None:
             from shmstore._errors import TableNotFoundError
@@ -239,7 +249,7 @@ class TableSet:
                 raise InvalidRowsError("a row appears more than once in one write")
         return tm, rows.astype(np.intp), np.frombuffer(vals_b, dtype=tm.dtype)
 
-    def write(self, op: list, payload: bytes | None) -> int:
+    def write(self, op: TableWrite, payload: bytes | None) -> int:
         """Apply a validated table write at a new epoch; returns the epoch."""
         tm, rows, vals = self.check_write(op)
         eng = self.engine
@@ -288,38 +298,37 @@ def tables_of(engine: Engine) -> TableSet:
     return ts
 
 
-def apply_extra(engine: Engine, handovers: Handovers, op: list, payload: bytes) -> tuple[object, int | None]:
+def apply_extra(engine: Engine, handovers: Handovers, op: object, payload: bytes) -> tuple[object, int | None]:
     """``Applier.apply``'s branch for ops 24-31. Returns ``(result, epoch before)``; the
     epoch is None for ops that change nothing (they are not logged).
 
     Args:
         engine: the store's writer (its segment, its tables).
         handovers: where a snapshot or a whole-table read is handed to the client.
-        op: the decoded request.
+        op: the decoded request (``_ops``: Snapshot, TableRead, TableCreate, TableWrite).
         payload: its bytes (a table write keeps them in the redo area).
     """
-    kind = op[0]
+    t = type(op)
     e = engine
-    if kind == C.OP_SNAPSHOT:
+    if t is Snapshot:
         e.seg.q[L.H_FALLBACK_READS] += 1
         return [write_snapshot(e.seg, e.epoch, handovers), e.epoch], None
     ts = tables_of(e)
-    if kind == C.OP_TABLE_READ:
+    if t is TableRead:
         e.seg.q[L.H_FALLBACK_READS] += 1
-        return [ts.read_all(op[2], handovers), e.epoch], None
+        return [ts.read_all(op.table, handovers), e.epoch], None
     epoch0 = e.epoch
-    if kind == C.OP_TABLE_CREATE:
-        _, _, tname, text, nrows = op
-        if ts.check_create(tname, text, nrows):
+    if t is TableCreate:
+        if ts.check_create(op.table, op.dtype, op.rows):
             return e.epoch, None
-        ts.create(tname, text, nrows, e.next_epoch())
+        ts.create(op.table, op.dtype, op.rows, e.next_epoch())
         e.publish()
         return e.epoch, epoch0
-    if kind == C.OP_TABLE_WRITE:
+    if t is TableWrite:
         epoch = ts.write(op, payload)
         e.publish()
         return epoch, epoch0
-    raise ProtocolError(f"unknown op {kind!r}")
+    raise ProtocolError(f"unknown op {t.__name__}")
 
 
 def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
@@ -353,18 +362,17 @@ def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
     return name
 
 
-def replay(engine: Engine, op: list) -> bool:
-    """Apply a logged table op during recovery; False if ``op`` is not one."""
-    kind = op[0]
-    if kind == C.OP_TABLE_CREATE:
+def replay(engine: Engine, op: object) -> bool:
+    """Apply a logged table op (``_ops``) during recovery; False if ``op`` is not one."""
+    t = type(op)
+    if t is TableCreate:
         ts = tables_of(engine)
-        _, _, tname, text, nrows = op
-        if ts.check_create(tname, text, nrows):
-            raise CorruptionError(f"a logged create of table {tname!r} found it existing")
-        ts.create(tname, text, nrows, engine.next_epoch())
+        if ts.check_create(op.table, op.dtype, op.rows):
+            raise CorruptionError(f"a logged create of table {op.table!r} found it existing")
+        ts.create(op.table, op.dtype, op.rows, engine.next_epoch())
         engine.publish()
         return True
-    if kind == C.OP_TABLE_WRITE:
+    if t is TableWrite:
         tables_of(engine).write(op, None)
         engine.publish()
         return True

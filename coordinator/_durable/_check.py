@@ -11,6 +11,7 @@ import os
 import re
 import time
 
+import msgspec
 import numpy as np
 
 from shmstore import _layout as L
@@ -18,6 +19,7 @@ from shmstore._checkreport import CheckReport
 from shmstore._errors import CorruptionError, IncompatibleStoreError
 from shmstore._segment import coordinator_alive, open_segment
 
+from .._ops import decode_logged, logged_problem
 from ._atrest import FLAG_AESGCM, Codec, load_key, verify_key
 from ._checkpoint import HEADER_SIZE as CKPT_HEADER
 from ._checkpoint import load_checkpoint, peek_header, read_header
@@ -117,6 +119,8 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
             _add(report, w.path, e)
             continue
         report.wal_records += len(s.records)
+        if not raw:
+            _check_records(report, w.path, s.records, m)
         if s.torn:
             if w.header.id in has_successor:
                 report.problem(w.path, f"damaged from here to the end ({s.size - s.end} bytes), and a newer "
@@ -151,6 +155,22 @@ def _stable_copy(seg: object) -> tuple[np.ndarray, np.ndarray, int, bool]:
         if (e1, g1, b1) == (q[L.H_EPOCH], q[L.H_INDEX_GEN], q[L.H_BATCH_SEQ]) and not (g1 | b1) & 1:
             return idx, slots, count, True
     return idx, slots, count, False
+
+
+def _check_records(report: CheckReport, path: str, records: list, m: object) -> None:
+    """Decode every record of a WAL file as replay would (``_ops``): a record whose
+    checksum passed but which is not a logged op, or cannot fit the store, is reported
+    (the first one of the file) with its offset."""
+    for off, _eb, payload in records:
+        try:
+            problem = logged_problem(decode_logged(payload), m.key_size, m.value_size)
+        except msgspec.DecodeError as e:
+            problem = f"not a logged op ({str(e)[:200]})"
+        if problem is not None:
+            report.problem(path, f"record at offset {off}: {problem}; its checksum passed, so it "
+                                 f"was written so (a faulty build or a forged record) and recovery "
+                                 f"refuses it", off)
+            return
 
 
 def check_segment(name: str, report: CheckReport) -> CheckReport:

@@ -34,22 +34,16 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, CorruptionError, IncompatibleStoreError
 from shmstore._segment import Segment
 
-from .._engine import Engine
-from .._expiry import replay_expire
-from .._table import replay as table_replay
 from ._wal import WalHeader, fsync_dir, parse_name
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
 MANIFEST_FORMAT = 1
 
-
-_decode = msgspec.msgpack.Decoder().decode
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -243,35 +237,6 @@ def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path:
             f"history after this checkpoint is incomplete"
         )
     return chain
-
-
-def replay_record(engine: Engine, payload: bytes) -> None:
-    """Apply one logged request again. The op succeeded the first time; from the same
-    state with the same epoch it does again, or the log diverged (raises)."""
-    op = _decode(payload)
-    kind = op[0]
-    if kind == C.OP_PUT:
-        _, _, kb, vb, expiry = op
-        engine.put(engine.check_key(kb), engine.check_value(vb), expiry)
-    elif kind == C.OP_DELETE:
-        if not engine.delete(engine.check_key(op[2])):
-            raise CorruptionError("a logged delete found no record")
-    elif kind == C.OP_CAS:
-        _, _, kb, vb, version, expiry = op
-        engine.cas(engine.check_key(kb), engine.check_value(vb), version, expiry)
-    elif kind == C.OP_INCR:
-        engine.incr(engine.check_key(op[2]), op[3])
-    elif kind == C.OP_BATCH:
-        engine.batch(op[2])
-    elif kind == C.OP_EXPIRE:
-        replay_expire(engine, op)
-    elif not table_replay(engine, op):  # tables: coordinator/_table.py
-        raise CorruptionError(f"unknown op {kind!r} in the log")
-
-
-def epochs_of(payload: bytes) -> int:
-    op = _decode(payload)
-    return len(op[2]) if op[0] in (C.OP_BATCH, C.OP_EXPIRE) else 1
 
 
 def zero_segment(seg: Segment) -> None:

@@ -19,8 +19,11 @@ from shmstore._segment import Segment
 
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into
 from ._tablefile import restore_tables
-from ._datadir import DataDir, Manifest, WalInfo, epochs_of, replay_record, wal_chain, zero_segment
+from ._datadir import DataDir, Manifest, WalInfo, wal_chain, zero_segment
+from .. import _ops as O
 from .._engine import Engine
+from .._expiry import replay_expire
+from .._table import replay as table_replay
 from ._wal import WalScan, fsync_dir, scan_wal, truncate_torn
 
 
@@ -158,8 +161,17 @@ def replay(seg: Segment, ck: LoadedCheckpoint, chain: list[WalScan], key: bytes 
                 )
             engine.epoch = eb
             try:
-                replay_record(engine, payload)
-            except (ShmStoreError, ValueError, TypeError, IndexError, msgspec.DecodeError) as e:
+                op = O.decode_logged(payload)
+            except msgspec.DecodeError as e:
+                raise CorruptionError(
+                    f"WAL file {s.path}: the record at offset {off} is not a logged op "
+                    f"({str(e)[:200]}); its checksum passed, so it was written so (a faulty "
+                    f"build or a forged record)"
+                ) from None
+            try:
+                replay_record(engine, op)
+            except (ShmStoreError, ValueError, TypeError, IndexError, OverflowError) as e:
+                # Raw errors too: the segment being rebuilt is thrown away on failure.
                 raise CorruptionError(
                     f"WAL file {s.path}: replaying the record at offset {off} failed "
                     f"({type(e).__name__}: {e}); the log does not fit the checkpoint"
@@ -186,7 +198,32 @@ def verified_end(ckpts: list, wals: list[WalInfo], key: bytes | None) -> tuple[i
             last_id = s.header.id
             if s.records:
                 off, eb, payload = s.records[-1]
-                end = eb + epochs_of(payload)
+                end = eb + O.epochs_of(O.decode_logged(payload))
         return end, last_id
-    except (CorruptionError, OSError, msgspec.DecodeError, IndexError, TypeError):
+    except (CorruptionError, OSError, msgspec.DecodeError):
         return None, 0
+
+
+def replay_record(engine: Engine, op: O.Logged) -> None:
+    """Apply one logged op (decoded by ``_ops.decode_logged``) again. The op succeeded
+    the first time; from the same state with the same epoch it does again, or the log
+    diverged (raises a ShmStoreError, CorruptionError when nothing else says why).
+
+    Every field is checked before the engine stores anything, as for a client's op.
+    """
+    t = type(op)
+    if t is O.Put:
+        engine.put(engine.check_key(op.key), engine.check_value(op.value), op.expiry)
+    elif t is O.Delete:
+        if not engine.delete(engine.check_key(op.key)):
+            raise CorruptionError("a logged delete found no record")
+    elif t is O.Cas:
+        engine.cas(engine.check_key(op.key), engine.check_value(op.value), op.version, op.expiry)
+    elif t is O.Incr:
+        engine.incr(engine.check_key(op.key), op.delta)
+    elif t is O.Batch:
+        engine.batch(op.ops)
+    elif t is O.Expire:
+        replay_expire(engine, op)
+    elif not table_replay(engine, op):  # tables: coordinator/_table.py
+        raise CorruptionError(f"unknown op {t.__name__} in the log")

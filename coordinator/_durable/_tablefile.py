@@ -16,6 +16,8 @@ import os
 import struct
 import zlib
 
+from typing import Annotated
+
 import msgspec
 import numpy as np
 
@@ -27,7 +29,9 @@ from .._table import TableSet, unlink_tables
 from ._atrest import FLAG_AESGCM, Codec
 
 TABLES_MAGIC = b"SHMSTBL1"
-_decode = msgspec.msgpack.Decoder().decode
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+#: the images, typed: decoding bounds the depth and checks every field's type
+_decode = msgspec.msgpack.Decoder(list[tuple[str, str, int, _U64, _U64, bytes, bytes]]).decode
 _encode = msgspec.msgpack.Encoder().encode
 
 
