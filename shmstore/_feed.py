@@ -288,6 +288,8 @@ class _Hub:
                 sem.acquire(timeout)
             except posix_ipc.BusyError:
                 pass
+            except posix_ipc.SignalError:
+                pass  # EINTR: a wake-up like any other; the signal's handler runs next
         finally:
             with self.cond:
                 self.leader = False
