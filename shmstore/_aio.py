@@ -28,8 +28,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
+from ._check_args import check_timeout, check_version
 from ._errors import StoreClosedError
-from ._feed import WATCH_SLICE, _Watcher
+from ._feed import WATCH_SLICE, _Watcher, check_watch_args
 from ._writes import Batch
 
 
@@ -62,19 +63,24 @@ class AsyncMixin:
     async def aput(self, key: str | bytes, value: Any, *, ttl: float | None = None,
                    timeout: float | None = None) -> int:
         """``await``-able :meth:`Store.put`; never blocks the event loop."""
+        _check(timeout)
         return await self._arun(self.put, key, value, ttl=ttl, timeout=timeout)
 
     async def aincr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
         """``await``-able :meth:`Store.incr`."""
+        _check(timeout)
         return await self._arun(self.incr, key, delta, timeout=timeout)
 
     async def adelete(self, key: str | bytes, *, timeout: float | None = None) -> bool:
         """``await``-able :meth:`Store.delete`."""
+        _check(timeout)
         return await self._arun(self.delete, key, timeout=timeout)
 
     async def acompare_and_set(self, key: str | bytes, value: Any, *, version: int,
                                ttl: float | None = None, timeout: float | None = None) -> int:
         """``await``-able :meth:`Store.compare_and_set`."""
+        _check(timeout)
+        check_version(version)
         return await self._arun(self.compare_and_set, key, value, version=version, ttl=ttl,
                                 timeout=timeout)
 
@@ -88,11 +94,17 @@ class AsyncMixin:
         """
         return AsyncBatch(self.batch(), self._arun)
 
-    async def awatch(self, prefix: str | bytes | None = None, timeout: float | None = None, *,
-                     since: int | None = None, min_interval: float = 0.01
-                     ) -> AsyncIterator[tuple[list[bytes], int]]:
+    def awatch(self, prefix: str | bytes | None = None, timeout: float | None = None, *,
+               since: int | None = None, min_interval: float = 0.01
+               ) -> AsyncIterator[tuple[list[bytes], int]]:
         """Async iterator over ``(keys, epoch)`` batches of changes; see :meth:`Store.watch`
-        (same arguments; ``timeout`` ends the iteration after that long without a change)."""
+        (same arguments; ``timeout`` ends the iteration after that long without a change).
+        Bad arguments raise here, as in ``watch``."""
+        timeout = check_watch_args(self, prefix, timeout, since, min_interval)
+        return self._awatch(prefix, timeout, since, min_interval)
+
+    async def _awatch(self, prefix: str | bytes | None, timeout: float | None, since: int | None,
+                      min_interval: float) -> AsyncIterator[tuple[list[bytes], int]]:
         loop = asyncio.get_running_loop()
         w = _Watcher(self, prefix, since, min_interval)
         deadline = None if timeout is None else loop.time() + timeout
@@ -105,6 +117,13 @@ class AsyncMixin:
                 yield item
                 if deadline is not None:
                     deadline = loop.time() + timeout
+
+
+def _check(timeout: object) -> None:
+    """A bad timeout raises in the coroutine, before the call is queued on the thread
+    (the call checks everything else there, and again)."""
+    if timeout is not None:
+        check_timeout(timeout)
 
 
 class AsyncBatch:

@@ -23,6 +23,7 @@ from ._errors import (
     StoreNotFoundError,
     from_wire,
 )
+from ._check_args import check_read_cache, check_spin_us, check_timeout
 from ._segment import coordinator_alive, open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
 
@@ -286,7 +287,12 @@ def connect(name: str, *, value_type: Any = None, timeout: float = 5.0, spin_us:
     Raises:
         StoreNotFoundError: no such store.
         SchemaMismatchError: ``value_type`` is not the store's.
+        InvalidArgumentError: ``timeout`` or ``spin_us`` is not a finite number in
+            range (NaN, negative, infinite, a bool, a string); raised before anything
+            is opened.
     """
+    check_timeout(timeout)
+    check_spin_us(spin_us)
     return Store(name, value_type=value_type, timeout=timeout, spin_us=spin_us, read_cache=read_cache)
 
 
@@ -309,6 +315,8 @@ def open(  # noqa: A001 - the public name is part of the API
     from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
 
     # Checked whether or not a coordinator runs already: a bad setting is never ignored.
+    check_timeout(timeout)
+    check_read_cache(read_cache)
     serve_timeout = max(timeout, 10.0)
     config = from_serve(name, path=path, value_type=value_type, timeout=serve_timeout, **serve_kwargs)
     coord = None

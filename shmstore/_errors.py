@@ -49,8 +49,9 @@ class KeyTooLongError(ShmStoreError, ValueError):
     """A key is longer than the store's ``key_size``."""
 
 
-class InvalidKeyError(ShmStoreError, TypeError):
-    """A key is not ``str`` or ``bytes``, or is empty."""
+class InvalidKeyError(ShmStoreError, TypeError, ValueError):
+    """A key is not ``str`` or ``bytes``, is empty, or is a ``str`` with no UTF-8
+    encoding (a lone surrogate: pass such a key as bytes, ``os.fsencode(key)``)."""
 
 
 class ValueTooLargeError(ShmStoreError, ValueError):
@@ -115,6 +116,14 @@ class StoreClosedError(ShmStoreError):
 
 class UnsupportedPlatformError(ShmStoreError, OSError):
     """This CPU architecture or OS cannot run the lock-free read protocol safely."""
+
+
+class InvalidArgumentError(ShmStoreError, ValueError, TypeError):
+    """An argument of a public call has the wrong type or is out of range: a timeout
+    that is NaN, infinite, negative, a bool or a string; a compare-and-set version
+    that is not an int from 0 to 2**64 - 1. Raised in the calling process, before
+    anything is sent; the message names the argument and what it accepts. Both a
+    ``ValueError`` and a ``TypeError``, whichever the caller catches."""
 
 
 class InvalidTTLError(ShmStoreError, ValueError):

@@ -37,7 +37,8 @@ import posix_ipc
 
 from . import _channel as C
 from . import _layout as L
-from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError, InvalidKeyError
+from ._check_args import check_timeout, key_bytes
+from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError
 from ._writes import _Writer
 
 #: longest single sleep of a watcher; it re-checks the coordinator in between
@@ -111,11 +112,7 @@ class FeedMixin:
     def _prefix(self, prefix: str | bytes | None) -> bytes:
         if prefix is None:
             return b""
-        if isinstance(prefix, str):
-            return prefix.encode()
-        if isinstance(prefix, (bytes, bytearray, memoryview)):
-            return bytes(prefix)
-        raise InvalidKeyError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+        return key_bytes(prefix, "prefix")  # InvalidKeyError: not str/bytes, no UTF-8 bytes
 
     def _check_horizon(self, q: memoryview, since: int) -> None:
         horizon = q[L.H_FEED_HORIZON]
@@ -181,7 +178,16 @@ class FeedMixin:
         Raises:
             FeedTruncatedError: as in :meth:`changes`: the watcher fell too far behind
                 to list every change. Re-read in full and watch again.
+            InvalidArgumentError, InvalidKeyError, InvalidCursorError: a bad
+                ``timeout`` (NaN, negative, not a number; ``inf`` is taken as None),
+                ``prefix``, ``since`` or ``min_interval``, raised by this call, before
+                the first ``next()``.
         """
+        timeout = check_watch_args(self, prefix, timeout, since, min_interval)
+        return self._watch(prefix, timeout, since, min_interval)
+
+    def _watch(self, prefix: str | bytes | None, timeout: float | None, since: int | None,
+               min_interval: float) -> Iterator[tuple[list[bytes], int]]:
         w = _Watcher(self, prefix, since, min_interval)
         while True:
             item = w.step(timeout)
@@ -196,6 +202,24 @@ class FeedMixin:
         return hub
 
 
+def check_watch_args(store: FeedMixin, prefix: object, timeout: object, since: object,
+                     min_interval: object) -> float | None:
+    """``watch``/``awatch``'s arguments, checked in the caller; returns the timeout
+    (None: for ever)."""
+    timeout = None if timeout is None else check_timeout(timeout, forever=True)
+    store._prefix(prefix)
+    _check_min_interval(min_interval)
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise InvalidCursorError(f"since must be an epoch (an int >= 0, e.g. store.epoch), got {since!r}")
+    return timeout
+
+
+def _check_min_interval(min_interval: object) -> None:
+    if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not (
+            0 <= min_interval <= 60):
+        raise InvalidCursorError(f"min_interval must be 0 to 60 seconds, got {min_interval!r}")
+
+
 class _Watcher:
     """One watch: its cursor and prefix; ``step`` waits for and returns one batch."""
 
@@ -204,9 +228,7 @@ class _Watcher:
         self.store = store
         self.prefix = prefix
         store._prefix(prefix)  # validate now
-        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not (
-                0 <= min_interval <= 60):
-            raise InvalidCursorError(f"min_interval must be 0 to 60 seconds, got {min_interval!r}")
+        _check_min_interval(min_interval)
         self.min_interval = float(min_interval)
         self.last_scan = 0.0
         self.since = store.epoch if since is None else since
@@ -266,6 +288,8 @@ class _Hub:
                 sem.acquire(timeout)
             except posix_ipc.BusyError:
                 pass
+            except posix_ipc.SignalError:
+                pass  # EINTR: a wake-up like any other; the signal's handler runs next
         finally:
             with self.cond:
                 self.leader = False

@@ -23,9 +23,14 @@ was even and unchanged across the whole probe; otherwise the probe starts over.
 
 A slot the index points to is never written (see ``_layout``), so a reader can only meet
 an odd ``seq`` through a stale bucket; it then re-reads the bucket rather than wait.
-Waiting happens only on an odd index generation: bounded spinning, then yields, then
-sleeps, and after ``stall_timeout`` a check that the coordinator is alive, raising
-:class:`CoordinatorUnavailableError` if it died mid-change.
+Waiting happens only on an odd index generation (or an odd slot, in ``read_slot``):
+bounded spinning, then yields, then sleeps (:class:`Backoff`), and every
+``stall_timeout`` a check (:meth:`Segment._check_coordinator`): a dead coordinator
+raises :class:`CoordinatorUnavailableError` at once; a live one that has not finished
+its change within ``read_timeout`` (the handle's ``timeout``) raises
+:class:`StoreTimeoutError`, because a live pid is not progress: the coordinator may be
+stopped (SIGSTOP), frozen or held in a debugger. So every read ends. Only this slow
+path looks at the clock; the fast path never does.
 """
 
 from __future__ import annotations
@@ -60,14 +65,16 @@ class Backoff:
     """Bounded waiting for a transient state: spin, then yield, then sleep.
 
     Args:
-        on_stall: called once each time ``stall_timeout`` passes; it raises to give up.
+        on_stall: called with the seconds waited so far each time ``stall_timeout``
+            passes; it raises to give up (see :meth:`Segment._check_coordinator`).
         stall_timeout: seconds between calls of ``on_stall``.
     """
 
-    __slots__ = ("n", "deadline", "on_stall", "stall_timeout")
+    __slots__ = ("n", "started", "deadline", "on_stall", "stall_timeout")
 
-    def __init__(self, on_stall: Callable[[], None], stall_timeout: float) -> None:
+    def __init__(self, on_stall: Callable[[float], None], stall_timeout: float) -> None:
         self.n = 0
+        self.started = 0.0
         self.deadline = 0.0
         self.on_stall = on_stall
         self.stall_timeout = stall_timeout
@@ -77,13 +84,15 @@ class Backoff:
         if n < 64:
             return
         if n == 64:
-            self.deadline = time.monotonic() + self.stall_timeout
+            self.started = time.monotonic()
+            self.deadline = self.started + self.stall_timeout
         if n < 256:
             os.sched_yield()
             return
         time.sleep(min(0.001, 0.00001 * (n - 255)))
-        if time.monotonic() > self.deadline:
-            self.on_stall()
+        now = time.monotonic()
+        if now > self.deadline:
+            self.on_stall(now - self.started)
             self.deadline = time.monotonic() + self.stall_timeout
 
 
@@ -94,7 +103,7 @@ class Segment:
     ``q`` views the whole segment as u64 words, ``mv`` as bytes.
     """
 
-    def __init__(self, name: str, mm: mmap.mmap, writable: bool) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, writable: bool, read_timeout: float = 5.0) -> None:
         self.name = name
         self.mm = mm
         self.writable = writable
@@ -142,6 +151,9 @@ class Segment:
         self.mask = lay.nbuckets - 1
         self.idx0 = lay.index_offset // 8  # first bucket, in words
         self.stall_timeout = 1.0
+        #: seconds a read waits for a live coordinator to finish a change before it
+        #: raises StoreTimeoutError (the timeout of the handle that opened the mapping)
+        self.read_timeout = read_timeout
         #: reads through this mapping that met a change in progress and read again
         self.retries = 0
 
@@ -290,14 +302,31 @@ class Segment:
                     continue
                 pos = (pos + 1) & mask
 
-    def _check_coordinator(self) -> None:
-        """Called after a reader waited ``stall_timeout`` on a transient state."""
+    def _check_coordinator(self, waited: float) -> None:
+        """Called every ``stall_timeout`` while a reader waits on a transient state
+        (an odd index generation or slot seq), with the seconds it has waited.
+
+        Raises:
+            CoordinatorUnavailableError: the coordinator died mid-change.
+            StoreTimeoutError: it lives but has not finished the change within
+                ``read_timeout`` (stopped, frozen, in a debugger).
+        """
         if not coordinator_alive(self):
             raise CoordinatorUnavailableError(
                 f"store {self.name!r}: the coordinator died in the middle of a change "
                 f"(index entries moving, or a slot being written), so this read cannot "
                 f"be answered safely. Start a coordinator (shmstore serve {self.name}); "
                 f"it repairs the segment on start."
+            )
+        if waited >= self.read_timeout:
+            pid = self.q[L.H_COORD_PID]
+            raise StoreTimeoutError(
+                f"store {self.name!r}: a read waited {waited:.1f} s for the coordinator "
+                f"(pid {pid}) to finish a change (index entries moving, or a slot being "
+                f"written); it is alive but makes no progress: stopped (SIGSTOP), frozen or "
+                f"held in a debugger? Resume it (kill -CONT {pid}) or restart it (shmstore "
+                f"serve {self.name} after stopping it), then read again; a larger timeout= "
+                f"on connect() waits longer."
             )
 
     # -- header ----------------------------------------------------------------------
@@ -386,7 +415,7 @@ def open_segment(name: str, *, writable: bool = False, timeout: float = 5.0) -> 
             # Invariant: the creator writes STATE_READY last, after every header field.
             state = memoryview(mm).cast("Q")[L.H_STATE]
             if state != L.STATE_INIT:
-                return Segment(name, mm, writable)
+                return Segment(name, mm, writable, timeout)
             mm.close()
         if time.monotonic() > deadline:
             raise StoreTimeoutError(
@@ -560,7 +589,10 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         uncached += 1
         cls = key.__class__
         if cls is str:
-            kb = key.encode()
+            try:  # free in 3.11 (zero-cost exceptions) unless raised
+                kb = key.encode()
+            except UnicodeEncodeError:  # a lone surrogate: Store.get raises InvalidKeyError
+                return on_stale(key, default)
         elif cls is bytes:
             kb = key
         else:

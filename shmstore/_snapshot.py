@@ -43,7 +43,8 @@ import numpy as np
 
 from . import _channel as C
 from . import _layout as L
-from ._errors import InvalidKeyError, StoreClosedError
+from ._check_args import key_bytes, key_list
+from ._errors import StoreClosedError
 from ._handover import open_handover
 from ._ttl import now_ns
 
@@ -176,7 +177,7 @@ class Snapshot:
         find = self._find
         decode = self._decode
         out = []
-        for k in keys:
+        for k in keys if keys.__class__ is list else key_list(keys):
             vb = find(_kb(k))
             out.append(default if vb is None else decode(vb))
         return out
@@ -246,12 +247,13 @@ class Snapshot:
 
 def _kb(key: object) -> bytes:
     if key.__class__ is str:
-        return key.encode()  # type: ignore[union-attr]
-    if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
-    if isinstance(key, str):
-        return key.encode()
-    raise InvalidKeyError(f"keys are str or bytes, not {type(key).__name__}")
+        try:
+            return key.encode()  # type: ignore[union-attr]
+        except UnicodeEncodeError:
+            pass  # key_bytes raises the typed error
+    elif key.__class__ is bytes:
+        return key  # type: ignore[return-value]
+    return key_bytes(key)  # InvalidKeyError: not str/bytes, or a str with no UTF-8 bytes
 
 
 def take(seg: Segment, decode: Callable[[bytes], Any], counters: _Counters, writer: _Writer,

@@ -31,6 +31,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._aio import AsyncMixin
+from ._check_args import check_flag, check_spin_us, check_timeout, check_version, key_bytes, key_list
 from ._feed import FeedMixin
 from ._many import MIN_KEYS, array_header, key_words
 from ._segment import Segment, make_readers, open_segment
@@ -84,6 +85,8 @@ class Store(FeedMixin, AsyncMixin):
     def __init__(self, name: str, *, value_type: Any = None, timeout: float = 5.0,
                  spin_us: float = 50.0, read_cache: int = DEFAULT_READ_CACHE) -> None:
         self.name = L.check_name(name)
+        check_timeout(timeout)  # checked before anything is opened
+        check_spin_us(spin_us)
         self.timeout = timeout
         self._spin_us = spin_us
         if not isinstance(read_cache, int) or isinstance(read_cache, bool) or read_cache < 0:
@@ -181,13 +184,14 @@ class Store(FeedMixin, AsyncMixin):
 
     def _key(self, key: object, seg: Segment) -> bytes:
         if key.__class__ is str:
-            kb = key.encode()  # type: ignore[union-attr]
-        elif isinstance(key, (bytes, bytearray, memoryview)):
-            kb = bytes(key)
-        elif isinstance(key, str):
-            kb = key.encode()
+            try:
+                kb = key.encode()  # type: ignore[union-attr]
+            except UnicodeEncodeError:  # a lone surrogate: no UTF-8 bytes
+                kb = key_bytes(key)  # raises InvalidKeyError
+        elif key.__class__ is bytes:
+            kb = key  # type: ignore[assignment]
         else:
-            raise InvalidKeyError(f"keys are str or bytes, not {type(key).__name__}")
+            kb = key_bytes(key)  # InvalidKeyError: not str or bytes
         if len(kb) > seg.key_size:
             raise KeyTooLongError(
                 f"key {key!r:.80} is {len(kb)} bytes; store {self.name!r} has key_size="
@@ -206,6 +210,11 @@ class Store(FeedMixin, AsyncMixin):
             vb = self._encode(value)
         except (TypeError, ValueError, OverflowError) as e:
             raise ValueEncodingError(f"cannot encode a {type(value).__name__} as msgpack: {e}") from e
+        except RecursionError:  # nested too deep, or holds itself
+            raise ValueEncodingError(
+                f"cannot encode a {type(value).__name__} as msgpack: it is nested too deep "
+                f"or contains itself; store a flatter value"
+            ) from None
         if self._value_type is not None:
             try:
                 self._decode(vb)
@@ -225,7 +234,7 @@ class Store(FeedMixin, AsyncMixin):
     def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
         """Send one validated frame through the write session (see ``_writes``)."""
         return self._writer.request(self._live_segment(), frame, what, wait,
-                                    self.timeout if timeout is None else timeout)
+                                    self.timeout if timeout is None else check_timeout(timeout))
 
     def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
             timeout: float | None = None) -> int | None:
@@ -238,19 +247,28 @@ class Store(FeedMixin, AsyncMixin):
         reclaims it). Without it the record has no expiry, even if the one it replaces
         had (``incr`` keeps an expiry); see ``shmstore/_ttl.py``.
         """
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            check_timeout(timeout)
         seg = self._live_segment()
         kb = self._key(key, seg)
-        return self._writer.request(seg, [C.OP_PUT, int(wait), kb, self._value(value, seg), expiry_ns(ttl)],
-                                    "put", wait, self.timeout if timeout is None else timeout)
+        return self._writer.request(seg, [C.OP_PUT, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"), kb,
+                                          self._value(value, seg), expiry_ns(ttl)],
+                                    "put", wait, timeout)
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
         self.put(key, value)
 
     def delete(self, key: str | bytes, *, wait: bool = True, timeout: float | None = None) -> bool | None:
         """Remove a record. Returns whether it existed (None with ``wait=False``)."""
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            check_timeout(timeout)
         seg = self._live_segment()
-        return self._writer.request(seg, [C.OP_DELETE, int(wait), self._key(key, seg)], "delete",
-                                    wait, self.timeout if timeout is None else timeout)
+        return self._writer.request(seg, [C.OP_DELETE, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"),
+                                          self._key(key, seg)], "delete", wait, timeout)
 
     def __delitem__(self, key: str | bytes) -> None:
         if not self.delete(key):
@@ -267,12 +285,12 @@ class Store(FeedMixin, AsyncMixin):
         Raises:
             VersionConflictError: the version differs; nothing was written.
         """
-        if not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        check_version(version)
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
         seg = self._live_segment()
         return self._writer.request(seg, [C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version,
                                           expiry_ns(ttl)],
-                                    "compare_and_set", True, self.timeout if timeout is None else timeout)
+                                    "compare_and_set", True, timeout)
 
     def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
         """Add ``delta`` to an integer record atomically; a missing key counts from 0.
@@ -284,6 +302,7 @@ class Store(FeedMixin, AsyncMixin):
             raise ValueEncodingError(f"incr needs an int delta, got {type(delta).__name__}")
         if not -(1 << 63) <= delta < (1 << 64):
             raise ValueEncodingError(f"incr delta {delta} is outside the 64-bit range msgpack stores")
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
         seg = self._live_segment()
         if not self._writable_schema:
             self._value(0, seg)  # raises the schema error
@@ -294,8 +313,7 @@ class Store(FeedMixin, AsyncMixin):
                 raise ValueEncodingError(
                     f"incr stores integers, which value_type {self._value_type!r} does not accept"
                 ) from None
-        return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True,
-                                    self.timeout if timeout is None else timeout)
+        return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True, timeout)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every write this handle queued is applied.
@@ -303,14 +321,14 @@ class Store(FeedMixin, AsyncMixin):
         Raises:
             ShmStoreError: the first error any queued write met since the last flush.
         """
-        self._writer.flush(self.timeout if timeout is None else timeout)
+        self._writer.flush(self.timeout if timeout is None else check_timeout(timeout))
 
     def batch(self, *, wait: bool = True) -> Batch:
         """Collect puts and deletes, applied atomically when the ``with`` block exits.
 
         Readers see all of the batch or none of it through :meth:`get_many`.
         """
-        return Batch(self, wait)
+        return Batch(self, wait if wait is True else bool(check_flag(wait, "wait")))
 
     # -- reads (lock-free) ---------------------------------------------------------------
 
@@ -404,17 +422,23 @@ class Store(FeedMixin, AsyncMixin):
         the coordinator, whose answer is consistent because it applies writes one at a
         time, so the call always ends.
         """
+        if keys.__class__ is not list:
+            keys = key_list(keys)  # InvalidKeyError: not an iterable of keys
         seg = self._live_segment()
         ksz = seg.key_size
-        if keys.__class__ is not list:
-            keys = list(keys)
-        kw = key_words(keys, ksz) if len(keys) >= MIN_KEYS else None
+        try:
+            kw = key_words(keys, ksz) if len(keys) >= MIN_KEYS else None
+        except UnicodeEncodeError:  # a str key without UTF-8 bytes: _key below says which
+            kw = None
         if kw is not None:
             words, lens = kw
             kbs = keys  # str or bytes: the probe encodes the few it needs
         else:
             words = None
-            kbs = [k.encode() if k.__class__ is str else self._key(k, seg) for k in keys]
+            try:
+                kbs = [k.encode() if k.__class__ is str else self._key(k, seg) for k in keys]
+            except UnicodeEncodeError:
+                kbs = [self._key(k, seg) for k in keys]  # raises InvalidKeyError
             lens = np.fromiter(map(len, kbs), np.int64, len(kbs))
             if len(kbs) and (lens.min() < 1 or lens.max() > ksz):
                 self._key(kbs[int(np.flatnonzero((lens < 1) | (lens > ksz))[0])], seg)  # raises
@@ -503,9 +527,9 @@ class Store(FeedMixin, AsyncMixin):
         coordinator makes the copy), so it always ends and never shows an inconsistent
         view; it costs O(store size) time and memory. See ``shmstore._snapshot``.
         """
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
         seg = self._live_segment()
-        return take(seg, self._decode, self._counters, self._writer,
-                    self.timeout if timeout is None else timeout)
+        return take(seg, self._decode, self._counters, self._writer, timeout)
 
     def table(self, name: str, dtype: Any = None, rows: int | None = None, *,
               timeout: float | None = None) -> Table:
@@ -519,6 +543,8 @@ class Store(FeedMixin, AsyncMixin):
             IncompatibleStoreError: it exists with another dtype or number of rows.
             TableDtypeError: ``dtype`` cannot be stored (object fields).
         """
+        if timeout is not None:
+            check_timeout(timeout)
         return open_table(self, name, dtype, rows, timeout)
 
     # -- stats -----------------------------------------------------------------------
@@ -549,8 +575,7 @@ class Store(FeedMixin, AsyncMixin):
                 could not be written (the message says why; the WAL still holds
                 everything).
         """
-        if timeout is None:
-            timeout = max(self.timeout, 60.0)
+        timeout = max(self.timeout, 60.0) if timeout is None else check_timeout(timeout)
         return self._request([C.OP_CHECKPOINT, 1], "checkpoint", timeout=timeout)
 
     def backup(self, dest: str | os.PathLike, *, timeout: float | None = None) -> int:
@@ -580,10 +605,9 @@ class Store(FeedMixin, AsyncMixin):
         """
         from shmstore.coordinator._backup import check_dest  # noqa: PLC0415
 
+        timeout = max(self.timeout, 300.0) if timeout is None else check_timeout(timeout)
         dest = os.path.abspath(os.fspath(dest))
         check_dest(dest)  # fail fast; the coordinator checks again
-        if timeout is None:
-            timeout = max(self.timeout, 300.0)
         return self._request([C.OP_BACKUP, 1, dest], "backup", timeout=timeout)
 
 

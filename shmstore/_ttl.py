@@ -82,7 +82,7 @@ def expiry_ns(ttl: Any) -> int:
         return 0
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise InvalidTTLError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
-    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL):
+    if not 0 < ttl <= MAX_TTL:  # False for NaN; no float() of a huge int (OverflowError)
         raise InvalidTTLError(
             f"ttl must be a finite number of seconds > 0 and at most {MAX_TTL:.0f} "
             f"(100 years), got {ttl!r}; to keep a record forever, leave ttl out"

@@ -544,18 +544,41 @@ def test_lone_surrogate_key_is_a_typed_error_at_every_key_entry(store):
     assert len(store) == 0
 
 
+def _cli(*args: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable.encode(), b"-m", b"shmstore", *args], capture_output=True,
+                          timeout=30, cwd=REPO)
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("cmd", ["get", "put"])
+@pytest.mark.parametrize("cmd", ["get", "put", "put-value"])
 def test_cli_with_a_non_utf8_key_fails_without_a_traceback(served, cmd):
     """Issue 13 defect 9: a key with a non-UTF-8 byte from the shell makes the CLI
-    print a traceback. Expected: an error message and a nonzero exit."""
+    print a traceback. Expected: no traceback, ever; ``get`` of the (missing) key and
+    ``put`` of a non-UTF-8 JSON value fail with a one-line error and a nonzero exit.
+
+    (Changed with the fix: the CLI now takes a KEY as the bytes the shell passed
+    (``os.fsencode``), so ``put`` of ``k\\xff`` writes the key ``b"k\\xff"`` and
+    succeeds; what it asserts is that the bytes round-trip. The failing put is now
+    the one whose JSON value is not UTF-8, which has no bytes to keep.)"""
     n, coord = served("cli", capacity=100)
-    args = [b"get", n.encode(), b"k\xff"] if cmd == "get" else [b"put", n.encode(), b"k\xff", b"1"]
-    r = subprocess.run([sys.executable.encode(), b"-m", b"shmstore", *args], capture_output=True,
-                       timeout=30, cwd=REPO)
+    if cmd == "get":
+        r = _cli(b"get", n.encode(), b"k\xff")
+    elif cmd == "put":
+        r = _cli(b"put", n.encode(), b"k\xff", b"1")
+    else:
+        r = _cli(b"put", n.encode(), b"k", b'"\xff"')
     err = r.stderr.decode(errors="replace")
     assert "Traceback" not in err, err
+    if cmd == "put":
+        assert r.returncode == 0, err
+        got = _cli(b"get", n.encode(), b"k\xff")
+        assert (got.returncode, got.stdout.strip()) == (0, b"1"), got.stderr.decode(errors="replace")
+        with shmstore.connect(n) as s:
+            assert s.get(b"k\xff") == 1 and sorted(s.keys()) == [b"k\xff"]
+        return
     assert r.returncode != 0, r.stdout
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shmstore: error:"), err
 
 
 def _deep(depth: int) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Any, NoReturn
@@ -76,6 +77,17 @@ def to_json(value: Any) -> str:
 
 def key_text(kb: bytes) -> str:
     return kb.decode("utf-8", errors="backslashreplace")
+
+
+def arg_key(text: str) -> bytes:
+    """A KEY (or prefix) from the command line, as the bytes the shell passed.
+
+    ``os.fsencode`` undoes the ``surrogateescape`` decoding of ``sys.argv``: a UTF-8
+    key gives its UTF-8 bytes (what ``store.put("user:42", ...)`` writes), and a key
+    with non-UTF-8 bytes (``$'k\\xff'``) gives exactly those bytes, the key a program
+    writes with ``store.put(b"k\\xff", ...)``, instead of a str no store can take.
+    """
+    return os.fsencode(text)
 
 
 # -- connecting --------------------------------------------------------------------------

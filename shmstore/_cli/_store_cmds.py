@@ -23,6 +23,7 @@ from ._common import (
     MISSING,
     PROG,
     UsageError,
+    arg_key,
     connect,
     delta,
     fail,
@@ -132,7 +133,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     with connect(args) as store:
         value = store.get(args.key, MISSING)
     if value is MISSING:
-        fail(f"no key {args.key!r} in store {args.name!r}")
+        fail(f"no key {key_text(args.key)!r} in store {args.name!r}")
         return EXIT_ERROR
     print(to_json(value))
     return EXIT_OK
@@ -150,7 +151,7 @@ def cmd_del(args: argparse.Namespace) -> int:
     with connect(args) as store:
         existed = store.delete(args.key)
     if not existed:
-        fail(f"no key {args.key!r} in store {args.name!r}")
+        fail(f"no key {key_text(args.key)!r} in store {args.name!r}")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -162,7 +163,7 @@ def cmd_incr(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    prefix = args.prefix.encode()
+    prefix = args.prefix  # bytes: see arg_key
     with connect(args) as store:
         keys = sorted(kb for kb in store.keys() if kb.startswith(prefix))
         if args.limit is not None:
@@ -267,29 +268,29 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("get", cmd_get, "print the value of KEY as JSON (exit 1 if it is missing)",
             "shmstore get app user:42", timeout=True)
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", type=arg_key)
 
     p = add("put", cmd_put, "write KEY = JSON_VALUE and print the record's new version",
             "shmstore put app user:42 '{\"name\": \"Ada\", \"visits\": 1}'\n"
             "shmstore put app greeting '\"hello\"'     # a JSON string needs its quotes",
             timeout=True)
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", type=arg_key)
     p.add_argument("value", metavar="JSON_VALUE", help="the value, as JSON")
 
     p = add("del", cmd_del, "delete KEY (exit 1 if it is missing)",
             "shmstore del app user:42", timeout=True)
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", type=arg_key)
 
     p = add("scan", cmd_scan, "print records as 'KEY<tab>JSON' lines, sorted by key",
             "shmstore scan app --prefix user: --limit 10", timeout=True)
-    p.add_argument("--prefix", default="", metavar="P", help="only keys starting with P")
+    p.add_argument("--prefix", default=b"", type=arg_key, metavar="P", help="only keys starting with P")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="print at most N records (the first N keys in order)")
 
     p = add("incr", cmd_incr, "add DELTA (default 1) to the integer at KEY; print the new value",
             "shmstore incr app hits        # a missing key counts from 0\n"
             "shmstore incr app stock:7 -3", timeout=True)
-    p.add_argument("key", metavar="KEY")
+    p.add_argument("key", metavar="KEY", type=arg_key)
     p.add_argument("delta", metavar="DELTA", type=delta, nargs="?", default=1)
 
     p = add("stats", cmd_stats, "show the store's counters (ops, groups, records, coordinator)",
