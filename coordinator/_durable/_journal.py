@@ -87,6 +87,14 @@ DEFAULT_CHECKPOINT_OPS = 200_000
 DEFAULT_CHECKPOINT_INTERVAL = 300.0
 DEFAULT_CHECKPOINT_BYTES = 256 << 20
 DEFAULT_CHECKPOINT_KEEP = 2
+CKPT_RETRY_MIN = 0.1  # seconds before a failed periodic checkpoint is tried again ...
+CKPT_RETRY_MAX = 30.0  # ... doubling up to this
+
+
+def _oserror(e: OSError) -> str:
+    """An OSError in a log line: its errno and the file's base name (not the path)."""
+    name = os.path.basename(e.filename) if getattr(e, "filename", None) else ""
+    return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}" + (f": {name}" if name else "")
 
 
 class DurableJournal:
@@ -125,6 +133,9 @@ class DurableJournal:
         self.compression = self.encryption = "none"
         self.key: bytes | None = None
         self.codec: Codec | None = None
+        #: a failing periodic checkpoint backs off: the current delay, the next attempt
+        self.ckpt_delay = 0.0
+        self.ckpt_retry_at = 0.0
 
     # -- start -------------------------------------------------------------------------
 
@@ -413,14 +424,12 @@ class DurableJournal:
             self.ops_since and now - self.last_ckpt_time >= self.checkpoint_interval)
         if not due and w is not None and w.size >= self.checkpoint_bytes:
             due = True
-        if due:
+        if due and now >= self.ckpt_retry_at:
             try:
                 self._start_checkpoint(background=True)
             except OSError as e:
                 # The WAL still holds everything: nothing is lost; try again later.
-                self.last_ckpt_time = now
-                print(f"shmstore coordinator: store {self.name!r}: starting a checkpoint failed: {e}; "
-                      f"will retry", file=sys.stderr)
+                self._checkpoint_failed(f"starting a checkpoint failed ({_oserror(e)})")
 
     def close(self) -> None:
         """Wait for a checkpoint in flight, make the WAL durable, release the directory.
@@ -484,9 +493,10 @@ class DurableJournal:
         if old is not None:
             old.flush()
             old.sync()  # Invariant: a file is durable in full before its successor exists
-        snap = take_snapshot(self.seg, epoch)
         wal_id = 0
         if self.sync != "never":
+            # The next WAL file first: if the disk cannot take a new file, nothing was
+            # copied (the snapshot is a copy of the whole slot region).
             self.wal = self._new_wal(prev=0 if base or old is None else old.header.id)
             wal_id = self.wal.header.id
             if old is not None:
@@ -494,6 +504,7 @@ class DurableJournal:
         elif old is not None:
             old.close()
             self.wal = None
+        snap = take_snapshot(self.seg, epoch)
         ck_id = new_id()
         self.ops_since = 0
         self.last_ckpt_time = time.monotonic()
@@ -534,13 +545,29 @@ class DurableJournal:
             msg = f"store {self.name!r}: checkpoint at epoch {epoch} in {self.dir.path!r} failed: {err}"
             if not background:
                 raise DurabilityUnavailableError(msg) from err
-            print(f"shmstore coordinator: {msg}; will retry", file=sys.stderr)
+            self._checkpoint_failed(f"checkpoint at epoch {epoch} failed ({_oserror(err)})")
             return
+        self.ckpt_delay = 0.0
+        self.ckpt_retry_at = 0.0
         self.last_ckpt_epoch = epoch
         self.metrics.checkpoint_done(ns, [])
         if self.seg is not None:
             self.seg.q[L.H_LAST_CHECKPOINT_EPOCH] = epoch
         self._retain(base)
+
+    def _checkpoint_failed(self, what: str) -> None:
+        """Schedule the next attempt of a failed periodic checkpoint, backing off.
+
+        The delay doubles from ``CKPT_RETRY_MIN`` to ``CKPT_RETRY_MAX`` (0.1 s -> 30 s)
+        and is reset by a checkpoint that succeeds: a disk that stays full costs one
+        snapshot of the segment and one log line per step, not one per 0.1 s tick. The
+        WAL still holds everything, so nothing is lost meanwhile.
+        """
+        self.ckpt_delay = min(CKPT_RETRY_MAX, max(CKPT_RETRY_MIN, self.ckpt_delay * 2))
+        self.ckpt_retry_at = time.monotonic() + self.ckpt_delay
+        self.last_ckpt_time = time.monotonic()
+        print(f"shmstore coordinator: store {self.name!r}: {what} in its data directory; the WAL "
+              f"still holds everything; next attempt in {self.ckpt_delay:g} s", file=sys.stderr)
 
     def _retain(self, base: bool) -> None:
         """Delete checkpoints beyond the newest K, and WAL files no kept chain uses."""
