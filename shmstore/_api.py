@@ -20,7 +20,6 @@ from ._errors import (
     CoordinatorRunningError,
     CoordinatorUnavailableError,
     DurabilityUnavailableError,  # noqa: F401  (shmstore exports it from here)
-    ShmStoreError,
     StoreNotFoundError,
     from_wire,
 )
@@ -160,6 +159,26 @@ def serve(
     them again. Until then the coordinator refuses every write with
     :class:`StorageError` (reads go on); it retries the disk every 0.1 s. A data
     directory on a read-only file system is refused at start with ``StorageError``.
+    A periodic checkpoint that fails is retried with a back-off (0.1 s doubling to 30 s).
+
+    A missing link in the data directory's chain (a checkpoint naming a WAL file that is
+    gone, a WAL file continuing a missing one) is a :class:`CorruptionError` naming the
+    missing file: an older checkpoint is used only in place of a *damaged* newer one,
+    and only when the WAL covering the gap is all there.
+
+    The data directory is trusted only so far: start-up removes only the store's own
+    temporaries (``MANIFEST.tmp``, ``ckpt-*.tmp``, ``wal-*.tmp``), never other files.
+    A directory with group or other permission bits is made 0700 when it is yours and
+    holds nothing but the store's files (say, just made under a 022 umask: nothing in
+    it was exposed); otherwise the start is refused with :class:`StorageError`, since
+    others may have read or planted files in it. ``path=""`` is refused.
+
+    Shared memory: the sizes (data segment, write channel, redo area, at their full
+    size, since /dev/shm objects are sparse and running out later is a SIGBUS) are
+    checked against /dev/shm's free space before anything is created. A start that
+    fails leaves nothing of a new store in /dev/shm, and a coordinator that dies while
+    starting is reported at once with its exit status and last stderr line (its stderr
+    is relayed to this process's while it starts).
 
     The settings are declared once, in ``shmstore.coordinator._config`` (the table
     behind docs/settings.md and ``shmstore serve``'s flags); a test holds this signature
@@ -206,7 +225,11 @@ def serve(
             sizes or value_type, or they hold different stores.
         CorruptionError: the data directory is damaged beyond what recovery may repair.
         EncryptionKeyError: the directory is encrypted and the key is missing or wrong.
-        StorageError: the data directory cannot be written (read-only file system).
+        StorageError: the data directory cannot be written (read-only file system), or
+            it is open to other users and holds files that are not the store's.
+        InvalidLayoutError: also when the store does not fit /dev/shm's free space.
+        CoordinatorUnavailableError: the coordinator died while starting (its exit
+            status and last log line are in the message) or did not come up in time.
     """
     settings = dict(locals())  # the first statement: exactly serve()'s arguments
     L.check_platform()
@@ -406,6 +429,10 @@ def open(  # noqa: A001 - the public name is part of the API
 
 def destroy(name: str) -> bool:
     """Remove a store's segment and IPC objects. Handles still open notice and fail.
+
+    Any object under the store's names goes, whatever its size or state: the segment is
+    marked destroyed through its header page alone (a damaged or 128 PiB sparse object
+    cannot be mapped whole), then everything is unlinked by name.
 
     Returns:
         True if anything of the store existed.

@@ -12,7 +12,7 @@ import stat
 import pytest
 
 import shmstore
-from shmstore.coordinator._durable._checkpoint import peek_header
+from shmstore.coordinator._durable._checkpoint import peek_header  # noqa: I001
 
 
 def _ckpts(d) -> list[str]:

@@ -13,8 +13,11 @@ Recovery at coordinator start (the server calls, in order):
    calls :meth:`DurableJournal.restore`: the newest checkpoint that loads and whose chain
    is complete, plus replay of the chain's records through the Engine, which reproduces
    every epoch and version (ops are deterministic; each record carries the epoch before
-   its op). A damaged checkpoint or a broken chain falls back to the previous
-   checkpoint; if none works, :class:`CorruptionError` names every file and offset that
+   its op). A damaged checkpoint falls back to the previous checkpoint if that one's
+   chain passes through every WAL file the damaged one names; a missing link (a
+   checkpoint's WAL file, or a file a later one continues, is gone) is a
+   :class:`CorruptionError` naming the missing file at once, never a shorter history
+   (see ``_datadir``). If no checkpoint works, :class:`CorruptionError` names every file and offset that
    failed, and nothing is served. A torn tail of the newest WAL file is cut off.
    Afterwards the epoch jumps by ``EPOCH_GAP``: ops the dead coordinator applied but
    never made durable may have shown their versions to readers; new writes must never
