@@ -15,13 +15,15 @@ def main() -> int:
     )
     parser.add_argument("--config", required=True, help="the ServerConfig, as JSON (see docs/settings.md)")
     parser.add_argument("--ready-fd", type=int, default=-1, help="write 'ok' here once serving")
+    parser.add_argument("--stderr-fd", type=int, default=-1,
+                        help="once serving, make this fd stderr (until then stderr is the starter's pipe)")
     args = parser.parse_args()
     try:
         config = decode(args.config)  # the same struct and check as the caller's
     except ShmStoreError as e:
         _report(args.ready_fd, e)  # the caller gets the typed error, not a timeout
         return EXIT_ERROR
-    return main_serve(config, ready_fd=args.ready_fd)
+    return main_serve(config, ready_fd=args.ready_fd, stderr_fd=args.stderr_fd)
 
 
 raise SystemExit(main())

@@ -51,6 +51,7 @@ from shmstore import _layout as L
 from shmstore._errors import (
     CoordinatorRunningError,
     IncompatibleStoreError,
+    InvalidLayoutError,
     SchemaMismatchError,
     ShmStoreError,
     StorageError,
@@ -118,6 +119,13 @@ class CoordinatorServer:
 
     # -- startup ---------------------------------------------------------------------
 
+    def _segment_exists(self) -> bool:
+        try:
+            posix_ipc.SharedMemory(L.data_name(self.name), read_only=True).close_fd()
+        except posix_ipc.ExistentialError:
+            return False
+        return True
+
     def _take_lock(self) -> None:
         shm = posix_ipc.SharedMemory(L.lock_name(self.name), posix_ipc.O_CREAT, mode=0o600, size=0)
         fd = shm.fd
@@ -176,8 +184,73 @@ class CoordinatorServer:
             value_size=cfg.value_size or (manifest.value_size if manifest else DEFAULT_VALUE_SIZE),
         ).validate()
         schema_fp = manifest.schema_fp if manifest and not cfg.schema_given else cfg.schema_fp
+        self._check_shm_space(layout)
         self.created = True
         return create_segment(self.name, layout, schema_fp)
+
+    def _channel_layout(self) -> C.ChannelLayout:
+        cfg = self.config
+        return C.ChannelLayout(max_clients=cfg.max_clients, ring_size=cfg.ring_size, reply_size=cfg.reply_size)
+
+    def _check_shm_space(self, layout: L.Layout | None) -> None:
+        """Refuse sizes that /dev/shm cannot hold, before creating anything.
+
+        Counted: the data segment (``layout``; None when an existing one is adopted),
+        the write channel and the redo area, at their full sizes. A POSIX shared memory
+        object is sparse, so an oversized one is created without complaint and the
+        coordinator dies of SIGBUS the first time a page does not fit, after it filled
+        /dev/shm for every process on the host; hence the full sizes, not what is used
+        at first.
+
+        Raises:
+            InvalidLayoutError: the sizes exceed /dev/shm's free space; the message gives
+                the numbers and what to change.
+        """
+        cfg = self.config
+        parts = []
+        if layout is not None:
+            parts.append(("data segment", layout.size))
+        parts.append(("write channel", self._channel_layout().size))
+        parts.append(("redo area", L.align(cfg.ring_size + 16, L.PAGE)))
+        need = sum(n for _, n in parts)
+        try:
+            st = os.statvfs(L.SHM_DIR)
+        except OSError:
+            return  # no such directory to measure (not Linux): the creation itself decides
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            mib = 1 << 20
+            detail = ", ".join(f"{what} {n / mib:,.1f} MiB" for what, n in parts)
+            raise InvalidLayoutError(
+                f"store {self.name!r} needs {need / mib:,.1f} MiB of shared memory ({detail}) but "
+                f"{L.SHM_DIR} has {free / mib:,.1f} MiB free of {st.f_blocks * st.f_frsize / mib:,.1f} MiB; "
+                f"nothing was created. Serve it with a smaller capacity or value_size (or fewer "
+                f"max_clients / a smaller ring_size), or give {L.SHM_DIR} more room (e.g. "
+                f"mount -o remount,size=... {L.SHM_DIR}, or docker run --shm-size)"
+            )
+
+    def _undo_start(self) -> None:
+        """After a failed start: remove what this start made, so no half-made store is
+        left (a later connect() gets StoreNotFoundError at once, not a wait for a
+        segment "still being created"). A segment that existed before is kept (it is
+        still readable), and so are its lock and redo area. Called holding the lock: the
+        lock's name is unlinked before the lock is dropped, so no other coordinator can
+        have made a new one meanwhile."""
+        if self.created:
+            if self.seg is not None:
+                self.seg.close()
+                self.seg = None
+            unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
+            unlink_tables(self.name)
+        if self.lock_fd < 0:
+            return  # not ours to clean: we never held the store's lock
+        try:
+            posix_ipc.SharedMemory(L.data_name(self.name), read_only=True).close_fd()
+            return  # a segment is there (adopted, or we failed before looking at it)
+        except posix_ipc.ExistentialError:
+            pass
+        unlink_quietly(posix_ipc.SharedMemory, L.redo_name(self.name))
+        unlink_quietly(posix_ipc.SharedMemory, L.lock_name(self.name))
 
     def _open_ipc(self) -> None:
         cfg = self.config
@@ -190,15 +263,18 @@ class CoordinatorServer:
             )
         unlink_quietly(posix_ipc.Semaphore, L.bell_name(n))
         self.bell = posix_ipc.Semaphore(L.bell_name(n), posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        self.chan = C.create_channel(
-            n, C.ChannelLayout(max_clients=cfg.max_clients, ring_size=cfg.ring_size, reply_size=cfg.reply_size),
-            self.incarnation,
-        )
+        self.chan = C.create_channel(n, self._channel_layout(), self.incarnation)
 
     def setup(self) -> None:
         """Everything up to serving: lock, segment, repair, channel, header."""
         cfg = self.config = validate(self.config)  # the one check of the settings (_config)
         L.check_platform()
+        if not self._segment_exists() and (cfg.path is None or None not in (cfg.capacity, cfg.key_size, cfg.value_size)):
+            # Sizes known before the lock: refuse at once, having made nothing at all
+            # (with a data directory and sizes left to its manifest: in _open_segment).
+            self._check_shm_space(L.Layout(capacity=cfg.capacity or DEFAULT_CAPACITY,
+                                           key_size=cfg.key_size or DEFAULT_KEY_SIZE,
+                                           value_size=cfg.value_size or DEFAULT_VALUE_SIZE).validate())
         self._take_lock()
         if cfg.path is not None and isinstance(self.journal, NullJournal):
             from ._durable import DurableJournal  # noqa: PLC0415
@@ -270,7 +346,11 @@ class CoordinatorServer:
         """Serve until a signal, ``stop()`` or the parent's death. Returns an exit code."""
         old = {s: signal.signal(s, self._record_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
-            self.setup()
+            try:
+                self.setup()
+            except BaseException:
+                self._undo_start()
+                raise
             if self._ready:
                 self._ready()
             self.loop()
@@ -561,10 +641,20 @@ class CoordinatorServer:
             self.lock_fd = -1
 
 
-def main_serve(config: ServerConfig, *, ready_fd: int = -1) -> int:
-    """Run a coordinator in this process; report readiness by writing to ``ready_fd``."""
+def main_serve(config: ServerConfig, *, ready_fd: int = -1, stderr_fd: int = -1) -> int:
+    """Run a coordinator in this process; report readiness by writing to ``ready_fd``.
+
+    ``stderr_fd``: while starting, stderr is a pipe that ``serve()`` reads (and relays),
+    so a coordinator dying at start is reported with its last words; once serving,
+    stderr becomes ``stderr_fd`` (the caller's own stderr), which the pipe's reader
+    sees as EOF.
+    """
 
     def ready() -> None:
+        if stderr_fd >= 0:
+            sys.stderr.flush()
+            os.dup2(stderr_fd, 2)
+            os.close(stderr_fd)
         if ready_fd >= 0:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)

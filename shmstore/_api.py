@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import select
 import signal
@@ -19,7 +20,6 @@ from ._errors import (
     CoordinatorRunningError,
     CoordinatorUnavailableError,
     DurabilityUnavailableError,  # noqa: F401  (shmstore exports it from here)
-    ShmStoreError,
     StoreNotFoundError,
     from_wire,
 )
@@ -160,6 +160,26 @@ def serve(
     them again. Until then the coordinator refuses every write with
     :class:`StorageError` (reads go on); it retries the disk every 0.1 s. A data
     directory on a read-only file system is refused at start with ``StorageError``.
+    A periodic checkpoint that fails is retried with a back-off (0.1 s doubling to 30 s).
+
+    A missing link in the data directory's chain (a checkpoint naming a WAL file that is
+    gone, a WAL file continuing a missing one) is a :class:`CorruptionError` naming the
+    missing file: an older checkpoint is used only in place of a *damaged* newer one,
+    and only when the WAL covering the gap is all there.
+
+    The data directory is trusted only so far: start-up removes only the store's own
+    temporaries (``MANIFEST.tmp``, ``ckpt-*.tmp``, ``wal-*.tmp``), never other files.
+    A directory with group or other permission bits is made 0700 when it is yours and
+    holds nothing but the store's files (say, just made under a 022 umask: nothing in
+    it was exposed); otherwise the start is refused with :class:`StorageError`, since
+    others may have read or planted files in it. ``path=""`` is refused.
+
+    Shared memory: the sizes (data segment, write channel, redo area, at their full
+    size, since /dev/shm objects are sparse and running out later is a SIGBUS) are
+    checked against /dev/shm's free space before anything is created. A start that
+    fails leaves nothing of a new store in /dev/shm, and a coordinator that dies while
+    starting is reported at once with its exit status and last stderr line (its stderr
+    is relayed to this process's while it starts).
 
     The settings are declared once, in ``shmstore.coordinator._config`` (the table
     behind docs/settings.md and ``shmstore serve``'s flags); a test holds this signature
@@ -206,7 +226,11 @@ def serve(
             sizes or value_type, or they hold different stores.
         CorruptionError: the data directory is damaged beyond what recovery may repair.
         EncryptionKeyError: the directory is encrypted and the key is missing or wrong.
-        StorageError: the data directory cannot be written (read-only file system).
+        StorageError: the data directory cannot be written (read-only file system), or
+            it is open to other users and holds files that are not the store's.
+        InvalidLayoutError: also when the store does not fit /dev/shm's free space.
+        CoordinatorUnavailableError: the coordinator died while starting (its exit
+            status and last log line are in the message) or did not come up in time.
     """
     settings = dict(locals())  # the first statement: exactly serve()'s arguments
     L.check_platform()
@@ -216,56 +240,130 @@ def serve(
 
 
 def _start(config: Any, timeout: float) -> Coordinator:
-    """Run ``python -m shmstore.coordinator`` with a checked config; wait until it serves."""
+    """Run ``python -m shmstore.coordinator`` with a checked config; wait until it serves.
+
+    Until it serves, the coordinator's stderr is a pipe read here: every byte is relayed
+    to this process's stderr at once, and the last lines are kept, so a coordinator that
+    dies at start (a traceback, SIGBUS, SIGKILL) is reported at once with its exit status
+    and its last log line. Once serving it writes to this process's stderr directly.
+    """
     name = config.name
     detach = config.parent_pid == 0
     r, w = os.pipe()
     try:
+        own_err = os.dup(2)
+    except OSError:
+        own_err = -1  # no stderr to hand on: the coordinator keeps the pipe's
+    er, ew = os.pipe() if own_err >= 0 else (-1, -1)
+    try:
+        args = [sys.executable, "-m", "shmstore.coordinator", "--config", msgspec.json.encode(config).decode(),
+                "--ready-fd", str(w)]
+        if own_err >= 0:
+            args += ["--stderr-fd", str(own_err)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shmstore.coordinator", "--config", msgspec.json.encode(config).decode(),
-             "--ready-fd", str(w)],
-            pass_fds=(w,), stdin=subprocess.DEVNULL, close_fds=True,
-            start_new_session=detach,
+            args, pass_fds=(w,) if own_err < 0 else (w, own_err), stdin=subprocess.DEVNULL,
+            stderr=ew if ew >= 0 else None, close_fds=True, start_new_session=detach,
         )
     finally:
         os.close(w)
+        for fd in (own_err, ew):
+            if fd >= 0:
+                os.close(fd)
+    tail: list[bytes] = []
     try:
-        line = _read_line(r, timeout)
+        line = _read_line(r, timeout, er, tail)
+        if er >= 0 and line is not None:
+            _drain(er, tail, 5.0)  # EOF once it serves (stderr switched) or has exited
     finally:
         os.close(r)
+        if er >= 0:
+            os.close(er)
     if line is not None and line.startswith("ok"):
         return Coordinator(name, proc)
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    last = _last_line(tail)
     if line is None:
         raise CoordinatorUnavailableError(
-            f"the coordinator for {name!r} did not come up within {timeout} s; see its stderr above"
+            f"the coordinator for {name!r} did not come up within {timeout} s"
+            + (f"; its last words: {last}" if last else "")
         )
     if line.startswith("error "):
         type_name, _, message = line[6:].partition(": ")
         raise from_wire(type_name, message.strip())
+    rc = proc.returncode
+    if rc < 0:
+        try:
+            status = f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            status = f"killed by signal {-rc}"
+        if rc == -signal.SIGBUS:
+            status += f" (shared memory ran out: see {L.SHM_DIR}'s free space)"
+    else:
+        status = f"exit code {rc}"
     raise CoordinatorUnavailableError(
-        f"the coordinator for {name!r} exited (code {proc.returncode}) before it served; "
-        f"see its stderr above"
+        f"the coordinator for {name!r} exited ({status}) before it served: "
+        + (last or "it wrote nothing to stderr")
     )
 
 
-def _read_line(fd: int, timeout: float) -> str | None:
-    """The first line written to ``fd``; what came before EOF; None at the timeout."""
+def _relay(chunk: bytes, tail: list[bytes]) -> None:
+    """Pass a coordinator's stderr bytes on to ours; keep the last few KiB."""
+    try:
+        os.write(2, chunk)
+    except OSError:
+        pass  # our stderr is gone: the bytes are still kept for the error message
+    tail.append(chunk)
+    while len(tail) > 1 and sum(map(len, tail)) > 8192:
+        del tail[0]
+
+
+def _last_line(tail: list[bytes]) -> str:
+    lines = [x.strip() for x in b"".join(tail).decode(errors="replace").splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def _drain(fd: int, tail: list[bytes], bound: float) -> None:
+    """Relay ``fd`` until EOF (or ``bound`` seconds, a guard against a stuck writer)."""
+    deadline = time.monotonic() + bound
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        _relay(chunk, tail)
+
+
+def _read_line(fd: int, timeout: float, err_fd: int = -1, tail: list[bytes] | None = None) -> str | None:
+    """The first line written to ``fd``; what came before EOF; None at the timeout.
+
+    Meanwhile what arrives on ``err_fd`` (the coordinator's stderr) is relayed to ours
+    and its last bytes kept in ``tail``.
+    """
     deadline = time.monotonic() + timeout
     buf = b""
+    fds = [fd] + ([err_fd] if err_fd >= 0 else [])
     while b"\n" not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], left)
+        ready, _, _ = select.select(fds, [], [], left)
         if not ready:
             return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
+        if err_fd in ready:
+            chunk = os.read(err_fd, 65536)
+            if chunk:
+                _relay(chunk, tail if tail is not None else [])
+            else:
+                fds.remove(err_fd)
+        if fd in ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
     return buf.decode(errors="replace")
 
 
@@ -340,6 +438,10 @@ def open(  # noqa: A001 - the public name is part of the API
 def destroy(name: str) -> bool:
     """Remove a store's segment and IPC objects. Handles still open notice and fail.
 
+    Any object under the store's names goes, whatever its size or state: the segment is
+    marked destroyed through its header page alone (a damaged or 128 PiB sparse object
+    cannot be mapped whole), then everything is unlinked by name.
+
     Returns:
         True if anything of the store existed.
 
@@ -361,16 +463,8 @@ def destroy(name: str) -> bool:
             ) from None
     try:
         found = lock is not None
-        max_clients = 0
-        try:
-            seg = open_segment(name, writable=True, timeout=0.1)
-        except ShmStoreError:
-            seg = None
-        if seg is not None:
-            max_clients = seg.q[L.H_MAX_CLIENTS]
-            # Invariant: marked before unlinking, so every mapping sees it is stale.
-            seg.q[L.H_STATE] = L.STATE_DESTROYED
-            seg.close()
+        # Invariant: marked before unlinking, so every mapping sees it is stale.
+        max_clients = _mark_destroyed(name)
         found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.redo_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
@@ -384,6 +478,35 @@ def destroy(name: str) -> bool:
     finally:
         if lock is not None:
             lock.close_fd()
+
+
+def _mark_destroyed(name: str) -> int:
+    """Mark store ``name``'s segment destroyed, mapping its header page only (any
+    size works: a damaged or 128 PiB object cannot be mapped whole). Returns the
+    header's max_clients (0 if there is no readable header)."""
+    try:
+        shm = posix_ipc.SharedMemory(L.data_name(name))
+    except posix_ipc.ExistentialError:
+        return 0
+    try:
+        if os.fstat(shm.fd).st_size < L.HEADER_SIZE:
+            return 0  # never finished: nothing maps a header that is not there
+        mm = mmap.mmap(shm.fd, L.HEADER_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        return 0  # unmappable: unlinked by name all the same
+    finally:
+        shm.close_fd()
+    try:
+        q = memoryview(mm).cast("Q")
+        try:
+            if q[L.H_MAGIC] != L.MAGIC or q[L.H_FORMAT] != L.FORMAT_VERSION:
+                return 0  # not a header this shmstore wrote (or not finished)
+            q[L.H_STATE] = L.STATE_DESTROYED
+            return min(int(q[L.H_MAX_CLIENTS]), 1 << 16)
+        finally:
+            q.release()
+    finally:
+        mm.close()
 
 
 def _unlink_prefixed(name: str, kinds: tuple[str, ...]) -> bool:

@@ -23,7 +23,7 @@ from .._ops import decode_logged, logged_problem
 from ._atrest import FLAG_AESGCM, Codec, load_key, verify_key
 from ._checkpoint import HEADER_SIZE as CKPT_HEADER
 from ._checkpoint import load_checkpoint, peek_header, read_header
-from ._datadir import MANIFEST, DataDir, wal_chain
+from ._datadir import MANIFEST, DataDir, is_own_file, missing_link, wal_chain
 from ._tablefile import read_tables_file, tables_path
 from ._wal import scan_wal
 
@@ -75,7 +75,7 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
         else:
             verify_key(key, m.key_check, f"data directory {path!r}")
     for n in sorted(os.listdir(path)):
-        if n.endswith(".tmp") or n.endswith(".corrupt"):
+        if (n.endswith(".tmp") or n.endswith(".corrupt")) and is_own_file(n):
             report.notes.append(f"{d.file(n)}: left over ({'an unfinished write' if n.endswith('.tmp') else 'set aside by recovery'}); not used")
     good = []
     for epoch, p in ckpts:
@@ -128,14 +128,27 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
             else:
                 report.notes.append(f"{w.path}: a torn tail at offset {s.end} ({s.size - s.end} bytes never "
                                     f"made durable); recovery cuts it off")
-    if good:
-        h = good[0]
+    # The chain recovery would follow: newest checkpoint first; one whose header names
+    # a WAL file that is missing is a problem whatever is older (recovery refuses it).
+    good_ids = {h.id for h in good}
+    for epoch, p in ckpts:
         try:
-            wal_chain(h.id, h.epoch, h.wal_id, wals, f"{path}/ckpt-{h.epoch:020d}-{h.id:016x}.ckpt")
-        except CorruptionError as e:
-            msg = e.message
+            h = peek_header(p)
+        except (CorruptionError, OSError):
+            continue  # reported above
+        err = missing_link(p, h.wal_id, h.epoch, wals)
+        if err is None and h.id in good_ids:
+            try:
+                wal_chain(h.id, h.epoch, h.wal_id, wals, p)
+            except CorruptionError as e:
+                err = e
+        if err is not None:
+            msg = err.message
             src = msg.split(": ", 1)[0].split(" ", 1)[-1] if ": " in msg else path
-            _add(report, src if os.path.isabs(src) else path, e)
+            _add(report, src if os.path.isabs(src) else path, err)
+            break
+        if h.id in good_ids:
+            break
     return report
 
 

@@ -21,6 +21,16 @@ in the chain (or is a file the chain continues, which holds nothing after C), an
 chain reaches the epoch of the newest checkpoint on disk. So a
 fallback to an older checkpoint either reproduces the newest state or is refused.
 
+A missing link is never a shorter history (:func:`missing_link`): a checkpoint whose
+header names a WAL file that is not there, or a WAL file whose ``prev`` names a file
+that is not there while a checkpoint's chain needs it, is a :class:`CorruptionError`
+naming the missing file, from recovery and from ``check()``. An older checkpoint is a
+fallback only for a *damaged* newer one, and only if its chain passes through every
+WAL file the newer checkpoints name (the WAL covering the gap is there). Epochs may
+jump between two linked files (a rebuild skips ``EPOCH_GAP``); links are by id, so a
+jump is never mistaken for a gap in the files. A checkpoint that is missing while an
+older one's chain covers everything after it loses nothing and is not an error.
+
 Used by the journal (``_journal``), backups (``_backup``) and ``shmstore.check``.
 """
 
@@ -28,6 +38,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -35,10 +47,10 @@ import msgspec
 import numpy as np
 
 from shmstore import _layout as L
-from shmstore._errors import CoordinatorRunningError, CorruptionError, IncompatibleStoreError
+from shmstore._errors import CoordinatorRunningError, CorruptionError, IncompatibleStoreError, StorageError
 from shmstore._segment import Segment
 
-from ._wal import WalHeader, fsync_dir, parse_name
+from ._wal import WalHeader, fsync_dir, parse_name, wal_name
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
@@ -104,6 +116,8 @@ class DataDir:
         if created:
             os.chmod(self.path, 0o700)  # whatever the umask
             fsync_dir(parent)
+        else:
+            self.check_mode()  # before anything is written into it
         fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,17 +167,60 @@ class DataDir:
         tmp = p + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            body = msgspec.json.encode(m)
-            os.write(fd, body + b"\ncrc32:%08x\n" % zlib.crc32(body))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, p)
+            try:
+                body = msgspec.json.encode(m)
+                os.write(fd, body + b"\ncrc32:%08x\n" % zlib.crc32(body))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)  # a full disk leaves no half-written MANIFEST.tmp behind
+            except FileNotFoundError:
+                pass
+            raise
         fsync_dir(self.path)
 
+    def check_mode(self) -> None:
+        """Enforce mode 0700 on the directory (DESIGN section 4).
+
+        A directory with group or other permission bits is made 0700 if it is ours
+        (owned by this user) and holds nothing but the store's own files (typically a
+        directory just made with ``mkdir`` under a 022 umask): nothing in it can have
+        been exposed yet that the store did not write. Otherwise the start is refused:
+        other users may have read or planted files in it, and the user's own files in it
+        are not ours to re-permission.
+
+        Raises:
+            StorageError: the directory is group/other accessible and holds other files,
+                or belongs to another user.
+        """
+        st = os.stat(self.path)
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            return
+        foreign = sorted(n for n in os.listdir(self.path) if not is_own_file(n))
+        if st.st_uid == os.geteuid() and not foreign:
+            os.chmod(self.path, 0o700)
+            print(f"shmstore coordinator: data directory {self.path!r} had mode {mode:o}; made it 0700",
+                  file=sys.stderr)
+            return
+        why = (f"it belongs to uid {st.st_uid}" if st.st_uid != os.geteuid()
+               else f"it holds files that are not the store's ({', '.join(foreign[:3])}"
+                    f"{' ...' if len(foreign) > 3 else ''})")
+        raise StorageError(
+            f"data directory {self.path!r} has mode {mode:o}: other users may read or change its "
+            f"files, and {why}, so it is not made 0700 for you. Give the store a directory of its "
+            f"own (chmod 700 {self.path!r} if that is what you want)"
+        )
+
     def remove_temporaries(self) -> None:
+        """Remove what an interrupted write of the store left: ``<store file>.tmp`` only
+        (``MANIFEST.tmp``, ``ckpt-*.ckpt.tmp``, ``ckpt-*.tables.tmp``, ``wal-*.wal.tmp``);
+        any other file in the directory is left alone."""
         for n in os.listdir(self.path):
-            if n.endswith(".tmp"):
+            if n.endswith(".tmp") and is_own_file(n[:-4]):
                 os.unlink(self.file(n))
 
     def checkpoints(self) -> list[tuple[int, str]]:
@@ -196,6 +253,34 @@ class DataDir:
         return out
 
 
+def is_own_file(name: str) -> bool:
+    """Whether ``name`` (in a data directory) is one of the store's files, or the
+    temporary (``.tmp``) or set-aside (``.corrupt``) copy of one."""
+    for suffix in (".tmp", ".corrupt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name in (MANIFEST, LOCK):
+        return True
+    return (parse_name(name, "ckpt-", ".ckpt") is not None or parse_name(name, "ckpt-", ".tables") is not None
+            or parse_name(name, "wal-", ".wal") is not None)
+
+
+def missing_link(ck_path: str, wal_id: int, ck_epoch: int, wals: list[WalInfo]) -> CorruptionError | None:
+    """The error for a checkpoint whose named WAL file (``wal_id``) is missing, or None.
+
+    A checkpoint's WAL file starts at the checkpoint's epoch, so its name is known.
+    """
+    if not wal_id or any(w.file_id == wal_id for w in wals):
+        return None
+    gone = os.path.join(os.path.dirname(ck_path), wal_name(ck_epoch, wal_id))
+    return CorruptionError(
+        f"checkpoint {ck_path}: the WAL file that follows it, {gone} (id {wal_id:016x}), is missing; "
+        f"the writes logged after this checkpoint cannot be recovered, and an older checkpoint "
+        f"would silently lose them. Restore the file (or the directory from a backup)"
+    )
+
+
 def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path: str) -> list[WalInfo]:
     """The WAL files that follow a checkpoint, in order, if the chain is complete."""
     by_id = {w.file_id: w for w in wals}
@@ -206,7 +291,7 @@ def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path:
     if wal_id:
         cur = by_id.get(wal_id)
         if cur is None:
-            raise CorruptionError(f"checkpoint {path}: the WAL file that follows it (id {wal_id:016x}) is missing")
+            raise missing_link(path, wal_id, ck_epoch, wals)
         if cur.error is not None:
             raise cur.error
     else:
@@ -232,6 +317,17 @@ def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path:
     if stray:
         if stray[0].error is not None:
             raise stray[0].error
+        ids = {w.file_id for w in wals}
+        for w in stray:
+            prev = w.header.prev if w.header is not None else 0
+            if prev and prev not in ids and prev != ck_id:
+                last = chain[-1].path if chain else path
+                raise CorruptionError(
+                    f"WAL file {w.path}: it continues the file with id {prev:016x} (wal-*-{prev:016x}.wal), "
+                    f"which is missing "
+                    f"(the chain from checkpoint {path} ends at {last}); the writes logged in the "
+                    f"missing file cannot be recovered"
+                )
         raise CorruptionError(
             f"checkpoint {path}: WAL file {stray[0].path} is newer but not in its chain; the "
             f"history after this checkpoint is incomplete"

@@ -13,8 +13,11 @@ Recovery at coordinator start (the server calls, in order):
    calls :meth:`DurableJournal.restore`: the newest checkpoint that loads and whose chain
    is complete, plus replay of the chain's records through the Engine, which reproduces
    every epoch and version (ops are deterministic; each record carries the epoch before
-   its op). A damaged checkpoint or a broken chain falls back to the previous
-   checkpoint; if none works, :class:`CorruptionError` names every file and offset that
+   its op). A damaged checkpoint falls back to the previous checkpoint if that one's
+   chain passes through every WAL file the damaged one names; a missing link (a
+   checkpoint's WAL file, or a file a later one continues, is gone) is a
+   :class:`CorruptionError` naming the missing file at once, never a shorter history
+   (see ``_datadir``). If no checkpoint works, :class:`CorruptionError` names every file and offset that
    failed, and nothing is served. A torn tail of the newest WAL file is cut off.
    Afterwards the epoch jumps by ``EPOCH_GAP``: ops the dead coordinator applied but
    never made durable may have shown their versions to readers; new writes must never
@@ -87,6 +90,14 @@ DEFAULT_CHECKPOINT_OPS = 200_000
 DEFAULT_CHECKPOINT_INTERVAL = 300.0
 DEFAULT_CHECKPOINT_BYTES = 256 << 20
 DEFAULT_CHECKPOINT_KEEP = 2
+CKPT_RETRY_MIN = 0.1  # seconds before a failed periodic checkpoint is tried again ...
+CKPT_RETRY_MAX = 30.0  # ... doubling up to this
+
+
+def _oserror(e: OSError) -> str:
+    """An OSError in a log line: its errno and the file's base name (not the path)."""
+    name = os.path.basename(e.filename) if getattr(e, "filename", None) else ""
+    return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror or e}" + (f": {name}" if name else "")
 
 
 class DurableJournal:
@@ -125,6 +136,9 @@ class DurableJournal:
         self.compression = self.encryption = "none"
         self.key: bytes | None = None
         self.codec: Codec | None = None
+        #: a failing periodic checkpoint backs off: the current delay, the next attempt
+        self.ckpt_delay = 0.0
+        self.ckpt_retry_at = 0.0
 
     # -- start -------------------------------------------------------------------------
 
@@ -413,14 +427,12 @@ class DurableJournal:
             self.ops_since and now - self.last_ckpt_time >= self.checkpoint_interval)
         if not due and w is not None and w.size >= self.checkpoint_bytes:
             due = True
-        if due:
+        if due and now >= self.ckpt_retry_at:
             try:
                 self._start_checkpoint(background=True)
             except OSError as e:
                 # The WAL still holds everything: nothing is lost; try again later.
-                self.last_ckpt_time = now
-                print(f"shmstore coordinator: store {self.name!r}: starting a checkpoint failed: {e}; "
-                      f"will retry", file=sys.stderr)
+                self._checkpoint_failed(f"starting a checkpoint failed ({_oserror(e)})")
 
     def close(self) -> None:
         """Wait for a checkpoint in flight, make the WAL durable, release the directory.
@@ -484,9 +496,10 @@ class DurableJournal:
         if old is not None:
             old.flush()
             old.sync()  # Invariant: a file is durable in full before its successor exists
-        snap = take_snapshot(self.seg, epoch)
         wal_id = 0
         if self.sync != "never":
+            # The next WAL file first: if the disk cannot take a new file, nothing was
+            # copied (the snapshot is a copy of the whole slot region).
             self.wal = self._new_wal(prev=0 if base or old is None else old.header.id)
             wal_id = self.wal.header.id
             if old is not None:
@@ -494,6 +507,7 @@ class DurableJournal:
         elif old is not None:
             old.close()
             self.wal = None
+        snap = take_snapshot(self.seg, epoch)
         ck_id = new_id()
         self.ops_since = 0
         self.last_ckpt_time = time.monotonic()
@@ -534,13 +548,29 @@ class DurableJournal:
             msg = f"store {self.name!r}: checkpoint at epoch {epoch} in {self.dir.path!r} failed: {err}"
             if not background:
                 raise DurabilityUnavailableError(msg) from err
-            print(f"shmstore coordinator: {msg}; will retry", file=sys.stderr)
+            self._checkpoint_failed(f"checkpoint at epoch {epoch} failed ({_oserror(err)})")
             return
+        self.ckpt_delay = 0.0
+        self.ckpt_retry_at = 0.0
         self.last_ckpt_epoch = epoch
         self.metrics.checkpoint_done(ns, [])
         if self.seg is not None:
             self.seg.q[L.H_LAST_CHECKPOINT_EPOCH] = epoch
         self._retain(base)
+
+    def _checkpoint_failed(self, what: str) -> None:
+        """Schedule the next attempt of a failed periodic checkpoint, backing off.
+
+        The delay doubles from ``CKPT_RETRY_MIN`` to ``CKPT_RETRY_MAX`` (0.1 s -> 30 s)
+        and is reset by a checkpoint that succeeds: a disk that stays full costs one
+        snapshot of the segment and one log line per step, not one per 0.1 s tick. The
+        WAL still holds everything, so nothing is lost meanwhile.
+        """
+        self.ckpt_delay = min(CKPT_RETRY_MAX, max(CKPT_RETRY_MIN, self.ckpt_delay * 2))
+        self.ckpt_retry_at = time.monotonic() + self.ckpt_delay
+        self.last_ckpt_time = time.monotonic()
+        print(f"shmstore coordinator: store {self.name!r}: {what} in its data directory; the WAL "
+              f"still holds everything; next attempt in {self.ckpt_delay:g} s", file=sys.stderr)
 
     def _retain(self, base: bool) -> None:
         """Delete checkpoints beyond the newest K, and WAL files no kept chain uses."""

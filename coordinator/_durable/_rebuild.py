@@ -19,7 +19,7 @@ from shmstore._segment import Segment
 
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, peek_header, restore_into
 from ._tablefile import restore_tables
-from ._datadir import DataDir, Manifest, WalInfo, wal_chain, zero_segment
+from ._datadir import DataDir, Manifest, WalInfo, missing_link, wal_chain, zero_segment
 from .. import _ops as O
 from .._engine import Engine
 from .._expiry import replay_expire
@@ -68,7 +68,18 @@ def _rebuild(seg: Segment, data_dir: DataDir, m: Manifest | None, key: bytes | N
     newest = ckpts[0][0]
     scans: dict[str, WalScan | CorruptionError] = {}
     errors: list[str] = []
+    # WAL files named by newer checkpoints that failed: a fallback's chain must pass
+    # through each, or it would recover a shorter history (see ``_datadir``).
+    required: dict[int, str] = {}
     for epoch, path in ckpts:
+        try:
+            head = peek_header(path)
+        except (CorruptionError, OSError):
+            head = None  # a damaged header: load_checkpoint below says where
+        if head is not None:
+            gone = missing_link(path, head.wal_id, head.epoch, wals)
+            if gone is not None:
+                raise gone  # no fallback can recover what that file held
         try:
             try:
                 ck = load_checkpoint(path, m.layout, m.schema_fp, key=key)
@@ -76,6 +87,14 @@ def _rebuild(seg: Segment, data_dir: DataDir, m: Manifest | None, key: bytes | N
                 report["damaged"].append(path)
                 raise
             chain = wal_chain(ck.id, ck.epoch, ck.wal_id, wals, path)
+            ids = {w.file_id for w in chain}
+            for wal_id, newer in required.items():
+                if wal_id not in ids:
+                    raise CorruptionError(
+                        f"checkpoint {path}: its WAL chain does not pass through the file (id "
+                        f"{wal_id:016x}) that the newer checkpoint {newer} names; recovering from it "
+                        f"would lose what that file holds"
+                    )
             scanned = []
             for i, w in enumerate(chain):
                 s = scans.get(w.path)
@@ -103,6 +122,8 @@ def _rebuild(seg: Segment, data_dir: DataDir, m: Manifest | None, key: bytes | N
             errors.append(e.message)
             report["failed"].append(path)
             zero_segment(seg)
+            if head is not None and head.wal_id:
+                required[head.wal_id] = path
             continue
         if report["failed"] and end < newest:
             print(f"shmstore coordinator: store {name!r}: sync='never' recovery from {path} "
