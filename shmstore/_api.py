@@ -90,7 +90,7 @@ def serve(
     key_size: int | None = None,
     value_size: int | None = None,
     value_type: Any = None,
-    max_clients: int = 64,
+    max_clients: int = 256,
     ring_size: int = 256 * 1024,
     reply_size: int = 1024 * 1024,
     spin_us: float = 50.0,
