@@ -384,7 +384,8 @@ class ClientChannel:
             ch.close()
             raise TooManyClientsError(
                 f"store {name!r}: all {lay.max_clients} client blocks stayed taken until the "
-                f"timeout; serve the store with a larger max_clients, or close idle handles"
+                f"timeout (each process writing to the store holds one); serve the store with a "
+                f"larger max_clients, or end idle processes"
             )
         base = lay.block(self.client)
         self.w = base // 8  # first control word
