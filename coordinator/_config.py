@@ -152,8 +152,10 @@ SETTINGS: tuple[Setting, ...] = (
       where=(FIELD,), lo=0, hi=2**64 - 1),
     S("schema_given", bool, False, "Whether a value_type was given (else the store's is kept).",
       "store", where=(FIELD,)),
-    S("max_clients", int, 64, "Processes that can write at once; each claims a client block of "
-      "ring_size + reply_size bytes of /dev/shm.", "clients", lo=1, metavar="N"),
+    S("max_clients", int, 256, "Processes that can write at once (all handles of a process "
+      "share one client block). Memory is spent per attached process, not reserved: a "
+      "block's pages (up to ring_size + reply_size) are allocated as it uses them and given "
+      "back when its process goes.", "clients", lo=1, metavar="N"),
     S("ring_size", int, 256 * 1024, "Bytes of each client's request queue; bounds the largest "
       "batch.", "clients", lo=4096, metavar="BYTES"),
     S("reply_size", int, 1024 * 1024, "Bytes of each client's reply area; bounds a get_many "

@@ -43,7 +43,7 @@ class ServerMetrics:
         self.chan = chan
         self.stride_words = chan.layout.stride // 8
         self.ring_size = chan.layout.ring_size
-        self.block0 = C.CH_HEADER // 8
+        self.block0 = chan.layout.block(0) // 8
         n = chan.layout.max_clients
         # Per block: the session and TAIL this run last saw when serving it, so the
         # bytes a group drained are exact even across a handshake or a reclaim.

@@ -86,6 +86,20 @@ EXIT_REFUSED = 75  # another coordinator serves the store (EX_TEMPFAIL; 3 is gun
 TICK = 0.1  # seconds between heartbeats / reclaim scans
 _FRAME_HEAD = struct.Struct("<II")  # a ring frame's length and its zero word
 
+
+class _NoSem:
+    """The reply semaphore of a block nobody has claimed yet (made at the handshake)."""
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NO_SEM = _NoSem()
+
+
 class CoordinatorServer:
     """Serve one store until stopped. Construction changes no process-wide state."""
 
@@ -256,14 +270,19 @@ class CoordinatorServer:
         cfg = self.config
         n = self.name
         self.incarnation = int.from_bytes(os.urandom(8), "little") | 1
+        # Reply semaphores are made on demand, one per claimed block (see shmstore._channel):
+        # clear any a previous run left, and hold a placeholder until the handshake.
         for i in range(cfg.max_clients):
             unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(n, i))
-            self.reply_sems.append(
-                posix_ipc.Semaphore(L.reply_sem_name(n, i), posix_ipc.O_CREX, mode=0o600, initial_value=0)
-            )
+        self.reply_sems[:] = [_NO_SEM] * cfg.max_clients
         unlink_quietly(posix_ipc.Semaphore, L.bell_name(n))
         self.bell = posix_ipc.Semaphore(L.bell_name(n), posix_ipc.O_CREX, mode=0o600, initial_value=0)
         self.chan = C.create_channel(n, self._channel_layout(), self.incarnation)
+        import numpy as np
+
+        self.claims = self.chan.claims()
+        # Invariant: acked[i] is the SESSION this run acknowledged in block i (0: none).
+        self.acked = np.zeros(cfg.max_clients, dtype=np.uint64)
 
     def setup(self) -> None:
         """Everything up to serving: lock, segment, repair, channel, header."""
@@ -420,13 +439,18 @@ class CoordinatorServer:
             self.stopping = True
 
     def reclaim_dead_clients(self) -> None:
-        """Free the blocks of clients whose process is gone (their OFD lock dropped)."""
+        """Free the blocks of clients whose process is gone (their OFD lock dropped) and
+        give their pages back (see ``shmstore._channel``: memory)."""
         ch = self.chan
         for i in list(self.active):
             if C.lock_byte(ch.fd, i):
                 # We hold the lock: nobody can claim the block while we reset it.
                 self.metrics.retire(i)
                 self._forget_client(i)
+                ch.release_block(i)
+                sem, self.reply_sems[i] = self.reply_sems[i], _NO_SEM
+                sem.close()  # the next claimant makes it anew
+                unlink_quietly(posix_ipc.Semaphore, L.reply_sem_name(self.name, i))
                 C.unlock_byte(ch.fd, i)
                 self.seg.q[L.H_CLIENTS_RECLAIMED] += 1
 
@@ -436,6 +460,8 @@ class CoordinatorServer:
         q[w + C.C_ACK] = 0
         q[w + C.C_SESSION] = 0
         q[w + C.C_TAIL] = q[w + C.C_HEAD]
+        q[C.CH_W_CLAIMS + i] = 0  # the claimant's word: nobody writes it while we hold the lock
+        self.acked[i] = 0
         self.deferred.pop(i, None)
         self.watch.forget(i)
         if i in self.active:
@@ -444,7 +470,7 @@ class CoordinatorServer:
     def _handshake(self, i: int) -> None:
         q = self.chan.q
         w = self.chan.layout.block(i) // 8
-        session = q[w + C.C_SESSION]
+        session = q[C.CH_W_CLAIMS + i]
         if q[w + C.C_ACK]:
             # The block's previous client closed (or died) and this one claimed it before
             # a tick could reclaim it: retire what the old client left, as a reclaim does.
@@ -462,16 +488,25 @@ class CoordinatorServer:
         q[w + C.C_ERR_LEN] = 0
         q[w + C.C_ERR_COUNT] = 0
         self.done[i] = 0
+        if self.reply_sems[i] is _NO_SEM:
+            try:  # the claimant made it; O_CREAT in case a reclaim raced its removal
+                self.reply_sems[i] = posix_ipc.Semaphore(L.reply_sem_name(self.name, i), posix_ipc.O_CREAT,
+                                                         mode=0o600, initial_value=0)
+            except posix_ipc.Error:
+                return  # not answered: the client retries until its timeout
+        self.acked[i] = session
         q[w + C.C_ACK] = session
         if i not in self.active:
             self.active.append(i)
         self.reply_sems[i].release()
 
     def _scan_handshakes(self) -> None:
-        """Answer every client that wrote a new SESSION (a numpy scan of all blocks)."""
+        """Answer every client that claimed a block with a new SESSION (a numpy scan of
+        the channel header's claim table: the blocks themselves are not touched)."""
         import numpy as np
 
-        new = np.flatnonzero((self.sessions != self.acks) & (self.sessions != 0))
+        claims = self.claims
+        new = np.flatnonzero((claims != self.acked) & (claims != 0))
         for i in new.tolist():
             self._handshake(i)
 

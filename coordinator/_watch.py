@@ -58,9 +58,11 @@ class WatchHub:
         now = time.monotonic()
         if groups == self.last_groups or now >= self.next_scan:
             self.next_scan = now + SCAN_EVERY
-            pending = np.flatnonzero(self.req != self.ack)
-            for i in pending.tolist():
-                if i in self.active:
+            # Only the handshaken blocks: reading an unclaimed block would allocate its
+            # pages (see shmstore._channel: memory).
+            if self.active:
+                act = np.array(self.active, dtype=np.intp)
+                for i in act[self.req[act] != self.ack[act]].tolist():
                     self._update(i)
         self.last_groups = groups
         e = self.seg_q[L.H_EPOCH]

@@ -3,9 +3,13 @@
 Design
 ------
 A second shared-memory segment per store (``/shmstore.NAME@ch``, mode 0600), made new
-by every coordinator run, holds one *client block* per attached process::
+by every coordinator run, holds one *client block* per attached process (a process's
+handles on a store share one block: see ``shmstore._attach``)::
 
-    channel header (4 KiB): magic, incarnation, max_clients, ring_size, reply_size, stride
+    channel header (ChannelLayout.header bytes, >= 4 KiB):
+      words 0-7    magic, incarnation, max_clients, ring_size, reply_size, stride
+      words 16...  the claim table: one word per client block, the SESSION of the
+                   process that claimed it (0: free), written by the claimant
     client block i (stride bytes each):
       +0     control words, client-written   SESSION HEAD PID START ERR_ACK ...
       +128   control words, coordinator-written  ACK TAIL DONE REPLY_LEN ERR_TICKET ...
@@ -14,7 +18,25 @@ by every coordinator run, holds one *client block* per attached process::
       ...    error area (ERR_AREA bytes)     the first unacknowledged error of an async frame
 
 Every control word has exactly one writer, so no atomics are needed; each is one aligned
-u64 written and read through ``memoryview.cast('Q')``.
+u64 written and read through ``memoryview.cast('Q')``. (The coordinator zeroes a claim
+word and a block's client words only while it holds the block's lock, when no client can
+write them.)
+
+Memory: spent on the processes attached, not reserved for ``max_clients``. The segment
+is sized for every block, but /dev/shm is tmpfs, which allocates a page only when it is
+first touched; and reading an untouched page of a shared mapping allocates it too. So
+nothing scans the blocks: whoever needs to know which blocks are taken reads the claim
+table in the header (8 bytes a block), and the coordinator reads only the blocks of its
+handshaken clients. A client touches its control page, the ring pages its frames reach
+and the reply pages its replies fill. When the coordinator reclaims a block (its process
+closed its last handle or died) it gives the block's pages back to tmpfs
+(``madvise(MADV_REMOVE)``, which punches a hole in the file) while it holds the block's
+lock. One segment with holes was chosen over a segment per client: the coordinator's
+loop keeps one mapping and its precomputed block offsets, a client's claim stays one
+OFD lock on one fd, and ``destroy()`` has no new names to find. Reply semaphores, one
+page of /dev/shm each, are made on demand too: a claimant creates its block's
+(``O_CREAT``), the coordinator opens it at the handshake; both are removed with the
+channel.
 
 A frame in the ring::
 
@@ -30,9 +52,10 @@ Claiming a block: a client takes an OFD lock (``F_OFD_SETLK``) on byte ``LOCK_BA
 of the channel segment. The kernel drops it when the process dies, however it dies, so a
 SIGKILLed client holds nothing anyone waits for, and a reused pid is never mistaken for
 it. Then the handshake: the client zeroes ``HEAD``, writes a fresh random ``SESSION``
-and rings; the coordinator resets its words for the block and echoes ``ACK = SESSION``.
-The coordinator reclaims a block by taking the same lock itself, so it never races a
-new claimant.
+into its block and then into the claim table, and rings; the coordinator (scanning the
+claim table) resets its words for the block and echoes ``ACK = SESSION``. The
+coordinator reclaims a block by taking the same lock itself, so it never races a new
+claimant.
 
 Wake-ups: the client posts the coordinator's doorbell semaphore after every publish
 (``sem_post`` costs no syscall when nobody sleeps on it) and then spins briefly on
@@ -69,6 +92,7 @@ CH_W_MAX_CLIENTS = 2
 CH_W_RING = 3
 CH_W_REPLY = 4
 CH_W_STRIDE = 5
+CH_W_CLAIMS = 16  # the claim table: word CH_W_CLAIMS + i is block i's claimant's SESSION
 
 # client block words, client-written
 C_SESSION = 0
@@ -213,12 +237,17 @@ class ChannelLayout(msgspec.Struct, frozen=True):
         return L.align(CONTROL + self.ring_size + self.reply_size + ERR_AREA, L.PAGE)
 
     @property
+    def header(self) -> int:
+        """Bytes of the channel header: the fixed words and the claim table."""
+        return max(CH_HEADER, L.align(8 * (CH_W_CLAIMS + self.max_clients), L.PAGE))
+
+    @property
     def size(self) -> int:
-        return CH_HEADER + self.max_clients * self.stride
+        return self.header + self.max_clients * self.stride
 
     def block(self, client: int) -> int:
         """Byte offset of a client block."""
-        return CH_HEADER + client * self.stride
+        return self.header + client * self.stride
 
 
 class ChannelMap:
@@ -242,9 +271,23 @@ class ChannelMap:
         """A numpy view of one control word across every client block."""
         lay = self.layout
         return np.ndarray(
-            (lay.max_clients,), dtype=np.uint64, buffer=self.mm, offset=CH_HEADER + word * 8,
+            (lay.max_clients,), dtype=np.uint64, buffer=self.mm, offset=lay.header + word * 8,
             strides=(lay.stride,),
         )
+
+    def claims(self) -> np.ndarray:
+        """A numpy view of the claim table: each block's claimant's SESSION, 0 if free.
+
+        Read this, not the blocks' words: reading an untouched block allocates its pages.
+        """
+        return np.ndarray((self.layout.max_clients,), dtype=np.uint64, buffer=self.mm,
+                          offset=CH_W_CLAIMS * 8)
+
+    def release_block(self, client: int) -> None:
+        """Give a reclaimed block's pages back to tmpfs (caller holds its lock); it reads
+        as zeros afterwards."""
+        lay = self.layout
+        self.mm.madvise(mmap.MADV_REMOVE, lay.block(client), lay.stride)
 
     def close(self) -> None:
         for attr in ("q", "mv"):
@@ -341,7 +384,8 @@ class ClientChannel:
             ch.close()
             raise TooManyClientsError(
                 f"store {name!r}: all {lay.max_clients} client blocks stayed taken until the "
-                f"timeout; serve the store with a larger max_clients, or close idle handles"
+                f"timeout (each process writing to the store holds one); serve the store with a "
+                f"larger max_clients, or end idle processes"
             )
         base = lay.block(self.client)
         self.w = base // 8  # first control word
@@ -349,7 +393,10 @@ class ClientChannel:
         self.reply_ofs = self.ring_ofs + lay.ring_size
         self.err_ofs = self.reply_ofs + lay.reply_size
         self.bell = posix_ipc.Semaphore(L.bell_name(name))
-        self.reply_sem = posix_ipc.Semaphore(L.reply_sem_name(name, self.client))
+        # Made on demand (see the module docstring); the coordinator opens it at the
+        # handshake and removes it with the channel.
+        self.reply_sem = posix_ipc.Semaphore(L.reply_sem_name(name, self.client), posix_ipc.O_CREAT,
+                                             mode=0o600, initial_value=0)
         self.head = 0
         self.ticket = 0  # frames published
         self.incarnation = ch.incarnation
@@ -366,6 +413,8 @@ class ClientChannel:
         q[w + C_START] = process_start_ms(os.getpid()) or 0
         self.session = int.from_bytes(os.urandom(8), "little") | 1
         q[w + C_SESSION] = self.session
+        # Invariant: the claim word is written last: the coordinator finds the block by it.
+        q[CH_W_CLAIMS + self.client] = self.session
         self.bell.release()
         deadline = time.monotonic() + timeout
         while q[w + C_ACK] != self.session:

@@ -9,15 +9,24 @@ Every counter has one writer, so none needs a lock or an atomic:
   errors, and the journal's fsync/WAL/checkpoint counters. It writes them; anyone
   reads them.
 - Each client's live in its client block of the write channel (``_channel``
-  ``C_READS`` .. ``C_WRITE_ERRORS``, words 8-15, and ``C_CACHE_HITS``, word 6). The
-  handle keeps its running totals in process memory (the ``get`` fast path counts in
-  closure cells, nothing more) and *publishes* them - stores the totals into its
+  ``C_READS`` .. ``C_WRITE_ERRORS``, words 8-15, and ``C_CACHE_HITS``, word 6). A client
+  is a process: its handles on the store share one block (``_attach``), so the block
+  shows the process's totals. Each handle keeps its own running totals in process
+  memory (the ``get`` fast path counts in closure cells, nothing more), and
+  ``stats()`` reports them as "this handle"; the process's totals are kept by the
+  attachment's :class:`_Counters`: a write request counts into both, and a handle
+  *pushes* its read counts (reads, cache hits, the retries of its get_many and
+  snapshots) into the process's at each publish moment and when it closes or is
+  collected. Read retries inside the mapping's lookups are counted per mapping, that
+  is per process (a handle's ``read_retries`` includes those of the other handles of
+  its process since it opened). The process's totals are *published* - stored into its
   block - at these moments:
 
   * after every write request (a few word stores next to a request that costs tens of
     microseconds);
-  * every 4096th ``get`` (``_segment.PUBLISH_MASK``), and at every ``stats()`` call;
-  * when the handle closes.
+  * every 4096th ``get`` of any handle (``_segment.PUBLISH_MASK``), and at every
+    ``stats()`` call;
+  * when the last handle closes.
 
   A process that only reads has no client block: on one of those publish moments, if
   it has read anything, a coordinator runs and more than half of the store's client
@@ -26,7 +35,7 @@ Every counter has one writer, so none needs a lock or an atomic:
   tries again no sooner than ``CLAIM_RETRY`` seconds later. Readers never take the
   last blocks writers need.
 
-  Because totals, not increments, are published, a handle that re-registers with a
+  Because totals, not increments, are published, a process that re-registers with a
   restarted coordinator (whose channel is new) carries its totals over. When a client
   closes or dies, the coordinator, which reclaims its block, adds the block's counters
   to the header's ``H_RETIRED_*`` words first, so store-wide totals never drop.
@@ -42,6 +51,7 @@ import time
 from typing import Callable, Protocol
 
 import msgspec
+import numpy as np
 
 from . import _channel as C
 from . import _layout as L
@@ -164,6 +174,7 @@ class WriteSession(Protocol):
 
     pid: int  #: the process the session belongs to
     chan: C.ClientChannel | None
+    counters: _Counters  #: the process's counters
 
     def claim(self, seg: Segment, timeout: float) -> bool:
         """Open a write channel if none is alive, without waiting for the write lock."""
@@ -171,7 +182,8 @@ class WriteSession(Protocol):
 
 
 class _Counters:
-    """One handle's counters in this process, and their publishing to its client block.
+    """One handle's counters, or (the attachment's) one process's, and the publishing of
+    the process's to its client block.
 
     The running totals live here; the ``get`` fast path counts in its closure cells and
     the segment counts its retries, so :meth:`totals` adds what those counted since
@@ -196,6 +208,11 @@ class _Counters:
         self.writes_timed = 0
         self.write_errors = 0
         self.cache_hits = 0
+        #: read counts already pushed to the process's counters (see :meth:`push`)
+        self.pushed = (0, 0, 0)
+        #: the channel and ticket of this handle's last request (what flush() waits for)
+        self.last_chan = None
+        self.last_ticket = 0
         self.next_claim = 0.0
         self.prev_stats: tuple[float, dict] | None = None
         get, seg = self.get, self.seg
@@ -226,6 +243,17 @@ class _Counters:
         retries = self.read_retries + (seg.retries - self.retries_base if seg is not None else 0)
         return (reads, retries, self.writes, self.timeouts, self.write_ns,
                 self.write_ns_max, self.writes_timed, self.write_errors, hits)
+
+    def push(self, proc: _Counters) -> None:
+        """Add the reads this handle counted since its last push to the process's."""
+        get = self.get
+        reads = self.reads + (get.reads() - self.get_base if get is not None else 0)
+        hits = self.cache_hits + (get.cache_hits() - self.hits_base if get is not None else 0)
+        now = (reads, hits, self.read_retries)
+        before, self.pushed = self.pushed, now
+        proc.reads += now[0] - before[0]
+        proc.cache_hits += now[1] - before[1]
+        proc.read_retries += now[2] - before[2]
 
     def note_write(self, ns: int | None, error: bool) -> None:
         """Count one finished write request (``ns``: its latency if it was waited for)."""
@@ -277,7 +305,7 @@ class _Counters:
         except ShmStoreError:
             return
         try:
-            free = int((ch.words(C.C_SESSION) == 0).sum())
+            free = int((ch.claims() == 0).sum())
             half = ch.layout.max_clients // 2
         finally:
             ch.close()
@@ -325,7 +353,8 @@ def _read_blocks(name: str) -> list[tuple[int, int, int, list[int]]]:
     out = []
     try:
         q = ch.q
-        for i in range(ch.layout.max_clients):
+        # The claim table, not every block: reading an untouched block allocates it.
+        for i in np.flatnonzero(ch.claims()).tolist():
             w = ch.layout.block(i) // 8
             if q[w + C.C_ACK] == 0 or q[w + C.C_ACK] != q[w + C.C_SESSION]:
                 continue
@@ -379,8 +408,10 @@ def _coordinator_process(pid: int | None) -> tuple[int | None, float | None, flo
 
 def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreStats:
     """Build :class:`StoreStats` for the handle whose live mapping, counters and write
-    session these are (see :meth:`Store.stats`)."""
-    counters.publish_or_claim(session)
+    session (its process's) these are (see :meth:`Store.stats`)."""
+    proc = session.counters
+    counters.push(proc)
+    proc.publish_or_claim(session)
     q = seg.q
     now = time.monotonic()
     alive = coordinator_alive(seg)
@@ -398,7 +429,7 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
         _add(tot, b[3])
     ch = session.chan
     if ch is None or not ch.alive() or ch.client not in {b[0] for b in blocks}:
-        _add(tot, mine)  # this handle's counts are in no live block
+        _add(tot, proc.totals())  # this process's counts are in no live block
     fs = q[L.H_FSYNCS]
     fhist = [q[L.H_FSYNC_HIST + b] for b in range(L.FSYNC_HIST_BUCKETS)]
     fields = dict(

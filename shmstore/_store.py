@@ -1,11 +1,14 @@
 """The client handle users hold: :class:`Store`.
 
-The Store validates keys and values and holds the public methods; the rest is parts it
-holds: the mapping (``_segment.Segment``) and its fast ``get`` closure
-(``_segment.make_readers``), the process's write session (``_writes._Writer``: channel,
-write lock, tickets) and the handle's counters (``_stats._Counters``). A write goes
-``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change feeds
-(``_feed``) and the async calls (``_aio``) are mixed in.
+The Store validates keys and values and holds the public methods. A handle is light:
+what costs a file descriptor, a mapping or a client block is this process's one
+attachment to the store (``_attach.Attachment``), shared by every handle the process
+opens on it and reference-counted: the mapping (``_segment.Segment``), the write
+session (``_writes._Writer``: channel, write lock, tickets) and the process's counters.
+The handle keeps its own fast ``get`` closure with its read cache
+(``_segment.make_readers``), its decoders and its counters (``_stats._Counters``). A
+write goes ``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change
+feeds (``_feed``) and the async calls (``_aio``) are mixed in.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from typing import Any, Iterable, Iterator
 import msgspec
 import numpy as np
 
+from . import _attach
 from . import _channel as C
 from . import _layout as L
 from ._errors import (
+    ShmStoreError,
     InvalidKeyError,
     InvalidLayoutError,
     KeyTooLongError,
     SchemaMismatchError,
     StoreClosedError,
-    StoreNotFoundError,
     ValueEncodingError,
     ValueTooLargeError,
 )
@@ -34,12 +38,12 @@ from ._aio import AsyncMixin
 from ._check_args import check_flag, check_spin_us, check_timeout, check_version, key_bytes, key_list
 from ._feed import FeedMixin
 from ._many import MIN_KEYS, array_header, key_words
-from ._segment import Segment, make_readers, open_segment
+from ._segment import Segment, make_readers
 from ._snapshot import Snapshot, take
 from ._stats import StoreStats, _Counters, collect
 from ._table import Table, open_table
 from ._ttl import expiry_ns, now_ns
-from ._writes import Batch, _Writer
+from ._writes import Batch
 
 __all__ = ["Store"]
 
@@ -59,14 +63,39 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _publish(counters: _Counters, att: _attach.Attachment) -> None:
+    """A handle's publish moment (see ``shmstore._stats``)."""
+    counters.push(att.counters)
+    att.counters.publish_or_claim(att.writer)
+
+
+def _slow_get(ref: weakref.ref) -> Any:
+    def get(key: str | bytes, default: Any = None) -> Any:
+        store = ref()
+        if store is None:
+            raise StoreClosedError("store handle is gone")
+        return Store.get(store, key, default)
+
+    return get
+
+
 class Store(FeedMixin, AsyncMixin):
     """A handle on a shared store: lock-free reads, writes through the coordinator.
 
+    Handles are cheap: every handle a process opens on a store shares the process's one
+    mapping and write channel (its client block), so ``connect()`` per request, per
+    thread or per task is fine: after the first, it costs tens of microseconds and no
+    file descriptor. A handle dropped without ``close()`` gives back what it alone held
+    when it is collected; the last handle of a store gives back the mapping and the
+    client block.
+
     Concurrency: reads take no lock of any kind and never block the coordinator; they
     return a value that was published at some instant during the call, never a torn
-    one. Writes from several threads of one process are serialized on a process-local
-    lock (one request in flight per handle); ordering per handle is kept, also for
-    pipelined writes (``wait=False``).
+    one. Writes from all threads and handles of one process are serialized on the
+    process's write lock (one request of the process in flight); ordering per handle
+    is kept, also for pipelined writes (``wait=False``). :meth:`flush` waits for this
+    handle's queued writes and reports the first error of any pipelined write of the
+    process (see ``shmstore._writes``). Closing one handle never affects another.
 
     Fork: a handle inherited across ``fork()`` keeps reading through the inherited
     mapping; the child's first write opens a write channel of its own. Nothing of the
@@ -96,18 +125,26 @@ class Store(FeedMixin, AsyncMixin):
         self._read_cache = read_cache
         self._value_type = value_type
         self._schema_fp = L.schema_fingerprint(value_type)
-        self._seg: Segment | None = open_segment(name, timeout=timeout)
-        self._check_schema(self._seg)
         self._decode = (msgspec.msgpack.Decoder(value_type) if value_type is not None
                         else msgspec.msgpack.Decoder()).decode
         self._decode_list = (msgspec.msgpack.Decoder(list[value_type]) if value_type is not None
                              else msgspec.msgpack.Decoder(list)).decode
         self._encode = msgspec.msgpack.Encoder().encode
-        #: per-handle counters, published to the client block
+        #: this process's attachment: mapping, write session, process counters
+        att = self._att = _attach.acquire(self.name, timeout=timeout, spin_us=spin_us)
+        try:
+            self._seg: Segment | None = att.current(timeout)
+            self._check_schema(self._seg)
+        except BaseException:
+            _attach.release(att)
+            raise
+        #: per-handle counters; the process's are the attachment's
         self._counters = _Counters(self.name)
         #: this process's write session: channel, write lock, tickets
-        self._writer = _Writer(self.name, spin_us, self._counters)
+        self._writer = att.writer
         self._bind_fast_get()
+        # Dropped without close(): give the reference back when collected.
+        self._finalizer = weakref.finalize(self, _attach.release, att, self._counters)
         #: the Coordinator that shmstore.open() started for this handle, if it did
         self.coordinator = None
         _STORES.add(self)
@@ -118,7 +155,6 @@ class Store(FeedMixin, AsyncMixin):
         have = seg.q[L.H_SCHEMA_FP]
         self._writable_schema = have == self._schema_fp
         if self._value_type is not None and have != self._schema_fp:
-            seg.close()
             raise SchemaMismatchError(
                 f"store {self.name!r} holds values of another type than "
                 f"{getattr(self._value_type, '__name__', self._value_type)!r} (schema "
@@ -134,37 +170,52 @@ class Store(FeedMixin, AsyncMixin):
         return seg
 
     def _reattach(self) -> Segment:
-        """The segment was destroyed: attach to its successor, if there is one."""
-        old = self._seg
-        try:
-            seg = open_segment(self.name, timeout=self.timeout)
-        except StoreNotFoundError:
-            raise StoreNotFoundError(
-                f"store {self.name!r} was destroyed; serve it again before reading"
-            ) from None
-        self._check_schema(seg)
-        self._seg = seg
-        self._bind_fast_get()  # the counters keep the old mapping's counts in the totals
-        self._writer.drop_channel()
-        if old is not None:
-            old.close()
+        """The segment was destroyed: attach to its successor, if there is one (the
+        process's attachment does it once for all its handles)."""
+        seg = self._att.current(self.timeout)
+        if seg is not self._seg:
+            self._check_schema(seg)
+            self._seg = seg
+            self._bind_fast_get()  # the counters keep the old mapping's counts in the totals
         return seg
 
     def _after_fork(self) -> None:
-        self.__dict__.pop("_aio", None)  # the parent's async-write thread is not ours
-        self._writer.after_fork()  # and zeroes the counters: a new process is a new client
+        # The attachment's at-fork hook gave the child a new write session; this
+        # handle's counts start at 0 too: a new process is a new client.
+        self._counters.reset()
 
     def close(self) -> None:
-        """Release the handle. Idempotent. Pending pipelined writes are flushed first."""
+        """Release the handle. Idempotent. Pending pipelined writes are flushed first.
+
+        Other handles of the process are not affected; the last one to go gives back
+        the process's mapping and client block.
+        """
         if self._seg is None:
             return
-        self._aio_close()
-        self._writer.close(self.timeout)
+        try:
+            self._writer.flush(self.timeout, self._counters)
+        except ShmStoreError:
+            pass  # the coordinator is gone, or an async write failed: nothing to wait for
         self.__dict__.pop("get", None)  # the fast path holds views of the mapping
+        self.__dict__.pop("_probe_many", None)
         self._counters.attach(None, None)
-        self._seg.close()
         self._seg = None
         _STORES.discard(self)
+        self._finalizer()  # pushes the counters, releases the attachment
+
+    def _aio_pool(self) -> Any:
+        """The async calls' worker thread: the attachment's, shared by its handles."""
+        if self._seg is None:
+            raise StoreClosedError(f"store handle {self.name!r} is closed; connect again")
+        return self._att.aio_pool()
+
+    def _aio_close(self) -> None:
+        pass  # the thread is the attachment's; it ends with the attachment
+
+    def _watch_hub(self) -> Any:
+        """The watch wake-ups: the attachment's, since the client block they register
+        on is the process's (one watch semaphore per block)."""
+        return self._att.watch_hub()
 
     @property
     def closed(self) -> bool:
@@ -234,7 +285,7 @@ class Store(FeedMixin, AsyncMixin):
     def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
         """Send one validated frame through the write session (see ``_writes``)."""
         return self._writer.request(self._live_segment(), frame, what, wait,
-                                    self.timeout if timeout is None else check_timeout(timeout))
+                                    self.timeout if timeout is None else check_timeout(timeout), self._counters)
 
     def put(self, key: str | bytes, value: Any, *, ttl: float | None = None, wait: bool = True,
             timeout: float | None = None) -> int | None:
@@ -255,7 +306,7 @@ class Store(FeedMixin, AsyncMixin):
         kb = self._key(key, seg)
         return self._writer.request(seg, [C.OP_PUT, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"), kb,
                                           self._value(value, seg), expiry_ns(ttl)],
-                                    "put", wait, timeout)
+                                    "put", wait, timeout, self._counters)
 
     def __setitem__(self, key: str | bytes, value: Any) -> None:
         self.put(key, value)
@@ -268,7 +319,7 @@ class Store(FeedMixin, AsyncMixin):
             check_timeout(timeout)
         seg = self._live_segment()
         return self._writer.request(seg, [C.OP_DELETE, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"),
-                                          self._key(key, seg)], "delete", wait, timeout)
+                                          self._key(key, seg)], "delete", wait, timeout, self._counters)
 
     def __delitem__(self, key: str | bytes) -> None:
         if not self.delete(key):
@@ -290,7 +341,7 @@ class Store(FeedMixin, AsyncMixin):
         seg = self._live_segment()
         return self._writer.request(seg, [C.OP_CAS, 1, self._key(key, seg), self._value(value, seg), version,
                                           expiry_ns(ttl)],
-                                    "compare_and_set", True, timeout)
+                                    "compare_and_set", True, timeout, self._counters)
 
     def incr(self, key: str | bytes, delta: int = 1, *, timeout: float | None = None) -> int:
         """Add ``delta`` to an integer record atomically; a missing key counts from 0.
@@ -313,7 +364,7 @@ class Store(FeedMixin, AsyncMixin):
                 raise ValueEncodingError(
                     f"incr stores integers, which value_type {self._value_type!r} does not accept"
                 ) from None
-        return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True, timeout)
+        return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True, timeout, self._counters)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every write this handle queued is applied.
@@ -321,7 +372,7 @@ class Store(FeedMixin, AsyncMixin):
         Raises:
             ShmStoreError: the first error any queued write met since the last flush.
         """
-        self._writer.flush(self.timeout if timeout is None else check_timeout(timeout))
+        self._writer.flush(self.timeout if timeout is None else check_timeout(timeout), self._counters)
 
     def batch(self, *, wait: bool = True) -> Batch:
         """Collect puts and deletes, applied atomically when the ``with`` block exits.
@@ -352,10 +403,13 @@ class Store(FeedMixin, AsyncMixin):
         return self._decode(r[3])
 
     def _bind_fast_get(self) -> None:
-        # every 4096th get publishes the counters, claiming a client block if need be
-        publish = functools.partial(self._counters.publish_or_claim, self._writer)
-        self.get, self._probe_many = make_readers(self._seg, self._decode, Store.get.__get__(self),
-                                                  publish, self._read_cache)
+        # every 4096th get pushes this handle's counts to the process's and publishes
+        # them, claiming a client block if need be
+        publish = functools.partial(_publish, self._counters, self._att)
+        # The closure reaches the handle only weakly: no cycle, so a dropped handle is
+        # freed (and its reference released) at once, not at the next collection.
+        self.get, self._probe_many = make_readers(self._seg, self._decode, _slow_get(weakref.ref(self)),
+                                                  publish, self._read_cache, self._att.probes)
         self._counters.attach(self._seg, self.get)
 
     def __getitem__(self, key: str | bytes) -> Any:

@@ -4,18 +4,28 @@
 Design
 ------
 Every write is one msgpack frame ``[op, wait, *args]`` that the Store has validated and
-hands to its :class:`_Writer`, the process's write session: the write channel
-(``shmstore._channel``), opened lazily on the first write and reopened after a fork or a
-coordinator restart, the write lock, and the ticket of the last request.
-:meth:`_Writer.request` publishes the frame and, unless ``wait=False``, waits until the
-coordinator's ``DONE`` counter passes its ticket, then reads the reply. One request is
-in flight per handle: it holds the session's ``lock``. A frame the coordinator never
-consumed (it died first) is sent again to its successor; pipelined writes
-(``wait=False``) that died with it are reported, never silently resent. The
+hands to its :class:`_Writer`, the process's write session for the store, shared by
+every handle of the process (it lives in the process's ``_attach.Attachment``): the
+write channel (``shmstore._channel``), opened lazily on the first write and reopened
+after a fork or a coordinator restart, the write lock, and the ticket of the last
+request. :meth:`_Writer.request` publishes the frame and, unless ``wait=False``, waits
+until the coordinator's ``DONE`` counter passes its ticket, then reads the reply. One
+request of the process is in flight at a time: it holds the session's ``lock``. So
+frames enter the one ring, and are applied, in the order they were sent - per handle
+and across the process's handles - also for pipelined writes (``wait=False``). A
+frame the coordinator never consumed (it died first) is sent again to its successor;
+pipelined writes that died with it are reported, never silently resent. The
 concurrency, fork and durability contract is stated on :class:`shmstore.Store`.
 
-The session counts its requests in the handle's counters (``shmstore._stats``) and
-publishes them after each one; it knows nothing else of the Store.
+``flush()`` is per handle for waiting and per process for errors: it waits until the
+last write *this handle* queued is applied (each handle keeps its last channel and
+ticket), and raises the first error a pipelined write of *any* handle of the process
+met since the last flush of any of them - the coordinator keeps one unacknowledged
+error per client block, and the block is the process's.
+
+The session counts its requests in the process's counters (and in the calling
+handle's, when given; see ``shmstore._stats``) and publishes the process's after each
+one; it knows nothing else of the Store.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ _frame = msgspec.msgpack.Encoder().encode
 
 
 class _Writer:
-    """One handle's write session in this process: channel, write lock, last ticket.
+    """One process's write session for a store: channel, write lock, last ticket.
 
     Thread-safe: every use of the channel holds ``lock``. After a fork,
     :meth:`after_fork` gives the child a session of its own (no channel yet, a new lock,
@@ -71,6 +81,11 @@ class _Writer:
             self.chan = None
         self.last_ticket = 0
         self.counters.reset()  # a new process is a new client: its counts start at 0
+
+    def _count_write(self, mine: _Counters | None) -> None:
+        self.counters.writes += 1
+        if mine is not None:
+            mine.writes += 1
 
     def drop_channel(self) -> None:
         if self.chan is not None:
@@ -126,8 +141,11 @@ class _Writer:
             self.lock.release()
         return True
 
-    def request(self, seg: Segment, frame: list, what: str, wait: bool, timeout: float) -> Any:
+    def request(self, seg: Segment, frame: list, what: str, wait: bool, timeout: float,
+                mine: _Counters | None = None) -> Any:
         """Send one frame and, with ``wait``, return the coordinator's reply.
+
+        ``mine``: the sending handle's counters (counted too, and told the ticket).
 
         Raises:
             ShmStoreError: the error the coordinator replied with (rebuilt), or
@@ -145,7 +163,9 @@ class _Writer:
                     ch = self.channel(seg, deadline, timeout)
                     ticket = ch.publish(payload, deadline)
                     self.last_ticket = ticket
-                    counters.writes += 1
+                    self._count_write(mine)
+                    if mine is not None:
+                        mine.last_chan, mine.last_ticket = ch, ticket
                     if not wait:
                         counters.publish(ch)
                         return None
@@ -159,12 +179,17 @@ class _Writer:
                         self.drop_channel()
             except StoreTimeoutError:
                 counters.timeouts += 1
+                if mine is not None:
+                    mine.timeouts += 1
                 counters.publish(self.chan)
                 raise
             t, status, result = ch.reply()
             if t != ticket:
                 raise CoordinatorUnavailableError(f"reply for {what} lost (got ticket {t}, want {ticket})")
-            counters.note_write(time.perf_counter_ns() - t0, status != C.ST_OK)
+            ns = time.perf_counter_ns() - t0
+            counters.note_write(ns, status != C.ST_OK)
+            if mine is not None:
+                mine.note_write(ns, status != C.ST_OK)
             counters.publish(ch)
         if status != C.ST_OK:
             raise from_wire(result[0], result[1])
@@ -181,18 +206,25 @@ class _Writer:
             )
         return False
 
-    def flush(self, timeout: float) -> None:
-        """Wait until every write this session queued is applied; raise the first
-        error any of them met since the last flush."""
+    def flush(self, timeout: float, mine: _Counters | None = None) -> None:
+        """Wait until every write the handle of ``mine`` (None: this session) queued is
+        applied; raise the first error a pipelined write of this process met since the
+        last flush (see the module docstring)."""
         deadline = time.monotonic() + timeout
         with self.lock:
             ch = self.chan
-            if ch is None or self.last_ticket == 0:
+            if ch is None or self.pid != os.getpid():
                 return
-            try:
-                ch.wait_done(self.last_ticket, deadline, "queued writes")
-            except C.NotConsumed:
-                self._unflushed_lost(ch, self.last_ticket)
+            last = self.last_ticket
+            if mine is not None:
+                # A ticket of an older channel: that channel is gone, and so is what it
+                # could report (its loss was raised when it was dropped).
+                last = mine.last_ticket if mine.last_chan is ch else 0
+            if last:
+                try:
+                    ch.wait_done(last, deadline, "queued writes")
+                except C.NotConsumed:
+                    self._unflushed_lost(ch, last)
             err = ch.take_error()
         if err is not None:
             _, type_name, message = err

@@ -274,14 +274,14 @@ class Load:
 def _wait_up(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     def up() -> bool:
         assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/up")
-            ok = c.getresponse().status == 200
-            c.close()
-            return ok
+            return c.getresponse().status == 200
         except (OSError, http.client.HTTPException):
             return False
+        finally:
+            c.close()  # also when the server is not up yet (no unclosed-socket warning)
 
     wait_for(up, timeout=timeout, interval=0.1, what="the server to answer")
 
@@ -330,7 +330,10 @@ def test_gunicorn_app_connecting_per_request(served, tmp_path):
         load.join(300)
         with shmstore.connect(n) as s:
             hits = s.get("hits") or 0
-        assert not load.failed and load.ok >= 5000, (
+        # The one request the SIGKILLed worker had in hand, if any, is cut off (the
+        # connection drops without a response); nothing else may fail.
+        cut = [f for f in load.failed if f.startswith("RemoteDisconnected(")]
+        assert len(cut) <= 1 and len(load.failed) == len(cut) and load.ok >= 5000, (
             f"{load.ok} requests answered, {len(load.failed)} failed, e.g. {load.failed[:2]}")
         assert victim is not None
         assert load.ok <= hits <= load.ok + 1, f"counter {hits}, successful requests {load.ok}"
@@ -366,3 +369,81 @@ def test_uvicorn_asgi_app_connecting_per_request(served, tmp_path):
         assert hits == load.ok, f"counter {hits}, successful requests {load.ok}"
     finally:
         _stop_server(proc)
+
+
+# -- the attachment (one per process and store) ---------------------------------------------
+
+
+def test_handles_of_a_process_share_one_attachment(served):
+    """A second connect() adds no fd and no mapping; closing one handle leaves the
+    other working (reads, writes, pipelined writes and their flush); the last close
+    unmaps and gives the client block back."""
+    from shmstore import _attach
+
+    n, coord = served("share", capacity=100)
+    a = shmstore.connect(n)
+    a.put("k", 1)
+    fds, maps = _fds(), _maps(n)
+    b = shmstore.connect(n)
+    assert (_fds(), _maps(n)) == (fds, maps)
+    assert _attach.attached()[n] == 2
+    b.put("k", 2, wait=False)
+    a.put("j", 3, wait=False)
+    b.flush()
+    a.close()
+    assert b.get("k") == 2 and b.incr("c") == 1
+    assert b.stats().writes == 2  # this handle's
+    b.close()
+    assert n not in _attach.attached()
+    assert _maps(n) == 0
+    with shmstore.connect(n) as c:
+        wait_for(lambda: c.stats().clients == [], timeout=10, what="the block to be reclaimed")
+
+
+def _fork_child_writes(n: str, out) -> None:
+    try:
+        s = shmstore.connect(n)  # a second handle in the child: same attachment
+        out.put((s.incr("fork"), shmstore.connect(n).incr("fork")))
+    except BaseException as e:  # noqa: BLE001
+        out.put(repr(e))
+    finally:
+        out.close()
+        out.join_thread()
+        os._exit(0)
+
+
+def test_forked_child_writes_through_its_own_block(served):
+    n, coord = served("forkh", capacity=100)
+    s = shmstore.connect(n)
+    s.incr("fork")  # the parent's block
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_fork_child_writes, args=(n, out))
+    p.start()
+    try:
+        assert out.get(timeout=30) == (2, 3)
+    finally:
+        p.join(10)
+    assert s.incr("fork") == 4  # the parent's block is untouched by the child
+    s.close()
+
+
+def test_destroy_and_serve_again_reattaches_every_handle(names):
+    n = names("reatt")
+    c1 = shmstore.serve(n, capacity=100)
+    a, b = shmstore.connect(n), shmstore.connect(n)
+    try:
+        a.put("x", 1)
+        c1.stop()
+        shmstore.destroy(n)
+        c2 = shmstore.serve(n, capacity=100)
+        try:
+            assert a.get("x") is None and b.get("x") is None
+            b.put("x", 2)
+            assert a.get("x") == 2 and a.incr("n") == 1
+        finally:
+            a.close()
+            b.close()
+            c2.stop()
+    finally:
+        shmstore.destroy(n)

@@ -1,4 +1,11 @@
-"""The per-process handle cache both integrations share."""
+"""The per-process handle cache both integrations share.
+
+A thin convenience over :func:`shmstore.connect`: every handle of a process shares the
+process's one attachment to the store (mapping and client block), so this cache saves
+only the few microseconds a ``connect()`` costs and keeps the attachment open for the
+process's life (its block claimed once, in ``post_fork``/``init_worker``). Calling
+``shmstore.connect()`` per request instead is fine.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ and in the application, wherever a request needs the store::
     from shmstore.workers.gunicorn import store
     store().incr("hits")          # cached per process: cheap to call per request
 
+``store()`` is a thin convenience: ``shmstore.connect("app")`` per request works too
+(every handle of a worker shares the worker's one mapping and client block).
+
 Process model
 -------------
 - **Master** (gunicorn's arbiter). ``on_starting`` starts the store's coordinator with

@@ -17,6 +17,9 @@
                 p.map(task, range(1000))
             print(store.get("done"))   # 1000
 
+:func:`store` is a thin convenience: ``shmstore.connect("jobs")`` in a task works too
+(every handle of a worker shares the worker's one mapping and client block).
+
 Process model: :func:`shared` starts the store's coordinator in the parent (or uses
 the one already running), so it lives until the ``with`` block ends or the parent
 exits. :func:`init_worker` runs in each pool worker and attaches it: under ``spawn``
