@@ -166,6 +166,7 @@ class _Writer:
                     self._count_write(mine)
                     if mine is not None:
                         mine.last_chan, mine.last_ticket = ch, ticket
+                        mine.push(counters)  # its reads so far: the publish below shows them
                     if not wait:
                         counters.publish(ch)
                         return None
