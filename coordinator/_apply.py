@@ -169,6 +169,8 @@ class Applier:
             result = e.incr(kb, op.delta)
             q[L.H_INCRS] += 1
         elif t is O.Batch:
+            if not op.ops:
+                return []  # takes no epoch, so it is not logged (records' epochs must rise)
             epoch0 = e.epoch
             result = e.batch(op.ops, payload)
             q[L.H_BATCHES] += 1

@@ -321,7 +321,7 @@ class Engine:
             vo = w * 8 + L.SLOT_HEADER + self.seg.key_size
             try:
                 cur = _int_decode(self.mv[vo : vo + vlen])
-            except msgspec.ValidationError:
+            except msgspec.DecodeError:  # not an int, or not msgpack at all (a raw frame's value)
                 raise ValueEncodingError(
                     f"incr on key {_show(kb)[:80]}: the stored value is not an integer"
                 ) from None
@@ -350,8 +350,13 @@ class Engine:
         Returns:
             Per op: the new version for a put, whether it existed for a delete.
         """
-        from ._ops import BatchDelete, BatchPut
+        from ._ops import BatchDelete, BatchPut, batch_from_lists
 
+        if ops and type(ops[0]) is list:  # the wire form, from a caller other than apply
+            try:
+                ops = batch_from_lists(ops)
+            except msgspec.ValidationError as e:
+                raise ValueEncodingError(f"malformed batch: {e}") from None
         # Pass 1: validate everything and simulate the count of records.
         present: dict[bytes, bool] = {}
         count = self.q[L.H_COUNT]

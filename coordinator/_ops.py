@@ -200,3 +200,9 @@ def logged_problem(op: object, key_size: int, value_size: int) -> str | None:
         if any(key_bad(kb) for kb in op.keys):
             return "a key length is out of range"
     return None
+
+
+def batch_from_lists(ops: list) -> list:
+    """A batch's ops given in the wire form (lists, as tests and tools hold them) as
+    typed ops; raises ``msgspec.ValidationError`` for one that is not a put or delete."""
+    return msgspec.convert(ops, list[Union[BatchPut, BatchDelete]])

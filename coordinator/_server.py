@@ -508,7 +508,8 @@ class CoordinatorServer:
         claims = self.claims
         new = np.flatnonzero((claims != self.acked) & (claims != 0))
         for i in new.tolist():
-            self._handshake(i)
+            if self._refused.get(i) != self.sessions[i]:  # not a session closed as out of sync
+                self._handshake(i)
 
     def serve_group(self) -> None:
         """Drain every client's ring, apply as one group, sync, then reply.
@@ -624,11 +625,18 @@ class CoordinatorServer:
                   file=sys.stderr, flush=True)
         frames = list(frames or ())
         frames.append(None)  # apply_frames answers it with a ProtocolError
-        cq[w + C.C_TAIL] = cq[w + C.C_HEAD]
+        cq[w + C.C_TAIL] = cq[w + C.C_HEAD]  # nothing more is read from it
         has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
         reply, err = self.applier.apply_frames(i, frames, has_err)
+        # Closed like _forget_client does, except that SESSION (the client's word) is
+        # left alone: a new client may be writing it this very moment. The refused
+        # session is not answered again; a new one is (see _scan_handshakes).
         self.metrics.retire(i)
-        self._forget_client(i)
+        cq[w + C.C_ACK] = 0
+        self.deferred.pop(i, None)
+        self.watch.forget(i)
+        if i in self.active:
+            self.active.remove(i)
         return reply, err, len(frames)
 
     # -- shutdown ----------------------------------------------------------------------

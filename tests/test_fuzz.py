@@ -262,7 +262,7 @@ class RingAttack:
 def _fuzz_frames(names, tmp_path, seconds: float) -> None:
     n = names("fuzzf")
     data = tmp_path / "data"
-    coord = shmstore.serve(n, path=data, capacity=512, sync="always", ring_size=512 * 1024,
+    coord = shmstore.serve(n, path=data, capacity=512, sync="always", ring_size=1 << 20,  # >= 2x the largest payload (see the report: publish)
                            reply_size=16 * 1024, max_clients=8)
     names.coordinators.append(coord)
     tame = Tamer(str(tmp_path))
@@ -567,3 +567,39 @@ def test_fuzzed_data_files_give_typed_errors_or_a_clean_start(names, tmp_path, m
 def test_fuzzed_data_files_give_typed_errors_or_a_clean_start_long(names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fuzz_files(names, tmp_path, _budget(FUZZ_FILES_S, slow=True))
+
+
+# -- regressions the fuzz found ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_incr_of_a_raw_non_msgpack_value_is_a_typed_error(served):
+    """Found by the frame fuzz: a raw put stores bytes that are not msgpack; an incr of
+    that key then killed the coordinator (raw msgspec.DecodeError)."""
+    n, coord = served("incrraw", capacity=10)
+    with RawClient(n) as raw:
+        assert raw.request(encode([C.OP_PUT, 1, b"k", b"\xde", 0]))[0] == C.ST_OK
+        status, result = raw.request(encode([C.OP_INCR, 1, b"k", 1]))
+        assert status == C.ST_ERROR and result[0] == "ValueEncodingError", result
+    assert coord.alive(), f"the coordinator died (exit {coord.returncode})"
+
+
+@pytest.mark.timeout(90)
+def test_an_empty_batch_does_not_break_the_logs_epoch_order(names, tmp_path):
+    """Found by the frame fuzz: an empty batch frame was logged with the same epoch as
+    the next record, and recovery refused the WAL ("not from one history")."""
+    n = names("emptyb")
+    d = tmp_path / "data"
+    coord = shmstore.serve(n, path=d, capacity=10, sync="always")
+    try:
+        with RawClient(n) as raw:
+            assert raw.request(encode([C.OP_BATCH, 1, []]))[0] == C.ST_OK
+        with shmstore.connect(n) as s:
+            s.put("a", 1)
+    finally:
+        coord.kill()
+    shmstore.destroy(n)
+    coord2 = shmstore.serve(n, path=d, timeout=30)
+    names.coordinators.append(coord2)
+    with shmstore.connect(n) as s:
+        assert s.get("a") == 1
