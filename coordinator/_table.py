@@ -42,7 +42,6 @@ import msgspec
 import numpy as np
 import posix_ipc
 
-from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._errors import (
     CorruptionError,

@@ -112,7 +112,7 @@ def main() -> None:
     finally:
         coord.stop()
         shmstore.destroy(name)
-    print(f"| measure | value | baseline | ratio |\n|---|---:|---:|---:|")
+    print("| measure | value | baseline | ratio |\n|---|---:|---:|---:|")
     for what, v, base in rows:
         print(f"| {what} | {v * 1e6:.1f} us | {base * 1e6:.1f} us | {v / base:.2f}x |")
 

@@ -9,7 +9,6 @@ namespace are skipped with the reason when that is not permitted.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import stat
@@ -20,7 +19,6 @@ import threading
 import time
 from contextlib import contextmanager
 
-import msgspec
 import pytest
 
 import shmstore
@@ -34,7 +32,6 @@ from tests.helpers.rawclient import (
     encode,
     nested_array,
     wal_chain_end,
-    wal_files,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

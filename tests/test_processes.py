@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import sys
 import threading
 import time
 
