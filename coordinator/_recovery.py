@@ -45,7 +45,7 @@ class RedoArea:
     """A shared-memory scratch copy of the batch in flight (coordinator only)."""
 
     def __init__(self, name: str, size: int) -> None:
-        self.name = L.data_name(name) + "@redo"
+        self.name = L.redo_name(name)
         try:
             shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
         except posix_ipc.ExistentialError:  # pragma: no cover - racing destroy

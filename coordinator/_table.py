@@ -36,7 +36,6 @@ The copy goes into a handover segment (``shmstore._handover``) laid out as
 
 from __future__ import annotations
 
-import os
 
 import msgspec
 import numpy as np
@@ -89,10 +88,7 @@ _encode = msgspec.msgpack.Encoder().encode
 
 def _list_table_names(store: str) -> list[str]:
     prefix = table_prefix(store)
-    try:
-        return sorted(e[len(prefix):] for e in os.listdir("/dev/shm") if e.startswith(prefix))
-    except FileNotFoundError:
-        return []
+    return [e[len(prefix):] for e in L.store_entries(store) if e.startswith(prefix)]
 
 
 def unlink_tables(store: str) -> int:

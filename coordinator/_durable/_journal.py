@@ -75,6 +75,7 @@ from shmstore._segment import Segment
 from ._atrest import KEY_ENV, KEY_FILE_ENV, Codec, flags_for, key_check, load_key, verify_key
 from ._checkpoint import ckpt_name, peek_header, take_snapshot, write_checkpoint
 from ._datadir import MANIFEST, DataDir, Manifest, wal_chain
+from .._config import ServerConfig
 from .._engine import Engine
 from .._metrics import DurabilityMetrics
 from ._rebuild import rebuild, verified_end
@@ -85,11 +86,6 @@ from ._wal import WalWriter, new_id
 #: can have applied and shown to readers without making them durable.
 EPOCH_GAP = 1 << 40
 
-DEFAULT_SYNC_INTERVAL = 0.1
-DEFAULT_CHECKPOINT_OPS = 200_000
-DEFAULT_CHECKPOINT_INTERVAL = 300.0
-DEFAULT_CHECKPOINT_BYTES = 256 << 20
-DEFAULT_CHECKPOINT_KEEP = 2
 CKPT_RETRY_MIN = 0.1  # seconds before a failed periodic checkpoint is tried again ...
 CKPT_RETRY_MAX = 30.0  # ... doubling up to this
 
@@ -107,15 +103,16 @@ class DurableJournal:
     helper thread from a private snapshot while the coordinator keeps serving.
     """
 
-    def __init__(self, config: object) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.name = config.name
         self.dir = DataDir(os.fspath(config.path))
         self.sync = config.sync
-        self.sync_interval = float(getattr(config, "sync_interval", DEFAULT_SYNC_INTERVAL))
-        self.checkpoint_ops = int(getattr(config, "checkpoint_ops", DEFAULT_CHECKPOINT_OPS))
-        self.checkpoint_interval = float(getattr(config, "checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL))
-        self.checkpoint_bytes = int(getattr(config, "checkpoint_bytes", DEFAULT_CHECKPOINT_BYTES))
-        self.keep = max(1, int(getattr(config, "checkpoint_keep", DEFAULT_CHECKPOINT_KEEP)))
+        # validated by the settings table (coordinator/_config.py), defaults included
+        self.sync_interval = config.sync_interval
+        self.checkpoint_ops = config.checkpoint_ops
+        self.checkpoint_interval = config.checkpoint_interval
+        self.checkpoint_bytes = config.checkpoint_bytes
+        self.keep = config.checkpoint_keep
         self._config = config
         self.manifest: Manifest | None = None
         self.seg: Segment | None = None
