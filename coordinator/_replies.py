@@ -3,8 +3,8 @@
 :class:`Replies` holds what the loop, ``_apply`` and these replies share about the
 clients: the channel, each block's byte offset, its last ticket (``done``), the replies
 it waits for later (``deferred``), the active blocks and the reply semaphores. The
-server builds it once its channel exists; the lists and the dict are the server's own
-objects, shared, not copies.
+server builds it once its channel exists; the lists are its ``ClientBlocks``' own
+(``_clients``) and the dict the server's, shared, not copies.
 
 - :meth:`Replies.refuse_group`: a group whose WAL write or fsync failed (disk full,
   read-only file system) gets :class:`StorageError` for every reply, none acknowledged.

@@ -38,7 +38,7 @@ class WatchHub:
         self.name = name
         self.chan = chan
         self.seg_q = seg_q
-        self.active = active  # the server's handshaken client blocks (shared list)
+        self.active = active  # the handshaken client blocks (ClientBlocks.active, shared)
         self.req = chan.words(C.C_WATCH)
         self.ack = chan.words(C.C_WATCH_ACK)
         self.sems: dict[int, posix_ipc.Semaphore] = {}
