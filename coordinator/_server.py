@@ -56,7 +56,9 @@ from shmstore._errors import (
     ShmStoreError,
     StorageError,
 )
-from shmstore._segment import Segment, create_segment, open_segment, process_start_ms, unlink_quietly
+from shmstore._liveness import process_start_ms
+from shmstore._segment import Segment
+from shmstore._shm import create_segment, open_segment, unlink_quietly
 
 from ._apply import Applier
 from ._config import (  # noqa: F401  (ServerConfig and the defaults were defined here)
