@@ -34,7 +34,7 @@ import posix_ipc
 
 from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._segment import unlink_quietly
+from shmstore._shm import unlink_quietly
 
 from ._metrics import ServerMetrics
 from ._replies import Deferred

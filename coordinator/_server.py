@@ -49,7 +49,9 @@ import posix_ipc
 from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, ShmStoreError, StorageError
-from shmstore._segment import Segment, process_start_ms, unlink_quietly
+from shmstore._liveness import process_start_ms
+from shmstore._segment import Segment
+from shmstore._shm import unlink_quietly
 
 from ._apply import Applier
 from ._clients import ClientBlocks

@@ -35,7 +35,8 @@ from shmstore._errors import (
     SchemaMismatchError,
     ShmStoreError,
 )
-from shmstore._segment import Segment, create_segment, open_segment, unlink_quietly
+from shmstore._segment import Segment
+from shmstore._shm import create_segment, open_segment, unlink_quietly
 
 from ._config import DEFAULT_CAPACITY, DEFAULT_KEY_SIZE, DEFAULT_VALUE_SIZE, ServerConfig
 from ._table import unlink_tables

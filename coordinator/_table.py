@@ -51,7 +51,8 @@ from shmstore._errors import (
     StoreFullError,
 )
 from shmstore._handover import HANDOVER_HEADER, Handovers
-from shmstore._segment import Segment, unlink_quietly
+from shmstore._segment import Segment
+from shmstore._shm import unlink_quietly
 from shmstore._snapshot import HIGH, SNAP_HEADER, U32
 from shmstore._table import (
     DESCR_OFFSET,

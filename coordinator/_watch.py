@@ -25,7 +25,7 @@ import posix_ipc
 
 from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._segment import unlink_quietly
+from shmstore._shm import unlink_quietly
 
 #: while busy, the longest a watch registration waits to be noticed, seconds
 SCAN_EVERY = 0.05

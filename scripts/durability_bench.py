@@ -38,7 +38,7 @@ import time
 import uuid
 
 import shmstore
-from shmstore._segment import open_segment
+from shmstore._shm import open_segment
 
 KEY_SIZE = 16
 VALUE = b"v" * 62  # msgpack bin8: 64 bytes encoded

@@ -24,7 +24,8 @@ from ._errors import (
     from_wire,
 )
 from ._check_args import check_read_cache, check_spin_us, check_timeout
-from ._segment import coordinator_alive, open_segment, unlink_quietly
+from ._segment import coordinator_alive
+from ._shm import open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
 
 

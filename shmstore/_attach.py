@@ -50,7 +50,8 @@ from typing import Any
 
 from . import _layout as L
 from ._errors import StoreNotFoundError
-from ._segment import Segment, open_segment
+from ._segment import Segment
+from ._shm import open_segment
 from ._stats import _Counters
 from ._writes import _Writer
 
@@ -179,7 +180,7 @@ def acquire(name: str, *, timeout: float, spin_us: float) -> Attachment:
 
     Raises:
         StoreNotFoundError, IncompatibleStoreError, StoreTimeoutError: as
-            ``_segment.open_segment``.
+            ``_shm.open_segment``.
     """
     _lock.acquire()
     try:

@@ -339,7 +339,7 @@ def open_channel(name: str) -> ChannelMap:
 
 def create_channel(name: str, layout: ChannelLayout, incarnation: int) -> ChannelMap:
     """Create a fresh channel segment (coordinator only), replacing any old one."""
-    from ._segment import unlink_quietly
+    from ._shm import unlink_quietly
 
     unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
     shm = posix_ipc.SharedMemory(L.channel_name(name), posix_ipc.O_CREX, mode=0o600, size=layout.size)
@@ -407,7 +407,7 @@ class ClientChannel:
         q[w + C_WATCH] = 0  # no watch until shmstore._feed registers one
         # The counter words still hold the block's previous client's counts: the
         # coordinator retires and zeroes them at the handshake, before it acknowledges.
-        from ._segment import process_start_ms
+        from ._liveness import process_start_ms
 
         q[w + C_PID] = os.getpid()
         q[w + C_START] = process_start_ms(os.getpid()) or 0
@@ -563,6 +563,6 @@ class ClientChannel:
 
 
 def _seg_alive(seg_q: memoryview) -> bool:
-    from ._segment import pid_alive
+    from ._liveness import pid_alive
 
     return seg_q[L.H_COORD_INCARNATION] != 0 and pid_alive(seg_q[L.H_COORD_PID], seg_q[L.H_COORD_START])

@@ -31,6 +31,8 @@ its change within ``read_timeout`` (the handle's ``timeout``) raises
 :class:`StoreTimeoutError`, because a live pid is not progress: the coordinator may be
 stopped (SIGSTOP), frozen or held in a debugger. So every read ends. Only this slow
 path looks at the clock; the fast path never does.
+
+Opening, creating and unlinking the segment: ``_shm``; process liveness: ``_liveness``.
 """
 
 from __future__ import annotations
@@ -41,16 +43,15 @@ import time
 from typing import Callable, Iterable
 
 import numpy as np
-import posix_ipc
 
 from . import _layout as L
 from ._ttl import now_ns
 from ._errors import (
     CoordinatorUnavailableError,
     IncompatibleStoreError,
-    StoreNotFoundError,
     StoreTimeoutError,
 )
+from ._liveness import pid_alive
 
 key_hash = L.key_hash
 # The fast paths inline key_hash (see there).
@@ -343,124 +344,9 @@ class Segment:
 # -- processes ---------------------------------------------------------------------
 
 
-def process_start_ms(pid: int) -> int | None:
-    """The start time of a live, non-zombie process in ms, or None if there is none."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return int(p.create_time() * 1000)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-        return None
-
-
-def pid_alive(pid: int, start_ms: int) -> bool:
-    """True if ``pid`` runs and is the same process that started at ``start_ms``.
-
-    A reused pid has another start time; a killed process still waiting for its parent
-    to reap it (a zombie) counts as dead.
-    """
-    if pid <= 0:
-        return False
-    got = process_start_ms(pid)
-    # psutil's create_time has ~10 ms resolution (clock ticks); allow for rounding.
-    return got is not None and abs(got - start_ms) <= 20
-
-
 def coordinator_alive(seg: Segment) -> bool:
     q = seg.q
     return q[L.H_COORD_INCARNATION] != 0 and pid_alive(q[L.H_COORD_PID], q[L.H_COORD_START])
-
-
-# -- opening -----------------------------------------------------------------------
-
-
-def _map(shm: posix_ipc.SharedMemory, writable: bool) -> mmap.mmap:
-    try:
-        size = os.fstat(shm.fd).st_size
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=prot)
-    finally:
-        shm.close_fd()
-
-
-def open_segment(name: str, *, writable: bool = False, timeout: float = 5.0) -> Segment:
-    """Map an existing store's data segment.
-
-    Clients map it read-only; only the coordinator passes ``writable=True``.
-
-    Raises:
-        StoreNotFoundError: no segment of that name.
-        IncompatibleStoreError: another format or a damaged header.
-        StoreTimeoutError: the segment stayed half-initialized for ``timeout`` seconds.
-    """
-    L.check_platform()
-    L.check_name(name)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            shm = posix_ipc.SharedMemory(L.data_name(name), read_only=not writable)
-        except posix_ipc.ExistentialError:
-            raise StoreNotFoundError(
-                f"no store named {name!r} on this host; start one with "
-                f"shmstore.serve({name!r}) or shmstore.open({name!r})"
-            ) from None
-        if os.fstat(shm.fd).st_size < L.HEADER_SIZE:
-            # Between its creator's shm_open and ftruncate: not ready, like STATE_INIT.
-            shm.close_fd()
-        else:
-            mm = _map(shm, writable)
-            # Invariant: the creator writes STATE_READY last, after every header field.
-            state = memoryview(mm).cast("Q")[L.H_STATE]
-            if state != L.STATE_INIT:
-                return Segment(name, mm, writable, timeout)
-            mm.close()
-        if time.monotonic() > deadline:
-            raise StoreTimeoutError(
-                f"store {name!r}: its segment is still being created after {timeout} s; "
-                f"the creating coordinator may have died (shmstore cleanup)"
-            )
-        time.sleep(0.005)
-
-
-def create_segment(name: str, layout: L.Layout, schema_fp: int) -> Segment:
-    """Create a new data segment, mode 0600 (coordinator only).
-
-    Raises:
-        posix_ipc.ExistentialError: it exists already.
-    """
-    shm = posix_ipc.SharedMemory(
-        L.data_name(name), posix_ipc.O_CREX, mode=0o600, size=layout.size
-    )
-    mm = _map(shm, True)
-    q = memoryview(mm).cast("Q")
-    q[L.H_FORMAT] = L.FORMAT_VERSION
-    q[L.H_LAYOUT_FP] = layout.fingerprint
-    q[L.H_SCHEMA_FP] = schema_fp
-    q[L.H_CAPACITY] = layout.capacity
-    q[L.H_NSLOTS] = layout.nslots
-    q[L.H_SLOT_SIZE] = layout.slot_size
-    q[L.H_KEY_SIZE] = layout.key_size
-    q[L.H_VALUE_SIZE] = layout.value_size
-    q[L.H_NBUCKETS] = layout.nbuckets
-    q[L.H_INSTANCE] = int.from_bytes(os.urandom(8), "little") | 1
-    q[L.H_MAGIC] = L.MAGIC
-    q.release()
-    return Segment(name, mm, True)
-
-
-def unlink_quietly(kind: type, name: str) -> bool:
-    """Unlink a POSIX shm segment or semaphore; False if it did not exist."""
-    try:
-        if kind is posix_ipc.Semaphore:
-            posix_ipc.unlink_semaphore(name)
-        else:
-            posix_ipc.unlink_shared_memory(name)
-        return True
-    except posix_ipc.ExistentialError:
-        return False
 
 
 #: Values a cache hit may hand out again as they are: the caller cannot change them.

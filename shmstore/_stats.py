@@ -56,7 +56,8 @@ import numpy as np
 from . import _channel as C
 from . import _layout as L
 from ._errors import ShmStoreError
-from ._segment import Segment, coordinator_alive, pid_alive
+from ._liveness import pid_alive
+from ._segment import Segment, coordinator_alive
 
 #: seconds between a reader process's attempts to claim a client block for its counters
 CLAIM_RETRY = 10.0

@@ -360,7 +360,7 @@ def test_a_segment_caught_before_its_ftruncate_is_waited_for_not_mapped(names):
     shm = posix_ipc.SharedMemory(L.data_name(n), posix_ipc.O_CREX, mode=0o600, size=0)
     try:
         with pytest.raises(shmstore.StoreTimeoutError):
-            shmstore._segment.open_segment(n, timeout=0.2)
+            shmstore._shm.open_segment(n, timeout=0.2)
     finally:
         shm.close_fd()
         shm.unlink()

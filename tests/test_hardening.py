@@ -216,7 +216,7 @@ def test_get_of_a_missing_key_is_bounded_while_the_coordinator_is_stopped_mid_mo
     stopped coordinator leaves); a reader's get() of a missing key waits as long as
     the stop lasts. Expected: it returns or raises a typed error within a bound."""
     from shmstore import _layout as L
-    from shmstore._segment import open_segment
+    from shmstore._shm import open_segment
 
     n, coord = served("stop6", capacity=100)
     with shmstore.connect(n) as s:

@@ -232,7 +232,7 @@ def test_read_of_a_slot_left_odd_by_a_stopped_coordinator_is_bounded(served):
     that must wait for it (``read_slot``, as change feeds do) raise StoreTimeoutError
     after the handle's timeout, naming the pid and what to do, although the pid is
     alive; once the coordinator runs again, reads work."""
-    from shmstore._segment import open_segment
+    from shmstore._shm import open_segment
 
     n, coord = served("oddslot", capacity=20)
     with shmstore.connect(n, timeout=1) as s:

@@ -21,7 +21,7 @@ import pytest
 import shmstore
 from shmstore import _channel as C
 from shmstore import _layout as L
-from shmstore._segment import open_segment
+from shmstore._shm import open_segment
 from shmstore._stats import hist_quantile
 from tests.helpers.processes import python, reap, wait_for
 

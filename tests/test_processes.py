@@ -284,7 +284,7 @@ def test_coordinator_stops_when_its_parent_dies(names):
             except ProcessLookupError:
                 return True
             # it is our grandchild's orphan: init reaps it; a zombie counts as gone
-            return shmstore._segment.process_start_ms(coord_pid) is None
+            return shmstore._liveness.process_start_ms(coord_pid) is None
 
         wait_for(gone, timeout=10, what="the orphaned coordinator to stop")
     finally:

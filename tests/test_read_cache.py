@@ -14,7 +14,8 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import make_readers, open_segment
+from shmstore._segment import make_readers
+from shmstore._shm import open_segment
 from tests.helpers.seqlock import bucket_pos, colliding_keys, writer_side
 
 enc = msgspec.msgpack.encode

@@ -28,7 +28,8 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import Segment, make_readers, open_segment
+from shmstore._segment import Segment, make_readers
+from shmstore._shm import open_segment
 from shmstore.coordinator._engine import Engine
 from tests.helpers.seqlock import (
     SlotGeometry, bucket_pos, result_of, spied, writer_side,
@@ -307,7 +308,8 @@ def test_garbage_lengths_read_mid_write_are_clamped(served, path):
 GARBAGE_WRITER = r"""
 import os, random, sys, time, msgspec
 from shmstore import _layout as L
-from shmstore._segment import open_segment, process_start_ms
+from shmstore._liveness import process_start_ms
+from shmstore._shm import open_segment
 name, slot = sys.argv[1], int(sys.argv[2])
 seg = open_segment(name, writable=True)
 q, mv = seg.q, seg.mv
@@ -434,7 +436,8 @@ def test_concurrent_garbage_writes_never_reach_readers(served):
 FAKE_COORDINATOR = r"""
 import os, sys, time
 from shmstore import _layout as L
-from shmstore._segment import open_segment, process_start_ms
+from shmstore._liveness import process_start_ms
+from shmstore._shm import open_segment
 seg = open_segment(sys.argv[1], writable=True)
 q = seg.q
 q[L.H_COORD_PID] = os.getpid()

@@ -31,7 +31,8 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import Segment, make_readers, open_segment
+from shmstore._segment import Segment, make_readers
+from shmstore._shm import open_segment
 from tests.helpers.hashes import same_hash_keys
 from tests.helpers.seqlock import (
     BytesSpy, SlotGeometry, WordsSpy, bucket_pos, colliding_keys, slot_of_byte, spied, writer_side,

@@ -27,7 +27,7 @@ import shmstore
 import shmstore._snapshot as S
 from tests.helpers.processes import run_collecting
 from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name, key_hash
-from shmstore._segment import create_segment, unlink_quietly
+from shmstore._shm import create_segment, unlink_quietly
 from shmstore.coordinator._engine import Engine
 
 enc = msgspec.msgpack.encode

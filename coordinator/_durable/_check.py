@@ -17,7 +17,8 @@ import numpy as np
 from shmstore import _layout as L
 from shmstore._checkreport import CheckReport
 from shmstore._errors import CorruptionError, IncompatibleStoreError
-from shmstore._segment import coordinator_alive, open_segment
+from shmstore._segment import coordinator_alive
+from shmstore._shm import open_segment
 
 from .._ops import decode_logged, logged_problem
 from ._atrest import FLAG_AESGCM, Codec, load_key, verify_key

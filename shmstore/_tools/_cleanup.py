@@ -37,7 +37,7 @@ import posix_ipc
 from shmstore import _layout as L
 from shmstore._api import destroy
 from shmstore._errors import CoordinatorRunningError, ShmStoreError
-from shmstore._segment import pid_alive
+from shmstore._liveness import pid_alive
 
 SHM_DIR = L.SHM_DIR
 

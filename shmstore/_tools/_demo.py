@@ -48,7 +48,8 @@ import msgspec
 import shmstore
 from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, CoordinatorUnavailableError, ShmStoreError
-from shmstore._segment import open_segment, pid_alive, process_start_ms
+from shmstore._liveness import pid_alive, process_start_ms
+from shmstore._shm import open_segment
 
 from ._format import human, micros
 from ._stress_workers import HIST_BUCKETS as _HIST_BUCKETS

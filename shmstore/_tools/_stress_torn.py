@@ -59,7 +59,7 @@ import msgspec
 import posix_ipc
 
 import shmstore
-from shmstore._segment import open_segment
+from shmstore._shm import open_segment
 
 from ._format import human
 from ._selfcheck import VALUE_OVERHEAD, ReadStats, TornRead, check_record, key_of, make_record, verify

@@ -13,7 +13,7 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import create_segment
+from shmstore._shm import create_segment
 from shmstore.coordinator import Engine
 from shmstore.coordinator._durable._wal import REC_SIZE, scan_wal
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import open_segment
+from shmstore._shm import open_segment
 from shmstore.coordinator._metrics import hist_bucket
 from shmstore.coordinator._durable._wal import HEADER_SIZE
 

@@ -18,7 +18,7 @@ import time
 import msgspec
 
 from shmstore import _channel as C
-from shmstore._segment import open_segment
+from shmstore._shm import open_segment
 
 OP_PUT = C.OP_PUT
 OP_DELETE = C.OP_DELETE

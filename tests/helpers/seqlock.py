@@ -13,7 +13,8 @@ import contextlib
 import numpy as np
 
 from shmstore import _layout as L
-from shmstore._segment import Segment, open_segment
+from shmstore._segment import Segment
+from shmstore._shm import open_segment
 from shmstore.coordinator._engine import Engine
 
 
