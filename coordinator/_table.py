@@ -42,7 +42,6 @@ import msgspec
 import numpy as np
 import posix_ipc
 
-from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._errors import (
     CorruptionError,
@@ -84,7 +83,6 @@ from shmstore._ttl import now_ns
 from ._engine import Engine
 from ._ops import Snapshot, TableCreate, TableRead, TableWrite, decode_logged
 
-_decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
 
 
