@@ -44,8 +44,6 @@ from ._replies import Deferred, Replies
 from ._table import apply_extra
 
 #: ops that change the store: refused before they are applied while the WAL cannot be written
-WRITE_OPS = frozenset((C.OP_PUT, C.OP_DELETE, C.OP_CAS, C.OP_INCR, C.OP_BATCH,
-                       C.OP_TABLE_CREATE, C.OP_TABLE_WRITE))
 _WRITES = frozenset(O.WRITES)
 decode_request = O.decode_request
 _encode = msgspec.msgpack.Encoder().encode

@@ -83,7 +83,6 @@ from shmstore._ttl import now_ns
 from ._engine import Engine
 from ._ops import Snapshot, TableCreate, TableRead, TableWrite, decode_logged
 
-_decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.msgpack.Encoder().encode
 
 
