@@ -462,20 +462,16 @@ class ClientChannel:
         head = self.head
         off = head % R
         pad = R - off if off + need > R else 0
-        if head + pad + need - q[w + C_TAIL] > R:
-            self.bell.release()
-            while head + pad + need - q[w + C_TAIL] > R:
-                if not self.alive():
-                    raise CoordinatorUnavailableError(
-                        f"store {self.name!r}: the coordinator stopped while this client's queue was full"
-                    )
-                if time.monotonic() > deadline:
-                    raise StoreTimeoutError(
-                        f"store {self.name!r}: the write queue stayed full until the timeout; "
-                        f"the coordinator is behind (slow disk or too many writers) - retry, "
-                        f"raise timeout=, or write less"
-                    )
-                self._sleep_for_reply(0.005)
+        if pad and pad + need > R:
+            # The frame overlaps its own padding (need > off): publish the padding alone,
+            # so the coordinator passes it, then write the frame at offset 0. Without
+            # this such a frame waited for room that never came, even in an empty ring.
+            self._wait_room(head + pad, deadline)
+            struct.pack_into("<I", mv, self.ring_ofs + off, PAD_MARK)
+            head = self.head = head + pad
+            q[w + C_HEAD] = head
+            off = pad = 0
+        self._wait_room(head + pad + need, deadline)
         if pad:
             struct.pack_into("<I", mv, self.ring_ofs + off, PAD_MARK)
             off = 0
@@ -488,6 +484,27 @@ class ClientChannel:
         q[w + C_HEAD] = self.head
         self.bell.release()
         return self.ticket
+
+    def _wait_room(self, end: int, deadline: float) -> None:
+        """Wait until the ring can hold bytes up to ``end`` (a HEAD value)."""
+        q = self.chan.q
+        i = self.w + C_TAIL
+        R = self.ring_size
+        if end - q[i] <= R:
+            return
+        self.bell.release()
+        while end - q[i] > R:
+            if not self.alive():
+                raise CoordinatorUnavailableError(
+                    f"store {self.name!r}: the coordinator stopped while this client's queue was full"
+                )
+            if time.monotonic() > deadline:
+                raise StoreTimeoutError(
+                    f"store {self.name!r}: the write queue stayed full until the timeout; "
+                    f"the coordinator is behind (slow disk or too many writers) - retry, "
+                    f"raise timeout=, or write less"
+                )
+            self._sleep_for_reply(0.005)
 
     def wait_done(self, ticket: int, deadline: float, what: str) -> None:
         """Wait until the coordinator has completed frame ``ticket``.

@@ -326,3 +326,15 @@ def test_batches_stay_atomic_across_coordinator_sigkills(served, names):
                 assert len(set(values)) == 1, values
     finally:
         reap(p)
+
+
+def test_a_frame_that_must_wrap_past_its_own_padding_is_sent(served):
+    """A frame longer than the ring offset it would wrap from used to wait for room that
+    never came, even with the ring empty (its padding and the frame overlapped); the
+    client now publishes the padding alone first."""
+    n, _ = served(capacity=10, value_size=3500, ring_size=4096)
+    with shmstore.connect(n, timeout=5) as s:
+        s.put("a", b"x" * 2000)  # the next frame starts near the middle of the ring
+        assert s.put("b", b"y" * 2500, timeout=3) > 0
+        assert s.put("c", b"z" * 2500, timeout=3) > 0
+        assert (s.get("a"), s.get("b"), s.get("c")) == (b"x" * 2000, b"y" * 2500, b"z" * 2500)
