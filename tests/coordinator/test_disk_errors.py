@@ -8,27 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from contextlib import contextmanager
 
 import pytest
 
 import shmstore
+from tests.helpers.mounts import tmpfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@contextmanager
-def tmpfs(path, size: str):
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def fill(mnt, leave: int) -> str:
@@ -55,7 +41,7 @@ def put_once_writable(s: shmstore.Store, key: str, value: object, timeout: float
 
 
 def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path):
-    with tmpfs(tmp_path / "mnt", "8m") as mnt:
+    with tmpfs(tmp_path / "mnt", "size=8m") as mnt:
         n = names("full")
         coord = shmstore.serve(n, path=mnt / "data", capacity=2000, key_size=16, value_size=4096,
                                sync="always")
@@ -107,7 +93,7 @@ def test_disk_full_refuses_writes_then_resumes_and_loses_nothing(names, tmp_path
 
 
 def test_read_only_data_directory_is_refused_at_start(names, tmp_path):
-    with tmpfs(tmp_path / "mnt", "4m") as mnt:
+    with tmpfs(tmp_path / "mnt", "size=4m") as mnt:
         n = names("ro")
         coord = shmstore.serve(n, path=mnt / "data", capacity=50)
         with shmstore.connect(n) as s:
@@ -140,7 +126,7 @@ def test_expiry_reclaim_on_a_full_disk_waits_for_it_and_the_coordinator_lives(na
     """Records whose TTL runs out while the WAL cannot be written: the coordinator's
     background reclaim must neither die of the write error nor lose the reclaim; once
     the disk has room the records are gone, also after a rebuild from disk."""
-    with tmpfs(tmp_path / "mnt", "8m") as mnt:
+    with tmpfs(tmp_path / "mnt", "size=8m") as mnt:
         n = names("fullttl")
         coord = shmstore.serve(n, path=mnt / "data", capacity=400, key_size=32, value_size=64,
                                sync="always")

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
 
 import pytest
 
 import shmstore
+from tests.helpers.mounts import tmpfs
 from tests.helpers.processes import shm_objects
 from tests.helpers.rawclient import (
     wal_chain_end,
@@ -221,20 +221,6 @@ def test_serve_refuses_an_empty_path(names, tmp_path, monkeypatch):
 
 
 # -- 10. a full disk ----------------------------------------------------------------------------
-
-
-@contextmanager
-def tmpfs(path, opts: str):
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{opts},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def _fill_space(mnt) -> None:
