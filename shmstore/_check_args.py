@@ -12,7 +12,7 @@ also is the stdlib class callers already catch (``ValueError``/``TypeError``):
   ``MAX_TIMEOUT``; NaN, infinities, negatives, bools and strings are
   :class:`InvalidArgumentError`. (NaN made every deadline unreachable: a wait for ever.)
 - versions (:func:`check_version`): an int from 0 to 2**64 - 1, not a bool.
-- the ``wait=`` flag (:func:`check_flag`) and ``get_many``'s key container
+- the ``wait=`` flag (:func:`flag`, :func:`check_flag`) and ``get_many``'s key container
   (:func:`key_list`).
 
 Fast paths call these only when the caller passed the argument (``timeout=None`` costs
@@ -144,6 +144,20 @@ def check_flag(flag: Any, what: str) -> int:
     if flag is True or flag is False or (isinstance(flag, int) and flag in (0, 1)):
         return int(flag)
     raise InvalidArgumentError(f"{what} must be True or False, got {type(flag).__name__} {flag!r:.40}")
+
+
+def flag(value: Any, what: str) -> int:
+    """A boolean flag (``wait=``) as 0 or 1: True and False with two identity tests,
+    anything else through :func:`check_flag`.
+
+    Raises:
+        InvalidArgumentError: not True, False, 0 or 1.
+    """
+    if value is True:
+        return 1
+    if value is False:
+        return 0
+    return check_flag(value, what)
 
 
 def check_read_cache(read_cache: Any) -> int:

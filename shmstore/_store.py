@@ -1,12 +1,13 @@
 """The client handle users hold: :class:`Store`.
 
-The Store validates keys and values and holds the public methods. A handle is light:
-what costs a file descriptor, a mapping or a client block is this process's one
-attachment to the store (``_attach.Attachment``), shared by every handle the process
-opens on it and reference-counted: the mapping (``_segment.Segment``), the write
-session (``_writes._Writer``: channel, write lock, tickets) and the process's counters.
-The handle keeps its own fast ``get`` closure with its read cache
-(``_segment.make_readers``), its decoders and its counters (``_stats._Counters``). A
+The Store holds the public methods; its keys and values are checked, encoded and
+decoded by its ``_codec.RecordCodec``. A handle is light: what costs a file
+descriptor, a mapping or a client block is this process's one attachment to the store
+(``_attach.Attachment``), shared by every handle the process opens on it and
+reference-counted: the mapping (``_segment.Segment``), the write session
+(``_writes._Writer``: channel, write lock, tickets) and the process's counters. The
+handle keeps its own fast ``get`` closure with its read cache
+(``_segment.make_readers``), its codec and its counters (``_stats._Counters``). A
 write goes ``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change
 feeds (``_feed``) and the async calls (``_aio``) are mixed in.
 """
@@ -18,26 +19,16 @@ import os
 import weakref
 from typing import Any, Iterable, Iterator
 
-import msgspec
 import numpy as np
 
 from . import _attach
 from . import _channel as C
 from . import _layout as L
-from ._errors import (
-    ShmStoreError,
-    InvalidKeyError,
-    InvalidLayoutError,
-    KeyTooLongError,
-    SchemaMismatchError,
-    StoreClosedError,
-    ValueEncodingError,
-    ValueTooLargeError,
-)
+from ._errors import ShmStoreError, InvalidLayoutError, StoreClosedError, ValueEncodingError
 from ._aio import AsyncMixin
-from ._check_args import check_flag, check_spin_us, check_timeout, check_version, key_bytes, key_list
+from ._check_args import check_flag, check_spin_us, check_timeout, check_version, flag, key_list
+from ._codec import RecordCodec
 from ._feed import FeedMixin
-from ._many import MIN_KEYS, array_header, key_words
 from ._segment import Segment, make_readers
 from ._snapshot import Snapshot, take
 from ._stats import StoreStats, _Counters, collect
@@ -123,18 +114,15 @@ class Store(FeedMixin, AsyncMixin):
                 f"read_cache must be an integer >= 0 (records kept per handle; 0 turns the "
                 f"cache off), got {read_cache!r}")
         self._read_cache = read_cache
-        self._value_type = value_type
-        self._schema_fp = L.schema_fingerprint(value_type)
-        self._decode = (msgspec.msgpack.Decoder(value_type) if value_type is not None
-                        else msgspec.msgpack.Decoder()).decode
-        self._decode_list = (msgspec.msgpack.Decoder(list[value_type]) if value_type is not None
-                             else msgspec.msgpack.Decoder(list)).decode
-        self._encode = msgspec.msgpack.Encoder().encode
+        #: keys and values: checked, encoded and decoded by the codec, whose checks and
+        #: decoder the handle calls as its own
+        codec = self._codec = RecordCodec(self.name, value_type)
+        self._key, self._value, self._decode = codec.key, codec.value, codec.decode
         #: this process's attachment: mapping, write session, process counters
         att = self._att = _attach.acquire(self.name, timeout=timeout, spin_us=spin_us)
         try:
             self._seg: Segment | None = att.current(timeout)
-            self._check_schema(self._seg)
+            codec.check_schema(self._seg)
         except BaseException:
             _attach.release(att)
             raise
@@ -151,16 +139,6 @@ class Store(FeedMixin, AsyncMixin):
 
     # -- attach / fork / close -------------------------------------------------------
 
-    def _check_schema(self, seg: Segment) -> None:
-        have = seg.q[L.H_SCHEMA_FP]
-        self._writable_schema = have == self._schema_fp
-        if self._value_type is not None and have != self._schema_fp:
-            raise SchemaMismatchError(
-                f"store {self.name!r} holds values of another type than "
-                f"{getattr(self._value_type, '__name__', self._value_type)!r} (schema "
-                f"fingerprints differ); connect with the value_type it was served with"
-            )
-
     def _live_segment(self) -> Segment:
         seg = self._seg
         if seg is None:
@@ -174,7 +152,7 @@ class Store(FeedMixin, AsyncMixin):
         process's attachment does it once for all its handles)."""
         seg = self._att.current(self.timeout)
         if seg is not self._seg:
-            self._check_schema(seg)
+            self._codec.check_schema(seg)
             self._seg = seg
             self._bind_fast_get()  # the counters keep the old mapping's counts in the totals
         return seg
@@ -231,55 +209,6 @@ class Store(FeedMixin, AsyncMixin):
         state = "closed" if self._seg is None else f"{len(self)} records"
         return f"<shmstore.Store {self.name!r} {state}>"
 
-    # -- keys and values -------------------------------------------------------------
-
-    def _key(self, key: object, seg: Segment) -> bytes:
-        if key.__class__ is str:
-            try:
-                kb = key.encode()  # type: ignore[union-attr]
-            except UnicodeEncodeError:  # a lone surrogate: no UTF-8 bytes
-                kb = key_bytes(key)  # raises InvalidKeyError
-        elif key.__class__ is bytes:
-            kb = key  # type: ignore[assignment]
-        else:
-            kb = key_bytes(key)  # InvalidKeyError: not str or bytes
-        if len(kb) > seg.key_size:
-            raise KeyTooLongError(
-                f"key {key!r:.80} is {len(kb)} bytes; store {self.name!r} has key_size="
-                f"{seg.key_size}. Use shorter keys or recreate the store with a larger key_size."
-            )
-        if not kb:
-            raise InvalidKeyError("the empty key is not allowed")
-        return kb
-
-    def _value(self, value: object, seg: Segment) -> bytes:
-        if not self._writable_schema:
-            raise SchemaMismatchError(
-                f"store {self.name!r} is typed; connect with its value_type to write to it"
-            )
-        try:
-            vb = self._encode(value)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ValueEncodingError(f"cannot encode a {type(value).__name__} as msgpack: {e}") from e
-        except RecursionError:  # nested too deep, or holds itself
-            raise ValueEncodingError(
-                f"cannot encode a {type(value).__name__} as msgpack: it is nested too deep "
-                f"or contains itself; store a flatter value"
-            ) from None
-        if self._value_type is not None:
-            try:
-                self._decode(vb)
-            except msgspec.ValidationError as e:
-                raise ValueEncodingError(
-                    f"value does not match value_type {getattr(self._value_type, '__name__', self._value_type)}: {e}"
-                ) from e
-        if len(vb) > seg.value_size:
-            raise ValueTooLargeError(
-                f"value encodes to {len(vb)} bytes; store {self.name!r} has value_size="
-                f"{seg.value_size}. Store less per key or recreate the store with a larger value_size."
-            )
-        return vb
-
     # -- writes (through the coordinator: shmstore/_writes.py) -----------------------------
 
     def _request(self, frame: list, what: str, *, wait: bool = True, timeout: float | None = None) -> Any:
@@ -304,7 +233,7 @@ class Store(FeedMixin, AsyncMixin):
             check_timeout(timeout)
         seg = self._live_segment()
         kb = self._key(key, seg)
-        return self._writer.request(seg, [C.OP_PUT, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"), kb,
+        return self._writer.request(seg, [C.OP_PUT, flag(wait, "wait"), kb,
                                           self._value(value, seg), expiry_ns(ttl)],
                                     "put", wait, timeout, self._counters)
 
@@ -318,7 +247,7 @@ class Store(FeedMixin, AsyncMixin):
         else:
             check_timeout(timeout)
         seg = self._live_segment()
-        return self._writer.request(seg, [C.OP_DELETE, 1 if wait is True else 0 if wait is False else check_flag(wait, "wait"),
+        return self._writer.request(seg, [C.OP_DELETE, flag(wait, "wait"),
                                           self._key(key, seg)], "delete", wait, timeout, self._counters)
 
     def __delitem__(self, key: str | bytes) -> None:
@@ -355,15 +284,7 @@ class Store(FeedMixin, AsyncMixin):
             raise ValueEncodingError(f"incr delta {delta} is outside the 64-bit range msgpack stores")
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         seg = self._live_segment()
-        if not self._writable_schema:
-            self._value(0, seg)  # raises the schema error
-        if self._value_type is not None:
-            try:
-                msgspec.convert(0, self._value_type)
-            except msgspec.ValidationError:
-                raise ValueEncodingError(
-                    f"incr stores integers, which value_type {self._value_type!r} does not accept"
-                ) from None
+        self._codec.check_counter(seg)
         return self._writer.request(seg, [C.OP_INCR, 1, self._key(key, seg), delta], "incr", True, timeout, self._counters)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -479,23 +400,7 @@ class Store(FeedMixin, AsyncMixin):
         if keys.__class__ is not list:
             keys = key_list(keys)  # InvalidKeyError: not an iterable of keys
         seg = self._live_segment()
-        ksz = seg.key_size
-        try:
-            kw = key_words(keys, ksz) if len(keys) >= MIN_KEYS else None
-        except UnicodeEncodeError:  # a str key without UTF-8 bytes: _key below says which
-            kw = None
-        if kw is not None:
-            words, lens = kw
-            kbs = keys  # str or bytes: the probe encodes the few it needs
-        else:
-            words = None
-            try:
-                kbs = [k.encode() if k.__class__ is str else self._key(k, seg) for k in keys]
-            except UnicodeEncodeError:
-                kbs = [self._key(k, seg) for k in keys]  # raises InvalidKeyError
-            lens = np.fromiter(map(len, kbs), np.int64, len(kbs))
-            if len(kbs) and (lens.min() < 1 or lens.max() > ksz):
-                self._key(kbs[int(np.flatnonzero((lens < 1) | (lens > ksz))[0])], seg)  # raises
+        kbs, lens, words = self._codec.many_keys(keys, seg)
         q = seg.q
         for _ in range(OPTIMISTIC_TRIES):
             e1 = q[L.H_EPOCH]
@@ -505,30 +410,13 @@ class Store(FeedMixin, AsyncMixin):
             missing = len(fast) + len(found) < len(kbs)
             if top <= 2 * e1 + 2 and (not missing or q[L.H_LAST_DELETE_EPOCH] <= e1):
                 self._counters.reads += len(kbs)
-                if len(fast) == len(kbs):  # all found by numpy, in key order
-                    return self._decode_list(blob)
-                out = [default] * len(kbs)
-                if len(fast):
-                    for i, v in zip(fast.tolist(), self._decode_list(blob)):
-                        out[i] = v
-                for i, raw in found.items():
-                    out[i] = self._decode(raw)
-                return out
+                return self._codec.decode_probed(len(kbs), fast, blob, found, default)
             self._counters.read_retries += 1
         if words is not None:
             kbs = [k if k.__class__ is bytes else k.encode() for k in kbs]
         found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
         self._counters.reads += len(kbs)
-        return self._decode_values([None if r is None else r[1] for r in found], default)
-
-    def _decode_values(self, raw: list, default: Any) -> list:
-        out = [default] * len(raw)
-        present = [i for i, v in enumerate(raw) if v is not None]
-        if present:
-            decoded = self._decode_list(array_header(len(present)) + b"".join(raw[i] for i in present))
-            for i, v in zip(present, decoded):
-                out[i] = v
-        return out
+        return self._codec.decode_values([None if r is None else r[1] for r in found], default)
 
     def _scan_keys(self) -> Iterator[bytes]:
         """Keys of live-looking slots, read under their seqlocks (may repeat)."""
