@@ -12,7 +12,7 @@ also is the stdlib class callers already catch (``ValueError``/``TypeError``):
   ``MAX_TIMEOUT``; NaN, infinities, negatives, bools and strings are
   :class:`InvalidArgumentError`. (NaN made every deadline unreachable: a wait for ever.)
 - versions (:func:`check_version`): an int from 0 to 2**64 - 1, not a bool.
-- the ``wait=`` flag (:func:`flag`, :func:`check_flag`) and ``get_many``'s key container
+- the ``wait=`` flag (:func:`check_flag`) and ``get_many``'s key container
   (:func:`key_list`).
 
 Fast paths call these only when the caller passed the argument (``timeout=None`` costs
@@ -25,7 +25,7 @@ import math
 import numbers
 from typing import Any
 
-from ._errors import InvalidArgumentError, InvalidKeyError
+from ._errors import InvalidArgumentError, InvalidKeyError, InvalidLayoutError
 
 #: the longest timeout accepted, in seconds: 100 years (as ``_ttl.MAX_TTL``)
 MAX_TIMEOUT = 100 * 365.25 * 86400
@@ -141,23 +141,13 @@ def check_flag(flag: Any, what: str) -> int:
     Raises:
         InvalidArgumentError: anything else (None, a string, 2).
     """
-    if flag is True or flag is False or (isinstance(flag, int) and flag in (0, 1)):
+    if flag is True:  # the common cases first: two identity tests on the write path
+        return 1
+    if flag is False:
+        return 0
+    if isinstance(flag, int) and flag in (0, 1):
         return int(flag)
     raise InvalidArgumentError(f"{what} must be True or False, got {type(flag).__name__} {flag!r:.40}")
-
-
-def flag(value: Any, what: str) -> int:
-    """A boolean flag (``wait=``) as 0 or 1: True and False with two identity tests,
-    anything else through :func:`check_flag`.
-
-    Raises:
-        InvalidArgumentError: not True, False, 0 or 1.
-    """
-    if value is True:
-        return 1
-    if value is False:
-        return 0
-    return check_flag(value, what)
 
 
 def check_read_cache(read_cache: Any) -> int:
@@ -167,8 +157,6 @@ def check_read_cache(read_cache: Any) -> int:
         InvalidLayoutError: anything else (what ``Store`` raises for it too).
     """
     if not isinstance(read_cache, int) or isinstance(read_cache, bool) or read_cache < 0:
-        from ._errors import InvalidLayoutError  # noqa: PLC0415
-
         raise InvalidLayoutError(
             f"read_cache must be an integer >= 0 (records kept per handle; 0 turns the "
             f"cache off), got {read_cache!r}")

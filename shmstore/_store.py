@@ -24,9 +24,9 @@ import numpy as np
 from . import _attach
 from . import _channel as C
 from . import _layout as L
-from ._errors import ShmStoreError, InvalidLayoutError, StoreClosedError, ValueEncodingError
+from ._errors import ShmStoreError, StoreClosedError, ValueEncodingError
 from ._aio import AsyncMixin
-from ._check_args import check_flag, check_spin_us, check_timeout, check_version, flag, key_list
+from ._check_args import check_flag, check_read_cache, check_spin_us, check_timeout, check_version, key_list
 from ._codec import RecordCodec
 from ._feed import FeedMixin
 from ._segment import Segment, make_readers
@@ -109,11 +109,7 @@ class Store(FeedMixin, AsyncMixin):
         check_spin_us(spin_us)
         self.timeout = timeout
         self._spin_us = spin_us
-        if not isinstance(read_cache, int) or isinstance(read_cache, bool) or read_cache < 0:
-            raise InvalidLayoutError(
-                f"read_cache must be an integer >= 0 (records kept per handle; 0 turns the "
-                f"cache off), got {read_cache!r}")
-        self._read_cache = read_cache
+        self._read_cache = check_read_cache(read_cache)
         #: keys and values: checked, encoded and decoded by the codec, whose checks and
         #: decoder the handle calls as its own
         codec = self._codec = RecordCodec(self.name, value_type)
@@ -233,7 +229,7 @@ class Store(FeedMixin, AsyncMixin):
             check_timeout(timeout)
         seg = self._live_segment()
         kb = self._key(key, seg)
-        return self._writer.request(seg, [C.OP_PUT, flag(wait, "wait"), kb,
+        return self._writer.request(seg, [C.OP_PUT, check_flag(wait, "wait"), kb,
                                           self._value(value, seg), expiry_ns(ttl)],
                                     "put", wait, timeout, self._counters)
 
@@ -247,7 +243,7 @@ class Store(FeedMixin, AsyncMixin):
         else:
             check_timeout(timeout)
         seg = self._live_segment()
-        return self._writer.request(seg, [C.OP_DELETE, flag(wait, "wait"),
+        return self._writer.request(seg, [C.OP_DELETE, check_flag(wait, "wait"),
                                           self._key(key, seg)], "delete", wait, timeout, self._counters)
 
     def __delitem__(self, key: str | bytes) -> None:
@@ -300,7 +296,7 @@ class Store(FeedMixin, AsyncMixin):
 
         Readers see all of the batch or none of it through :meth:`get_many`.
         """
-        return Batch(self, wait if wait is True else bool(check_flag(wait, "wait")))
+        return Batch(self, bool(check_flag(wait, "wait")))
 
     # -- reads (lock-free) ---------------------------------------------------------------
 
