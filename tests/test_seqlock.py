@@ -1,14 +1,10 @@
-"""The rules of the epoch-stamped seqlock (DESIGN.md section 2), one test (or more) each;
-rules 4 to 7 are in test_seqlock_index.py, the spies in tests/helpers/seqlock.py.
+"""The rules of the epoch-stamped seqlock (DESIGN.md section 2), rules 1 to 3, one test
+(or more) each; rules 4 to 7 are in test_seqlock_index.py, the spies in tests/helpers/seqlock.py.
 
 1. Unique stamps: every write op takes a new epoch; no slot carries one even seq twice.
 2. Never trust bytes before validation: lengths read mid-write are clamped.
 3. Bounded spinning: an odd index generation left by a dead coordinator raises
    CoordinatorUnavailableError; the next coordinator repairs it.
-4. No false negatives while buckets move (backward-shift deletion).
-5. Memory ordering: non-x86-64 CPUs are refused.
-6. Single 8-byte accesses; a slot the index points to is never written.
-7. Clients map the data segment read-only; segments are mode 0600.
 
 Protocol tests emulate a reader straddling writes deterministically: the coordinator is
 stopped, the test maps the segment writable and drives ``coordinator._engine.Engine``

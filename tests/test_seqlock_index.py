@@ -1,19 +1,12 @@
-"""The rules of the epoch-stamped seqlock (DESIGN.md section 2), rules 4 to 7; rules 1 to 3 are in
-test_seqlock.py, the spies in tests/helpers/seqlock.py.
+"""The rules of the epoch-stamped seqlock (DESIGN.md section 2), rules 4 to 7:
 
-1. Unique stamps: every write op takes a new epoch; no slot carries one even seq twice.
-2. Never trust bytes before validation: lengths read mid-write are clamped.
-3. Bounded spinning: an odd index generation left by a dead coordinator raises
-   CoordinatorUnavailableError; the next coordinator repairs it.
 4. No false negatives while buckets move (backward-shift deletion).
 5. Memory ordering: non-x86-64 CPUs are refused.
 6. Single 8-byte accesses; a slot the index points to is never written.
 7. Clients map the data segment read-only; segments are mode 0600.
 
-Protocol tests emulate a reader straddling writes deterministically: the coordinator is
-stopped, the test maps the segment writable and drives ``coordinator._engine.Engine``
-itself, and a reader's ``Segment.q`` / ``Segment.mv`` are replaced by spies that
-forward every access to the real views and run the "writer" at a chosen point.
+Rules 1 to 3, and how the protocol tests drive a reader and a writer deterministically,
+are in test_seqlock.py; the spies are in tests/helpers/seqlock.py.
 """
 
 from __future__ import annotations
