@@ -1,0 +1,396 @@
+/*
+ * shmstore's shared-memory protocol in C11 atomics (GCC/Clang __atomic builtins).
+ *
+ * One header, included by the reader extension (reader.c), the coordinator's write
+ * primitives and the ThreadSanitizer stress harness (tests/native/), so the code the
+ * harness proves is the code that runs. The layout it reads is shmstore/_layout.py's;
+ * the word indices below must match it (tests/test_native.py checks them).
+ *
+ * THE PROTOCOL
+ * ------------
+ * A slot is the words  seq | version | expiry | meta | key bytes | value bytes.
+ * Only the coordinator writes; readers map the segment read-only.
+ *
+ * Writer (the coordinator), one slot:                 Reader, one slot:
+ *
+ *   W1 store_relaxed(seq, 2E+1)                         R1 s1 = load_acquire(seq)
+ *   W2 fence(release)                                   R2 odd s1: retry (bounded backoff)
+ *   W3 body: relaxed word stores                        R3 version, expiry, meta: each
+ *      (version, expiry, meta, key, value)                 loaded ONCE, relaxed; lengths
+ *   W4 store_release(seq, 2E+2)                            clamped to the slot's sizes
+ *                                                       R4 key, value: relaxed word loads
+ *                                                       R5 fence(acquire)
+ *                                                       R6 s2 = load_relaxed(seq)
+ *                                                       R7 s1 == s2: the copy is whole;
+ *                                                          only now is anything of it used
+ *
+ * Why it holds (the C11 model, not just x86's total store order): if any body load
+ * in R3/R4 read a value stored by a LATER write's W3, then W2 (release fence, before
+ * that store) synchronizes with R5 (acquire fence, after that load), so W1 of that
+ * write happens-before R6: s2 reads 2E'+1 or later and differs from s1. If no body
+ * load read a later write's store, every body load read the write that R1's acquire
+ * load synchronized with (its W4 release) or an earlier one overwritten by it, i.e.
+ * exactly the values of the write stamped s1. So s1 == s2 implies an untorn copy.
+ * The body is copied with relaxed atomic loads, never memcpy: a racing plain load is
+ * a data race (undefined behaviour) in C11, and ThreadSanitizer would say so.
+ *
+ * The index: a bucket is one word, stored with one release store (after the slot it
+ * points to was published with W4), loaded with an acquire load, so a reader that
+ * sees a bucket sees the slot's stamp. Buckets move (backward-shift deletion) only
+ * inside an odd index generation, the same seqlock as a slot: gen odd (relaxed) +
+ * release fence, the moves, gen even (release); a reader trusts a MISS only if
+ * g1 = load_acquire(gen) was even and, after an acquire fence, gen still equals g1.
+ * A found record needs no generation check: it is re-validated by its own slot stamp
+ * and by re-loading its bucket (after R5's fence) to see that it still points there.
+ *
+ * The epoch: the coordinator stores H_EPOCH with a release store after the op (or
+ * the whole batch) is applied, and H_LAST_DELETE_EPOCH with a release store BEFORE
+ * the bucket of a deleted key goes. get_many loads H_EPOCH (acquire) first, probes,
+ * then (acquire fence) loads H_LAST_DELETE_EPOCH: a miss caused by a delete after
+ * the epoch it read is then seen as such.
+ *
+ * Control fields are read once: a torn meta can at worst make a reader copy the
+ * wrong bytes of its own slot (lengths are clamped), never fault or read out of the
+ * segment, and the stamp check then rejects the copy.
+ *
+ * Everything here is static inline: no symbols, no state.
+ */
+#ifndef SHMSTORE_PROTOCOL_H
+#define SHMSTORE_PROTOCOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Header words (shmstore/_layout.py H_*). */
+#define SHM_H_MAGIC 0
+#define SHM_H_FORMAT 1
+#define SHM_H_STATE 11
+#define SHM_H_EPOCH 16
+#define SHM_H_INDEX_GEN 17
+#define SHM_H_COUNT 18
+#define SHM_H_LAST_DELETE_EPOCH 19
+#define SHM_H_BATCH_SEQ 20
+
+#define SHM_STATE_READY 1
+#define SHM_SLOT_HEADER 32 /* bytes: seq, version, expiry, meta */
+#define SHM_S_SEQ 0
+#define SHM_S_VERSION 1
+#define SHM_S_EXPIRY 2
+#define SHM_S_META 3
+#define SHM_FLAG_FREE 1
+
+/* key_hash (shmstore/_layout.py): X * MULT mod (2**61 - 1), then (x ^ x >> 29) & M32. */
+#define SHM_HASH_PRIME ((uint64_t)0x1FFFFFFFFFFFFFFFull)
+#define SHM_HASH_MULT_MOD ((uint64_t)2177342782468422681ull) /* 0x9E3779B97F4A7C15 mod P */
+
+/* -- atomics ------------------------------------------------------------------------ */
+
+static inline uint64_t shm_load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t shm_load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void shm_store_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void shm_store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void shm_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void shm_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* -- the mapping ---------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t *w;        /* the segment as u64 words */
+    uint64_t slot0;     /* first slot, in words */
+    uint64_t slot_words;
+    uint64_t nslots;
+    uint64_t idx0;      /* first bucket, in words */
+    uint64_t mask;      /* nbuckets - 1 */
+    uint64_t key_size;
+    uint64_t value_size;
+} shm_seg;
+
+static inline uint64_t *shm_slot(const shm_seg *s, uint64_t slot) { return s->w + s->slot0 + slot * s->slot_words; }
+
+/* -- the hash ------------------------------------------------------------------------- */
+
+static inline uint64_t shm_mod_p(__uint128_t x)
+{
+    uint64_t lo = (uint64_t)(x & SHM_HASH_PRIME) + (uint64_t)((x >> 61) & SHM_HASH_PRIME) + (uint64_t)(x >> 122);
+    lo = (lo & SHM_HASH_PRIME) + (lo >> 61);
+    lo = (lo & SHM_HASH_PRIME) + (lo >> 61);
+    return lo == SHM_HASH_PRIME ? 0 : lo;
+}
+
+/* key_hash of n bytes: the bytes as a little-endian integer X, X*MULT mod P, folded. */
+static inline uint32_t shm_key_hash(const uint8_t *kb, size_t n)
+{
+    /* X mod P by Horner over the 64-bit words from the most significant: 2**64 == 8 (mod P). */
+    size_t nw = (n + 7) / 8;
+    uint64_t acc = 0;
+    for (size_t j = nw; j-- > 0;) {
+        uint64_t word = 0;
+        size_t take = n - 8 * j < 8 ? n - 8 * j : 8;
+        memcpy(&word, kb + 8 * j, take); /* little-endian hosts only (checked at import) */
+        acc = shm_mod_p(((__uint128_t)acc << 64) | word);
+    }
+    uint64_t x = shm_mod_p((__uint128_t)acc * SHM_HASH_MULT_MOD);
+    return (uint32_t)((x ^ (x >> 29)) & 0xFFFFFFFFu);
+}
+
+/* -- copying out of and into slots ----------------------------------------------------- */
+
+/* Copy n bytes at byte offset off (off may be unaligned) of the word array w into dst,
+ * with relaxed 8-byte atomic loads only. Words are whole inside the slot: a slot is a
+ * multiple of 8 bytes, so the words that cover [off, off+n) never leave it. */
+static inline void shm_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off, uint64_t n)
+{
+    if (!n)
+        return;
+    uint64_t i = off >> 3, end = off + n;
+    unsigned skip = (unsigned)(off & 7);
+    uint64_t word = shm_load_relaxed(w + i);
+    if (skip) {
+        unsigned take = 8 - skip;
+        if (take > n)
+            take = (unsigned)n;
+        memcpy(dst, (const uint8_t *)&word + skip, take);
+        dst += take;
+        n -= take;
+        i++;
+        if (!n)
+            return;
+        word = shm_load_relaxed(w + i);
+    }
+    while (n >= 8) {
+        memcpy(dst, &word, 8);
+        dst += 8;
+        n -= 8;
+        i++;
+        if (n)
+            word = shm_load_relaxed(w + i);
+    }
+    if (n)
+        memcpy(dst, &word, (size_t)n);
+    (void)end;
+}
+
+/* Compare the n key bytes at byte offset off (8-aligned) with kb (relaxed loads; the
+ * answer is only trusted after the slot's stamp is validated). */
+static inline int shm_key_equal(const uint64_t *w, uint64_t off, const uint8_t *kb, size_t n)
+{
+    const uint64_t *p = w + (off >> 3);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        uint64_t a = shm_load_relaxed(p + j / 8), b;
+        memcpy(&b, kb + j, 8);
+        if (a != b)
+            return 0;
+    }
+    if (j < n) {
+        uint64_t a = shm_load_relaxed(p + j / 8), b = 0;
+        memcpy(&b, kb + j, n - j);
+        uint64_t m = (n - j) == 8 ? ~(uint64_t)0 : (((uint64_t)1 << (8 * (n - j))) - 1);
+        if ((a & m) != b)
+            return 0;
+    }
+    return 1;
+}
+
+/* Writer side: store n bytes at byte offset off of w with relaxed word stores. Bytes of
+ * a partial first or last word that lie outside [off, off+n) keep their values (the
+ * coordinator is the only writer, so its own relaxed load of them is exact). */
+static inline void shm_copy_in(uint64_t *w, uint64_t off, const uint8_t *src, uint64_t n)
+{
+    while (n) {
+        uint64_t i = off >> 3;
+        unsigned at = (unsigned)(off & 7);
+        unsigned take = 8 - at;
+        if (take > n)
+            take = (unsigned)n;
+        uint64_t word;
+        if (take == 8) {
+            memcpy(&word, src, 8);
+        } else {
+            word = shm_load_relaxed(w + i);
+            memcpy((uint8_t *)&word + at, src, take);
+        }
+        shm_store_relaxed(w + i, word);
+        src += take;
+        off += take;
+        n -= take;
+    }
+}
+
+/* Writer side: zero n bytes at byte offset off of w (relaxed word stores). */
+static inline void shm_zero(uint64_t *w, uint64_t off, uint64_t n)
+{
+    static const uint8_t zeros[64];
+    while (n) {
+        uint64_t k = n < sizeof zeros ? n : sizeof zeros;
+        shm_copy_in(w, off, zeros, k);
+        off += k;
+        n -= k;
+    }
+}
+
+/* -- reading one slot ----------------------------------------------------------------- */
+
+/* One record as a reader copied it; valid only when shm_read_end() said so. */
+typedef struct {
+    uint64_t seq, version, expiry, meta;
+    uint64_t klen, vlen; /* clamped to key_size / value_size */
+} shm_rec;
+
+/* R1-R3: the stamp and the control words, each loaded once. Returns 0 for an odd stamp. */
+static inline int shm_read_begin(const shm_seg *s, const uint64_t *sp, shm_rec *r)
+{
+    r->seq = shm_load_acquire(sp + SHM_S_SEQ);
+    if (r->seq & 1)
+        return 0;
+    r->version = shm_load_relaxed(sp + SHM_S_VERSION);
+    r->expiry = shm_load_relaxed(sp + SHM_S_EXPIRY);
+    r->meta = shm_load_relaxed(sp + SHM_S_META);
+    r->klen = r->meta & 0xFFFF;
+    r->vlen = r->meta >> 32;
+    if (r->klen > s->key_size)
+        r->klen = s->key_size;
+    if (r->vlen > s->value_size)
+        r->vlen = s->value_size;
+    return 1;
+}
+
+/* R5-R7: after the copy, is the slot still stamped as at R1? */
+static inline int shm_read_end(const uint64_t *sp, const shm_rec *r)
+{
+    shm_fence_acquire();
+    return shm_load_relaxed(sp + SHM_S_SEQ) == r->seq;
+}
+
+/* Byte offsets (from the segment start) of a slot's key and value. */
+static inline uint64_t shm_key_off(const shm_seg *s, uint64_t slot)
+{
+    return 8 * (s->slot0 + slot * s->slot_words) + SHM_SLOT_HEADER;
+}
+static inline uint64_t shm_value_off(const shm_seg *s, uint64_t slot) { return shm_key_off(s, slot) + s->key_size; }
+
+/* -- the index walk --------------------------------------------------------------------- */
+
+enum { SHM_MISS = 0, SHM_FOUND = 1, SHM_RETRY = 2 };
+
+/* Where a walk for a hash ended. */
+typedef struct {
+    uint64_t pos;    /* the bucket's index (0 .. mask) */
+    uint64_t bucket; /* its word: 0 (empty) or (hash << 32) | (slot + 1) */
+    uint64_t gen;    /* the index generation loaded before the walk */
+} shm_walk;
+
+/* Walk from the hash's home bucket to the first bucket that is empty or carries the
+ * hash, starting at bucket `from` (the home bucket, or one past a hash collision). At
+ * most mask+1 buckets (the index is never full: nbuckets >= 2 * nslots). */
+static inline void shm_walk_from(const shm_seg *s, uint32_t h, uint64_t from, shm_walk *out)
+{
+    uint64_t pos = from & s->mask;
+    for (uint64_t n = 0; n <= s->mask; n++) {
+        uint64_t b = shm_load_acquire(s->w + s->idx0 + pos);
+        if (b == 0 || (uint32_t)(b >> 32) == h) {
+            out->pos = pos;
+            out->bucket = b;
+            return;
+        }
+        pos = (pos + 1) & s->mask;
+    }
+    out->pos = pos;
+    out->bucket = 0;
+}
+
+/* Is a miss that ended at an empty bucket trustworthy? The generation loaded before the
+ * walk was even and is unchanged after it. */
+static inline int shm_miss_valid(const shm_seg *s, uint64_t g1)
+{
+    shm_fence_acquire();
+    return !(g1 & 1) && shm_load_relaxed(s->w + SHM_H_INDEX_GEN) == g1;
+}
+
+/* After a slot's copy validated, does its bucket still point to it? (Load after the
+ * acquire fence of shm_read_end.) */
+static inline int shm_bucket_same(const shm_seg *s, uint64_t pos, uint64_t bucket)
+{
+    return shm_load_relaxed(s->w + s->idx0 + pos) == bucket;
+}
+
+/* -- writing (the coordinator only) ------------------------------------------------------ */
+
+/* W1-W2: open a slot for writing at epoch E. */
+static inline void shm_write_begin(uint64_t *sp, uint64_t epoch)
+{
+    shm_store_relaxed(sp + SHM_S_SEQ, 2 * epoch + 1);
+    shm_fence_release();
+}
+
+/* W4: publish the slot. */
+static inline void shm_write_end(uint64_t *sp, uint64_t epoch) { shm_store_release(sp + SHM_S_SEQ, 2 * epoch + 2); }
+
+/* A whole record into a free slot: stamp odd, body, stamp even. The key area stays
+ * zero-padded past the key (get_many compares keys as whole words): only a longer old
+ * key's tail is cleared. */
+static inline void shm_write_record(const shm_seg *s, uint64_t slot, uint64_t epoch, const uint8_t *kb,
+                                    uint64_t klen, const uint8_t *vb, uint64_t vlen, uint64_t version,
+                                    uint64_t expiry, uint64_t flags)
+{
+    uint64_t *sp = shm_slot(s, slot);
+    shm_write_begin(sp, epoch);
+    uint64_t old_kl = shm_load_relaxed(sp + SHM_S_META) & 0xFFFF;
+    shm_store_relaxed(sp + SHM_S_VERSION, version);
+    shm_store_relaxed(sp + SHM_S_EXPIRY, expiry);
+    shm_store_relaxed(sp + SHM_S_META, klen | (flags << 16) | (vlen << 32));
+    uint64_t ko = shm_key_off(s, slot);
+    shm_copy_in(s->w, ko, kb, klen);
+    if (old_kl > klen)
+        shm_zero(s->w, ko + klen, old_kl - klen);
+    shm_copy_in(s->w, ko + s->key_size, vb, vlen);
+    shm_write_end(sp, epoch);
+}
+
+/* Mark a slot free at epoch E (its key is kept for change feeds, its value dropped). */
+static inline void shm_free_record(const shm_seg *s, uint64_t slot, uint64_t epoch)
+{
+    uint64_t *sp = shm_slot(s, slot);
+    shm_write_begin(sp, epoch);
+    uint64_t meta = shm_load_relaxed(sp + SHM_S_META);
+    shm_store_relaxed(sp + SHM_S_META, (meta & 0xFFFF) | ((uint64_t)SHM_FLAG_FREE << 16));
+    shm_store_relaxed(sp + SHM_S_EXPIRY, 0);
+    shm_write_end(sp, epoch);
+}
+
+/* Point bucket pos at a published slot (release: the slot's stores come first). */
+static inline void shm_set_bucket(const shm_seg *s, uint64_t pos, uint32_t h, uint64_t slot)
+{
+    shm_store_release(s->w + s->idx0 + pos, ((uint64_t)h << 32) | (slot + 1));
+}
+
+/* Backward-shift deletion of bucket pos, inside an odd index generation. */
+static inline void shm_remove_bucket(const shm_seg *s, uint64_t pos)
+{
+    uint64_t *gen = s->w + SHM_H_INDEX_GEN;
+    uint64_t g = shm_load_relaxed(gen);
+    shm_store_relaxed(gen, g + 1);
+    shm_fence_release();
+    uint64_t mask = s->mask, i = pos, j = pos;
+    uint64_t *idx = s->w + s->idx0;
+    for (;;) {
+        j = (j + 1) & mask;
+        uint64_t b = shm_load_relaxed(idx + j);
+        if (b == 0)
+            break;
+        uint64_t home = (b >> 32) & mask;
+        /* Move b back to the hole at i unless its home lies cyclically in (i, j]. */
+        if ((i <= j && (home <= i || home > j)) || (i > j && home <= i && home > j)) {
+            shm_store_relaxed(idx + i, b);
+            i = j;
+        }
+    }
+    shm_store_relaxed(idx + i, 0);
+    shm_store_release(gen, g + 2);
+}
+
+/* Publish the epoch: every op up to it is applied (release). */
+static inline void shm_publish_epoch(const shm_seg *s, uint64_t epoch) { shm_store_release(s->w + SHM_H_EPOCH, epoch); }
+
+#endif /* SHMSTORE_PROTOCOL_H */
