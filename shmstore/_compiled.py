@@ -1,0 +1,48 @@
+"""Which core runs: the compiled one (``shmstore._native``) or pure Python.
+
+The compiled core is the default: ``pip install`` builds it, and a failed build fails
+the install. ``SHMSTORE_NO_EXTENSIONS=1`` (the convention of multidict, yarl and
+aiohttp), set at install time, builds nothing; set when a process starts, it makes that
+process use the pure-Python core even if the extension is there. The pure-Python core
+is the reference and the fallback: it runs only on x86-64, whose total store order
+stands in for the barriers Python cannot issue (``_layout.check_platform``).
+
+A process that was not asked for pure Python and cannot import the extension fails
+loudly here, naming the two fixes: a store that silently read through the slow core
+would be a surprise, and on aarch64 an unsafe one.
+
+``native`` is the extension module or None; modules look it up at the time they bind
+their readers (``shmstore._segment``), so a test can run a store on either core in one
+process (``tests/conftest.py``'s ``core`` parameter).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+ENV = "SHMSTORE_NO_EXTENSIONS"
+
+
+def pure_requested() -> bool:
+    """Whether the environment asks for the pure-Python core."""
+    return os.environ.get(ENV, "") not in ("", "0")
+
+
+def _load() -> ModuleType | None:
+    if pure_requested():
+        return None
+    try:
+        from . import _native  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(
+            f"shmstore's compiled core (shmstore._native) is missing or does not load: {e}. "
+            f"Reinstall shmstore where a C compiler and Python's headers are present "
+            f"(pip install -e . in a checkout), or set {ENV}=1 to use the pure-Python core "
+            f"(x86-64 only)."
+        ) from e
+    return _native
+
+
+#: the extension module, or None when the pure-Python core runs
+native: ModuleType | None = _load()
