@@ -4,6 +4,7 @@ Readers in any process read records straight out of a POSIX shared-memory segmen
 without taking a lock; one coordinator process applies every write. See README.md.
 """
 
+from ._compiled import native as _native_core
 from ._api import Coordinator, DurabilityUnavailableError, connect, destroy, open, serve
 from ._errors import (
     CoordinatorRunningError,
@@ -47,6 +48,10 @@ from ._writes import Batch
 from ._table import Table
 from ._version import __version__
 
+#: True when the compiled core (``shmstore._native``) runs; False under
+#: ``SHMSTORE_NO_EXTENSIONS=1`` (the pure-Python core, x86-64 only).
+NATIVE: bool = _native_core is not None
+
 __all__ = [
     "Batch",
     "CheckProblem",
@@ -68,6 +73,7 @@ __all__ = [
     "InvalidRowsError",
     "InvalidTTLError",
     "KeyTooLongError",
+    "NATIVE",
     "PROMETHEUS_CONTENT_TYPE",
     "ProtocolError",
     "RequestTooLargeError",

@@ -275,25 +275,40 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 def check_platform() -> None:
     """Refuse to run where the lock-free read protocol is not known to be safe.
 
-    The seqlock readers rely on x86-64's total store order: aligned 8-byte loads and
-    stores issued from Python are not reordered against each other. ARM64 and other
-    weakly ordered CPUs can reorder them, and pure Python cannot issue barriers, so
-    shmstore refuses to run there rather than risk accepting a torn read.
+    With the compiled core (``shmstore._native``) every load and store of the protocol
+    carries its C11 ordering (``shmstore/_csrc/protocol.h``), so 64-bit Linux on x86-64
+    and on aarch64 (Graviton, Ampere, Apple-silicon containers) is admitted. The
+    pure-Python core relies on x86-64's total store order instead: aligned 8-byte loads
+    and stores issued from Python are not reordered against each other there, while
+    ARM64 and other weakly ordered CPUs can reorder them and Python cannot issue
+    barriers; so without the compiled core only x86-64 is admitted.
 
     Raises:
-        UnsupportedPlatformError: not Linux on x86-64.
+        UnsupportedPlatformError: not 64-bit Linux on x86-64, or on aarch64 with the
+            compiled core.
     """
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        raise UnsupportedPlatformError(
-            f"shmstore's lock-free reads need x86-64 memory ordering; this CPU is "
-            f"{platform.machine()!r}, where they could return torn values. "
-            f"Run on an x86-64 host."
-        )
+    from . import _compiled  # noqa: PLC0415 (the layout module is below the loader)
+
     if not sys.platform.startswith("linux"):
         raise UnsupportedPlatformError(
             f"shmstore needs Linux (POSIX shared memory, OFD locks); this is {sys.platform!r}."
         )
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return
+    if machine in ("aarch64", "arm64"):
+        if _compiled.native is not None:
+            return
+        raise UnsupportedPlatformError(
+            f"shmstore's pure-Python core needs x86-64 memory ordering; on {platform.machine()!r} "
+            f"only the compiled core orders its reads safely, and it is turned off "
+            f"({_compiled.ENV} is set). Unset {_compiled.ENV} and install shmstore with a "
+            f"C compiler present."
+        )
+    raise UnsupportedPlatformError(
+        f"shmstore runs on 64-bit Linux on x86-64 or aarch64; this CPU is "
+        f"{platform.machine()!r}, where its lock-free reads are not known to be safe."
+    )
 
 
 def check_name(name: object) -> str:

@@ -40,10 +40,9 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import numpy as np
-
+from . import _compiled
 from . import _layout as L
 from ._ttl import now_ns
 from ._errors import (
@@ -52,6 +51,9 @@ from ._errors import (
     StoreTimeoutError,
 )
 from ._liveness import pid_alive
+
+if TYPE_CHECKING:
+    import numpy as np
 
 key_hash = L.key_hash
 # The fast paths inline key_hash (see there).
@@ -151,17 +153,56 @@ class Segment:
         self.nbuckets = lay.nbuckets
         self.mask = lay.nbuckets - 1
         self.idx0 = lay.index_offset // 8  # first bucket, in words
-        self.stall_timeout = 1.0
         #: seconds a read waits for a live coordinator to finish a change before it
         #: raises StoreTimeoutError (the timeout of the handle that opened the mapping)
         self.read_timeout = read_timeout
-        #: reads through this mapping that met a change in progress and read again
-        self.retries = 0
+        native = _compiled.native
+        #: the compiled read protocol over this mapping (``shmstore._native.Mapping``),
+        #: or None when the pure-Python core runs
+        self.core = None
+        self._retries = 0
+        self._stall_timeout = 1.0
+        if native is not None:
+            self.core = native.Mapping(mm, self.sizes(), self._check_coordinator)
+            # The full lookup in C: the same protocol, in C11 atomics (protocol.h).
+            self.lookup = self.core.lookup
+
+    def sizes(self) -> tuple[int, ...]:
+        """The layout as the compiled core takes it: first slot and first bucket in
+        words, words per slot, slots, index mask, key and value sizes, mapping size."""
+        return (self.slot0, self.slot_words, self.nslots, self.idx0, self.mask,
+                self.key_size, self.value_size, self.layout.size)
+
+    @property
+    def retries(self) -> int:
+        """Reads through this mapping that met a change in progress and read again."""
+        return self.core.retries if self.core is not None else self._retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        if self.core is not None:
+            self.core.retries = value
+        else:
+            self._retries = value
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds between checks of the coordinator while a read waits."""
+        return self._stall_timeout
+
+    @stall_timeout.setter
+    def stall_timeout(self, value: float) -> None:
+        self._stall_timeout = value
+        if self.core is not None:
+            self.core.stall_timeout = value
 
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
         """Release the mapping. Views handed out must be gone first."""
+        core = self.__dict__.get("core")
+        if core is not None:
+            core.close()
         for attr in ("q", "mv"):
             view = self.__dict__.pop(attr, None)
             if view is not None:
@@ -181,6 +222,8 @@ class Segment:
 
     def slot_words_view(self) -> np.ndarray:
         """A (nslots, 4) u64 view of every slot's header words, for vectorized scans."""
+        import numpy as np  # noqa: PLC0415 (readers that only get never load numpy)
+
         return np.ndarray(
             (self.nslots, 4),
             dtype=np.uint64,
@@ -190,6 +233,8 @@ class Segment:
         )
 
     def index_view(self) -> np.ndarray:
+        import numpy as np  # noqa: PLC0415
+
         return np.ndarray((self.nbuckets,), dtype=np.uint64, buffer=self.mm, offset=self.idx0 * 8)
 
     # -- the read protocol -------------------------------------------------------------
@@ -208,6 +253,8 @@ class Segment:
         Returns:
             ``(seq, version, expiry, flags, key, value)``, all from one validated read.
         """
+        if self.core is not None:
+            return self.core.read_slot(slot, wait)
         q = self.q
         mv = self.mv
         w = self.slot0 + slot * self.slot_words
@@ -240,15 +287,18 @@ class Segment:
             if q[w] == s1:
                 return s1, version, expiry, (meta >> 16) & 0xFFFF, key, value
 
-    def lookup(self, kb: bytes) -> tuple[int, int, int, bytes] | None:
+    def lookup(self, kb: bytes) -> tuple[int, int, int, bytes, int] | None:
         """Find a key. Lock-free; never returns a torn value or a false miss.
+
+        With the compiled core this method is replaced by ``core.lookup``: the same
+        protocol in C (``shmstore/_csrc/protocol.h``).
 
         Args:
             kb: the key's bytes.
 
         Returns:
-            ``(slot, seq, version, value_bytes)`` or None when the key is missing or
-            expired (``expiry`` is checked against the wall clock).
+            ``(slot, seq, version, value_bytes, expiry)`` or None when the key is
+            missing or expired (``expiry`` is checked against the wall clock).
         """
         q = self.q
         mv = self.mv
@@ -291,7 +341,7 @@ class Segment:
                             if key == kb and not (meta >> 16) & L.FLAG_FREE:
                                 if expiry and expiry <= now_ns():
                                     return MISS
-                                return slot, s1, version, value
+                                return slot, s1, version, value, expiry
                             pos = (pos + 1) & mask
                             continue
                     # The slot or the bucket moved under us: read this bucket again.
@@ -356,15 +406,44 @@ IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 PUBLISH_MASK = 4095
 
 
+class Readers:
+    """One handle's reads over one mapping, as :func:`make_readers` builds them.
+
+    ``get(key, default=None)``; ``reads()``, ``cache_hits()``, ``cached()``: the
+    handle's counts (``shmstore._stats._Counters`` reads them). With the compiled core
+    ``get_many(keys, default)`` answers a whole batch in one call (a list; None when a
+    write after the epoch it read spoiled the answer; NotImplemented for keys it leaves
+    to the general path) and ``probe_many`` is None; with the pure-Python core
+    ``get_many`` is None and ``probe_many(keys, lens, words=None)`` (``_many``) returns
+    the keys found, their values as one msgpack array and the highest seq accepted.
+    """
+
+    __slots__ = ("get", "get_many", "probe_many", "reads", "cache_hits", "cached", "native")
+
+    def __init__(self, get: Callable, get_many: Callable | None, probe_many: Callable | None,
+                 reads: Callable[[], int], cache_hits: Callable[[], int], cached: Callable[[], int]) -> None:
+        self.get = get
+        self.get_many = get_many
+        self.probe_many = probe_many
+        self.reads = reads
+        self.cache_hits = cache_hits
+        self.cached = cached
+        #: whether the compiled core answers these reads
+        self.native = get_many is not None
+
+
 def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  on_stale: Callable[..., object],
                  on_publish: Callable[[], object] | None = None,
-                 read_cache: int = 0, probe_cache: dict | None = None) -> tuple[Callable, Callable]:
-    """Build ``get(key, default=None)`` for one mapping, with everything bound as locals.
+                 read_cache: int = 0, probe_cache: dict | None = None,
+                 decode_list: Callable[[bytes], list] | None = None) -> Readers:
+    """Build one handle's :class:`Readers` for one mapping.
 
-    Returns ``(get, probe_many)``. ``probe_many(keys, lens, words=None)`` (see
-    ``_many``) returns the keys found, their values as one msgpack array, and the
-    highest slot seq it accepted, for ``Store.get_many``.
+    With the compiled core (``seg.core``) they are a ``shmstore._native.Reader``: the
+    protocol below, the read cache and ``get_many`` in C (``shmstore/_csrc/reader.c``).
+    ``decode_list`` decodes a msgpack array of values (``get_many``'s answer).
+
+    The pure-Python ``get`` is a closure with everything bound as locals.
 
     The common case runs inline: the walk from the key's home bucket to the first
     bucket with its hash (usually the home bucket itself) or an empty one, the slot's
@@ -391,6 +470,10 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     (``shmstore._stats._Counters``) can publish to shared memory without a store per
     read.
     """
+    if seg.core is not None:
+        native = _compiled.native
+        r = native.Reader(seg.core, seg.mm, seg.sizes(), decode, decode_list, on_stale, on_publish, read_cache)
+        return Readers(r.get, r.get_many, None, r.reads, r.cache_hits, r.cached)
     q = seg.q
     mv = seg.mv
     mask = seg.mask
@@ -562,11 +645,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     def count() -> int:
         return reads
 
-    get.reads = count
-    get.cached = cache.__len__  # records in the read cache (for stats and tests)
-
     def cache_hits() -> int:
         return reads - uncached
 
-    get.cache_hits = cache_hits
-    return get, probe_many
+    return Readers(get, None, probe_many, count, cache_hits, cache.__len__)

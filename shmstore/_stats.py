@@ -57,7 +57,7 @@ from . import _channel as C
 from . import _layout as L
 from ._errors import ShmStoreError
 from ._liveness import pid_alive
-from ._segment import Segment, coordinator_alive
+from ._segment import Readers, Segment, coordinator_alive
 
 #: seconds between a reader process's attempts to claim a client block for its counters
 CLAIM_RETRY = 10.0
@@ -195,7 +195,7 @@ class _Counters:
     def __init__(self, name: str) -> None:
         self.name = name
         self.seg: Segment | None = None
-        self.get: Callable | None = None  # the fast ``get`` closure (make_readers)
+        self.readers: Readers | None = None  # the handle's reads (make_readers)
         self.reset()
 
     def reset(self) -> None:
@@ -216,40 +216,40 @@ class _Counters:
         self.last_ticket = 0
         self.next_claim = 0.0
         self.prev_stats: tuple[float, dict] | None = None
-        get, seg = self.get, self.seg
+        readers, seg = self.readers, self.seg
         # the closure cells and the segment's count are not reset: count from here
-        self.get_base = get.reads() if get is not None else 0
-        self.hits_base = get.cache_hits() if get is not None else 0
+        self.readers_base = readers.reads() if readers is not None else 0
+        self.hits_base = readers.cache_hits() if readers is not None else 0
         self.retries_base = seg.retries if seg is not None else 0
 
-    def attach(self, seg: Segment | None, get: Callable | None) -> None:
-        """Count through a new mapping and ``get`` closure (at open, after a reattach,
+    def attach(self, seg: Segment | None, readers: Readers | None) -> None:
+        """Count through a new mapping and its ``Readers`` (at open, after a reattach,
         None at close), keeping what the old ones counted in the totals."""
-        old_seg, old_get = self.seg, self.get
+        old_seg, old_readers = self.seg, self.readers
         if old_seg is not None:
             self.read_retries += old_seg.retries - self.retries_base
-        if old_get is not None:
-            self.reads += old_get.reads() - self.get_base
-            self.cache_hits += old_get.cache_hits() - self.hits_base
-        self.seg, self.get = seg, get
-        self.get_base = get.reads() if get is not None else 0
-        self.hits_base = get.cache_hits() if get is not None else 0
+        if old_readers is not None:
+            self.reads += old_readers.reads() - self.readers_base
+            self.cache_hits += old_readers.cache_hits() - self.hits_base
+        self.seg, self.readers = seg, readers
+        self.readers_base = readers.reads() if readers is not None else 0
+        self.hits_base = readers.cache_hits() if readers is not None else 0
         self.retries_base = seg.retries if seg is not None else 0
 
     def totals(self) -> tuple[int, ...]:
         """The handle's counters in ``C.C_COUNTERS`` order."""
-        seg, get = self.seg, self.get
-        reads = self.reads + (get.reads() - self.get_base if get is not None else 0)
-        hits = self.cache_hits + (get.cache_hits() - self.hits_base if get is not None else 0)
+        seg, readers = self.seg, self.readers
+        reads = self.reads + (readers.reads() - self.readers_base if readers is not None else 0)
+        hits = self.cache_hits + (readers.cache_hits() - self.hits_base if readers is not None else 0)
         retries = self.read_retries + (seg.retries - self.retries_base if seg is not None else 0)
         return (reads, retries, self.writes, self.timeouts, self.write_ns,
                 self.write_ns_max, self.writes_timed, self.write_errors, hits)
 
     def push(self, proc: _Counters) -> None:
         """Add the reads this handle counted since its last push to the process's."""
-        get = self.get
-        reads = self.reads + (get.reads() - self.get_base if get is not None else 0)
-        hits = self.cache_hits + (get.cache_hits() - self.hits_base if get is not None else 0)
+        readers = self.readers
+        reads = self.reads + (readers.reads() - self.readers_base if readers is not None else 0)
+        hits = self.cache_hits + (readers.cache_hits() - self.hits_base if readers is not None else 0)
         now = (reads, hits, self.read_retries)
         before, self.pushed = self.pushed, now
         proc.reads += now[0] - before[0]
@@ -442,7 +442,7 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
         reads=mine[0], read_retries=mine[1], writes=mine[2], timeouts=mine[3],
         write_errors=mine[7], write_latency_avg=_avg(mine[4], mine[6]),
         write_latency_max=_secs(mine[5]) if mine[6] else None,
-        read_cache_hits=mine[8], read_cache_records=counters.get.cached(),
+        read_cache_hits=mine[8], read_cache_records=counters.readers.cached(),
         puts=q[L.H_PUTS], deletes=q[L.H_DELETES], compare_and_sets=q[L.H_CAS],
         incrs=q[L.H_INCRS], batches=q[L.H_BATCHES],
         group_hist=[q[L.H_GROUP_HIST + b] for b in range(L.GROUP_HIST_BUCKETS)],

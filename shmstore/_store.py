@@ -171,7 +171,7 @@ class Store(FeedMixin, AsyncMixin):
         except ShmStoreError:
             pass  # the coordinator is gone, or an async write failed: nothing to wait for
         self.__dict__.pop("get", None)  # the fast path holds views of the mapping
-        self.__dict__.pop("_probe_many", None)
+        self.__dict__.pop("_readers", None)
         self._counters.attach(None, None)
         self._seg = None
         _STORES.discard(self)
@@ -325,9 +325,10 @@ class Store(FeedMixin, AsyncMixin):
         publish = functools.partial(_publish, self._counters, self._att)
         # The closure reaches the handle only weakly: no cycle, so a dropped handle is
         # freed (and its reference released) at once, not at the next collection.
-        self.get, self._probe_many = make_readers(self._seg, self._decode, _slow_get(weakref.ref(self)),
-                                                  publish, self._read_cache, self._att.probes)
-        self._counters.attach(self._seg, self.get)
+        readers = make_readers(self._seg, self._decode, _slow_get(weakref.ref(self)), publish,
+                               self._read_cache, self._att.probes, self._codec.decode_list)
+        self.get, self._readers = readers.get, readers
+        self._counters.attach(self._seg, readers)
 
     def __getitem__(self, key: str | bytes) -> Any:
         seg = self._live_segment()
@@ -358,16 +359,10 @@ class Store(FeedMixin, AsyncMixin):
             KeyError: the record is missing or has expired (as ``store[key]`` does).
         """
         seg = self._live_segment()
-        kb = self._key(key, seg)
-        while True:
-            r = seg.lookup(kb)
-            if r is None:
-                raise KeyError(key)
-            slot, seq = r[0], r[1]
-            w = seg.slot0 + slot * seg.slot_words
-            expiry = seg.q[w + L.S_EXPIRY]
-            if seg.q[w] == seq:
-                break
+        r = seg.lookup(self._key(key, seg))
+        if r is None:
+            raise KeyError(key)
+        expiry = r[4]  # read with the record, under its seqlock
         if not expiry:
             return None
         left = (expiry - now_ns()) / 1e9
@@ -396,11 +391,14 @@ class Store(FeedMixin, AsyncMixin):
         if keys.__class__ is not list:
             keys = key_list(keys)  # InvalidKeyError: not an iterable of keys
         seg = self._live_segment()
+        readers = self._readers
+        if readers.native:
+            return self._get_many_native(readers, keys, seg, default)
         kbs, lens, words = self._codec.many_keys(keys, seg)
         q = seg.q
         for _ in range(OPTIMISTIC_TRIES):
             e1 = q[L.H_EPOCH]
-            fast, blob, found, top = self._probe_many(kbs, lens, words)
+            fast, blob, found, top = readers.probe_many(kbs, lens, words)
             # Accept only if no record read was written after E (its seq would exceed
             # 2E+2) and, when a key was missing, no key was deleted after E.
             missing = len(fast) + len(found) < len(kbs)
@@ -410,6 +408,26 @@ class Store(FeedMixin, AsyncMixin):
             self._counters.read_retries += 1
         if words is not None:
             kbs = [k if k.__class__ is bytes else k.encode() for k in kbs]
+        found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
+        self._counters.reads += len(kbs)
+        return self._codec.decode_values([None if r is None else r[1] for r in found], default)
+
+    def _get_many_native(self, readers: Any, keys: list, seg: Segment, default: Any) -> list:
+        """get_many through the compiled core: each try reads the whole batch in one
+        call (``shmstore/_csrc/reader.c``), with the same epoch check as above."""
+        for _ in range(OPTIMISTIC_TRIES):
+            values = readers.get_many(keys, default)
+            if values is NotImplemented:
+                # A key the compiled path leaves to this one (not exact str or bytes, or
+                # of a bad length): checked here, which raises the typed error for a bad
+                # key, then read again as bytes.
+                kbs = self._codec.many_keys(keys, seg)[0]
+                keys = [k.encode() if isinstance(k, str) else bytes(k) for k in kbs]
+                values = readers.get_many(keys, default)
+            if values is not None and values is not NotImplemented:
+                return values
+            self._counters.read_retries += 1
+        kbs = [k if k.__class__ is bytes else k.encode() for k in keys]
         found, _ = self._request([C.OP_GET_MANY, 1, kbs], "get_many")
         self._counters.reads += len(kbs)
         return self._codec.decode_values([None if r is None else r[1] for r in found], default)

@@ -34,6 +34,7 @@ import os
 import time
 from typing import Any
 
+from . import _compiled
 from ._errors import InvalidTTLError
 
 CLOCK_ENV = "SHMSTORE_TEST_CLOCK_FILE"
@@ -56,10 +57,17 @@ def set_test_clock(path: str | None) -> None:
     """Tests only: use (or, with None, stop using) a clock file in THIS process.
 
     The environment variable is read at import; a test that sets it later (for the
-    processes it starts) calls this for its own process.
+    processes it starts) calls this for its own process. The compiled core's expiry
+    checks then ask :func:`now_ns` too (otherwise they read the wall clock in C).
     """
     global _clock_path
     _clock_path = path
+    if _compiled.native is not None:
+        _compiled.native.set_clock(now_ns if path is not None else None)
+
+
+if _clock_path is not None:
+    set_test_clock(_clock_path)
 
 
 def _offset_ns(path: str) -> int:

@@ -12,9 +12,41 @@ import os
 import pytest
 
 import shmstore
-from shmstore import _ttl
+from shmstore import _compiled, _ttl
 from shmstore._ttl import CLOCK_ENV
 from tests.helpers.processes import shm_objects, unique_name
+
+
+CORES = ["native", "python"]
+
+
+def _use_core(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if which == "native":
+        if _compiled.native is None:
+            pytest.skip("the compiled core is turned off (SHMSTORE_NO_EXTENSIONS) or not built")
+        monkeypatch.delenv(_compiled.ENV, raising=False)
+    else:
+        # This process binds its readers to the pure-Python core from here on, and every
+        # process the test starts (coordinators, clients) inherits the variable.
+        monkeypatch.setattr(_compiled, "native", None)
+        monkeypatch.setenv(_compiled.ENV, "1")
+
+
+@pytest.fixture(params=CORES)
+def core(request, monkeypatch):
+    """Run the test once on each core: the compiled one and pure Python. Modules whose
+    protocol tests must hold on both say ``pytestmark = pytest.mark.usefixtures("core")``
+    (it comes before the store fixtures, so the coordinators it starts use it too)."""
+    _use_core(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def python_core(monkeypatch):
+    """The pure-Python core only: for tests of the Python read path itself (spied
+    interleavings, the numpy get_many)."""
+    _use_core("python", monkeypatch)
+    return "python"
 
 
 class Names:
@@ -92,7 +124,8 @@ def clock(tmp_path, monkeypatch):
     path = tmp_path / "clock"
     path.write_text("0")
     monkeypatch.setenv(CLOCK_ENV, str(path))  # for the processes the test starts
-    monkeypatch.setattr(_ttl, "_clock_path", str(path))  # for this one (set_test_clock)
+    monkeypatch.setattr(_ttl, "_clock_path", None)  # restored to this at teardown
+    _ttl.set_test_clock(str(path))  # for this process (the compiled core's clock too)
     offset = [0.0]
 
     def advance(seconds: float) -> None:
@@ -101,4 +134,5 @@ def clock(tmp_path, monkeypatch):
         tmp.write_text(repr(offset[0]))
         os.replace(tmp, path)  # readers see the old or the new offset, never a torn one
 
-    return advance
+    yield advance
+    _ttl.set_test_clock(None)

@@ -14,6 +14,7 @@ only through its declared seams (``LIBRARY_SEAMS``), and only lazily.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,10 @@ def _modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             mods[".".join([pkg, *parts])] = path
+    # Compiled modules (shmstore/_csrc/*.c, one PyInit_<name> each) import nothing of ours.
+    for path in sorted((ROOT / "shmstore" / "_csrc").glob("*.c")):
+        for init in re.findall(r"PyMODINIT_FUNC\s+PyInit_(\w+)", path.read_text()):
+            mods[f"shmstore.{init}"] = path
     return mods
 
 
@@ -40,6 +45,8 @@ def _is_package(path: Path) -> bool:
 def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
+        if path.suffix != ".py":
+            continue
         tree = ast.parse(path.read_text(), str(path))
         here = mod if _is_package(path) else mod.rpartition(".")[0]
         for node in ast.walk(tree):

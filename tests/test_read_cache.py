@@ -18,6 +18,9 @@ from shmstore._segment import make_readers
 from shmstore._shm import open_segment
 from tests.helpers.seqlock import bucket_pos, colliding_keys, writer_side
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
 
@@ -27,7 +30,7 @@ def test_hits_follow_every_change(served):
     with shmstore.connect(n) as reader, shmstore.connect(n) as writer:
         writer.put("k", "v1")
         assert reader.get("k") == "v1"
-        assert reader.get.cached() == 1
+        assert reader._readers.cached() == 1
         assert reader.get("k") == "v1"  # a hit
         writer.put("k", "v2")
         assert reader.get("k") == "v2"
@@ -51,7 +54,7 @@ def test_cached_misses_follow_inserts_and_moves(served):
     n, _ = served(capacity=100)
     with shmstore.connect(n) as reader, shmstore.connect(n) as writer:
         assert reader.get("absent", 1) == 1
-        assert reader.get.cached() == 1
+        assert reader._readers.cached() == 1
         assert reader.get("absent", 2) == 2  # a hit: the caller's default each time
         assert reader.stats().read_cache_hits == 1
         writer.put("absent", "here")
@@ -75,9 +78,10 @@ def test_a_cached_miss_is_refused_when_its_empty_bucket_fills(served):
         eng.put(b, enc("b"))
         reader = open_segment(n)
         try:
-            get, pm = make_readers(reader, dec, lambda *x: pytest.fail("stale path"), read_cache=16)
+            rd = make_readers(reader, dec, lambda *x: pytest.fail("stale path"), read_cache=16)
+            get = rd.get
             gen = wseg.q[L.H_INDEX_GEN]
-            assert get(c, "none") == "none" and get.cached() == 1
+            assert get(c, "none") == "none" and rd.cached() == 1
             eng.put(c, enc("c"))
             assert wseg.q[L.H_INDEX_GEN] == gen  # only the empty bucket tells
             assert get(c, "none") == "c"
@@ -91,7 +95,7 @@ def test_a_cached_miss_is_refused_when_its_empty_bucket_fills(served):
             eng.put(c, enc("c2"))
             assert bucket_pos(wseg, c) == end - 1 and wseg.q[wseg.idx0 + end] == 0
             assert get(c, "none") == "c2"
-            del get, pm
+            del rd
         finally:
             reader.close()
 
@@ -130,9 +134,10 @@ def test_a_hit_is_refused_once_the_bucket_points_elsewhere(served):
         eng.put(kb, enc("old"))
         reader = open_segment(n)
         try:
-            get, probe_many = make_readers(reader, dec, lambda *a: pytest.fail("stale path"),
+            rd = make_readers(reader, dec, lambda *a: pytest.fail("stale path"),
                                            read_cache=16)
-            assert get(kb) == "old" and get.cached() == 1
+            get = rd.get
+            assert get(kb) == "old" and rd.cached() == 1
             # Half an update: new slot written and published, old slot left as it was.
             h = L.key_hash(kb)
             pos, old_slot = eng.find(kb, h)
@@ -142,7 +147,7 @@ def test_a_hit_is_refused_once_the_bucket_points_elsewhere(served):
             wseg.q[wseg.idx0 + pos] = (h << 32) | (new_slot + 1)
             assert wseg.q[eng._slot_word(old_slot)] % 2 == 0  # the old slot is untouched
             assert get(kb) == "new"
-            del get, probe_many
+            del rd
         finally:
             reader.close()
 
@@ -175,15 +180,17 @@ def test_hits_do_not_read_the_slot(served):
         eng.put(kb, enc("aaaa"))
         reader = open_segment(n)
         try:
-            get, pm = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=16)
-            plain, pm2 = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=0)
+            rd = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=16)
+            get = rd.get
+            rd2 = make_readers(reader, dec, lambda *a: pytest.fail("stale path"), read_cache=0)
+            plain = rd2.get
             assert get(kb) == "aaaa" == plain(kb)
             _, slot = eng.find(kb, L.key_hash(kb))
             vo = eng._slot_word(slot) * 8 + L.SLOT_HEADER + wseg.key_size
             wseg.mv[vo : vo + 5] = enc("bbbb")
             assert get(kb) == "aaaa"
-            assert plain(kb) == "bbbb" and plain.cached() == 0
-            del get, pm, plain, pm2
+            assert plain(kb) == "bbbb" and rd2.cached() == 0
+            del rd, rd2, plain
         finally:
             reader.close()
 
@@ -195,14 +202,14 @@ def test_read_cache_option(served):
             w.put(f"k{i}", i)
     with shmstore.connect(n, read_cache=0) as s:
         assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
-        assert s.get.cached() == 0
+        assert s._readers.cached() == 0
     with shmstore.connect(n, read_cache=8) as s:
         assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
-        assert s.get.cached() == 8  # full: the first 8 stay until 8 x 8 more misses
+        assert s._readers.cached() == 8  # full: the first 8 stay until 8 x 8 more misses
         assert [s.get(f"k{i}") for i in range(100)] == list(range(100))
-        assert s.get.cached() <= 8
+        assert s._readers.cached() <= 8
     with shmstore.open(n, read_cache=0) as s:
-        assert s.get("k1") == 1 and s.get.cached() == 0
+        assert s.get("k1") == 1 and s._readers.cached() == 0
     for bad in (-1, 1.5, "10", True, None):
         with pytest.raises(shmstore.InvalidLayoutError, match="read_cache"):
             shmstore.connect(n, read_cache=bad)
@@ -214,7 +221,7 @@ def test_a_recreated_store_is_not_answered_from_the_old_cache(served, names):
         w.put("k", "first")
     s = shmstore.connect(n)
     try:
-        assert s.get("k") == "first" and s.get.cached() == 1
+        assert s.get("k") == "first" and s._readers.cached() == 1
         coord.stop()
         shmstore.destroy(n)
         coord2 = shmstore.serve(n, capacity=100)
@@ -239,7 +246,7 @@ def test_a_forked_child_validates_the_inherited_cache(served):
     n, _ = served(capacity=100)
     with shmstore.connect(n) as s, shmstore.connect(n) as w:
         w.put("k", "before")
-        assert s.get("k") == "before" and s.get.cached() == 1
+        assert s.get("k") == "before" and s._readers.cached() == 1
         w.put("k", "after")
         _HANDLE = s
         try:

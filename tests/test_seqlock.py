@@ -32,6 +32,9 @@ from tests.helpers.seqlock import (
 )
 from tests.helpers.processes import python, reap
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
 
@@ -203,12 +206,13 @@ def test_a_read_straddling_two_writes_of_a_slot_is_rejected(served, path):
                     seq, _, _, _, key, value = reader.read_slot(g.slot)
                     assert key == b"k" and seq == wseg.q[g.w]
                 elif path == "lookup":
-                    slot, seq, _, value = reader.lookup(b"k")
+                    slot, seq, _, value, _ = reader.lookup(b"k")
                     assert slot == g.slot and seq == wseg.q[g.w]
                 else:
-                    get, probe_many = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                    rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                    get = rd.get
                     value = get("k")
-                    del get, probe_many
+                    del rd
                 assert fired, "the straddling writes never ran"
                 v_final = fired[0]
                 assert wseg.q[wseg.idx0 + bucket_pos(wseg, b"k")] == bucket, "bucket changed: not the ABA case"
@@ -288,9 +292,10 @@ def test_garbage_lengths_read_mid_write_are_clamped(served, path):
                 elif path == "lookup":
                     value = reader.lookup(b"k")[3]
                 else:
-                    get, probe_many = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                    rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                    get = rd.get
                     value = get("k")
-                    del get, probe_many
+                    del rd
             assert started, "the reader never loaded the meta word"
             assert ("qr", g.w + L.S_META, GARBAGE_META) in log, "the garbage meta was not read"
             slices = [(a, b) for kind, a, b in log if kind == "mr"]

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import shmstore
+from shmstore import _compiled
 from shmstore import _layout as L
 from shmstore._segment import Segment, make_readers
 from shmstore._shm import open_segment
@@ -31,6 +32,9 @@ from tests.helpers.seqlock import (
     BytesSpy, SlotGeometry, WordsSpy, bucket_pos, colliding_keys, slot_of_byte, spied, writer_side,
 )
 from tests.helpers.processes import python, reap, reap_pids, shm_objects
+
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
 
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
@@ -162,11 +166,12 @@ def test_get_walks_a_probe_run_inline(served):
             full = []
             real_lookup = reader.lookup
             reader.lookup = lambda kb: full.append(kb) or real_lookup(kb)
-            get, probe_many = make_readers(reader, dec, lambda *a: pytest.fail("stale path"))
+            rd = make_readers(reader, dec, lambda *a: pytest.fail("stale path"))
+            get = rd.get
             assert [get(k) for k in present] == [k.decode() for k in present]
             assert get(absent, "none") == "none"
             assert full == [], f"took the full lookup for {full}"
-            del get, probe_many
+            del rd
         finally:
             reader.close()
 
@@ -200,14 +205,15 @@ def test_a_lookup_overtaken_by_a_backward_shift_probes_again(served, path):
                     r = reader.lookup(s1)
                     value = None if r is None else dec(r[3])
                 else:
-                    get, probe_many = make_readers(reader, dec, lambda *a: pytest.fail("stale path"))
+                    rd = make_readers(reader, dec, lambda *a: pytest.fail("stale path"))
+                    get = rd.get
                     if path == "get":
                         value = get(s1.decode())
                     else:
-                        fast, blob, found, _ = probe_many([s0, s1], np.array([len(s0), len(s1)]))
+                        fast, blob, found, _ = rd.probe_many([s0, s1], np.array([len(s0), len(s1)]))
                         assert len(fast) == 0  # under 32 keys: the per-key probe
                         value = dec(found[1]) if 1 in found else None
-                    del get, probe_many
+                    del rd
             assert fired == [True], "the shift never ran"
             assert bucket_pos(wseg, s1) == (pos_s1 - 1) % wseg.nbuckets, "S1's bucket did not move back"
             assert wseg.q[L.H_INDEX_GEN] == gen0 + 2
@@ -219,11 +225,37 @@ def test_a_lookup_overtaken_by_a_backward_shift_probes_again(served, path):
 # -- rule 5: memory ordering / architecture --------------------------------------------
 
 
-@pytest.mark.parametrize("machine", ["aarch64", "arm64", "armv7l", "ppc64le", "riscv64"])
-def test_weakly_ordered_cpus_are_refused(served, names, monkeypatch, machine):
-    """Rule 5 (memory ordering): off x86-64 (TSO), plain Python loads and stores may be
-    reordered, so check_platform, serve, connect and open_segment refuse with
+@pytest.mark.parametrize("machine", ["armv7l", "ppc64le", "riscv64", "s390x"])
+def test_other_cpus_are_refused(served, names, monkeypatch, machine):
+    """Rule 5 (memory ordering): off x86-64 and aarch64 the protocol is not known to
+    be safe, so check_platform, serve, connect and open_segment refuse with
     UnsupportedPlatformError naming the CPU, even for a store that exists."""
+    _refused_everywhere(served, names, monkeypatch, machine)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64"])
+def test_aarch64_needs_the_compiled_core(served, names, monkeypatch, machine):
+    """Rule 5 (memory ordering): pure Python cannot issue barriers, so on aarch64 the
+    pure-Python core is refused everywhere, naming the fix."""
+    monkeypatch.setattr(_compiled, "native", None)
+    _refused_everywhere(served, names, monkeypatch, machine)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64"])
+def test_aarch64_is_admitted_with_the_compiled_core(served, monkeypatch, machine):
+    """Rule 5 (memory ordering): the compiled core orders every protocol access with
+    C11 atomics (protocol.h), so aarch64 is admitted when it runs."""
+    if _compiled.native is None:
+        pytest.skip("the pure-Python core runs here (the next test covers it on aarch64)")
+    n, _ = served(capacity=4)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    L.check_platform()
+    with shmstore.connect(n) as s:
+        s.put("k", 1)
+        assert s.get("k") == 1
+
+
+def _refused_everywhere(served, names, monkeypatch, machine):
     n, _ = served(capacity=4)
     fresh = names()
     monkeypatch.setattr(platform, "machine", lambda: machine)
@@ -305,9 +337,10 @@ def test_readers_load_protocol_words_only_through_the_u64_view(served):
                 reader.read_slot(g.slot)
                 reader.lookup(b.encode())
                 assert reader.lookup(missing.encode()) is None
-                get, probe_many = make_readers(reader, dec, lambda *x: pytest.fail("stale path"))
+                rd = make_readers(reader, dec, lambda *x: pytest.fail("stale path"))
+                get = rd.get
                 assert get(a) == 1 and get(b) == 2
-                del get, probe_many
+                del rd
             word_reads = {i for kind, i, _ in log if kind == "qr"}
             assert g.w in word_reads and g.w + L.S_META in word_reads
             assert L.H_INDEX_GEN in word_reads

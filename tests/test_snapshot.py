@@ -30,6 +30,9 @@ from shmstore._layout import H_EPOCH, H_INDEX_GEN, Layout, data_name, key_hash
 from shmstore._shm import create_segment, unlink_quietly
 from shmstore.coordinator._engine import Engine
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 enc = msgspec.msgpack.encode
 
 
@@ -277,7 +280,7 @@ def test_snapshots_match_a_dict_model_at_their_epoch(served, monkeypatch, tries)
             snap.close()
 
 
-def test_snapshot_judges_expiry_by_the_ttl_clock(served, tmp_path, monkeypatch):
+def test_snapshot_judges_expiry_by_the_ttl_clock(served, tmp_path, monkeypatch, request):
     """A snapshot reads the clock every expiry check reads (shmstore/_ttl.py's, which a
     test clock moves), so it never shows a record that get() already reads as missing.
     The clock moves in this process only: the coordinator does not reclaim meanwhile."""
@@ -286,7 +289,9 @@ def test_snapshot_judges_expiry_by_the_ttl_clock(served, tmp_path, monkeypatch):
     n, _ = served(capacity=100)
     clock = tmp_path / "clock"
     clock.write_text("0")
-    monkeypatch.setattr(_ttl, "_clock_path", str(clock))
+    monkeypatch.setattr(_ttl, "_clock_path", None)  # restored after the test
+    _ttl.set_test_clock(str(clock))  # this process only (the compiled core's clock too)
+    request.addfinalizer(lambda: _ttl.set_test_clock(None))
     with shmstore.connect(n) as s:
         s.put("a", 1, ttl=5)
         s.put("b", 2)

@@ -186,7 +186,7 @@ def _state(s: shmstore.Store) -> dict:
     seg = s._seg
     out = {}
     for kb, value in s.items():
-        slot, seq, version, _ = seg.lookup(kb)
+        slot, seq, version, _, _ = seg.lookup(kb)
         out[kb] = (value, version, seg.q[seg.slot0 + slot * seg.slot_words + L.S_EXPIRY])
     return out
 

@@ -35,8 +35,21 @@
 
 /* ---------------------------------------------------------------------------------- */
 
+/* The test clock (shmstore._ttl): a callable returning ns, or NULL for the wall clock. */
+static PyObject *clock_hook = NULL;
+
 static uint64_t now_ns(void)
 {
+    if (clock_hook) {
+        PyObject *r = PyObject_CallNoArgs(clock_hook);
+        if (r) {
+            unsigned long long v = PyLong_AsUnsignedLongLong(r);
+            Py_DECREF(r);
+            if (!(v == (unsigned long long)-1 && PyErr_Occurred()))
+                return v;
+        }
+        PyErr_Clear(); /* a broken test clock: the wall clock */
+    }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -876,7 +889,8 @@ static PyObject *Reader_get_many(Reader *r, PyObject *const *args, Py_ssize_t na
         result = Py_NewRef(Py_None);
         goto done;
     }
-    r->reads += (unsigned long long)count;
+    r->reads += (unsigned long long)count; /* none of them from the read cache */
+    r->uncached += (unsigned long long)count;
     uint8_t hdr[5];
     size_t hl = array_header(hdr, (size_t)(count - missing));
     PyObject *blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(hl + g.len - head));
@@ -971,7 +985,24 @@ static PyObject *mod_fence_release(PyObject *m, PyObject *u)
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_set_clock(PyObject *m, PyObject *fn)
+{
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_clock(callable or None)");
+        return NULL;
+    }
+    Py_XDECREF(clock_hook);
+    clock_hook = NULL;
+    if (fn != Py_None) {
+        Py_INCREF(fn);
+        clock_hook = fn;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_clock", (PyCFunction)mod_set_clock, METH_O,
+     "set_clock(fn): expiry checks call fn() for the time in ns (shmstore._ttl's test clock); None: the wall clock"},
     {"key_hash", (PyCFunction)mod_key_hash, METH_O, "key_hash(kb) -> the 32-bit index hash (shmstore._layout.key_hash)"},
     {"fence_acquire", (PyCFunction)mod_fence_acquire, METH_NOARGS, "An acquire fence (loads before it are not moved after it)."},
     {"fence_release", (PyCFunction)mod_fence_release, METH_NOARGS, "A release fence (stores after it are not moved before it)."},

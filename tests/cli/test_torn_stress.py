@@ -21,6 +21,9 @@ import pytest
 from shmstore._tools import _selfcheck as selfcheck
 from shmstore._tools import _stress_torn as torn_stress
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 

@@ -30,6 +30,9 @@ from shmstore._tools import _stress_crash as crash_test
 from shmstore.coordinator import CoordinatorServer, ServerConfig
 from shmstore.coordinator._durable._wal import HEADER_SIZE, REC_SIZE, scan_wal
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 
 def _seed() -> int:
     seed = int(os.environ.get("SEED", time.time_ns() % 10**9))

@@ -75,14 +75,26 @@ class BytesSpy:
 
 @contextlib.contextmanager
 def spied(seg: Segment):
-    """Install a WordsSpy/BytesSpy pair on a Segment; restore the real views after."""
+    """Install a WordsSpy/BytesSpy pair on a Segment; restore the real views after.
+
+    The spies sit in the pure-Python read path, so inside the block the segment reads
+    through it (``seg.core`` None; readers built there are Python closures) even when the
+    compiled core runs: these tests pin the reference implementation's interleavings;
+    the compiled core's are proven under ThreadSanitizer (tests/test_native_tsan.py).
+    """
     log: list = []
     q, mv = seg.q, seg.mv
+    core = seg.core
+    seg.core = None
+    seg.__dict__.pop("lookup", None)  # the class's Python lookup
     seg.q, seg.mv = WordsSpy(q, log), BytesSpy(mv, log)
     try:
         yield seg.q, seg.mv, log
     finally:
         seg.q, seg.mv = q, mv
+        if core is not None:
+            seg.core = core
+            seg.lookup = core.lookup
 
 
 class SlotGeometry:
