@@ -96,7 +96,7 @@ def _assert_clean(rc: int, counts: dict, out: str, err: str, min_reads: int) -> 
 def test_tsan_reports_nothing_and_no_read_is_torn(builds, mode):
     _need_tsan()
     exe = builds("tsan")
-    rc, counts, out, err = run(exe, 1.0, 3, mode)
+    rc, counts, out, err = run(exe, 0.8, 3, mode)
     _assert_clean(rc, counts, out, err, min_reads=2000)
     if mode == "inplace":
         # Readers met a slot mid-write (the stamp check was exercised, not idle).
@@ -120,7 +120,7 @@ def test_tsan_reports_a_plain_memcpy_of_a_live_slot(builds):
 def test_o2_no_read_is_torn(builds, mode, defines):
     _need_gcc()
     exe = builds("o2", *defines)
-    rc, counts, out, err = run(exe, 1.0, 2, mode)
+    rc, counts, out, err = run(exe, 0.7, 2, mode)
     _assert_clean(rc, counts, out, err, min_reads=20000)
 
 
@@ -173,11 +173,11 @@ def test_aarch64_code_has_the_protocols_barriers(builds):
     assert "dmb" not in _function_asm(asm, "shm_probe_read_begin")
 
 
-@pytest.mark.parametrize("mode", ["cow", "inplace"])
-def test_aarch64_build_runs_clean_under_qemu(builds, mode):
+def test_aarch64_build_runs_clean_under_qemu(builds):
     _need_cross()
     if not qemu():
         pytest.skip("no qemu-aarch64 (Debian: apt-get install qemu-user-static)")
-    exe = builds("aarch64")
-    rc, counts, out, err = run(exe, 0.7, 2, mode)
-    _assert_clean(rc, counts, out, err, min_reads=2000)
+    exe = builds("aarch64")  # both modes in one test: one static cross build, not two
+    for mode in ("cow", "inplace"):
+        rc, counts, out, err = run(exe, 0.7, 2, mode)
+        _assert_clean(rc, counts, out, err, min_reads=2000)
