@@ -3,8 +3,9 @@
  *
  * One header, included by the reader extension (reader.c), the coordinator's write
  * primitives and the ThreadSanitizer stress harness (tests/native/), so the code the
- * harness proves is the code that runs. The layout it reads is shmstore/_layout.py's;
- * the word indices below must match it (tests/test_native.py checks them).
+ * harness proves is the code that runs: every reader's lookup is shm_attempt() below.
+ * The layout it reads is shmstore/_layout.py's; the word indices below must match it
+ * (tests/test_native.py checks them).
  *
  * THE PROTOCOL
  * ------------
@@ -28,9 +29,10 @@
  * in R3/R4 read a value stored by a LATER write's W3, then W2 (release fence, before
  * that store) synchronizes with R5 (acquire fence, after that load), so W1 of that
  * write happens-before R6: s2 reads 2E'+1 or later and differs from s1. If no body
- * load read a later write's store, every body load read the write that R1's acquire
- * load synchronized with (its W4 release) or an earlier one overwritten by it, i.e.
- * exactly the values of the write stamped s1. So s1 == s2 implies an untorn copy.
+ * load read a later write's store, every body load read, by read coherence, the
+ * value the write stamped s1 stored in that word (R1's acquire load synchronized
+ * with its W4 release), or, for a word that write did not store, the last earlier
+ * write's: exactly the slot as it stood at stamp s1. So s1 == s2 implies an untorn copy.
  * The body is copied with relaxed atomic loads, never memcpy: a racing plain load is
  * a data race (undefined behaviour) in C11, and ThreadSanitizer would say so.
  *
@@ -272,7 +274,7 @@ static inline uint64_t shm_value_off(const shm_seg *s, uint64_t slot) { return s
 
 /* -- the index walk --------------------------------------------------------------------- */
 
-enum { SHM_MISS = 0, SHM_FOUND = 1, SHM_RETRY = 2 };
+enum { SHM_MISS = 0, SHM_FOUND = 1, SHM_RETRY = 2, SHM_DAMAGED = 3, SHM_NOMEM = 4 };
 
 /* Where a walk for a hash ended. */
 typedef struct {
@@ -313,6 +315,74 @@ static inline int shm_miss_valid(const shm_seg *s, uint64_t g1)
 static inline int shm_bucket_same(const shm_seg *s, uint64_t pos, uint64_t bucket)
 {
     return shm_load_relaxed(s->w + s->idx0 + pos) == bucket;
+}
+
+/* -- one lookup attempt ------------------------------------------------------------------ */
+
+/* The stress harness (tests/native/seqlock_stress.c) swaps in broken versions of these
+ * to show that ThreadSanitizer and its torn-read count catch a broken protocol. */
+#ifndef SHM_COPY_OUT
+#define SHM_COPY_OUT shm_copy_out
+#endif
+#ifndef SHM_READ_END
+#define SHM_READ_END shm_read_end
+#endif
+#ifndef SHM_BUCKET_SAME
+#define SHM_BUCKET_SAME shm_bucket_same
+#endif
+
+/* Where a found value is copied: dst(ctx, vlen) returns room for vlen bytes, or NULL
+ * (out of memory). The caller owns what it hands out, whatever the attempt returns. */
+typedef uint8_t *(*shm_dst_fn)(void *ctx, uint64_t vlen);
+
+/* One attempt at a key of n bytes (1..key_size) with hash h, as every reader runs it
+ * (reader.c's get, lookup and get_many; the stress harness):
+ *
+ *   SHM_FOUND    the record's value was copied to dst (if dst) inside a validated
+ *                window; rec holds its stamp, version, expiry and lengths, wk its bucket.
+ *                Expiry is the caller's to judge (rec->expiry against its clock).
+ *   SHM_MISS     the walk ended at an empty bucket (wk) and the generation held.
+ *   SHM_RETRY    something moved under the reader: try again (after a backoff).
+ *   SHM_DAMAGED  a bucket points past the slots: not a segment this layout wrote.
+ *   SHM_NOMEM    dst returned NULL.
+ *
+ * A bucket with the key's hash whose slot holds another key (a full-hash collision) or
+ * a free slot is validated like a record, then walked past. */
+static inline int shm_attempt(const shm_seg *s, const uint8_t *kb, size_t n, uint32_t h, shm_dst_fn dst,
+                              void *ctx, shm_rec *rec, shm_walk *wk)
+{
+    uint64_t g1 = shm_load_acquire(s->w + SHM_H_INDEX_GEN);
+    wk->gen = g1;
+    uint64_t from = h;
+    for (uint64_t hops = 0; hops <= s->mask; hops++) {
+        shm_walk_from(s, h, from, wk);
+        if (wk->bucket == 0)
+            return shm_miss_valid(s, g1) ? SHM_MISS : SHM_RETRY;
+        uint64_t slot = (wk->bucket & 0xFFFFFFFFu) - 1;
+        if (slot >= s->nslots)
+            return SHM_DAMAGED;
+        const uint64_t *sp = shm_slot(s, slot);
+        if (!shm_read_begin(s, sp, rec))
+            return SHM_RETRY;
+        uint64_t ko = shm_key_off(s, slot);
+        if (rec->klen != n || ((rec->meta >> 16) & SHM_FLAG_FREE) || !shm_key_equal(s->w, ko, kb, n)) {
+            /* Validated: another key with the same hash. Walk on past it. */
+            if (!SHM_READ_END(sp, rec) || !SHM_BUCKET_SAME(s, wk->pos, wk->bucket))
+                return SHM_RETRY;
+            from = wk->pos + 1;
+            continue;
+        }
+        if (dst) {
+            uint8_t *out = dst(ctx, rec->vlen);
+            if (!out)
+                return SHM_NOMEM;
+            SHM_COPY_OUT(out, s->w, ko + s->key_size, rec->vlen);
+        }
+        if (!SHM_READ_END(sp, rec) || !SHM_BUCKET_SAME(s, wk->pos, wk->bucket))
+            return SHM_RETRY;
+        return SHM_FOUND;
+    }
+    return SHM_RETRY; /* walked the whole index while it changed under us */
 }
 
 /* -- writing (the coordinator only) ------------------------------------------------------ */

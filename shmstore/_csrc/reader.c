@@ -165,58 +165,35 @@ static int backoff_wait(Mapping *m, backoff_t *b)
     return 0;
 }
 
-enum { A_MISS = 0, A_FOUND = 1, A_RETRY = 2, A_EXPIRED = 3, A_DAMAGED = 4, A_ERROR = 5 };
+enum { A_MISS = SHM_MISS, A_FOUND = SHM_FOUND, A_RETRY = SHM_RETRY, A_DAMAGED = SHM_DAMAGED, A_ERROR = SHM_NOMEM,
+       A_EXPIRED = 16 };
 
-/* One attempt at a key. FOUND: *value is a new bytes object and rec/wk describe the
- * record; MISS: wk is the empty bucket that ended a validated walk; EXPIRED: validated,
- * but past its expiry; RETRY: something moved under us (nothing is returned). */
+/* shm_attempt's dst for a value of its own: a new bytes object in *ctx. */
+static uint8_t *dst_bytes(void *ctx, uint64_t vlen)
+{
+    PyObject **v = (PyObject **)ctx;
+    *v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)vlen);
+    return *v ? (uint8_t *)PyBytes_AS_STRING(*v) : NULL;
+}
+
+/* One attempt at a key (protocol.h's shm_attempt). FOUND: *value (if value) is a new
+ * bytes object and rec/wk describe the record; MISS: wk is the empty bucket that ended
+ * a validated walk; EXPIRED: validated, but past its expiry; RETRY: something moved
+ * under us (nothing is returned). */
 static int attempt(const shm_seg *s, const uint8_t *kb, size_t n, uint32_t h, PyObject **value, shm_rec *rec,
                    shm_walk *wk)
 {
-    uint64_t g1 = shm_load_acquire(s->w + SHM_H_INDEX_GEN);
-    wk->gen = g1;
-    uint64_t from = h;
-    for (uint64_t hops = 0; hops <= s->mask; hops++) {
-        shm_walk_from(s, h, from, wk);
-        if (wk->bucket == 0)
-            return shm_miss_valid(s, g1) ? A_MISS : A_RETRY;
-        uint64_t slot = (wk->bucket & 0xFFFFFFFFu) - 1;
-        if (slot >= s->nslots)
-            return A_DAMAGED;
-        const uint64_t *sp = shm_slot(s, slot);
-        if (!shm_read_begin(s, sp, rec))
-            return A_RETRY;
-        uint64_t ko = shm_key_off(s, slot);
-        if (rec->klen != n || ((rec->meta >> 16) & SHM_FLAG_FREE) || !shm_key_equal(s->w, ko, kb, n)) {
-            /* Validated: another key with the same hash. Walk on past it. */
-            if (!shm_read_end(sp, rec) || !shm_bucket_same(s, wk->pos, wk->bucket))
-                return A_RETRY;
-            from = wk->pos + 1;
-            continue;
-        }
-        if (value) {
-            PyObject *v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rec->vlen);
-            if (!v)
-                return A_ERROR;
-            shm_copy_out((uint8_t *)PyBytes_AS_STRING(v), s->w, ko + s->key_size, rec->vlen);
-            if (!shm_read_end(sp, rec) || !shm_bucket_same(s, wk->pos, wk->bucket)) {
-                Py_DECREF(v);
-                return A_RETRY;
-            }
-            if (rec->expiry && rec->expiry <= now_ns()) {
-                Py_DECREF(v);
-                return A_EXPIRED;
-            }
-            *value = v;
-        } else {
-            if (!shm_read_end(sp, rec) || !shm_bucket_same(s, wk->pos, wk->bucket))
-                return A_RETRY;
-            if (rec->expiry && rec->expiry <= now_ns())
-                return A_EXPIRED;
-        }
-        return A_FOUND;
-    }
-    return A_RETRY; /* walked the whole index while it changed under us */
+    PyObject *v = NULL;
+    int r = shm_attempt(s, kb, n, h, value ? dst_bytes : NULL, &v, rec, wk);
+    if (r == SHM_NOMEM)
+        return A_ERROR; /* MemoryError is set */
+    if (r == SHM_FOUND && rec->expiry && rec->expiry <= now_ns())
+        r = A_EXPIRED;
+    if (r == SHM_FOUND)
+        *value = v;
+    else
+        Py_XDECREF(v);
+    return r;
 }
 
 /* The full lookup: attempts with backoff until one is conclusive. */
@@ -758,6 +735,13 @@ static size_t array_header(uint8_t *out, size_t n)
     return 5;
 }
 
+/* shm_attempt's dst for get_many: the end of the values buffer (kept only if found). */
+static uint8_t *dst_append(void *ctx, uint64_t vlen)
+{
+    growbuf *g = (growbuf *)ctx;
+    return gb_reserve(g, vlen) < 0 ? NULL : g->p + g->len;
+}
+
 /* One key of get_many: its value appended to g. Returns A_FOUND, A_MISS (missing or
  * expired), A_ERROR or A_DAMAGED; *top is raised to the record's stamp. */
 static int many_one(Reader *r, const uint8_t *kb, size_t n, uint32_t h, growbuf *g, uint64_t *top)
@@ -767,44 +751,24 @@ static int many_one(Reader *r, const uint8_t *kb, size_t n, uint32_t h, growbuf 
     for (;;) {
         shm_walk wk;
         shm_rec rec;
-        uint64_t g1 = shm_load_acquire(s->w + SHM_H_INDEX_GEN);
-        uint64_t from = h;
-        int res = A_RETRY;
-        for (uint64_t hops = 0; hops <= s->mask; hops++) {
-            shm_walk_from(s, h, from, &wk);
-            if (wk.bucket == 0) {
-                res = shm_miss_valid(s, g1) ? A_MISS : A_RETRY;
-                break;
-            }
-            uint64_t slot = (wk.bucket & 0xFFFFFFFFu) - 1;
-            if (slot >= s->nslots)
-                return A_DAMAGED;
-            const uint64_t *sp = shm_slot(s, slot);
-            if (!shm_read_begin(s, sp, &rec))
-                break;
-            uint64_t ko = shm_key_off(s, slot);
-            if (rec.klen != n || ((rec.meta >> 16) & SHM_FLAG_FREE) || !shm_key_equal(s->w, ko, kb, n)) {
-                if (!shm_read_end(sp, &rec) || !shm_bucket_same(s, wk.pos, wk.bucket))
-                    break;
-                from = wk.pos + 1;
-                continue;
-            }
-            if (gb_reserve(g, rec.vlen) < 0)
-                return A_ERROR;
-            shm_copy_out(g->p + g->len, s->w, ko + s->key_size, rec.vlen);
-            if (!shm_read_end(sp, &rec) || !shm_bucket_same(s, wk.pos, wk.bucket))
-                break;
-            if (rec.expiry && rec.expiry <= now_ns()) {
-                res = A_MISS;
-                break;
-            }
+        int res = shm_attempt(s, kb, n, h, dst_append, g, &rec, &wk);
+        switch (res) {
+        case SHM_FOUND:
+            if (rec.expiry && rec.expiry <= now_ns())
+                return A_MISS;
             g->len += rec.vlen;
             if (rec.seq > *top)
                 *top = rec.seq;
             return A_FOUND;
+        case SHM_MISS:
+            return A_MISS;
+        case SHM_DAMAGED:
+            return A_DAMAGED;
+        case SHM_NOMEM:
+            return A_ERROR;
+        default:
+            break;
         }
-        if (res != A_RETRY)
-            return res;
         r->mapping->retries++;
         if (backoff_wait(r->mapping, &b) < 0)
             return A_ERROR;

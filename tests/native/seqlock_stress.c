@@ -18,7 +18,7 @@
  *                       slot's stamp as the only defence and meets readers mid-copy
  *                       thousands of times a second (copy-on-write: a reader only sees
  *                       a rewrite if its bucket word comes back to the same slot).
- *   several readers     the steps of reader.c's attempt(), word for word: walk,
+ *   several readers     protocol.h's shm_attempt(), the lookup reader.c runs: walk,
  *                       read_begin, key compare, copy_out, read_end, bucket_same;
  *                       a miss is trusted only if shm_miss_valid; bounded retries.
  *
@@ -72,19 +72,12 @@
 #include <string.h>
 #include <time.h>
 
-#include "protocol.h"
-
-/* -- the deliberately broken readers (one swapped function each) ------------------------ */
+/* -- the deliberately broken readers (one swapped step of shm_attempt each) ------------- */
 
 #ifdef SHM_BROKEN_ORDER
 /* A plain memcpy from the live slot: races with the writer's word stores. */
-static inline void broken_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off, uint64_t n)
-{
-    memcpy(dst, (const uint8_t *)w + off, n);
-}
-#define COPY_OUT broken_copy_out
-#else
-#define COPY_OUT shm_copy_out
+#define SHM_COPY_OUT(dst, w, off, n) broken_copy_out((dst), (const uint8_t *)(w) + (off), (n))
+static void *broken_copy_out(void *dst, const void *src, size_t n) { return memcpy(dst, src, n); }
 #endif
 
 #ifdef SHM_BROKEN_VALIDATE
@@ -92,26 +85,11 @@ static inline void broken_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off
  * alone catches most tears: copy-on-write writes only slots no bucket points to, so a
  * slot rewritten under a reader was unlinked first; only an ABA of the bucket word
  * escapes it. Both checks go, or tears are too rare to show in a second.) */
-static inline int broken_read_end(const uint64_t *sp, const shm_rec *r)
-{
-    (void)sp;
-    (void)r;
-    shm_fence_acquire();
-    return 1;
-}
-static inline int broken_bucket_same(const shm_seg *s, uint64_t pos, uint64_t bucket)
-{
-    (void)s;
-    (void)pos;
-    (void)bucket;
-    return 1;
-}
-#define READ_END broken_read_end
-#define BUCKET_SAME broken_bucket_same
-#else
-#define READ_END shm_read_end
-#define BUCKET_SAME shm_bucket_same
+#define SHM_READ_END(sp, r) (shm_fence_acquire(), 1)
+#define SHM_BUCKET_SAME(s, pos, bucket) 1
 #endif
+
+#include "protocol.h"
 
 /* -- the segment ------------------------------------------------------------------------ */
 
@@ -256,39 +234,20 @@ static void writer_op(writer_t *wr)
 
 /* -- the readers ------------------------------------------------------------------------- */
 
-enum { R_DAMAGED = 3 };
+enum { R_DAMAGED = SHM_DAMAGED };
 
-/* reader.c's attempt(), with the value copied into a buffer instead of a bytes object. */
+/* Every reader's lookup is protocol.h's shm_attempt (reader.c's get, lookup and
+ * get_many call it too); here its value goes into the reader's buffer. */
+static uint8_t *dst_buffer(void *ctx, uint64_t vlen)
+{
+    (void)vlen; /* <= VALUE_SIZE: shm_read_begin clamps it to the segment's value_size */
+    return (uint8_t *)ctx;
+}
+
 static int attempt(const shm_seg *s, const uint8_t *kb, size_t n, uint32_t h, uint8_t *value, shm_rec *rec,
                    shm_walk *wk)
 {
-    uint64_t g1 = shm_load_acquire(s->w + SHM_H_INDEX_GEN);
-    wk->gen = g1;
-    uint64_t from = h;
-    for (uint64_t hops = 0; hops <= s->mask; hops++) {
-        shm_walk_from(s, h, from, wk);
-        if (wk->bucket == 0)
-            return shm_miss_valid(s, g1) ? SHM_MISS : SHM_RETRY;
-        uint64_t slot = (wk->bucket & 0xFFFFFFFFu) - 1;
-        if (slot >= s->nslots)
-            return R_DAMAGED;
-        const uint64_t *sp = shm_slot(s, slot);
-        if (!shm_read_begin(s, sp, rec))
-            return SHM_RETRY;
-        uint64_t ko = shm_key_off(s, slot);
-        if (rec->klen != n || ((rec->meta >> 16) & SHM_FLAG_FREE) || !shm_key_equal(s->w, ko, kb, n)) {
-            /* Validated: another key with the same hash. Walk on past it. */
-            if (!READ_END(sp, rec) || !BUCKET_SAME(s, wk->pos, wk->bucket))
-                return SHM_RETRY;
-            from = wk->pos + 1;
-            continue;
-        }
-        COPY_OUT(value, s->w, ko + s->key_size, rec->vlen);
-        if (!READ_END(sp, rec) || !BUCKET_SAME(s, wk->pos, wk->bucket))
-            return SHM_RETRY;
-        return SHM_FOUND;
-    }
-    return SHM_RETRY;
+    return shm_attempt(s, kb, n, h, dst_buffer, value, rec, wk);
 }
 
 typedef struct {
