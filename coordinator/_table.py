@@ -42,6 +42,7 @@ import numpy as np
 import posix_ipc
 
 from shmstore import _layout as L
+from shmstore._compiled import release
 from shmstore._errors import (
     CorruptionError,
     IncompatibleStoreError,
@@ -256,9 +257,12 @@ class TableSet:
         epoch = eng.next_epoch()
         seqs = tm.seqs
         seqs[rows] = 2 * epoch + 1
+        release()  # stamps odd before the rows (the readers' fences pair with these)
         tm.data[rows] = vals
+        release()  # the rows before the stamps even
         seqs[rows] = 2 * epoch + 2
         q[T_EPOCH] = epoch
+        release()
         q[T_WRITING] += 1
         if redo is not None and payload is not None:
             redo.clear()

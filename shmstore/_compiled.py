@@ -19,6 +19,7 @@ process (``tests/conftest.py``'s ``core`` parameter).
 from __future__ import annotations
 
 import os
+import platform
 from types import ModuleType
 
 ENV = "SHMSTORE_NO_EXTENSIONS"
@@ -46,3 +47,21 @@ def _load() -> ModuleType | None:
 
 #: the extension module, or None when the pure-Python core runs
 native: ModuleType | None = _load()
+
+
+def _no_fence() -> None:
+    """No fence needed: see :data:`acquire`."""
+
+
+# The protocol steps that run in Python and numpy (snapshots, change-feed scans, table
+# rows, handover segments) place these between their loads (acquire) and their stores
+# (release), where the C code has its fences. On x86-64 the CPU keeps loads in order
+# with loads and stores with stores (total store order), and the interpreter issues
+# each load and store in program order, so they are no-ops there (a call of a C
+# function would cost ~30 ns for nothing); elsewhere (aarch64, admitted only with the
+# compiled core) they are the extension's C11 fences.
+_TSO = platform.machine().lower() in ("x86_64", "amd64")
+#: loads before it complete before loads after it (an acquire fence)
+acquire = native.fence_acquire if native is not None and not _TSO else _no_fence
+#: stores after it happen after everything before it (a release fence)
+release = native.fence_release if native is not None and not _TSO else _no_fence

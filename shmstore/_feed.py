@@ -37,6 +37,7 @@ import posix_ipc
 
 from . import _channel as C
 from . import _layout as L
+from ._compiled import acquire as fence
 from ._check_args import check_timeout, key_bytes
 from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError
 from ._writes import _Writer
@@ -88,6 +89,7 @@ class FeedMixin:
         seg = self._live_segment()
         q = seg.q
         epoch = q[L.H_EPOCH]
+        fence()  # the epoch before the stamps it bounds (acquire)
         if since > epoch:
             raise FeedTruncatedError(
                 f"store {self.name!r}: since={since} is ahead of the store's epoch {epoch}; "
@@ -104,6 +106,7 @@ class FeedMixin:
                 keys = self._keys_of(seg, words, cand)
             del words, stamps
         # A slot reused during the scan raised the horizon before it was written.
+        fence()
         self._check_horizon(q, since)
         if pb:
             keys = {k for k in keys if k.startswith(pb)}
@@ -130,8 +133,10 @@ class FeedMixin:
         body = np.ndarray((seg.nslots, ksz), dtype=np.uint8, buffer=seg.mm,
                           offset=L.SLOTS_OFFSET + L.SLOT_HEADER, strides=(seg.slot_size, 1))
         s1 = words[cand, L.S_SEQ]
+        fence()  # the stamps before the keys
         meta = words[cand, L.S_META]
         kbytes = body[cand]
+        fence()  # the keys before the stamps again
         s2 = words[cand, L.S_SEQ]
         del body
         # Invariant: a copied key is used only if its slot's stamp was even and did

@@ -27,6 +27,7 @@ import time
 import posix_ipc
 
 from . import _layout as L
+from ._compiled import acquire, release
 from ._errors import CoordinatorUnavailableError, StoreFullError
 
 HANDOVER_MAGIC = 0x31_56_4F_48_53_4D_48_53  # b"SHMSHOV1"
@@ -65,7 +66,9 @@ def open_handover(seg_name: str) -> tuple[mmap.mmap, int]:
         except posix_ipc.ExistentialError:
             pass  # the coordinator's sweep got there first; our mapping stays valid
     q = memoryview(mm).cast("Q")
-    magic, n = q[0], q[1]
+    magic = q[0]
+    acquire()  # the magic before the size and payload it vouches for
+    n = q[1]
     q.release()
     if magic != HANDOVER_MAGIC or n > size - HANDOVER_HEADER:
         mm.close()
@@ -110,6 +113,7 @@ class Handovers:
     def seal(mm: mmap.mmap, size: int) -> None:
         q = memoryview(mm).cast("Q")
         q[1] = size
+        release()  # the payload and its size before the magic that says it is whole
         q[0] = HANDOVER_MAGIC
         q.release()
         mm.close()

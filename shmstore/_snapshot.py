@@ -43,6 +43,7 @@ import numpy as np
 
 from . import _channel as C
 from . import _layout as L
+from ._compiled import acquire as fence
 from ._check_args import key_bytes, key_list
 from ._errors import StoreClosedError
 from ._handover import open_handover
@@ -73,6 +74,7 @@ def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
     if g1 & 1:
         return None
     e = q[L.H_EPOCH]
+    fence()  # g1 and e before the copy (acquire)
     idx = seg.index_view().copy()
     pos = np.flatnonzero(idx)
     b = idx[pos]
@@ -81,7 +83,9 @@ def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
     slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
                             offset=L.SLOTS_OFFSET)
     s1 = words[slots, L.S_SEQ]
+    fence()  # the stamps before the records
     rows = np.take(slot_bytes, slots, axis=0)
+    fence()  # the records before the stamps again, the delete epoch, the generation
     s2 = words[slots, L.S_SEQ]
     lde = q[L.H_LAST_DELETE_EPOCH]
     g2 = q[L.H_INDEX_GEN]

@@ -53,6 +53,7 @@ import numpy as np
 import posix_ipc
 
 from . import _layout as L
+from ._compiled import acquire as fence
 from ._errors import (
     IncompatibleStoreError,
     StoreFullError,
@@ -359,20 +360,27 @@ class Table:
         # Fast path: no write ran during the copy (T_WRITING even and unchanged), so
         # every row copied is whole and all are as of one epoch; no row seqs needed.
         w1 = q[T_WRITING]
+        fence()  # (acquire) every fence() here pairs with the coordinator's release()
         if not w1 & 1 and FAST_PATH:
             got = raw[sel].copy() if isinstance(sel, slice) else take(raw, sel, axis=0)
+            fence()
             if q[T_WRITING] == w1:
                 return got.view(self.dtype).reshape(-1)
         one = np.uint64(1)
         e = q[T_EPOCH]
         # Invariant: the passes run in this order: epoch, seqs, records, seqs again.
+        fence()
         if isinstance(sel, slice):
             s1 = seqs[sel].copy()
+            fence()
             got = raw[sel].copy()
+            fence()
             s2 = seqs[sel]
         else:
             s1 = take(seqs, sel)
+            fence()
             got = take(raw, sel, axis=0)
+            fence()
             s2 = take(seqs, sel)
         out = got.view(self.dtype).reshape(-1)  # no copy: the records of got
         lim = np.uint64(2 * e + 2)
@@ -385,10 +393,13 @@ class Table:
         for _ in range(READ_TRIES):
             store._counters.read_retries += 1
             e = q[T_EPOCH]
+            fence()
             bi = np.flatnonzero(bad)
             br = rows[bi]
             b1 = take(seqs, br)
+            fence()
             got[bi] = take(raw, br, axis=0)
+            fence()
             b2 = take(seqs, br)
             now = take(seqs, rows)
             stamps[bi] = b1
