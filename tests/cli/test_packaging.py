@@ -27,6 +27,8 @@ def test_wheel_maps_coordinator_and_workers_into_the_shmstore_namespace(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     assert "shmstore/coordinator/__main__.py" in names and "shmstore/workers/__init__.py" in names
     assert "shmstore/_cli/_main.py" in names and "shmstore/_tools/_bench/_peers.py" in names
+    # the compiled core is built into the wheel (setup.py), its sources are not needed there
+    assert [n for n in names if n.startswith("shmstore/_native.") and n.endswith(".so")], names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
