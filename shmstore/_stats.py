@@ -48,16 +48,25 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import msgspec
-import numpy as np
 
-from . import _channel as C
 from . import _layout as L
 from ._errors import ShmStoreError
+from ._lazy import LazyModule
 from ._liveness import pid_alive
 from ._segment import Segment, coordinator_alive
+
+# A process that only reads keeps its counters here without a client block; the
+# channel (and numpy) come in at its first claim or stats() (see shmstore._lazy).
+if TYPE_CHECKING:
+    import numpy as np
+
+    from . import _channel as C
+else:
+    np = LazyModule("numpy")
+    C = LazyModule("shmstore._channel")
 
 #: seconds between a reader process's attempts to claim a client block for its counters
 CLAIM_RETRY = 10.0
