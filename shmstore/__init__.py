@@ -41,7 +41,6 @@ from ._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
-from ._stats import ClientStats, StoreStats
 from ._store import Store
 from ._version import __version__
 
@@ -49,6 +48,7 @@ if _TYPE_CHECKING:
     from ._data import CheckProblem, CheckReport, check, restore
     from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
     from ._snapshot import Snapshot
+    from ._stats import ClientStats, StoreStats
     from ._table import Table
     from ._writes import Batch
 
@@ -59,8 +59,10 @@ _LAZY = {
     "Batch": "._writes",
     "CheckProblem": "._data",
     "CheckReport": "._data",
+    "ClientStats": "._stats",
     "PROMETHEUS_CONTENT_TYPE": "._prometheus",
     "Snapshot": "._snapshot",
+    "StoreStats": "._stats",
     "Table": "._table",
     "check": "._data",
     "metrics_app": "._prometheus",

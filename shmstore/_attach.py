@@ -12,7 +12,7 @@ in a process-wide registry (store name -> attachment):
   handle of the process, so frames enter the one ring in the order they were sent.
   The session itself is made on first use (:attr:`Attachment.writer`): a process that
   only reads never imports the write path (see ``shmstore._lazy``);
-- the process's counters (``_stats._Counters``), which the client block publishes;
+- the process's counters (``_counters._Counters``), which the client block publishes;
 - the worker thread of the async calls (``_aio``), one per attachment.
 
 So a second ``connect()`` costs a registry lookup plus the handle's own state (its
@@ -53,7 +53,7 @@ from . import _layout as L
 from ._errors import StoreNotFoundError
 from ._segment import Segment
 from ._shm import open_segment
-from ._stats import _Counters
+from ._counters import _Counters
 
 if TYPE_CHECKING:  # made on first use: see Attachment.writer and aio_pool
     from concurrent.futures import ThreadPoolExecutor

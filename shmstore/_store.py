@@ -7,7 +7,7 @@ descriptor, a mapping or a client block is this process's one attachment to the 
 reference-counted: the mapping (``_segment.Segment``), the write session
 (``_writes._Writer``: channel, write lock, tickets) and the process's counters. The
 handle keeps its own fast ``get`` closure with its read cache
-(``_segment.make_readers``), its codec and its counters (``_stats._Counters``). A
+(``_segment.make_readers``), its codec and its counters (``_counters._Counters``). A
 write goes ``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change
 feeds (``_feed``) and the async calls (``_aio``) are mixed in.
 """
@@ -28,16 +28,17 @@ from ._codec import RecordCodec
 from ._feed import FeedMixin
 from ._lazy import LazyModule
 from ._segment import Segment, make_readers
-from ._stats import StoreStats, _Counters, collect
+from ._counters import _Counters
 from ._ttl import expiry_ns, now_ns
 
 # A process that only reads imports none of these (see ``shmstore._lazy``): the write
-# path, numpy (key scans), snapshots and tables come in with their first use.
+# path, numpy (key scans), snapshots, tables and stats come in with their first use.
 if TYPE_CHECKING:
     import numpy as np
 
     from . import _channel as C
     from ._snapshot import Snapshot
+    from ._stats import StoreStats
     from ._table import Table
     from ._writes import Batch, _Writer
 else:
@@ -512,6 +513,8 @@ class Store(FeedMixin, AsyncMixin):
         """A snapshot of the store's counters: the coordinator's, every live client's,
         this handle's, and rates since this handle's previous call (see
         :class:`StoreStats` and ``shmstore._stats``)."""
+        from ._stats import collect  # noqa: PLC0415  (numpy: see shmstore._lazy)
+
         return collect(self._live_segment(), self._counters, self._writer)
 
     # -- durability ------------------------------------------------------------------
