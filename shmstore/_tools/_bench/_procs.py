@@ -39,6 +39,17 @@ def _ready(procs: list[subprocess.Popen]) -> None:
             raise RuntimeError(f"child {p.args!r} said {line!r}, not 'ready'")
 
 
+def _bytecode_cached() -> bool:
+    """Whether shmstore's modules load from ``__pycache__``: without it (a fresh tree
+    run with PYTHONDONTWRITEBYTECODE set) every reader compiles them at import, which
+    costs it about 1 MiB more."""
+    import importlib.util  # noqa: PLC0415
+
+    import shmstore._store  # noqa: PLC0415
+
+    return os.path.exists(importlib.util.cache_from_source(shmstore._store.__file__))
+
+
 class Procs:
     """Mixin of :class:`~shmstore._tools._bench._suite.Bench`: the multi-process measures."""
 
@@ -221,7 +232,8 @@ class Procs:
                 value = uss - bare
                 extra.update(uss=uss, bare_uss=bare, mib_beyond_bare=value / 2**20)
                 if spec.system == "shmstore_reader":
-                    extra.update(target_bytes=READER_TARGET_BYTES, meets_target=value <= READER_TARGET_BYTES)
+                    extra.update(target_bytes=READER_TARGET_BYTES, meets_target=value <= READER_TARGET_BYTES,
+                                 bytecode_cached=_bytecode_cached())
             else:
                 system, target = {
                     "shmstore_client": ("shmstore", ds.store_name),
