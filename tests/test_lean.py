@@ -29,10 +29,10 @@ s.close()
 
 #: What a reader must not import, beside numpy: each costs 1-9 MiB of private memory
 #: (asyncio with ssl ~9, hashlib's OpenSSL ~3.5, concurrent.futures ~1, subprocess ~1),
-#: or is the write path, whose channel imports numpy.
+#: or is what only writes, get_many, snapshots, tables or stats() need (numpy among it).
 HEAVY = ("asyncio", "ssl", "_hashlib", "hashlib", "concurrent", "subprocess", "psutil",
          "shmstore._channel", "shmstore._writes", "shmstore._many", "shmstore._snapshot",
-         "shmstore._table")
+         "shmstore._table", "shmstore._stats")
 
 
 def _reader_modules(served) -> set[str]:
