@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _layout as L
 from ._errors import StoreNotFoundError
+from ._counters import _Counters
 from ._segment import Segment
 from ._shm import open_segment
-from ._counters import _Counters
 
 if TYPE_CHECKING:  # made on first use: see Attachment.writer and aio_pool
     from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +93,7 @@ class Attachment:
     @property
     def writer(self) -> _Writer:
         """The write session, made on the first use: the first write, a watch, a
-        snapshot, ``stats()``, or a reader's claim of a client block (``_stats``)."""
+        snapshot, ``stats()``, or a reader's claim of a client block (``_counters``)."""
         w = self._writer
         if w is None:
             from ._writes import _Writer  # noqa: PLC0415  (numpy and all: see shmstore._lazy)

@@ -25,10 +25,10 @@ from ._errors import ShmStoreError, StoreClosedError, ValueEncodingError
 from ._aio import AsyncMixin
 from ._check_args import check_flag, check_read_cache, check_spin_us, check_timeout, check_version, key_list
 from ._codec import RecordCodec
+from ._counters import _Counters
 from ._feed import FeedMixin
 from ._lazy import LazyModule
 from ._segment import Segment, make_readers
-from ._counters import _Counters
 from ._ttl import expiry_ns, now_ns
 
 # A process that only reads imports none of these (see ``shmstore._lazy``): the write
