@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark shmstore against py-lmdb, Redis, multiprocessing.Manager and floors.
+"""Benchmark shmstore against py-lmdb, Redis, diskcache, memcached, multiprocessing.Manager
+and floors.
 
 A thin wrapper: the benchmark lives in ``shmstore._tools._bench`` (also ``shmstore bench``).
 

@@ -4,6 +4,9 @@ Readers in any process read records straight out of a POSIX shared-memory segmen
 without taking a lock; one coordinator process applies every write. See README.md.
 """
 
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._compiled import native as _native_core
 from ._api import Coordinator, DurabilityUnavailableError, connect, destroy, open, serve
 from ._errors import (
@@ -39,18 +42,51 @@ from ._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
-from ._data import CheckProblem, CheckReport, check, restore
-from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
-from ._snapshot import Snapshot
-from ._stats import ClientStats, StoreStats
 from ._store import Store
-from ._writes import Batch
-from ._table import Table
 from ._version import __version__
 
 #: True when the compiled core (``shmstore._native``) runs; False under
 #: ``SHMSTORE_NO_EXTENSIONS=1`` (the pure-Python core, x86-64 only).
 NATIVE: bool = _native_core is not None
+
+if _TYPE_CHECKING:
+    from ._data import CheckProblem, CheckReport, check, restore
+    from ._prometheus import PROMETHEUS_CONTENT_TYPE, metrics_app, prometheus_text
+    from ._snapshot import Snapshot
+    from ._stats import ClientStats, StoreStats
+    from ._table import Table
+    from ._writes import Batch
+
+#: Re-exports loaded on first use: those whose modules import numpy, so that a process
+#: that only reads never imports it, and the tools a reader does not use (see
+#: shmstore._lazy and tests/test_lean.py).
+_LAZY = {
+    "Batch": "._writes",
+    "CheckProblem": "._data",
+    "CheckReport": "._data",
+    "ClientStats": "._stats",
+    "PROMETHEUS_CONTENT_TYPE": "._prometheus",
+    "Snapshot": "._snapshot",
+    "StoreStats": "._stats",
+    "Table": "._table",
+    "check": "._data",
+    "metrics_app": "._prometheus",
+    "prometheus_text": "._prometheus",
+    "restore": "._data",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 __all__ = [
     "Batch",

@@ -22,16 +22,25 @@ anything. The thread is shut down by ``close()``; a forked child starts its own.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ._check_args import check_timeout, check_version
 from ._errors import StoreClosedError
 from ._feed import WATCH_SLICE, _Watcher, check_watch_args
-from ._writes import Batch
+from ._lazy import LazyModule
+
+# Mixed into every Store, so imported by every reader: asyncio (~9 MiB with ssl) is
+# imported by the caller's event loop before any of these calls can run, and the
+# write path with the first write (see shmstore._lazy).
+if TYPE_CHECKING:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._writes import Batch
+else:
+    asyncio = LazyModule("asyncio")
 
 
 class AsyncMixin:
@@ -47,6 +56,8 @@ class AsyncMixin:
         if pool is None or self.__dict__.get("_aio_pid") != os.getpid():
             if self.closed:  # a closed handle raises here, not in the thread
                 raise StoreClosedError(f"store handle {self.name!r} is closed; connect again")
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
             pool = self.__dict__["_aio"] = ThreadPoolExecutor(1, thread_name_prefix="shmstore-aio")
             self.__dict__["_aio_pid"] = os.getpid()
         return pool

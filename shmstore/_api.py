@@ -7,10 +7,9 @@ import mmap
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import posix_ipc
@@ -24,9 +23,16 @@ from ._errors import (
     from_wire,
 )
 from ._check_args import check_read_cache, check_spin_us, check_timeout
+from ._lazy import LazyModule
 from ._segment import coordinator_alive
 from ._shm import open_segment, unlink_quietly
 from ._store import DEFAULT_READ_CACHE, Store
+
+# Only serve() starts a process: a reader does not import subprocess (see shmstore._lazy).
+if TYPE_CHECKING:
+    import subprocess
+else:
+    subprocess = LazyModule("subprocess")
 
 
 class Coordinator:

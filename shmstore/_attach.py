@@ -9,8 +9,10 @@ in a process-wide registry (store name -> attachment):
 - the data segment's mapping (``_segment.Segment``; its fd is closed once mapped);
 - the write session (``_writes._Writer``): the write channel, i.e. this process's
   client block, opened on the first write; its lock serializes the requests of every
-  handle of the process, so frames enter the one ring in the order they were sent;
-- the process's counters (``_stats._Counters``), which the client block publishes;
+  handle of the process, so frames enter the one ring in the order they were sent.
+  The session itself is made on first use (:attr:`Attachment.writer`): a process that
+  only reads never imports the write path (see ``shmstore._lazy``);
+- the process's counters (``_counters._Counters``), which the client block publishes;
 - the worker thread of the async calls (``_aio``), one per attachment.
 
 So a second ``connect()`` costs a registry lookup plus the handle's own state (its
@@ -45,15 +47,18 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _layout as L
 from ._errors import StoreNotFoundError
+from ._counters import _Counters
 from ._segment import Segment
 from ._shm import open_segment
-from ._stats import _Counters
-from ._writes import _Writer
+
+if TYPE_CHECKING:  # made on first use: see Attachment.writer and aio_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._writes import _Writer
 
 
 class Attachment:
@@ -69,7 +74,12 @@ class Attachment:
         self.timeout = timeout  # the first handle's: how long close() flushes
         self.counters = _Counters(name)  # the process's: what its client block shows
         self.counters.attach(seg, None)
-        self.writer = _Writer(name, spin_us, self.counters)
+        self.spin_us = spin_us
+        #: the write session, None until the first use of :attr:`writer`
+        self._writer: _Writer | None = None
+        self._writer_lock = threading.Lock()  # not ``lock``: watch_hub() holds that one
+        #: the process that made this attachment (or, after a fork, the child)
+        self.pid = os.getpid()
         self.lock = threading.Lock()
         # Invariant: refs is the number of open handles holding this attachment; it is
         # in the registry while refs > 0.
@@ -79,6 +89,31 @@ class Attachment:
         self.probes: dict[int, Any] = {}
         self.aio: ThreadPoolExecutor | None = None
         self.hub: Any = None  # the watch wake-ups (``_feed._Hub``), made on first watch
+
+    @property
+    def writer(self) -> _Writer:
+        """The write session, made on the first use: the first write, a watch, a
+        snapshot, ``stats()``, or a reader's claim of a client block (``_counters``)."""
+        w = self._writer
+        if w is None:
+            from ._writes import _Writer  # noqa: PLC0415  (numpy and all: see shmstore._lazy)
+
+            with self._writer_lock:
+                w = self._writer
+                if w is None:
+                    w = self._writer = _Writer(self.name, self.spin_us, self.counters)
+        return w
+
+    @property
+    def has_writer(self) -> bool:
+        """Whether the write session was made (else this process never wrote)."""
+        return self._writer is not None
+
+    @property
+    def owner_pid(self) -> int:
+        """The process whose mapping and client block these are."""
+        w = self._writer
+        return self.pid if w is None else w.pid
 
     def current(self, timeout: float) -> Segment:
         """The live segment, attaching to a successor if this one was destroyed.
@@ -99,13 +134,16 @@ class Attachment:
             self.old.append(seg)  # other handles' get closures may still hold its views
             self.seg = new
             self.counters.attach(new, None)
-            self.writer.drop_channel()
+            if self._writer is not None:
+                self._writer.drop_channel()
             return new
 
     def aio_pool(self) -> ThreadPoolExecutor:
         """The async calls' worker thread (one per attachment, made on first use)."""
         with self.lock:
             if self.aio is None:
+                from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 (1 MiB)
+
                 self.aio = ThreadPoolExecutor(1, thread_name_prefix="shmstore-aio")
             return self.aio
 
@@ -120,9 +158,14 @@ class Attachment:
 
     def after_fork(self) -> None:
         self.lock = threading.Lock()
+        self._writer_lock = threading.Lock()
         self.aio = None  # the parent's thread is not ours
         self.hub = None  # nor its watch registration
-        self.writer.after_fork()  # zeroes the counters: a new process is a new client
+        self.pid = os.getpid()
+        if self._writer is not None:
+            self._writer.after_fork()  # zeroes the counters: a new process is a new client
+        else:
+            self.counters.reset()
 
     def close(self) -> None:
         """The last handle went: flush, give the client block back, unmap."""
@@ -135,7 +178,8 @@ class Attachment:
         hub, self.hub = self.hub, None
         if hub is not None and hub.sem is not None and hub.pid == os.getpid():
             hub.sem.close()  # nobody waits on it: a watcher holds a handle
-        self.writer.close(self.timeout)
+        if self._writer is not None:
+            self._writer.close(self.timeout)
         self.counters.attach(None, None)
         self.probes.clear()  # its numpy views of the mappings go before the mappings
         for seg in [*self.old, self.seg]:
@@ -222,7 +266,7 @@ def release(att: Attachment, counters: _Counters | None = None) -> None:
 
 def _close_all(atts: list[Attachment]) -> None:
     for att in atts:
-        if att.writer.pid == os.getpid():
+        if att.owner_pid == os.getpid():
             att.close()
         else:  # a forked child's copy: nothing of the parent's to release
             for seg in [*att.old, att.seg]:

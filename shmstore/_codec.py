@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import numpy as np
 
 from . import _layout as L
 from ._check_args import key_bytes
@@ -24,10 +23,17 @@ from ._errors import (
     ValueEncodingError,
     ValueTooLargeError,
 )
-from ._many import MIN_KEYS, array_header, key_words
+from ._lazy import LazyModule
 
+# get_many's vector path (numpy) comes in with the first get_many (see shmstore._lazy).
 if TYPE_CHECKING:
+    import numpy as np
+
+    from . import _many
     from ._segment import Segment
+else:
+    np = LazyModule("numpy")
+    _many = LazyModule("shmstore._many")
 
 __all__ = ["RecordCodec"]
 
@@ -86,7 +92,7 @@ class RecordCodec:
         """
         ksz = seg.key_size
         try:
-            kw = key_words(keys, ksz) if len(keys) >= MIN_KEYS else None
+            kw = _many.key_words(keys, ksz) if len(keys) >= _many.MIN_KEYS else None
         except UnicodeEncodeError:  # a str key without UTF-8 bytes: key() below says which
             kw = None
         if kw is not None:
@@ -162,7 +168,7 @@ class RecordCodec:
         out = [default] * len(raw)
         present = [i for i, v in enumerate(raw) if v is not None]
         if present:
-            decoded = self.decode_list(array_header(len(present)) + b"".join(raw[i] for i in present))
+            decoded = self.decode_list(_many.array_header(len(present)) + b"".join(raw[i] for i in present))
             for i, v in zip(present, decoded):
                 out[i] = v
         return out

@@ -30,17 +30,26 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 import posix_ipc
 
-from . import _channel as C
 from . import _layout as L
 from ._compiled import acquire as fence
 from ._check_args import check_timeout, key_bytes
 from ._errors import CoordinatorUnavailableError, FeedTruncatedError, InvalidCursorError
-from ._writes import _Writer
+from ._lazy import LazyModule
+
+# Mixed into every Store, so imported by every reader: numpy and the write channel
+# come in with the first changes() or watch() (see shmstore._lazy).
+if TYPE_CHECKING:
+    import numpy as np
+
+    from . import _channel as C
+    from ._writes import _Writer
+else:
+    np = LazyModule("numpy")
+    C = LazyModule("shmstore._channel")
 
 #: longest single sleep of a watcher; it re-checks the coordinator in between
 WATCH_SLICE = 1.0

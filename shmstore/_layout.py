@@ -41,7 +41,6 @@ seq twice (the ABA case of seqlocks).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import re
@@ -54,6 +53,22 @@ from ._errors import InvalidLayoutError, InvalidNameError, UnsupportedPlatformEr
 
 if TYPE_CHECKING:
     import numpy as np
+
+
+def _sha256(data: bytes) -> bytes:
+    """SHA-256 of ``data``, by CPython's own implementation when it has one.
+
+    ``hashlib`` loads OpenSSL's libcrypto (~3.5 MiB of private memory per process) for
+    the same digest; every reader computes one at connect (the layout fingerprint).
+    """
+    try:
+        from _sha2 import sha256  # noqa: PLC0415  (CPython 3.12+)
+    except ImportError:
+        try:
+            from _sha256 import sha256  # noqa: PLC0415  (CPython 3.11)
+        except ImportError:  # a build without them (FIPS): OpenSSL's
+            from hashlib import sha256  # noqa: PLC0415
+    return sha256(data).digest()
 
 MAGIC = 0x31_4D_54_53_4D_48_53  # b"SHMSTM1" little-endian, 7 bytes
 #: 2: the index hash is key_hash() (CRC-32 + multiply-shift mix), no longer the bare CRC-32
@@ -450,7 +465,7 @@ class Layout(msgspec.Struct, frozen=True):
     @property
     def fingerprint(self) -> int:
         raw = f"{FORMAT_VERSION}:{self.capacity}:{self.slot_size}:{self.key_size}:{self.value_size}:{self.nbuckets}"
-        return int.from_bytes(hashlib.sha256(raw.encode()).digest()[:8], "little") or 1
+        return int.from_bytes(_sha256(raw.encode())[:8], "little") or 1
 
     def validate(self) -> Layout:
         """Check the sizes and return self.
@@ -477,4 +492,4 @@ def schema_fingerprint(value_type: object) -> int:
     if value_type is None:
         return 0
     schema = msgspec.json.encode(msgspec.json.schema(value_type), order="sorted")
-    return int.from_bytes(hashlib.sha256(schema).digest()[:8], "little") or 1
+    return int.from_bytes(_sha256(schema)[:8], "little") or 1

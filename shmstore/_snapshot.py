@@ -51,7 +51,7 @@ from ._ttl import now_ns
 
 if TYPE_CHECKING:
     from ._segment import Segment
-    from ._stats import _Counters
+    from ._counters import _Counters
     from ._writes import _Writer
 
 U32 = np.uint64(0xFFFFFFFF)

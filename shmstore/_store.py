@@ -7,7 +7,7 @@ descriptor, a mapping or a client block is this process's one attachment to the 
 reference-counted: the mapping (``_segment.Segment``), the write session
 (``_writes._Writer``: channel, write lock, tickets) and the process's counters. The
 handle keeps its own fast ``get`` closure with its read cache
-(``_segment.make_readers``), its codec and its counters (``_stats._Counters``). A
+(``_segment.make_readers``), its codec and its counters (``_counters._Counters``). A
 write goes ``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change
 feeds (``_feed``) and the async calls (``_aio``) are mixed in.
 """
@@ -17,24 +17,33 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from typing import Any, Iterable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from . import _attach
-from . import _channel as C
 from . import _layout as L
 from ._errors import ShmStoreError, StoreClosedError, ValueEncodingError
 from ._aio import AsyncMixin
 from ._check_args import check_flag, check_read_cache, check_spin_us, check_timeout, check_version, key_list
 from ._codec import RecordCodec
+from ._counters import _Counters
 from ._feed import FeedMixin
+from ._lazy import LazyModule
 from ._segment import Segment, make_readers
-from ._snapshot import Snapshot, take
-from ._stats import StoreStats, _Counters, collect
-from ._table import Table, open_table
 from ._ttl import expiry_ns, now_ns
-from ._writes import Batch
+
+# A process that only reads imports none of these (see ``shmstore._lazy``): the write
+# path, numpy (key scans), snapshots, tables and stats come in with their first use.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from . import _channel as C
+    from ._snapshot import Snapshot
+    from ._stats import StoreStats
+    from ._table import Table
+    from ._writes import Batch, _Writer
+else:
+    np = LazyModule("numpy")
+    C = LazyModule("shmstore._channel")
 
 __all__ = ["Store"]
 
@@ -124,8 +133,6 @@ class Store(FeedMixin, AsyncMixin):
             raise
         #: per-handle counters; the process's are the attachment's
         self._counters = _Counters(self.name)
-        #: this process's write session: channel, write lock, tickets
-        self._writer = att.writer
         self._bind_fast_get()
         # Dropped without close(): give the reference back when collected.
         self._finalizer = weakref.finalize(self, _attach.release, att, self._counters)
@@ -134,6 +141,12 @@ class Store(FeedMixin, AsyncMixin):
         _STORES.add(self)
 
     # -- attach / fork / close -------------------------------------------------------
+
+    @property
+    def _writer(self) -> _Writer:
+        """This process's write session (channel, write lock, tickets), made by the
+        attachment on the first use: a handle that only reads never makes one."""
+        return self._att.writer
 
     def _live_segment(self) -> Segment:
         seg = self._seg
@@ -167,7 +180,8 @@ class Store(FeedMixin, AsyncMixin):
         if self._seg is None:
             return
         try:
-            self._writer.flush(self.timeout, self._counters)
+            if self._att.has_writer:  # nothing was written: nothing to flush
+                self._writer.flush(self.timeout, self._counters)
         except ShmStoreError:
             pass  # the coordinator is gone, or an async write failed: nothing to wait for
         self.__dict__.pop("get", None)  # the fast path holds views of the mapping
@@ -289,13 +303,17 @@ class Store(FeedMixin, AsyncMixin):
         Raises:
             ShmStoreError: the first error any queued write met since the last flush.
         """
-        self._writer.flush(self.timeout if timeout is None else check_timeout(timeout), self._counters)
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        if self._att.has_writer:  # else this process never wrote: nothing to wait for
+            self._writer.flush(timeout, self._counters)
 
     def batch(self, *, wait: bool = True) -> Batch:
         """Collect puts and deletes, applied atomically when the ``with`` block exits.
 
         Readers see all of the batch or none of it through :meth:`get_many`.
         """
+        from ._writes import Batch  # noqa: PLC0415  (the write path: see shmstore._lazy)
+
         return Batch(self, bool(check_flag(wait, "wait")))
 
     # -- reads (lock-free) ---------------------------------------------------------------
@@ -485,6 +503,8 @@ class Store(FeedMixin, AsyncMixin):
         """
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         seg = self._live_segment()
+        from ._snapshot import take  # noqa: PLC0415  (numpy: see shmstore._lazy)
+
         return take(seg, self._decode, self._counters, self._writer, timeout)
 
     def table(self, name: str, dtype: Any = None, rows: int | None = None, *,
@@ -501,6 +521,8 @@ class Store(FeedMixin, AsyncMixin):
         """
         if timeout is not None:
             check_timeout(timeout)
+        from ._table import open_table  # noqa: PLC0415  (numpy: see shmstore._lazy)
+
         return open_table(self, name, dtype, rows, timeout)
 
     # -- stats -----------------------------------------------------------------------
@@ -509,6 +531,8 @@ class Store(FeedMixin, AsyncMixin):
         """A snapshot of the store's counters: the coordinator's, every live client's,
         this handle's, and rates since this handle's previous call (see
         :class:`StoreStats` and ``shmstore._stats``)."""
+        from ._stats import collect  # noqa: PLC0415  (numpy: see shmstore._lazy)
+
         return collect(self._live_segment(), self._counters, self._writer)
 
     # -- durability ------------------------------------------------------------------

@@ -27,7 +27,7 @@ class Spec:
     label: str  # what the row runs
     decoded: str  # whether the value comes back decoded (reads) / gets encoded (writes)
     unit: str  # "ns/op" (a time per call), "ops/s" (a throughput) or "bytes"
-    peer: str = "shmstore"  # family, for skipping: shmstore, lmdb, redis, manager, floor
+    peer: str = "shmstore"  # family, for skipping: shmstore, lmdb, redis, diskcache, memcached, manager, floor
 
     @property
     def id(self) -> str:
@@ -58,6 +58,8 @@ class Config:
     groups: list[str]
     redis_binary: str
     use_redis: bool
+    memcached_binary: str
+    use_memcached: bool
     small_keys: int  # keys of the "10k" data sets
     big_keys: int  # keys of the "1M" data sets
 

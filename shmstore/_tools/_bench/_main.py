@@ -21,14 +21,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="shmstore bench",
         description="Benchmark shmstore against py-lmdb, Redis (redis-py over a unix socket), "
+                    "diskcache (SQLite), memcached (pymemcache over a unix socket), "
                     "multiprocessing.Manager().dict() and floors (dict, socketpair ping-pong, "
                     "numpy copy), all in this process tree on the same data. Prints a "
                     "Markdown table of medians and shmstore's speedup over each peer, with "
                     "the issue's targets marked PASS/MISS, and writes bench.json, bench.md "
                     "and bench.png (with the 'chart' extra) to --out.",
         epilog=f"measures: {', '.join(GROUPS)}. Peers are optional: Redis rows are skipped "
-               f"(with the reason) without redis-server on PATH or the redis package, lmdb "
-               f"rows without the lmdb package (pip install 'shmstore[bench]').",
+               f"(with the reason) without redis-server on PATH or the redis package, "
+               f"memcached rows without memcached on PATH or the pymemcache package, lmdb "
+               f"and diskcache rows without their packages (pip install 'shmstore[bench]').",
     )
     ap.add_argument("--quick", action="store_true",
                     help="smoke mode: short loops, 3 repeats, small data sets (what CI runs)")
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--redis-server", default="redis-server", metavar="BINARY",
                     help="the redis-server to start (default: redis-server on PATH)")
     ap.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
+    ap.add_argument("--memcached", default="memcached", metavar="BINARY",
+                    help="the memcached to start (default: memcached on PATH)")
+    ap.add_argument("--no-memcached", action="store_true", help="skip the memcached rows")
     args = ap.parse_args(argv)
     if args.only:
         bad = [g for g in args.only.split(",") if g not in GROUPS]
@@ -73,6 +78,8 @@ def config(args: argparse.Namespace) -> Config:
         groups=args.only.split(",") if args.only else list(GROUPS),
         redis_binary=args.redis_server,
         use_redis=not args.no_redis,
+        memcached_binary=args.memcached,
+        use_memcached=not args.no_memcached,
         small_keys=10_000,
         big_keys=args.big_keys or (5_000 if q else 1_000_000),
     )
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         warn_load(meta)
         bench.setup()
         meta["redis_server"] = bench.redis_version or None
+        meta["memcached_server"] = bench.memcached_version or None
         bench.run()
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
@@ -145,4 +153,6 @@ def document(bench: Bench, meta: dict[str, Any], elapsed: float) -> dict[str, An
         "measures": {s.id: bench.results[s.id].as_json() for s in SPECS if s.id in bench.results},
         "targets": bench.target_rows(),
         "redis_skipped": bench.redis_skip,
+        "memcached_skipped": bench.memcached_skip,
+        "diskcache_skipped": bench.diskcache_skip,
     }

@@ -1,5 +1,5 @@
-"""The benchmark's peers (a private redis-server, py-lmdb environments), its data, and
-the child processes it runs.
+"""The benchmark's peers (private redis-server and memcached servers, py-lmdb
+environments, diskcache caches), its data, and the child processes it runs.
 
 Run as a module it is one of the benchmark's child processes. The parent passes only
 names, paths and ints on the command line; everything else goes over pipes::
@@ -7,10 +7,10 @@ names, paths and ints on the command line; everything else goes over pipes::
     python shmstore/_tools/_bench/_peers.py echo FD
         the far end of the socketpair ping-pong floor: echo each byte until EOF
     python shmstore/_tools/_bench/_peers.py writer SYSTEM TARGET WORKER_ID [TAG NKEYS]
-        a client doing sync puts. SYSTEM is shmstore (TARGET: store name), redis
-        (TARGET: unix socket path), lmdb-nosync or lmdb-sync (TARGET: environment
-        directory). It writes its own keys ("w<id>-<n>"), or with TAG and NKEYS random
-        keys of that data set.
+        a client doing sync puts. SYSTEM is shmstore (TARGET: store name), redis or
+        memcached (TARGET: unix socket path), lmdb-nosync or lmdb-sync (TARGET:
+        environment directory), diskcache (TARGET: cache directory). It writes its own
+        keys ("w<id>-<n>"), or with TAG and NKEYS random keys of that data set.
     python shmstore/_tools/_bench/_peers.py reader SYSTEM TARGET TAG NKEYS
         a client doing gets of random keys of a data set (lmdb: a read txn per get,
         so it sees the writer's changes).
@@ -21,6 +21,9 @@ for that long and print "COUNT ELAPSED_NS"; "quit" or EOF ends them.
     python shmstore/_tools/_bench/_peers.py memclient SYSTEM TARGET TAG NKEYS
         prints "RSS0 USS0 RSS1 USS1": its memory before connecting, and after
         connecting and reading 1,000 random keys (the per-client overhead).
+
+The memory measure's readers are not run through this file (its imports would count):
+each is a ``python -c`` of :func:`mem_reader_code`, measured from outside.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ import time
 WRITER_KEYS = 1024
 #: lmdb map size: far more than the benchmark writes (the file is sparse).
 LMDB_MAP_SIZE = 1 << 32
+#: diskcache size limit: never cull (its default, 1 GiB, would evict the 1M x 1 KiB set).
+DISKCACHE_SIZE_LIMIT = 1 << 40
+#: memcached item memory, MiB: room for every data set without an eviction (it grows
+#: as used, it is not reserved).
+MEMCACHED_MB = 4096
 
 
 def value_for(i: int, nbytes: int = 64) -> str:
@@ -60,61 +68,75 @@ def open_lmdb(path: str, *, sync: bool):
                      sync=sync, metasync=sync, readahead=False, max_readers=128, lock=True)
 
 
-class RedisServer:
-    """A private redis-server: unix socket in ``tmpdir``, no TCP, no persistence.
+def open_diskcache(path: str):
+    """A diskcache ``Cache`` (SQLite in ``path``) as a Django or Flask site uses it:
+    default settings but a size limit that never culls."""
+    import diskcache  # noqa: PLC0415  (only the diskcache children and the parent need it)
 
-    :meth:`start` returns a reason string instead of raising when redis cannot be used
-    (binary missing, did not come up), so the benchmark can skip the Redis rows.
-    """
+    return diskcache.Cache(path, size_limit=DISKCACHE_SIZE_LIMIT)
 
-    def __init__(self, tmpdir: str, binary: str = "redis-server") -> None:
+
+def memcached_client(socket_path: str):
+    """A pymemcache client on memcached's unix socket; its writes wait for the reply
+    (pymemcache's default is noreply), like every other system's."""
+    from pymemcache.client.base import Client  # noqa: PLC0415
+
+    return Client(socket_path, default_noreply=False)
+
+
+#: How each memory reader opens its client, as an application would: ``h`` (the
+#: handle, kept), ``get`` (its get of one key) and ``enc`` (str key -> the key the
+#: client takes). T is the target (store name, socket path or directory).
+_MEM_OPEN = {
+    "bare": "get = enc = None",
+    "shmstore": "import shmstore\nh = shmstore.connect(T)\nget, enc = h.get, str",
+    "lmdb": (f"import lmdb\nh = lmdb.open(T, map_size={LMDB_MAP_SIZE}, subdir=True, readahead=False, "
+             f"max_readers=128, lock=True)\ntxn = h.begin()\nget, enc = txn.get, str.encode"),
+    "redis": "import redis\nh = redis.Redis(unix_socket_path=T)\nget, enc = h.get, str.encode",
+    "diskcache": "import diskcache\nh = diskcache.Cache(T)\nget, enc = h.get, str.encode",
+    "memcached": "from pymemcache.client.base import Client\nh = Client(T)\nget, enc = h.get, str.encode",
+}
+
+
+def mem_reader_code(system: str) -> str:
+    """``python -c`` code of a memory reader: argv TARGET TAG NKEYS; it opens its
+    client, reads 1,000 keys of the data set (each must be found), prints "ready" and
+    waits for EOF on stdin. ``bare`` opens nothing: the interpreter alone."""
+    return "\n".join([
+        "import sys",
+        "T, TAG, N = sys.argv[1], sys.argv[2], int(sys.argv[3])",
+        _MEM_OPEN[system],
+        "for i in range(1000 if get else 0):",
+        "    if get(enc(f'{TAG}:{i * 7919 % N:07d}')) is None:",  # key_for(TAG, ...)
+        "        raise SystemExit(f'memory reader: no key {i * 7919 % N} of {TAG}')",
+        "print('ready', flush=True)",
+        "sys.stdin.read()",
+    ])
+
+
+class _Server:
+    """A private server process: started in its own session, stopped TERM -> KILL."""
+
+    def __init__(self, tmpdir: str, binary: str, what: str) -> None:
         self.tmpdir = tmpdir
         self.binary = binary
-        self.socket_path = os.path.join(tmpdir, "redis.sock")
-        self.log_path = os.path.join(tmpdir, "redis.log")
+        self.socket_path = os.path.join(tmpdir, f"{what}.sock")
+        self.log_path = os.path.join(tmpdir, f"{what}.log")
         self.proc: subprocess.Popen | None = None
         self.version = ""
 
-    def start(self, timeout: float = 10.0) -> str | None:
-        exe = shutil.which(self.binary)
-        if exe is None:
-            return (f"{self.binary!r} not found on PATH; install it (Debian/Ubuntu: "
-                    f"apt-get install -y redis-server) to benchmark against Redis")
+    def _version(self, exe: str, flag: str) -> None:
         try:
-            import redis  # noqa: PLC0415
-        except ImportError:
-            return "the redis python package is missing (pip install 'shmstore[bench]')"
-        try:
-            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+            out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=10)
             self.version = out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             self.version = "unknown"
+
+    def _popen(self, args: list[str]) -> None:
         with open(self.log_path, "wb") as log:
             # Own session: a Ctrl-C in the terminal does not reach it; stop() ends it.
-            self.proc = subprocess.Popen(
-                [exe, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700",
-                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", self.tmpdir,
-                 "--databases", "1"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return f"redis-server exited at start (code {self.proc.returncode}): {self._log_tail()}"
-            if os.path.exists(self.socket_path):
-                try:
-                    c = redis.Redis(unix_socket_path=self.socket_path)
-                    try:
-                        if c.ping():
-                            return None
-                    finally:
-                        c.close()
-                except redis.exceptions.RedisError:
-                    pass
-            time.sleep(0.02)
-        self.stop()
-        return f"redis-server did not answer on {self.socket_path} within {timeout} s: {self._log_tail()}"
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def _log_tail(self) -> str:
         try:
@@ -136,6 +158,90 @@ class RedisServer:
                 p.kill()
                 p.wait()
         self.proc = None
+
+
+class MemcachedServer(_Server):
+    """A private memcached: unix socket in ``tmpdir`` (mode 0700), no TCP, no UDP.
+
+    :meth:`start` returns a reason string instead of raising when memcached cannot be
+    used, so the benchmark can skip the memcached rows.
+    """
+
+    def __init__(self, tmpdir: str, binary: str = "memcached") -> None:
+        super().__init__(tmpdir, binary, "memcached")
+
+    def start(self, timeout: float = 10.0) -> str | None:
+        exe = shutil.which(self.binary)
+        if exe is None:
+            return (f"{self.binary!r} not found on PATH; install it (Debian/Ubuntu: "
+                    f"apt-get install -y memcached) to benchmark against memcached")
+        try:
+            from pymemcache.exceptions import MemcacheError  # noqa: PLC0415
+        except ImportError:
+            return "the pymemcache python package is missing (pip install 'shmstore[bench]')"
+        self._version(exe, "-V")
+        args = [exe, "-s", self.socket_path, "-a", "0700", "-m", str(MEMCACHED_MB), "-U", "0"]
+        if os.geteuid() == 0:
+            args += ["-u", "root"]  # memcached refuses to run as root without it
+        self._popen(args)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"memcached exited at start (code {self.proc.returncode}): {self._log_tail()}"
+            if os.path.exists(self.socket_path):
+                c = memcached_client(self.socket_path)
+                try:
+                    c.version()
+                    return None
+                except (MemcacheError, OSError):
+                    pass
+                finally:
+                    c.close()
+            time.sleep(0.02)
+        self.stop()
+        return f"memcached did not answer on {self.socket_path} within {timeout} s: {self._log_tail()}"
+
+
+class RedisServer(_Server):
+    """A private redis-server: unix socket in ``tmpdir``, no TCP, no persistence.
+
+    :meth:`start` returns a reason string instead of raising when redis cannot be used
+    (binary missing, did not come up), so the benchmark can skip the Redis rows.
+    """
+
+    def __init__(self, tmpdir: str, binary: str = "redis-server") -> None:
+        super().__init__(tmpdir, binary, "redis")
+
+    def start(self, timeout: float = 10.0) -> str | None:
+        exe = shutil.which(self.binary)
+        if exe is None:
+            return (f"{self.binary!r} not found on PATH; install it (Debian/Ubuntu: "
+                    f"apt-get install -y redis-server) to benchmark against Redis")
+        try:
+            import redis  # noqa: PLC0415
+        except ImportError:
+            return "the redis python package is missing (pip install 'shmstore[bench]')"
+        self._version(exe, "--version")
+        self._popen([exe, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700",
+                     "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", self.tmpdir,
+                     "--databases", "1"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"redis-server exited at start (code {self.proc.returncode}): {self._log_tail()}"
+            if os.path.exists(self.socket_path):
+                try:
+                    c = redis.Redis(unix_socket_path=self.socket_path)
+                    try:
+                        if c.ping():
+                            return None
+                    finally:
+                        c.close()
+                except redis.exceptions.RedisError:
+                    pass
+            time.sleep(0.02)
+        self.stop()
+        return f"redis-server did not answer on {self.socket_path} within {timeout} s: {self._log_tail()}"
 
 
 # -- child processes ---------------------------------------------------------------------
@@ -181,6 +287,12 @@ def _client(system: str, target: str):
                 return txn.get(k)
 
         return put, get, env.close, str.encode, _encoded
+    if system == "diskcache":
+        cache = open_diskcache(target)
+        return cache.set, cache.get, cache.close, str.encode, _encoded
+    if system == "memcached":
+        mc = memcached_client(target)
+        return mc.set, mc.get, mc.close, str.encode, _encoded
     raise SystemExit(f"unknown system {system!r}")
 
 

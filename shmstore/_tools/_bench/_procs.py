@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 from typing import Iterator
 
+from . import _peers as peers
 from ._core import Result, Spec, log, read_line
+from ._specs import READER_TARGET_BYTES
 
 
 def _go(procs: list[subprocess.Popen], seconds: float) -> None:
@@ -36,6 +39,17 @@ def _ready(procs: list[subprocess.Popen]) -> None:
             raise RuntimeError(f"child {p.args!r} said {line!r}, not 'ready'")
 
 
+def _bytecode_cached() -> bool:
+    """Whether shmstore's modules load from ``__pycache__``: without it (a fresh tree
+    run with PYTHONDONTWRITEBYTECODE set) every reader compiles them at import, which
+    costs it about 1 MiB more."""
+    import importlib.util  # noqa: PLC0415
+
+    import shmstore._store  # noqa: PLC0415
+
+    return os.path.exists(importlib.util.cache_from_source(shmstore._store.__file__))
+
+
 class Procs:
     """Mixin of :class:`~shmstore._tools._bench._suite.Bench`: the multi-process measures."""
 
@@ -48,6 +62,10 @@ class Procs:
             return "lmdb-nosync", self.lmdb_dir("writers-nosync", sync=False)
         if system == "lmdb_sync":
             return "lmdb-sync", self.lmdb_dir("durable" if durable else "writers-sync", sync=True)
+        if system == "diskcache":
+            return "diskcache", self.diskcache_dir("writers")
+        if system == "memcached":
+            return "memcached", self.memcached_server.socket_path
         raise KeyError(system)
 
     def _writers(self, spec: Spec, durable: bool, nproc: int) -> list[subprocess.Popen]:
@@ -120,6 +138,8 @@ class Procs:
                     "shmstore": ("shmstore", ds.store_name),
                     "lmdb": ("lmdb", ds.env_dir),
                     "redis": ("redis", self.redis_server.socket_path if self.redis_server else ""),
+                    "diskcache": ("diskcache", self.dcache_dir),
+                    "memcached": ("memcached", self.memcached_server.socket_path if self.memcached_server else ""),
                 }[spec.system]
                 wsys = "lmdb-nosync" if system == "lmdb" else system
                 writer = self.children.peer("writer", wsys, target, 0, ds.tag, ds.n)
@@ -148,12 +168,42 @@ class Procs:
             self.finish(Result(spec, median=statistics.median(rates), runs=rates, extra={
                 "writer_ops_per_s": wrates, "duration_s": self.cfg.writer_s, "readers": 2}))
 
-    def run_memory(self, specs: list[Spec]) -> None:
-        """Sizes and per-client overheads with the big 64 B data set loaded (one
-        measurement each, not a median: memory does not jitter like time)."""
+    def _reader_target(self, system: str) -> str:
+        ds = self.data("memory")
+        return {
+            "bare": "", "shmstore": ds.store_name, "lmdb": ds.env_dir, "diskcache": self.dcache_dir,
+            "redis": self.redis_server.socket_path if self.redis_server else "",
+            "memcached": self.memcached_server.socket_path if self.memcached_server else "",
+        }[system]
+
+    def _reader_uss(self, system: str) -> int:
+        """USS of a ``python -c`` reader of ``system`` (``peers.mem_reader_code``), taken
+        from outside while it waits, so nothing of the measuring counts."""
         import psutil  # noqa: PLC0415
 
         ds = self.data("memory")
+        p = self.children.popen([sys.executable, "-c", peers.mem_reader_code(system),
+                                 self._reader_target(system), ds.tag, str(ds.n)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        try:
+            line = read_line(p, 120)
+            if line != "ready":
+                raise RuntimeError(f"memory reader {system} said {line!r}, not 'ready'")
+            return psutil.Process(p.pid).memory_full_info().uss
+        finally:
+            self.children.reap(p, timeout=10)
+
+    def run_memory(self, specs: list[Spec]) -> None:
+        """Sizes and per-client overheads with the big 64 B data set loaded (one
+        measurement each, not a median: memory does not jitter like time).
+
+        The ``*_reader`` rows: the private memory (USS) of a process that imports a
+        system's client, connects and reads 1,000 keys, beyond that of a bare
+        interpreter (``bare_reader``, measured first)."""
+        import psutil  # noqa: PLC0415
+
+        ds = self.data("memory")
+        bare = None
         for spec in self.runnable(specs):
             extra: dict = {"records": ds.n}
             if spec.system == "shmstore_segment":
@@ -167,6 +217,23 @@ class Procs:
             elif spec.system == "redis_server":
                 value = ds.redis_bytes
                 extra["note"] = "INFO used_memory after loading these records minus before"
+            elif spec.system == "diskcache_file":
+                value = ds.diskcache_bytes
+                extra["note"] = "Cache.volume() after loading these records minus before"
+            elif spec.system == "memcached_server":
+                value = ds.memcached_bytes
+                extra["note"] = "stats 'bytes' after loading these records minus before"
+            elif spec.system == "bare_reader":
+                value = bare = self._reader_uss("bare")
+            elif spec.system.endswith("_reader"):
+                if bare is None:
+                    bare = self._reader_uss("bare")
+                uss = self._reader_uss(spec.system.removesuffix("_reader"))
+                value = uss - bare
+                extra.update(uss=uss, bare_uss=bare, mib_beyond_bare=value / 2**20)
+                if spec.system == "shmstore_reader":
+                    extra.update(target_bytes=READER_TARGET_BYTES, meets_target=value <= READER_TARGET_BYTES,
+                                 bytecode_cached=_bytecode_cached())
             else:
                 system, target = {
                     "shmstore_client": ("shmstore", ds.store_name),

@@ -112,6 +112,10 @@ class Reads:
             return self._lmdb_txn_per_get(group)
         if system == "redis":
             return self._loop(self.redis.get, self._get_keys(group, "bytes"))
+        if system == "diskcache":
+            return self._loop(self.dcache.get, self._get_keys(group, "bytes"))
+        if system == "memcached":
+            return self._loop(self.memcached.get, self._get_keys(group, "bytes"))
         if system == "manager":
             return self._loop(self.mdict.get, self._get_keys(group, "str"))
         if system == "dict":
@@ -173,6 +177,15 @@ class Reads:
     def b_get_many_redis_mget(self):
         return self._many(self.redis.mget, "bytes")
 
+    def b_get_many_diskcache_loop(self):
+        get = self.dcache.get
+        return self._many(lambda ks: [get(k) for k in ks], "bytes")
+
+    def b_get_many_memcached_get_many(self):
+        got = self.memcached.get_many(self._many_keys("bytes"))
+        assert len(got) == MANY, f"memcached get_many found {len(got)} of {MANY} keys"
+        return self._many(self.memcached.get_many, "bytes")
+
     def b_get_many_dict(self):
         ds = self.data("get_many")
         get = dict.fromkeys(ds.keys, ds.sample_value).get
@@ -205,6 +218,12 @@ class Reads:
 
     def b_put_redis(self):
         return self._put_loop(self.redis.set, "bytes")
+
+    def b_put_diskcache(self):
+        return self._put_loop(self.dcache.set, "bytes")
+
+    def b_put_memcached(self):
+        return self._put_loop(self.memcached.set, "bytes")  # waits for the reply (peers.memcached_client)
 
     def _lmdb_put(self, env) -> Callable[[int], int]:
         def put(k: bytes, v: bytes) -> None:
@@ -292,6 +311,36 @@ class Reads:
                 put = txn.put
                 for k, v in ps:
                     put(k, v)
+            return clock() - t0
+
+        return fn
+
+    def b_put_pipelined_diskcache_transact(self):
+        ds = self.data("put_pipelined")
+        cache = self.dcache
+        pairs = [(ds.kbs[i], ds.encoded(i)) for i in ds.rand_idx]
+
+        def fn(n: int) -> int:
+            ps = cycle_list(pairs, n)
+            t0 = clock()
+            with cache.transact():
+                put = cache.set
+                for k, v in ps:
+                    put(k, v)
+            return clock() - t0
+
+        return fn
+
+    def b_put_pipelined_memcached_set_many(self):
+        ds = self.data("put_pipelined")
+        set_many = self.memcached.set_many
+        pairs = [(ds.kbs[i], ds.encoded(i)) for i in ds.rand_idx]
+
+        def fn(n: int) -> int:
+            ps = cycle_list(pairs, n)
+            t0 = clock()
+            for start in range(0, n, 1000):
+                set_many(dict(ps[start:start + 1000]))  # waits for the 1000 replies
             return clock() - t0
 
         return fn

@@ -87,6 +87,10 @@ def markdown(bench: Any, meta: dict[str, Any]) -> str:
         out += [f"Redis rows skipped: {bench.redis_skip}", ""]
     if bench.lmdb_skip:
         out += [f"py-lmdb rows skipped: {bench.lmdb_skip}", ""]
+    if bench.diskcache_skip:
+        out += [f"diskcache rows skipped: {bench.diskcache_skip}", ""]
+    if bench.memcached_skip:
+        out += [f"memcached rows skipped: {bench.memcached_skip}", ""]
     trows = bench.target_rows()
     if trows:
         out += ["## Targets", "",
@@ -144,7 +148,8 @@ def machine_info(bench: Any) -> dict[str, Any]:
     except OSError:
         pass
     pkgs = {}
-    for p in ("shmstore", "msgspec", "numpy", "posix_ipc", "lmdb", "redis", "psutil", "matplotlib"):
+    for p in ("shmstore", "msgspec", "numpy", "posix_ipc", "lmdb", "redis", "diskcache", "pymemcache",
+              "psutil", "matplotlib"):
         try:
             pkgs[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
@@ -172,6 +177,7 @@ def machine_info(bench: Any) -> dict[str, Any]:
         "packages": pkgs,
         "lmdb_library": lmdb_lib,
         "redis_server": bench.redis_version or None,
+        "memcached_server": bench.memcached_version or None,
         "git_commit": commit,
         "loadavg_at_start": list(os.getloadavg()),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

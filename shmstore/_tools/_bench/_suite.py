@@ -22,10 +22,11 @@ from ._reads import MANY, Reads
 from ._specs import DATASETS, GROUPS, PROC_GROUPS, SPEC_BY_ID, SPECS, TARGETS, DataSet, MEMORY_PAIRS
 
 LMDB_MISSING = "the lmdb python package is missing (pip install 'shmstore[bench]')"
+DISKCACHE_MISSING = "the diskcache python package is missing (pip install 'shmstore[bench]')"
 
 
 class Loaded:
-    """One data set, loaded into shmstore, py-lmdb and Redis (each on first use)."""
+    """One data set, loaded into shmstore and every peer (each on first use)."""
 
     def __init__(self, spec: DataSet, n: int, rng: random.Random) -> None:
         import msgspec  # noqa: PLC0415
@@ -51,6 +52,8 @@ class Loaded:
         self.env_sync = None
         self.env_dir = ""
         self.redis_bytes = 0
+        self.diskcache_bytes = 0
+        self.memcached_bytes = 0
 
     def value(self, i: int) -> str:
         return peers.value_for(i, self.value_bytes)
@@ -78,6 +81,13 @@ class Bench(Reads, Procs):
         self.redis = None
         self.redis_skip: str | None = None
         self.lmdb_skip: str | None = None
+        self.diskcache_skip: str | None = None
+        self.dcache = None  # the diskcache Cache holding every data set
+        self.dcache_dir = ""
+        self.memcached_server: peers.MemcachedServer | None = None
+        self.memcached = None  # the pymemcache client
+        self.memcached_skip: str | None = None
+        self.memcached_version = ""
         self.manager = None
         self.mdict = None
         self.echo_sock: socket.socket | None = None
@@ -111,6 +121,24 @@ class Bench(Reads, Procs):
                 self.redis = redis.Redis(unix_socket_path=self.redis_server.socket_path)
             else:
                 log(f"NOTE: skipping Redis: {self.redis_skip}")
+        try:
+            import diskcache  # noqa: PLC0415, F401
+        except ImportError:
+            self.diskcache_skip = DISKCACHE_MISSING
+            log(f"NOTE: skipping diskcache: {self.diskcache_skip}")
+        else:
+            self.dcache_dir = os.path.join(self.tmpdir, "diskcache")
+            self.dcache = peers.open_diskcache(self.dcache_dir)
+        if not self.cfg.use_memcached:
+            self.memcached_skip = "disabled with --no-memcached"
+        else:
+            self.memcached_server = peers.MemcachedServer(self.tmpdir, self.cfg.memcached_binary)
+            self.memcached_skip = self.memcached_server.start()
+            if self.memcached_skip is None:
+                self.memcached_version = self.memcached_server.version
+                self.memcached = peers.memcached_client(self.memcached_server.socket_path)
+            else:
+                log(f"NOTE: skipping memcached: {self.memcached_skip}")
         if any(s.peer == "manager" and s.group in self.cfg.groups for s in SPECS):
             log("multiprocessing.Manager: starting")
             self.manager = multiprocessing.get_context("spawn").Manager()
@@ -161,6 +189,21 @@ class Bench(Reads, Procs):
             for start in range(0, n, 10_000):
                 self.redis.mset({ds.kbs[i]: ds.encoded(i) for i in range(start, min(n, start + 10_000))})
             ds.redis_bytes = self.redis.info("memory")["used_memory"] - before
+        if self.dcache is not None:
+            before = self.dcache.volume()
+            for start in range(0, n, 10_000):
+                with self.dcache.transact():
+                    for i in range(start, min(n, start + 10_000)):
+                        self.dcache.set(ds.kbs[i], ds.encoded(i))
+            ds.diskcache_bytes = self.dcache.volume() - before
+        if self.memcached is not None:
+            before = int(self.memcached.stats()[b"bytes"])
+            for start in range(0, n, 1_000):
+                failed = self.memcached.set_many({ds.kbs[i]: ds.encoded(i)
+                                                  for i in range(start, min(n, start + 1_000))})
+                if failed:
+                    raise RuntimeError(f"memcached did not store {len(failed)} keys of data set {tag}")
+            ds.memcached_bytes = int(self.memcached.stats()[b"bytes"]) - before
         self.datasets[tag] = ds
         return ds
 
@@ -186,6 +229,13 @@ class Bench(Reads, Procs):
             self._env(path, sync=sync)
         return path
 
+    def diskcache_dir(self, what: str) -> str:
+        """A diskcache directory of its own, for writer processes."""
+        path = os.path.join(self.tmpdir, f"diskcache-{what}")
+        if path not in self.envs:
+            self.envs[path] = peers.open_diskcache(path)  # made here; closed at the end
+        return path
+
     def writer_store(self) -> str:
         if not hasattr(self, "_writer_store"):
             self._writer_store = self._serve("w", capacity=16_384, key_size=16, value_size=80)[0]
@@ -209,8 +259,11 @@ class Bench(Reads, Procs):
             ("shmstore stores", self._destroy_stores),
             ("redis client", lambda: self.redis is not None and self.redis.close()),
             ("redis-server", lambda: self.redis_server is not None and self.redis_server.stop()),
+            ("memcached client", lambda: self.memcached is not None and self.memcached.close()),
+            ("memcached", lambda: self.memcached_server is not None and self.memcached_server.stop()),
+            ("diskcache", lambda: self.dcache is not None and self.dcache.close()),
             ("manager", lambda: self.manager is not None and self.manager.shutdown()),
-            ("lmdb", lambda: [env.close() for env in self.envs.values()]),
+            ("lmdb environments, diskcache caches", lambda: [env.close() for env in self.envs.values()]),
             ("temp dir", lambda: self.tmpdir and shutil.rmtree(self.tmpdir, ignore_errors=True)),
         ]
         for what, step in steps:
@@ -260,6 +313,10 @@ class Bench(Reads, Procs):
             return self.redis_skip
         if spec.peer == "lmdb":
             return self.lmdb_skip
+        if spec.peer == "diskcache":
+            return self.diskcache_skip
+        if spec.peer == "memcached":
+            return self.memcached_skip
         return None
 
     def finish(self, res: Result) -> None:
