@@ -107,7 +107,9 @@ class FeedMixin:
             )
         self._check_horizon(q, since)
         keys: set[bytes] = set()
-        if since < epoch:
+        if since < epoch and seg.core is not None:  # the scan in C (no numpy)
+            keys = set(seg.core.changed_keys(2 * since + 2))
+        elif since < epoch:
             words = seg.slot_words_view()
             stamps = words[:, L.S_SEQ]
             cand = np.flatnonzero(stamps > np.uint64(2 * since + 2))

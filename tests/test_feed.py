@@ -15,6 +15,9 @@ import shmstore
 from shmstore import _layout as L
 from tests.helpers.processes import python, reap, wait_for
 
+#: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
+pytestmark = pytest.mark.usefixtures("core")
+
 
 def test_changes_lists_puts_updates_deletes_and_incrs_once(store):
     e0 = store.epoch

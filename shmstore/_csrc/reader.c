@@ -359,11 +359,68 @@ static PyObject *Mapping_read_slot(Mapping *m, PyObject *const *args, Py_ssize_t
     }
 }
 
+/* changed_keys(bound) -> list of the keys of every slot whose stamp exceeds bound, each
+ * read under the slot's seqlock (a slot being written is waited for, with the bounded
+ * backoff). The change feed's scan: O(slots), one acquire load per slot. */
+static PyObject *Mapping_changed_keys(Mapping *m, PyObject *arg)
+{
+    if (!mapping_open(m))
+        return NULL;
+    unsigned long long bound = PyLong_AsUnsignedLongLong(arg);
+    if (bound == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    const shm_seg *s = &m->s;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    uint8_t kbuf[4096];
+    uint8_t *kb = s->key_size <= sizeof kbuf ? kbuf : PyMem_Malloc(s->key_size);
+    if (!kb) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    for (uint64_t slot = 0; slot < s->nslots; slot++) {
+        const uint64_t *sp = shm_slot(s, slot);
+        if (shm_load_relaxed(sp + SHM_S_SEQ) <= bound)
+            continue;
+        backoff_t b = {0, 0, 0};
+        for (;;) {
+            shm_rec rec;
+            if (shm_read_begin(s, sp, &rec)) {
+                shm_copy_out(kb, s->w, shm_key_off(s, slot), rec.klen);
+                if (shm_read_end(sp, &rec)) {
+                    if (rec.seq > bound && rec.klen) {
+                        PyObject *k = PyBytes_FromStringAndSize((const char *)kb, (Py_ssize_t)rec.klen);
+                        if (!k || PyList_Append(out, k) < 0) {
+                            Py_XDECREF(k);
+                            goto fail;
+                        }
+                        Py_DECREF(k);
+                    }
+                    break;
+                }
+            }
+            if (backoff_wait(m, &b) < 0)
+                goto fail;
+        }
+    }
+    if (kb != kbuf)
+        PyMem_Free(kb);
+    return out;
+fail:
+    if (kb != kbuf)
+        PyMem_Free(kb);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef Mapping_methods[] = {
     {"lookup", (PyCFunction)Mapping_lookup, METH_O,
      "lookup(kb) -> (slot, seq, version, value, expiry), or None if missing or expired."},
     {"read_slot", (PyCFunction)(void (*)(void))Mapping_read_slot, METH_FASTCALL,
      "read_slot(slot, wait=True) -> (seq, version, expiry, flags, key, value), or None (an odd slot, wait=False)."},
+    {"changed_keys", (PyCFunction)Mapping_changed_keys, METH_O,
+     "changed_keys(bound) -> keys (bytes, may repeat) of the slots stamped above bound, each read under its seqlock."},
     {"close", (PyCFunction)Mapping_close, METH_NOARGS, "Release this object's export of the mapping."},
     {NULL}};
 
