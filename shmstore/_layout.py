@@ -308,6 +308,8 @@ def check_platform() -> None:
         raise UnsupportedPlatformError(
             f"shmstore needs Linux (POSIX shared memory, OFD locks); this is {sys.platform!r}."
         )
+    if sys.byteorder != "little":  # the hash reads keys as little-endian words, in C too
+        raise UnsupportedPlatformError(f"shmstore needs a little-endian CPU; this one is {sys.byteorder}-endian.")
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         return

@@ -129,7 +129,7 @@ static inline uint32_t shm_key_hash(const uint8_t *kb, size_t n)
     for (size_t j = nw; j-- > 0;) {
         uint64_t word = 0;
         size_t take = n - 8 * j < 8 ? n - 8 * j : 8;
-        memcpy(&word, kb + 8 * j, take); /* little-endian hosts only (checked at import) */
+        memcpy(&word, kb + 8 * j, take); /* little-endian hosts only (_layout.check_platform) */
         acc = shm_mod_p(((__uint128_t)acc << 64) | word);
     }
     uint64_t x = shm_mod_p((__uint128_t)acc * SHM_HASH_MULT_MOD);
@@ -168,8 +168,8 @@ static inline void shm_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off, u
         if (n)
             word = shm_load_relaxed(w + i);
     }
-    if (n)
-        memcpy(dst, &word, (size_t)n);
+    for (unsigned j = 0; j < n; j++) /* the last partial word (no variable-length memcpy) */
+        dst[j] = (uint8_t)(word >> (8 * j));
     (void)end;
 }
 
@@ -187,7 +187,8 @@ static inline int shm_key_equal(const uint64_t *w, uint64_t off, const uint8_t *
     }
     if (j < n) {
         uint64_t a = shm_load_relaxed(p + j / 8), b = 0;
-        memcpy(&b, kb + j, n - j);
+        for (size_t t = 0; t < n - j; t++) /* the last partial word, little-endian */
+            b |= (uint64_t)kb[j + t] << (8 * t);
         uint64_t m = (n - j) == 8 ? ~(uint64_t)0 : (((uint64_t)1 << (8 * (n - j))) - 1);
         if ((a & m) != b)
             return 0;
