@@ -34,6 +34,7 @@ import posix_ipc
 
 from shmstore import _channel as C
 from shmstore import _layout as L
+from shmstore._compiled import acquire, release
 from shmstore._shm import unlink_quietly
 
 from ._metrics import ServerMetrics
@@ -142,6 +143,7 @@ class ClientBlocks:
         q = self.chan.q
         w = self.chan.layout.block(i) // 8
         session = q[C.CH_W_CLAIMS + i]
+        acquire()  # the claim word before the block words the client wrote ahead of it
         if q[w + C.C_ACK]:
             # The block's previous client closed (or died) and this one claimed it before
             # a tick could reclaim it: retire what the old client left, as a reclaim does.
@@ -166,6 +168,7 @@ class ClientBlocks:
             except posix_ipc.Error:
                 return  # not answered: the client retries until its timeout
         self.acked[i] = session
+        release()  # the zeroed block before the ACK that hands it to the client
         q[w + C.C_ACK] = session
         if i not in self.active:
             self.active.append(i)
