@@ -10,8 +10,9 @@ The names below load on first use, so importing the settings
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from shmstore._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._config import ServerConfig
@@ -33,14 +34,4 @@ _HOME = {"EXIT_ERROR": "._server", "EXIT_OK": "._server", "EXIT_REFUSED": "._ser
          "main_serve": "._server"}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, __all__)

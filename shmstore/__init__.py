@@ -4,10 +4,10 @@ Readers in any process read records straight out of a POSIX shared-memory segmen
 without taking a lock; one coordinator process applies every write. See README.md.
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._compiled import native as _native_core
+from ._lazy import lazy_exports as _lazy_exports
 from ._api import Coordinator, DurabilityUnavailableError, connect, destroy, open, serve
 from ._errors import (
     CoordinatorRunningError,
@@ -76,17 +76,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "Batch",

@@ -19,7 +19,7 @@ For type checkers the real module is imported under ``TYPE_CHECKING``::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Callable, Iterable
 
 
 class LazyModule:
@@ -40,3 +40,32 @@ class LazyModule:
 
     def __repr__(self) -> str:
         return f"<LazyModule {self.__dict__['_lazy_name']!r}>"
+
+
+def lazy_exports(package: str, homes: dict[str, str],
+                 listed: Iterable[str] = ()) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` for names that load on first use.
+
+    Args:
+        package: the package's ``__name__``.
+        homes: name -> the module (relative to ``package``) that defines it.
+        listed: more names for ``dir()`` (the package's ``__all__``).
+
+    The ``__getattr__`` keeps what it loaded in the package's globals, so each name
+    costs one import, once.
+    """
+    namespace = importlib.import_module(package).__dict__
+    names = set(homes) | set(listed)
+
+    def __getattr__(name: str) -> Any:
+        home = homes.get(name)
+        if home is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(home, package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | names)
+
+    return __getattr__, __dir__
