@@ -416,6 +416,9 @@ class CoordinatorServer:
         if self.clients is not None:
             self.clients.close()
         if self.seg is not None:
+            engine = self.__dict__.pop("engine", None)
+            if engine is not None:
+                engine.close()  # its compiled writer holds a buffer of the mapping
             self.engine = None
             self.seg.close()
             self.seg = None
