@@ -172,6 +172,8 @@ class CoordinatorServer:
         clients = self.clients = ClientBlocks(self.name, start.channel_layout, q, self.deferred)
         clients.open()
         ch = clients.chan
+        #: the compiled ring reader and reply writer (None: the Python loads and stores)
+        self.cw = C.compiled_writer()
         self.watch = WatchHub(self.name, ch, q, clients.active)
         self.metrics = ServerMetrics(q, ch)
         clients.bind(self.metrics, self.watch)
@@ -304,22 +306,28 @@ class CoordinatorServer:
         blocks = cl.blocks
         done = cl.done
         reply_sems = cl.reply_sems
+        cw = self.cw
         for i, reply, err in served:
             base = blocks[i]
             w = base // 8
-            if reply is not None:
-                o = base + C.CONTROL + lay.ring_size
-                mv[o : o + len(reply)] = reply
-                cq[w + C.C_REPLY_LEN] = len(reply)
             if err is not None:
                 ticket, blob = err
                 o = base + C.CONTROL + lay.ring_size + lay.reply_size
                 mv[o : o + len(blob)] = blob
                 cq[w + C.C_ERR_LEN] = len(blob)
                 cq[w + C.C_ERR_TICKET] = ticket
-            # Invariant: DONE is stored after the reply bytes it vouches for.
+            # Invariant: DONE is stored after the reply bytes it vouches for (a release
+            # store when compiled; x86-64's store order when pure).
             d = self.deferred.get(i)
-            cq[w + C.C_DONE] = done[i] if d is None else d.ticket - 1
+            done_i = done[i] if d is None else d.ticket - 1
+            if cw is not None:
+                cw.reply_publish(ch.mm, w, base + C.CONTROL + lay.ring_size, lay.reply_size, reply, done_i)
+            else:
+                if reply is not None:
+                    o = base + C.CONTROL + lay.ring_size
+                    mv[o : o + len(reply)] = reply
+                    cq[w + C.C_REPLY_LEN] = len(reply)
+                cq[w + C.C_DONE] = done_i
             reply_sems[i].release()
 
     def _drain_client(self, i: int) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
@@ -341,6 +349,16 @@ class CoordinatorServer:
         base = cl.blocks[i]
         w = base // 8
         ring = base + C.CONTROL
+        cw = self.cw
+        if cw is not None:
+            # The same walk and checks in C, from an acquire load of HEAD (_cwrite.ring_take).
+            frames, tail, bad = cw.ring_take(ch.mm, w, ring, R, cq[w + C.C_TAIL])
+            if bad is not None:
+                return self._refuse_client(i, bad, frames)
+            cw.store_release(ch.mm, w + C.C_TAIL, tail)  # after our copies out of the ring
+            has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
+            reply, err = self.applier.apply_frames(i, frames, has_err)
+            return reply, err, len(frames)
         head = cq[w + C.C_HEAD]
         tail = cq[w + C.C_TAIL]
         if head < tail or head - tail > R or tail % R & 7:
