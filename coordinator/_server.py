@@ -101,6 +101,7 @@ class CoordinatorServer:
         self.durable = False
         #: client -> a reply sent later (a backup being written); see ``_replies``
         self.deferred: dict[int, Deferred] = {}
+        self._sleeps = 0  # blocking waits on the doorbell (the SLEEPING values)
 
     # -- signals ---------------------------------------------------------------------
 
@@ -174,6 +175,8 @@ class CoordinatorServer:
         ch = clients.chan
         #: the compiled ring reader and reply writer (None: the Python loads and stores)
         self.cw = C.compiled_writer()
+        if self.cw is not None:
+            ch.q[C.CH_W_ELIDE] = 1  # we keep SLEEPING: clients may skip doorbell posts
         self.watch = WatchHub(self.name, ch, q, clients.active)
         self.metrics = ServerMetrics(q, ch)
         clients.bind(self.metrics, self.watch)
@@ -212,6 +215,29 @@ class CoordinatorServer:
     def stop(self) -> None:
         self.stopping = True
 
+    def _wait_compiled(self, bell: posix_ipc.Semaphore, spin_ns: int) -> None:
+        """Wait for frames with the compiled core: spin on the active rings' HEADs (no
+        GIL), then block on the doorbell inside SLEEPING (see ``shmstore._channel``,
+        Wake-ups): a client posts only while SLEEPING is nonzero, once per value."""
+        cw = self.cw
+        cl = self.clients
+        mm = cl.chan.mm
+        deferred = self.deferred
+        blocks = cl.blocks
+        words = [blocks[i] // 8 for i in cl.active if i not in deferred]  # a deferred client waits
+        if bell.value > 0 or cw.wait_pending(mm, words, spin_ns):
+            return
+        self._sleeps += 1
+        cw.set_sleeping(mm, self._sleeps)  # a new value per sleep: clients post once each
+        try:
+            if bell.value > 0 or cw.wait_pending(mm, words, 0):
+                return
+            bell.acquire(TICK)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            pass
+        finally:
+            cw.set_sleeping(mm, 0)
+
     def loop(self) -> None:
         bell = self.clients.bell
         # A fixed spin, unlike the clients' adaptive one: if both sides backed off,
@@ -220,20 +246,23 @@ class CoordinatorServer:
         next_tick = 0.0
         while not self.stopping:
             # Wait for the doorbell: spin briefly (a wake-up costs ~80 us), then block.
-            got = bell.value > 0
-            if not got and spin_ns:
-                t_end = time.perf_counter_ns() + spin_ns
-                while time.perf_counter_ns() < t_end:
-                    if bell.value > 0:
-                        got = True
-                        break
-            if not got:
-                try:
-                    bell.acquire(TICK)
-                except posix_ipc.BusyError:
-                    pass
-                except posix_ipc.SignalError:
-                    pass
+            if self.cw is not None:
+                self._wait_compiled(bell, spin_ns)
+            else:
+                got = bell.value > 0
+                if not got and spin_ns:
+                    t_end = time.perf_counter_ns() + spin_ns
+                    while time.perf_counter_ns() < t_end:
+                        if bell.value > 0:
+                            got = True
+                            break
+                if not got:
+                    try:
+                        bell.acquire(TICK)
+                    except posix_ipc.BusyError:
+                        pass
+                    except posix_ipc.SignalError:
+                        pass
             # Swallow every pending ring: the drain below sees all published frames.
             while bell.value > 0:
                 try:

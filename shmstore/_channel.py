@@ -8,6 +8,7 @@ handles on a store share one block: see ``shmstore._attach``)::
 
     channel header (ChannelLayout.header bytes, >= 4 KiB):
       words 0-7    magic, incarnation, max_clients, ring_size, reply_size, stride
+      words 8-9    SLEEPING, ELIDE: the doorbell protocol (coordinator-written, below)
       words 16...  the claim table: one word per client block, the SESSION of the
                    process that claimed it (0: free), written by the claimant
     client block i (stride bytes each):
@@ -79,10 +80,20 @@ claim table) resets its words for the block and echoes ``ACK = SESSION``. The
 coordinator reclaims a block by taking the same lock itself, so it never races a new
 claimant.
 
-Wake-ups: the client posts the coordinator's doorbell semaphore after every publish
-(``sem_post`` costs no syscall when nobody sleeps on it) and then spins briefly on
-``DONE`` before sleeping on its own reply semaphore, which the coordinator posts after
-each group it served the client in.
+Wake-ups: the client posts the coordinator's doorbell semaphore after a publish and then
+spins briefly on ``DONE`` before sleeping on its own reply semaphore, which the
+coordinator posts after each group it served the client in. A compiled coordinator sets
+``ELIDE`` and keeps ``SLEEPING`` nonzero (a new value per sleep) only around its
+blocking wait on the doorbell (it spins on the rings' HEADs before that); a compiled
+client then posts only when it sees a ``SLEEPING`` value after its HEAD store that it
+has not posted for yet: once per sleep, not once per frame. Each side's store and the other's load are
+separated by a sequentially consistent fence (a Dekker pair, see
+``shmstore/_csrc/writer.c``), so either the client posts or the coordinator sees the
+frame before it sleeps. A post wakes a sleeping coordinator: a futex system call and a
+context switch on each side, ~10-80 us here, so while the coordinator is awake
+(draining, or spinning after a group) pipelined frames cost no system call at all. The
+pure-Python client cannot fence and always posts; a pure-Python coordinator leaves
+``ELIDE`` 0, and every client posts.
 """
 
 from __future__ import annotations
@@ -114,6 +125,8 @@ CH_W_MAX_CLIENTS = 2
 CH_W_RING = 3
 CH_W_REPLY = 4
 CH_W_STRIDE = 5
+CH_W_SLEEPING = 8  # nonzero while the coordinator may block on the doorbell (see Wake-ups)
+CH_W_ELIDE = 9  # 1: the coordinator keeps SLEEPING; clients may skip posts while it is 0
 CH_W_CLAIMS = 16  # the claim table: word CH_W_CLAIMS + i is block i's claimant's SESSION
 
 # client block words, client-written
@@ -447,6 +460,8 @@ class ClientChannel:
         self.incarnation = ch.incarnation
         #: the compiled ring writer (None: the pure-Python stores, x86-64 only)
         self.cw = compiled_writer()
+        #: the coordinator's SLEEPING value this client last posted the doorbell for
+        self.posted = 0
         #: an acquire fence after loading DONE (no-op when pure: x86-64 keeps load order)
         self.fence_acquire = _native_fence_acquire()
         q = ch.q
@@ -542,7 +557,13 @@ class ClientChannel:
             # Invariant: HEAD is stored after the frame's bytes (x86-64 keeps store order).
             q[w + C_HEAD] = self.head
         self.ticket += 1
-        self.bell.release()
+        if cw is None:
+            self.bell.release()
+        else:
+            s = cw.must_ring(self.chan.mm, self.posted)
+            if s:
+                self.posted = s
+                self.bell.release()
         return self.ticket
 
     def _wait_room(self, end: int, deadline: float) -> None:

@@ -29,6 +29,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <time.h>
 
 #include "protocol.h"
 
@@ -41,6 +42,9 @@
 #define CH_C_DONE 18
 #define CH_C_REPLY_LEN 19
 #define CH_PAD_MARK 0xFFFFFFFFu
+/* Channel header words (shmstore/_channel.py CH_W_*). */
+#define CH_W_SLEEPING 8
+#define CH_W_ELIDE 9
 
 static PyObject *str_pop, *str_append;
 
@@ -691,6 +695,136 @@ static PyObject *mod_reply_publish(PyObject *m, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* -- the doorbell: posted only while the coordinator may sleep ------------------------ *
+ *
+ * A Dekker pair, one side each, with sequentially consistent fences (the only ordering
+ * that forbids both sides missing the other's store):
+ *
+ *   client:       HEAD = h (release, ring_publish); fence(seq_cst); load SLEEPING:
+ *                 post the doorbell if it is nonzero and not the value this client
+ *                 already posted for (or if ELIDE is 0: a coordinator that does not
+ *                 follow this, e.g. the pure-Python one, gets every post)
+ *   coordinator:  SLEEPING = s (a new nonzero value per sleep); fence(seq_cst); load
+ *                 every active HEAD: sleep on the doorbell only if none moved; after
+ *                 waking SLEEPING = 0; fence(seq_cst); then drain
+ *
+ * Either the client sees SLEEPING = s and posts, or the coordinator sees the new HEAD
+ * and does not sleep. A client that sees the s it already posted for skips the post:
+ * that post wakes the coordinator, and the coordinator's drain after it sees this HEAD,
+ * because the client's load of SLEEPING came before the coordinator's store of 0 (it
+ * read s), and the two fences forbid both the client's load missing that store and the
+ * coordinator's later load of HEAD missing the client's store. So a pipelining client
+ * posts once per sleep of the coordinator, not once per frame. The pure-Python client
+ * cannot issue the fence, so it always posts.
+ */
+
+static double mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+/* must_ring(mm, posted) -> 0 (no post needed), or the value to post for (remember it
+ * as `posted`; -1: the coordinator wants every post). The client's side, right after
+ * ring_publish. */
+static PyObject *mod_must_ring(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "must_ring(mm, posted)");
+        return NULL;
+    }
+    long long posted = PyLong_AsLongLong(args[1]);
+    if (posted == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer b;
+    if (ring_buffer(args[0], &b, 8 * (CH_W_ELIDE + 1)) < 0)
+        return NULL;
+    const uint64_t *q = (const uint64_t *)b.buf;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    long long ring = -1;
+    if (shm_load_relaxed(q + CH_W_ELIDE)) {
+        uint64_t s = shm_load_relaxed(q + CH_W_SLEEPING) & 0x3FFFFFFFFFFFFFFFull;
+        ring = (s && (long long)s != posted) ? (long long)s : 0;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromLongLong(ring);
+}
+
+/* set_sleeping(mm, s): the coordinator's SLEEPING word, then a seq_cst fence. */
+static PyObject *mod_set_sleeping(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t v;
+    if (nargs != 2 || arg_u64(args[1], &v) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "set_sleeping(mm, flag)");
+        return NULL;
+    }
+    Py_buffer b;
+    if (ring_buffer(args[0], &b, 8 * (CH_W_ELIDE + 1)) < 0)
+        return NULL;
+    shm_store_relaxed((uint64_t *)b.buf + CH_W_SLEEPING, v);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+/* wait_pending(mm, words, spin_ns) -> bool: does a ring of the client blocks whose first
+ * control words are `words` hold frames (HEAD != TAIL, HEAD loaded with acquire)? Polls
+ * for up to spin_ns (0: one look), without the GIL. */
+static PyObject *mod_wait_pending(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t spin;
+    if (nargs != 3 || !PyList_Check(args[1]) || arg_u64(args[2], &spin) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "wait_pending(mm, words: list, spin_ns)");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(args[1]);
+    uint64_t ws[64], *wp = ws;
+    if (n > 64 && !(wp = PyMem_Malloc(sizeof(uint64_t) * (size_t)n)))
+        return PyErr_NoMemory();
+    uint64_t top = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (arg_u64(PyList_GET_ITEM(args[1], j), &wp[j]) < 0)
+            goto fail;
+        if (wp[j] > top)
+            top = wp[j];
+    }
+    Py_buffer b;
+    if (ring_buffer(args[0], &b, 8 * (top + CH_C_TAIL + 1)) < 0)
+        goto fail;
+    const uint64_t *q = (const uint64_t *)b.buf;
+    int found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double end = spin ? mono_ns() + (double)spin : 0;
+    for (unsigned k = 0;; k++) {
+        for (Py_ssize_t j = 0; j < n && !found; j++)
+            found = shm_load_acquire(q + wp[j] + CH_C_HEAD) != shm_load_relaxed(q + wp[j] + CH_C_TAIL);
+        if (found || !spin || ((k & 63) == 63 && mono_ns() >= end))
+            break;
+        cpu_relax();
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (wp != ws)
+        PyMem_Free(wp);
+    return PyBool_FromLong(found);
+fail:
+    if (wp != ws)
+        PyMem_Free(wp);
+    return NULL;
+}
+
 static PyObject *mod_key_hash(PyObject *m, PyObject *key)
 {
     if (!PyBytes_Check(key)) {
@@ -710,6 +844,12 @@ static PyMethodDef module_methods[] = {
     {"reply_publish", (PyCFunction)(void (*)(void))mod_reply_publish, METH_FASTCALL,
      "reply_publish(mm, w, reply_ofs, reply_size, blob, done)"},
     {"key_hash", (PyCFunction)mod_key_hash, METH_O, "key_hash(kb): shmstore._layout.key_hash in C"},
+    {"must_ring", (PyCFunction)(void (*)(void))mod_must_ring, METH_FASTCALL,
+     "must_ring(mm, posted) -> 0, or the value to post for (-1: always)"},
+    {"set_sleeping", (PyCFunction)(void (*)(void))mod_set_sleeping, METH_FASTCALL,
+     "set_sleeping(mm, s): the coordinator may sleep on the doorbell (s: nonzero, new per sleep) or not (0); seq_cst fence"},
+    {"wait_pending", (PyCFunction)(void (*)(void))mod_wait_pending, METH_FASTCALL,
+     "wait_pending(mm, words, spin_ns) -> bool: a ring holds frames (polled up to spin_ns)"},
     {NULL},
 };
 
@@ -741,5 +881,7 @@ PyMODINIT_FUNC PyInit__cwrite(void)
     PyModule_AddIntConstant(mod, "C_TAIL", CH_C_TAIL);
     PyModule_AddIntConstant(mod, "C_DONE", CH_C_DONE);
     PyModule_AddIntConstant(mod, "C_REPLY_LEN", CH_C_REPLY_LEN);
+    PyModule_AddIntConstant(mod, "CH_W_SLEEPING", CH_W_SLEEPING);
+    PyModule_AddIntConstant(mod, "CH_W_ELIDE", CH_W_ELIDE);
     return mod;
 }
