@@ -165,3 +165,77 @@ def test_core_refuses_bad_arguments(engines):
     c_eng.close()
     with pytest.raises(ValueError, match="closed"):
         core.find(b"k", 1)
+
+
+def _frames():
+    import msgspec
+
+    enc = msgspec.msgpack.encode
+    valid = st.builds(lambda op, wait, kb, vb, exp: enc([op, wait, kb, vb, exp]),
+                      st.sampled_from([1, 1, 1, 2, 3]), st.sampled_from([0, 1, True, False, 2]),
+                      st.binary(max_size=20), st.binary(max_size=30), st.sampled_from([0, 0, 0, 5, 2**40]))
+    other = st.builds(lambda x: enc(x), st.one_of(
+        st.lists(st.one_of(st.integers(-3, 300), st.binary(max_size=4), st.text(max_size=3)), max_size=6),
+        st.tuples(st.just(1), st.just(0), st.text(max_size=8), st.binary(max_size=8), st.just(0))))
+
+    def mutate(b: bytes, how: int, at: int, byte: int) -> bytes:
+        at %= max(1, len(b))
+        if how == 0:
+            return b[:at]  # truncated
+        if how == 1:
+            return b + bytes([byte])  # trailing bytes
+        return b[:at] + bytes([byte]) + b[at + 1:]  # one byte changed
+
+    mutated = st.builds(mutate, valid, st.integers(0, 2), st.integers(0, 64), st.integers(0, 255))
+    return st.one_of(valid, valid, other, mutated, st.binary(max_size=40))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(_frames(), max_size=30))
+def test_put_frame_applies_exactly_the_plain_puts_the_general_path_would(engines, frames):
+    """The coordinator's C fast path (Core.put_frame) against the general path: a frame
+    it applies decodes (msgspec, the client-frame decoder) to a put without expiry that
+    Engine.put applies to the same segment; a frame it declines leaves the segment as
+    it was, byte for byte."""
+    import msgspec
+
+    from shmstore.coordinator._ops import Put, decode_request
+
+    c_eng, py_eng = engines()
+    try:
+        for f in frames:
+            before = _image(c_eng)
+            v = c_eng.core.put_frame(f, c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+            if not v:
+                assert _image(c_eng) == before, f"declined frame {f!r} changed the segment"
+                continue
+            c_eng.epoch = v
+            try:
+                op = decode_request(f)
+            except msgspec.DecodeError as e:
+                pytest.fail(f"put_frame applied {f!r}, which the general path refuses: {e}")
+            assert type(op) is Put and op.expiry == 0 and op.wait == f[2] & 1, (f, op)
+            py_eng.check_key(op.key)
+            py_eng.check_value(op.value)
+            assert py_eng.put(op.key, op.value, 0) == v
+            assert _image(c_eng) == _image(py_eng), f"after {f!r}"
+            assert list(c_eng.free) == list(py_eng.free)
+    finally:
+        _drop([c_eng, py_eng])
+
+
+def test_put_frame_declines_a_full_store_and_takes_updates(engines):
+    import msgspec
+
+    c_eng, _ = engines()
+    core = c_eng.core
+    enc = msgspec.msgpack.encode
+    for i in range(LAYOUT.capacity):
+        v = core.put_frame(enc([1, 1, b"k%d" % i, b"v", 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+        assert v == c_eng.epoch + 1
+        c_eng.epoch = v
+    before = _image(c_eng)
+    assert core.put_frame(enc([1, 0, b"new", b"v", 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity) == 0
+    assert _image(c_eng) == before
+    v = core.put_frame(enc([1, 0, b"k3", b"w" * 24, 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+    assert v and c_eng.get(b"k3") == (v, b"w" * 24)

@@ -394,6 +394,98 @@ static PyObject *Core_put(Core *c, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLongLong(epoch);
 }
 
+/* A msgpack bin (bin8/16/32) at p[*at] within n bytes: its bytes and length. */
+static int mp_bin(const uint8_t *p, size_t n, size_t *at, const uint8_t **b, uint64_t *len)
+{
+    size_t i = *at, hl;
+    if (i >= n)
+        return 0;
+    uint64_t l;
+    if (p[i] == 0xc4 && i + 2 <= n) {
+        l = p[i + 1];
+        hl = 2;
+    } else if (p[i] == 0xc5 && i + 3 <= n) {
+        l = ((uint64_t)p[i + 1] << 8) | p[i + 2];
+        hl = 3;
+    } else if (p[i] == 0xc6 && i + 5 <= n) {
+        l = ((uint64_t)p[i + 1] << 24) | ((uint64_t)p[i + 2] << 16) | ((uint64_t)p[i + 3] << 8) | p[i + 4];
+        hl = 5;
+    } else {
+        return 0;
+    }
+    if (l > n - i - hl)
+        return 0;
+    *b = p + i + hl;
+    *len = l;
+    *at = i + hl + l;
+    return 1;
+}
+
+/* put_frame(payload, epoch, free, capacity) -> epoch, or 0: not applied here.
+ *
+ * The coordinator's fast path for the commonest request, a put without expiry, as the
+ * client encodes it: exactly the msgpack bytes  0x95 0x01 WAIT BIN(key) BIN(value) 0x00
+ * (WAIT: 0, 1, false or true; BIN: bin8/16/32) and nothing after them, a key of 1 to
+ * key_size bytes, a value of at most value_size bytes, and room for the record if it is
+ * new. It is then applied as put() does. Anything else - another op, another encoding
+ * of the same op, a TTL, a bad length, a full store, a malformed or truncated frame -
+ * returns 0 having stored nothing, and the caller takes the general path (msgspec's
+ * typed decoder and the engine's checks), which accepts a superset of these bytes and
+ * raises the right error. So this path cannot accept anything the general path would
+ * refuse, and reads only the payload's own bytes (every length is checked against what
+ * is left of them before it is used). WAIT is the payload's byte 2 (its low bit). */
+static PyObject *Core_put_frame(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(4);
+    const shm_seg *s = &c->s;
+    uint64_t epoch, capacity;
+    if (!PyBytes_Check(args[0]) || arg_u64(args[1], &epoch) < 0 || arg_u64(args[3], &capacity) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "put_frame(payload: bytes, epoch, free, capacity)");
+        return NULL;
+    }
+    const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    size_t n = (size_t)PyBytes_GET_SIZE(args[0]);
+    const uint8_t *kb, *vb;
+    uint64_t klen, vlen;
+    size_t at = 3;
+    if (n < 3 + 2 + 2 + 1 || p[0] != 0x95 || p[1] != 0x01 || !(p[2] <= 1 || p[2] == 0xc2 || p[2] == 0xc3) ||
+        !mp_bin(p, n, &at, &kb, &klen) || !mp_bin(p, n, &at, &vb, &vlen) || at + 1 != n || p[at] != 0x00 ||
+        klen == 0 || klen > s->key_size || vlen > s->value_size)
+        return PyLong_FromLong(0);
+    uint64_t pos = 0, old = 0, new_slot;
+    uint32_t h = shm_key_hash(kb, (size_t)klen);
+    int found = core_find(c, kb, klen, h, &pos, &old);
+    if (found < 0)
+        return NULL;
+    uint64_t *count = s->w + SHM_H_COUNT;
+    if (!found && shm_load_relaxed(count) >= capacity)
+        return PyLong_FromLong(0); /* the general path raises StoreFullError */
+    if (take_free(c, args[2], &new_slot) < 0)
+        return NULL;
+    if (found && new_slot == old) {
+        PyErr_SetString(PyExc_RuntimeError, "the free list holds a slot the index points to");
+        return NULL;
+    }
+    uint64_t *hz = s->w + SHM_H_FEED_HORIZON;
+    uint64_t seq = shm_load_relaxed(shm_slot(s, new_slot) + SHM_S_SEQ);
+    if (seq >= 2 && (seq - 1) >> 1 > shm_load_relaxed(hz))
+        shm_store_relaxed(hz, (seq - 1) >> 1);
+    shm_write_record(s, new_slot, epoch, kb, klen, vb, vlen, epoch, 0, 0);
+    shm_set_bucket(s, pos, h, new_slot);
+    int r = 0;
+    if (found) {
+        shm_free_record(s, old, epoch);
+        r = give_free(args[2], old);
+    } else {
+        shm_store_relaxed(count, shm_load_relaxed(count) + 1);
+    }
+    shm_publish_epoch(s, epoch);
+    if (r < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(epoch);
+}
+
 /* unlink at epoch: Engine._unlink's stores (LAST_DELETE_EPOCH before the bucket goes,
  * ordered by remove_bucket's release fence), then the slot freed, the count lowered. */
 static int core_unlink(Core *c, uint64_t pos, uint64_t slot, uint64_t epoch, PyObject *free)
@@ -457,6 +549,8 @@ static PyMethodDef Core_methods[] = {
     {"put", (PyCFunction)(void (*)(void))Core_put, METH_FASTCALL,
      "put(kb, vb, expiry, epoch, free, capacity) -> epoch, or -1 if the store is full"},
     {"delete", (PyCFunction)(void (*)(void))Core_delete, METH_FASTCALL, "delete(kb, epoch, free) -> existed"},
+    {"put_frame", (PyCFunction)(void (*)(void))Core_put_frame, METH_FASTCALL,
+     "put_frame(payload, epoch, free, capacity) -> epoch, or 0: not a plain put frame (take the general path)"},
     {"unlink", (PyCFunction)(void (*)(void))Core_unlink, METH_FASTCALL, "unlink(pos, slot, epoch, free)"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "release the mapping's buffer"},
     {NULL},
@@ -533,7 +627,9 @@ static PyObject *mod_ring_publish(PyObject *m, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "ring_publish: the frame overlaps its padding (publish the padding first)");
         return NULL;
     }
-    if (head + pad + need - tail > R) {
+    /* As _wait_room in Python ints: a TAIL past HEAD (a refused client's, set to a
+     * hostile HEAD) leaves room; the coordinator has closed that channel anyway. */
+    if ((int64_t)(head + pad + need - tail) > (int64_t)R) {
         PyBuffer_Release(&b);
         return PyLong_FromLong(-1);
     }
