@@ -30,8 +30,8 @@ import shmstore
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _client(name: str, mode: str, seconds: float, wid: int) -> None:
-    s = shmstore.connect(name)
+def _client(name: str, mode: str, seconds: float, wid: int, spin_us: float) -> None:
+    s = shmstore.connect(name, spin_us=spin_us)
     keys = [f"w{wid}-{n}" for n in range(4096)]
     value = f"value-{wid}-" + "x" * 40
     for k in keys[:64]:
@@ -95,15 +95,16 @@ def _top(path: str, n: int = 25) -> str:
     return "\n".join(out)
 
 
-def run(mode: str, seconds: float, out: str | None, nclients: int) -> float:
+def run(mode: str, seconds: float, out: str | None, nclients: int, client_spin: float = 50.0,
+        coord_spin: float = 50.0) -> float:
     name = f"wprof{os.getpid()}"
-    coord = shmstore.serve(name, capacity=16_384, key_size=16, value_size=80)
+    coord = shmstore.serve(name, capacity=16_384, key_size=16, value_size=80, spin_us=coord_spin)
     procs = []
     spies = []
     try:
         for wid in range(nclients):
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, "_client", name, mode, str(seconds), str(wid)],
+                [sys.executable, __file__, "_client", name, mode, str(seconds), str(wid), str(client_spin)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
@@ -146,23 +147,28 @@ def run(mode: str, seconds: float, out: str | None, nclients: int) -> float:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_client":
-        _, _, name, mode, seconds, wid = sys.argv
-        _client(name, mode, float(seconds), int(wid))
+        _, _, name, mode, seconds, wid, spin = sys.argv
+        _client(name, mode, float(seconds), int(wid), float(spin))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["sync", "pipelined", "rate"])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="/tmp/shmstore-write-profile")
+    ap.add_argument("--client-spin", type=float, default=50.0, help="connect(spin_us=)")
+    ap.add_argument("--coord-spin", type=float, default=50.0, help="serve(spin_us=)")
+    ap.add_argument("--only", choices=["sync", "pipelined"], help="rate: one shape only")
     a = ap.parse_args()
     if a.mode == "rate":
         for mode, n in (("sync", 2), ("pipelined", 1)):
-            rates = [run(mode, a.seconds, None, n) for _ in range(a.rounds)]
+            if a.only and mode != a.only:
+                continue
+            rates = [run(mode, a.seconds, None, n, a.client_spin, a.coord_spin) for _ in range(a.rounds)]
             print(f"{mode} ({n} client{'s' * (n > 1)}): " + " ".join(f"{r / 1e3:.1f}k" for r in rates)
                   + f"  ops/s (median {sorted(rates)[len(rates) // 2] / 1e3:.1f}k)")
         return
     n = 2 if a.mode == "sync" else 1
-    rate = run(a.mode, a.seconds, a.out, n)
+    rate = run(a.mode, a.seconds, a.out, n, a.client_spin, a.coord_spin)
     print(f"{a.mode}: {rate / 1e3:.1f}k ops/s under the profiler")
     for who in ("coordinator", "client"):
         print(_top(os.path.join(a.out, f"{a.mode}-{who}.txt")))

@@ -29,6 +29,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <time.h>
 
 #include "protocol.h"
@@ -821,15 +822,6 @@ static double mono_ns(void)
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 /* must_ring(mm, posted) -> 0 (no post needed), or the value to post for (remember it
  * as `posted`; -1: the coordinator wants every post). The client's side, right after
  * ring_publish. */
@@ -906,9 +898,12 @@ static PyObject *mod_wait_pending(PyObject *m, PyObject *const *args, Py_ssize_t
     for (unsigned k = 0;; k++) {
         for (Py_ssize_t j = 0; j < n && !found; j++)
             found = shm_load_acquire(q + wp[j] + CH_C_HEAD) != shm_load_relaxed(q + wp[j] + CH_C_TAIL);
-        if (found || !spin || ((k & 63) == 63 && mono_ns() >= end))
+        if (found || !spin || ((k & 7) == 7 && mono_ns() >= end))
             break;
-        cpu_relax();
+        /* Give the CPU to a runnable process (a client) between looks: on a host with
+         * fewer cores than spinners, a spin that keeps its core starves the very
+         * process it waits for. */
+        sched_yield();
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
