@@ -84,6 +84,38 @@ TICK = 0.1  # seconds between heartbeats / reclaim scans
 _FRAME_HEAD = struct.Struct("<II")  # a ring frame's length and its zero word
 
 
+def walk_ring(mv: memoryview, ring: int, R: int, head: int, tail: int) -> tuple[list, int, str | None]:
+    """The pure-Python walk of one client's ring (``_cwrite.ring_take`` is the compiled one).
+
+    Every word the client wrote is bounded before use: ``0 <= HEAD - TAIL <= R``, both
+    8-aligned, each frame's length within the ring and within ``HEAD``, a padding mark
+    only where a frame could not fit (never at offset 0), the frame header's second word
+    0. So a walk covers at most ``R`` bytes and reads only the ring's.
+
+    Returns:
+        ``(frames, tail, bad)``: copies of the whole frames, where the walk stopped, and
+        what was impossible (None: nothing; ``frames`` then holds the frames before it).
+    """
+    frames: list = []
+    if head < tail or head - tail > R or tail % R & 7:
+        return frames, tail, f"HEAD={head} TAIL={tail} (ring of {R} bytes)"
+    unpack = _FRAME_HEAD.unpack_from
+    while tail < head:
+        off = tail % R
+        n, zero = unpack(mv, ring + off) if off + 8 <= R else (C.PAD_MARK, 0)
+        if n == C.PAD_MARK:
+            if off == 0 or tail + R - off > head:
+                return frames, tail, f"a padding mark at ring offset {off}"
+            tail += R - off
+            continue
+        need = 8 + ((n + 7) & ~7)
+        if zero or n > R - off - 8 or tail + need > head:
+            return frames, tail, f"a frame of {n} bytes at ring offset {off}"
+        frames.append(bytes(mv[ring + off + 8 : ring + off + 8 + n]))
+        tail += need
+    return frames, tail, None
+
+
 class CoordinatorServer:
     """Serve one store until stopped. Construction changes no process-wide state."""
 
@@ -362,11 +394,10 @@ class CoordinatorServer:
     def _drain_client(self, i: int) -> tuple[bytes | None, tuple[int, bytes] | None, int]:
         """Copy client ``i``'s published frames out of its ring and apply them.
 
-        Every word the client wrote is bounded before use: ``0 <= HEAD - TAIL <=
-        ring_size``, both 8-aligned, each frame's length within the ring and within
-        ``HEAD``, a padding mark only where a frame could not fit (never at offset 0),
-        the frame header's second word 0. So one drain walks at most ``ring_size``
-        bytes: one client costs at most its own ring's worth per wake-up. A client
+        Every word the client wrote is bounded before use (:func:`walk_ring`, or
+        ``_cwrite.ring_take``, its compiled twin: tests/test_cwrite.py compares them
+        on hostile rings). So one drain walks at most ``ring_size`` bytes: one client
+        costs at most its own ring's worth per wake-up. A client
         whose words are impossible is out of sync with us: its waiting frame (if any)
         gets a ``ProtocolError`` and its channel is closed (see :meth:`_refuse_client`).
         """
@@ -380,34 +411,18 @@ class CoordinatorServer:
         ring = base + C.CONTROL
         cw = self.cw
         if cw is not None:
-            # The same walk and checks in C, from an acquire load of HEAD (_cwrite.ring_take).
+            # The same walk and checks in C, from an acquire load of HEAD.
             frames, tail, bad = cw.ring_take(ch.mm, w, ring, R, cq[w + C.C_TAIL])
-            if bad is not None:
-                return self._refuse_client(i, bad, frames)
-            cw.store_release(ch.mm, w + C.C_TAIL, tail)  # after our copies out of the ring
-            has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
-            reply, err = self.applier.apply_frames(i, frames, has_err)
-            return reply, err, len(frames)
-        head = cq[w + C.C_HEAD]
-        tail = cq[w + C.C_TAIL]
-        if head < tail or head - tail > R or tail % R & 7:
-            return self._refuse_client(i, f"HEAD={head} TAIL={tail} (ring of {R} bytes)")
-        frames = []
-        unpack = _FRAME_HEAD.unpack_from
-        while tail < head:
-            off = tail % R
-            n, zero = unpack(mv, ring + off) if off + 8 <= R else (C.PAD_MARK, 0)
-            if n == C.PAD_MARK:
-                if off == 0 or tail + R - off > head:
-                    return self._refuse_client(i, f"a padding mark at ring offset {off}", frames)
-                tail += R - off
-                continue
-            need = 8 + ((n + 7) & ~7)
-            if zero or n > R - off - 8 or tail + need > head:
-                return self._refuse_client(i, f"a frame of {n} bytes at ring offset {off}", frames)
-            frames.append(bytes(mv[ring + off + 8 : ring + off + 8 + n]))
-            tail += need
-        cq[w + C.C_TAIL] = tail  # the client may reuse the space now: we hold copies
+        else:
+            frames, tail, bad = walk_ring(mv, ring, R, cq[w + C.C_HEAD], cq[w + C.C_TAIL])
+        if bad is not None:
+            return self._refuse_client(i, bad, frames)
+        # The client may reuse the space now: we hold copies (a release store: our
+        # loads of the ring come before it).
+        if cw is not None:
+            cw.store_release(ch.mm, w + C.C_TAIL, tail)
+        else:
+            cq[w + C.C_TAIL] = tail
         has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
         reply, err = self.applier.apply_frames(i, frames, has_err)  # coordinator/_apply.py
         return reply, err, len(frames)

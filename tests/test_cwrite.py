@@ -239,3 +239,101 @@ def test_put_frame_declines_a_full_store_and_takes_updates(engines):
     assert _image(c_eng) == before
     v = core.put_frame(enc([1, 0, b"k3", b"w" * 24, 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity)
     assert v and c_eng.get(b"k3") == (v, b"w" * 24)
+
+
+R = 128
+RING_OFS = 256  # after the control words, as in a client block
+
+
+def _valid_ring(payloads: list[bytes], start: int) -> tuple[bytes, int]:
+    """A ring of R bytes holding ``payloads`` framed from offset ``start`` (wrapping with
+    a padding mark as the client does); returns it and the HEAD after them."""
+    import struct
+
+    ring = bytearray(R)
+    head = start
+    for p in payloads:
+        need = 8 + ((len(p) + 7) & ~7)
+        if need > R:
+            break
+        off = head % R
+        if off + need > R:
+            struct.pack_into("<I", ring, off, C.PAD_MARK)
+            head += R - off
+            off = 0
+        if head + need - start > R:
+            break
+        struct.pack_into("<II", ring, off, len(p), 0)
+        ring[off + 8 : off + 8 + len(p)] = p
+        head += need
+    return bytes(ring), head
+
+
+rings = st.one_of(
+    st.builds(lambda ps, start: (*_valid_ring(ps, start), start),
+              st.lists(st.binary(max_size=40), max_size=6), st.integers(0, 40).map(lambda k: 8 * k)),
+    st.tuples(st.binary(min_size=R, max_size=R), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+    st.tuples(st.binary(min_size=R, max_size=R), st.integers(0, 4 * R), st.integers(0, 4 * R)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ring=rings, flip=st.one_of(st.none(), st.tuples(st.integers(0, R - 1), st.integers(0, 255))),
+       head_delta=st.sampled_from([0, 0, 0, 1, -8, 8, R]))
+def test_ring_take_walks_a_hostile_ring_as_the_python_walk_does(ring, flip, head_delta):
+    """``_cwrite.ring_take`` (the compiled coordinator's drain) against
+    ``coordinator._server.walk_ring`` (the pure one) on valid, corrupted and random rings
+    and HEAD/TAIL words: the same frames, the same stopping TAIL, the same refusal.
+    The C walk reads only the ring (its buffer is exactly the block's size here)."""
+    import mmap
+
+    from shmstore import _cwrite
+    from shmstore.coordinator._server import walk_ring
+
+    data, head, tail = ring
+    if flip is not None:
+        data = data[:flip[0]] + bytes([flip[1]]) + data[flip[0] + 1:]
+    head = (head + head_delta) % 2**64
+    mm = mmap.mmap(-1, RING_OFS + R)
+    try:
+        mm[RING_OFS:RING_OFS + R] = data
+        q = memoryview(mm).cast("Q")
+        q[C.C_HEAD] = head
+        q[C.C_TAIL] = tail
+        q.release()
+        got = _cwrite.ring_take(mm, 0, RING_OFS, R, tail)
+        mv = memoryview(mm)
+        want = walk_ring(mv, RING_OFS, R, head, tail)
+        mv.release()
+        assert got == want, (data, head, tail)
+    finally:
+        mm.close()
+
+
+def test_ring_publish_then_take_round_trips(names):
+    """A client's frames through ring_publish (wrapping, padding) come out of ring_take
+    whole and in order; a frame with no room yet is refused (-1) without a store."""
+    import mmap
+
+    from shmstore import _cwrite
+
+    mm = mmap.mmap(-1, RING_OFS + R)
+    try:
+        head = tail = 0
+        sent = []
+        for k in range(40):
+            p = bytes([k]) * (k % 23)
+            h = _cwrite.ring_publish(mm, 0, RING_OFS, R, head, p)
+            if h < 0:
+                frames, tail, bad = _cwrite.ring_take(mm, 0, RING_OFS, R, tail)
+                assert bad is None and frames == sent
+                _cwrite.store_release(mm, C.C_TAIL, tail)
+                sent = []
+                h = _cwrite.ring_publish(mm, 0, RING_OFS, R, head, p)
+            assert h > head
+            head = h
+            sent.append(p)
+        frames, tail, bad = _cwrite.ring_take(mm, 0, RING_OFS, R, tail)
+        assert bad is None and frames == sent and tail == head
+    finally:
+        mm.close()
