@@ -50,10 +50,12 @@ CPU per put from /proc) on 2 cores shared with other work, so rates are ranges:
 - Now: a plain put frame is applied by one C call (``_apply``); the ring walk, TAIL,
   replies and DONE are C with release/acquire ordering (``shmstore._channel``); the
   coordinator spins on the rings' HEADs in C (yielding) and a client posts the doorbell
-  once per coordinator sleep, not per frame. Pipelined 65-79k/s, the client ~11 us a
+  once per coordinator sleep, not per frame. Pipelined 65-79k/s (102-103k/s once the
+host quietened; ``shmstore bench``: 2.65-3.09x Redis's pipeline), the client ~10-11 us a
   put (Store.put's checks and encoding, the frame, the lock; it is the bottleneck), the
   coordinator under 1 us of work a put plus its waiting. Sync from 2 clients
-  14.6-18.2k/s: still wake-ups: the coordinator's time is its spin and the reply
+  14.6-18.2k/s (19.9-20.9k/s quieter; ``shmstore bench``: 2.0-2.2x Redis, below one
+  client's 30.7k/s: three processes on two cores): still wake-ups: the coordinator's time is its spin and the reply
   semaphore posts (~23% of its wall time, a futex wake of a sleeping client), each
   client's is ~55% asleep on its reply semaphore, ~17% spinning (yielding).
 """
