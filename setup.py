@@ -27,6 +27,12 @@ ext_modules = [] if _pure() else [
         depends=["shmstore/_csrc/protocol.h"],
         extra_compile_args=CFLAGS,
     ),
+    Extension(
+        "shmstore._cwrite",
+        sources=["shmstore/_csrc/writer.c"],
+        depends=["shmstore/_csrc/protocol.h"],
+        extra_compile_args=CFLAGS,
+    ),
 ]
 
 setup(ext_modules=ext_modules)

@@ -23,6 +23,15 @@ runs them in ring order, one at a time, in the coordinator thread:
 
 Nothing applied here is acknowledged until the loop has committed the group
 (``journal.commit``).
+
+The fast path: with the compiled core, a frame that is exactly a plain put (no TTL) as
+clients encode it is applied by one C call, ``_cwrite.Core.put_frame``, before any
+decoding; everything else (and a plain put that would fail: a bad length, a full store)
+takes steps 1-3. The C check accepts a subset of the bytes ``decode_request`` accepts
+and applies them as ``Engine.put`` does, so a frame's result does not depend on the
+path; the counters, the journal and the reply are the same. Measured before it
+(``scripts/write_profile.py``, pipelined puts): decode, dispatch, the checks and
+``Engine.put`` cost the coordinator ~5 us a put in Python; the C call ~0.5 us.
 """
 
 from __future__ import annotations
@@ -93,9 +102,26 @@ class Applier:
         w = replies.blocks[i] // 8
         reply = None
         err = None
+        eng = self.engine
+        core = eng.core
+        put_frame = None
+        if core is not None and (not self.durable or getattr(self.journal, "failed", None) is None):
+            put_frame = core.put_frame
+            q = self.seg.q
+            append = self.journal.append
         for payload in frames:
             done[i] += 1
             ticket = done[i]
+            if put_frame is not None and payload is not None:
+                v = put_frame(payload, eng.epoch + 1, eng.free, eng.capacity)
+                if v:  # a plain put, applied (see the module docstring)
+                    eng.epoch = v
+                    q[L.H_PUTS] += 1
+                    q[L.H_OPS] += 1
+                    append(v - 1, payload)
+                    if payload[2] & 1:  # wait: 1 or true
+                        reply = _encode([ticket, C.ST_OK, v])
+                    continue
             wait = True
             try:
                 if payload is None:

@@ -102,8 +102,13 @@ class Replies:
             base = lay.block(i)
             w = base // 8
             o = base + C.CONTROL + lay.ring_size
-            ch.mv[o : o + len(blob)] = blob
-            ch.q[w + C.C_REPLY_LEN] = len(blob)
-            # Invariant: DONE is stored after the reply bytes it vouches for.
-            ch.q[w + C.C_DONE] = self.done[i]
+            # Invariant: DONE is stored after the reply bytes it vouches for (a release
+            # store when compiled, see shmstore._channel).
+            cw = C.compiled_writer()
+            if cw is not None:
+                cw.reply_publish(ch.mm, w, o, lay.reply_size, blob, self.done[i])
+            else:
+                ch.mv[o : o + len(blob)] = blob
+                ch.q[w + C.C_REPLY_LEN] = len(blob)
+                ch.q[w + C.C_DONE] = self.done[i]
             self.reply_sems[i].release()

@@ -20,6 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"shmstore": "shmstore", "coordinator": "shmstore.coordinator",
            "workers": "shmstore.workers", "scripts": "scripts"}
+#: the compiled extension modules (setup.py): leaves, they import nothing of the project.
+#: Without them ``from . import _native`` would count as an import of the package itself.
+EXTENSIONS = ("shmstore._native", "shmstore._cwrite")
+
+
+def test_extensions_are_built_from_setup_py():
+    setup = (ROOT / "setup.py").read_text()
+    assert all(f'"{name}"' in setup for name in EXTENSIONS)
 
 
 def _modules() -> dict[str, Path]:
@@ -43,7 +51,7 @@ def _is_package(path: Path) -> bool:
 
 
 def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {m: set() for m in mods}
+    graph: dict[str, set[str]] = {m: set() for m in (*mods, *EXTENSIONS)}
     for mod, path in mods.items():
         if path.suffix != ".py":
             continue
@@ -63,10 +71,10 @@ def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
                     src = node.module or ""
                 for a in node.names:
                     sub = f"{src}.{a.name}"
-                    targets.append(sub if sub in mods else src)
+                    targets.append(sub if sub in graph else src)
             for t in targets:
                 # an import of a.b.c names module a.b.c (the deepest one that exists)
-                while t and t not in mods:
+                while t and t not in graph:
                     t = t.rpartition(".")[0]
                 if t and t != mod:
                     graph[mod].add(t)

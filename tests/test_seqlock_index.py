@@ -356,10 +356,14 @@ def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(served):
     """Rule 6 (single 8-byte accesses), writing side, and the write order of the
     seqlock: the engine stores seq, meta and buckets through the u64 view; every byte
     it copies into a slot, and every other word of that slot, is stored while the
-    slot's seq is odd; a bucket is only pointed at a slot whose write is complete."""
+    slot's seq is odd; a bucket is only pointed at a slot whose write is complete.
+
+    The Python stores (the pure core's), spied on through the engine's views; the
+    compiled writer makes the same stores in C (protocol.h's W1-W4, proved by the
+    ThreadSanitizer harness) and leaves the same segment (tests/test_cwrite.py)."""
     from shmstore._channel import OP_DELETE, OP_PUT
 
-    with writer_side(served, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
+    with writer_side(served, compiled=False, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
         log: list = []
         eng.q, eng.mv = WordsSpy(wseg.q, log), BytesSpy(wseg.mv, log)
         eng.put(b"a", enc(1))

@@ -114,8 +114,11 @@ def slot_of_byte(seg: Segment, offset: int) -> int:
 
 
 @contextlib.contextmanager
-def writer_side(served, **serve_kwargs):
+def writer_side(served, compiled: bool | None = None, **serve_kwargs):
     """A served store whose coordinator is then STOPPED: the test is the only writer.
+
+    ``compiled``: the Engine's core (None: the one that runs; False: the Python stores,
+    which a test can spy on through ``eng.q`` / ``eng.mv``).
 
     Yields ``(name, writable Segment, Engine)``.
     """
@@ -123,7 +126,7 @@ def writer_side(served, **serve_kwargs):
     coord.stop()
     seg = open_segment(n, writable=True)
     try:
-        eng = Engine(seg)
+        eng = Engine(seg, compiled=compiled)
         eng.rebuild_free_list()
         yield n, seg, eng
     finally:
