@@ -464,4 +464,45 @@ static inline void shm_remove_bucket(const shm_seg *s, uint64_t pos)
 /* Publish the epoch: every op up to it is applied (release). */
 static inline void shm_publish_epoch(const shm_seg *s, uint64_t epoch) { shm_store_release(s->w + SHM_H_EPOCH, epoch); }
 
+/* -- the doorbell (shmstore/_channel.py, Wake-ups) --------------------------------------- *
+ *
+ * A Dekker pair, one side each, with sequentially consistent fences (the only ordering
+ * that forbids both sides missing the other's store; x86-64's total store order alone
+ * lets a load pass an earlier store, so even there the fence is an mfence):
+ *
+ *   client:       HEAD = h (release); shm_must_ring: fence(seq_cst); load SLEEPING
+ *   coordinator:  shm_set_sleeping(s): SLEEPING = s; fence(seq_cst); then load every
+ *                 HEAD (acquire) and block on the doorbell only if none moved; after
+ *                 waking, shm_set_sleeping(0)
+ *
+ * Either the client sees SLEEPING = s and posts, or the coordinator sees the new HEAD
+ * and does not block. tests/native/doorbell_stress.c runs exactly these two functions
+ * on two threads and counts wake-ups lost (and, with the fence taken out, finds them).
+ */
+#define SHM_CH_SLEEPING 8 /* channel header words (shmstore/_channel.py CH_W_*) */
+#define SHM_CH_ELIDE 9
+
+#ifndef SHM_DOORBELL_FENCE
+#define SHM_DOORBELL_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#endif
+
+/* The client, right after publishing HEAD: 0 (no post needed), the SLEEPING value to
+ * post the doorbell for (remember it as `posted`: one post per sleep), or -1 (the
+ * coordinator keeps no SLEEPING word: post every time). */
+static inline long long shm_must_ring(const uint64_t *ch, long long posted)
+{
+    SHM_DOORBELL_FENCE();
+    if (!shm_load_relaxed(ch + SHM_CH_ELIDE))
+        return -1;
+    uint64_t s = shm_load_relaxed(ch + SHM_CH_SLEEPING) & 0x3FFFFFFFFFFFFFFFull;
+    return (s && (long long)s != posted) ? (long long)s : 0;
+}
+
+/* The coordinator: it may block on the doorbell (s: nonzero, new per sleep) or not (0). */
+static inline void shm_set_sleeping(uint64_t *ch, uint64_t s)
+{
+    shm_store_relaxed(ch + SHM_CH_SLEEPING, s);
+    SHM_DOORBELL_FENCE();
+}
+
 #endif /* SHMSTORE_PROTOCOL_H */

@@ -837,13 +837,7 @@ static PyObject *mod_must_ring(PyObject *m, PyObject *const *args, Py_ssize_t na
     Py_buffer b;
     if (ring_buffer(args[0], &b, 8 * (CH_W_ELIDE + 1)) < 0)
         return NULL;
-    const uint64_t *q = (const uint64_t *)b.buf;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    long long ring = -1;
-    if (shm_load_relaxed(q + CH_W_ELIDE)) {
-        uint64_t s = shm_load_relaxed(q + CH_W_SLEEPING) & 0x3FFFFFFFFFFFFFFFull;
-        ring = (s && (long long)s != posted) ? (long long)s : 0;
-    }
+    long long ring = shm_must_ring((const uint64_t *)b.buf, posted);
     PyBuffer_Release(&b);
     return PyLong_FromLongLong(ring);
 }
@@ -860,8 +854,7 @@ static PyObject *mod_set_sleeping(PyObject *m, PyObject *const *args, Py_ssize_t
     Py_buffer b;
     if (ring_buffer(args[0], &b, 8 * (CH_W_ELIDE + 1)) < 0)
         return NULL;
-    shm_store_relaxed((uint64_t *)b.buf + CH_W_SLEEPING, v);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    shm_set_sleeping((uint64_t *)b.buf, v);
     PyBuffer_Release(&b);
     Py_RETURN_NONE;
 }
