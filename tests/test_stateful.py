@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 from hypothesis import settings
+import pytest
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import shmstore
-from tests.helpers.processes import unique_name
+from tests.helpers.processes import shm_objects, unique_name
 
 KEYS = st.sampled_from([f"k{i}" for i in range(12)] + [b"b0", b"b1", "\u00e9t\u00e9"])
 VALUES = st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=20),
@@ -20,6 +21,25 @@ def _k(key) -> bytes:
     return key.encode() if isinstance(key, str) else key
 
 
+#: every (name, coordinator) the machine served, for the module's cleanup below
+_SERVED: list[tuple[str, shmstore.Coordinator]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup_served():
+    """A run interrupted mid-example (a timeout, Ctrl-C) skips the machine's teardown:
+    stop and destroy whatever it served, and fail if anything is left in /dev/shm."""
+    yield
+    left = []
+    for name, coord in _SERVED:
+        coord.stop(timeout=5)
+        shmstore.destroy(name)
+        if shm_objects(name):
+            left.append(name)
+    _SERVED.clear()
+    assert not left, f"shared-memory objects leaked: {left}"
+
+
 class StoreVsDict(RuleBasedStateMachine):
     """Every op on the store and on a dict; they must agree after each step."""
 
@@ -27,6 +47,7 @@ class StoreVsDict(RuleBasedStateMachine):
     def start(self):
         self.name = unique_name("hyp")
         self.coord = shmstore.serve(self.name, capacity=CAPACITY, value_size=256)
+        _SERVED.append((self.name, self.coord))
         self.store = shmstore.connect(self.name)
         self.model: dict[bytes, object] = {}
         self.versions: dict[bytes, int] = {}
