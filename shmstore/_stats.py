@@ -265,7 +265,10 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
     q = seg.q
     now = time.monotonic()
     alive = coordinator_alive(seg)
-    pid = q[L.H_COORD_PID] if alive else None
+    # The word is read again: a coordinator exiting in between has zeroed it (a handover
+    # under Gunicorn's USR2, a stop). No coordinator, then, rather than "pid 0".
+    pid = (q[L.H_COORD_PID] or None) if alive else None
+    alive = pid is not None
     rss, cpu, uptime = _coordinator_process(pid)
     mine = counters.totals()
     blocks = _read_blocks(seg.name) if alive else []
