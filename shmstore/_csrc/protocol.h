@@ -73,6 +73,7 @@
 #define SHM_H_COUNT 18
 #define SHM_H_LAST_DELETE_EPOCH 19
 #define SHM_H_BATCH_SEQ 20
+#define SHM_H_FEED_HORIZON 129
 
 #define SHM_STATE_READY 1
 #define SHM_SLOT_HEADER 32 /* bytes: seq, version, expiry, meta */
@@ -110,6 +111,21 @@ typedef struct {
 
 static inline uint64_t *shm_slot(const shm_seg *s, uint64_t slot) { return s->w + s->slot0 + slot * s->slot_words; }
 
+/* Do the sizes in s fit a mapping of len bytes at base, of which the layout claims
+ * size? Every load and store above stays inside the mapping only if they do: the
+ * header words the protocol uses lie before the slots, the slots and the index end
+ * within the size, a slot holds its header, key and value, a bucket's 32-bit slot
+ * field can name every slot, and the index is a power of two. The reader's and the
+ * writer's extensions both refuse a mapping this says no to. */
+static inline int shm_seg_fits(const shm_seg *s, const void *base, uint64_t len, uint64_t size)
+{
+    uint64_t nbuckets = s->mask + 1;
+    return !((uintptr_t)base & 7) && len >= size && !(nbuckets & s->mask) && nbuckets >= 2 &&
+           s->nslots < 0xFFFFFFFFull && s->slot_words * 8 >= SHM_SLOT_HEADER + s->key_size + s->value_size &&
+           (s->slot0 + s->nslots * s->slot_words) * 8 <= size && (s->idx0 + nbuckets) * 8 <= size &&
+           s->key_size <= 65535 && s->slot0 * 8 >= 8 * (SHM_H_FEED_HORIZON + 1);
+}
+
 /* -- the hash ------------------------------------------------------------------------- */
 
 static inline uint64_t shm_mod_p(__uint128_t x)
@@ -145,7 +161,7 @@ static inline void shm_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off, u
 {
     if (!n)
         return;
-    uint64_t i = off >> 3, end = off + n;
+    uint64_t i = off >> 3;
     unsigned skip = (unsigned)(off & 7);
     uint64_t word = shm_load_relaxed(w + i);
     if (skip) {
@@ -170,7 +186,6 @@ static inline void shm_copy_out(uint8_t *dst, const uint64_t *w, uint64_t off, u
     }
     for (unsigned j = 0; j < n; j++) /* the last partial word (no variable-length memcpy) */
         dst[j] = (uint8_t)(word >> (8 * j));
-    (void)end;
 }
 
 /* Compare the n key bytes at byte offset off (8-aligned) with kb (relaxed loads; the

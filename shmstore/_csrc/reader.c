@@ -102,11 +102,7 @@ static int export_segment(PyObject *mm, Py_buffer *buf, shm_seg *s, PyObject *si
     s->mask = v[4];
     s->key_size = v[5];
     s->value_size = v[6];
-    uint64_t size = v[7];
-    uint64_t nbuckets = s->mask + 1;
-    if (((uintptr_t)buf->buf & 7) || (uint64_t)buf->len < size || (nbuckets & s->mask) ||
-        s->slot_words * 8 < SHM_SLOT_HEADER + s->key_size + s->value_size ||
-        (s->slot0 + s->nslots * s->slot_words) * 8 > size || (s->idx0 + nbuckets) * 8 > size || s->key_size > 65535) {
+    if (!shm_seg_fits(s, buf->buf, (uint64_t)buf->len, v[7])) {
         PyBuffer_Release(buf);
         PyErr_SetString(PyExc_ValueError, "segment sizes do not fit the mapping");
         return -1;

@@ -35,7 +35,6 @@
 #include "protocol.h"
 
 /* Header words not in protocol.h (shmstore/_layout.py H_*; tests/test_cwrite.py checks). */
-#define SHM_H_FEED_HORIZON 129
 
 /* Channel words (shmstore/_channel.py C_*; checked by tests/test_cwrite.py). */
 #define CH_C_HEAD 1
@@ -43,9 +42,9 @@
 #define CH_C_DONE 18
 #define CH_C_REPLY_LEN 19
 #define CH_PAD_MARK 0xFFFFFFFFu
-/* Channel header words (shmstore/_channel.py CH_W_*). */
-#define CH_W_SLEEPING 8
-#define CH_W_ELIDE 9
+/* Channel header words (shmstore/_channel.py CH_W_*): protocol.h's doorbell words. */
+#define CH_W_SLEEPING SHM_CH_SLEEPING
+#define CH_W_ELIDE SHM_CH_ELIDE
 
 static PyObject *str_pop, *str_append;
 
@@ -84,11 +83,7 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->mask = v[4];
     s->key_size = v[5];
     s->value_size = v[6];
-    uint64_t size = v[7], nbuckets = s->mask + 1;
-    if (((uintptr_t)c->buf.buf & 7) || (uint64_t)c->buf.len < size || (nbuckets & s->mask) || nbuckets < 2 ||
-        s->nslots >= 0xFFFFFFFFull || s->slot_words * 8 < SHM_SLOT_HEADER + s->key_size + s->value_size ||
-        (s->slot0 + s->nslots * s->slot_words) * 8 > size || (s->idx0 + nbuckets) * 8 > size ||
-        s->key_size > 65535 || s->slot0 * 8 < 8 * (SHM_H_FEED_HORIZON + 1)) {
+    if (!shm_seg_fits(s, c->buf.buf, (uint64_t)c->buf.len, v[7])) {
         PyBuffer_Release(&c->buf);
         Py_DECREF(c);
         PyErr_SetString(PyExc_ValueError, "segment sizes do not fit the mapping");
