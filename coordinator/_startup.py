@@ -185,6 +185,7 @@ class Startup:
         first."""
         if self.created:
             unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
+            unlink_quietly(posix_ipc.SharedMemory, L.access_name(self.name))
             unlink_tables(self.name)
         if self.lock_fd < 0:
             return  # not ours to clean: we never held the store's lock

@@ -479,6 +479,7 @@ def destroy(name: str) -> bool:
         max_clients = _mark_destroyed(name)
         found |= unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.redo_name(name))
+        found |= unlink_quietly(posix_ipc.SharedMemory, L.access_name(name))
         found |= unlink_quietly(posix_ipc.SharedMemory, L.channel_name(name))
         found |= _unlink_prefixed(name, ("table", "handover"))
         found |= unlink_quietly(posix_ipc.Semaphore, L.bell_name(name))

@@ -73,29 +73,36 @@ def _sha256(data: bytes) -> bytes:
 MAGIC = 0x31_4D_54_53_4D_48_53  # b"SHMSTM1" little-endian, 7 bytes
 #: 2: the index hash is key_hash() (CRC-32 + multiply-shift mix), no longer the bare CRC-32
 #: 3: key_hash() is a multiply modulo 2**61 - 1 (+ xor-shift), which numpy computes from key words
-FORMAT_VERSION = 3
+#: 4: size classes: slots live in pages handed to classes; buckets name slots by offset
+FORMAT_VERSION = 4
 PAGE = 4096
 HEADER_SIZE = PAGE
-SLOTS_OFFSET = HEADER_SIZE
 
 # Header word indices (u64 each).
 H_MAGIC = 0
 H_FORMAT = 1
-H_LAYOUT_FP = 2  # fingerprint of (capacity, slot size, key size, value size, buckets)
+H_LAYOUT_FP = 2  # fingerprint of Layout (sizes, classes, pages, buckets)
 H_SCHEMA_FP = 3  # fingerprint of the value_type, 0 for untyped stores
 H_CAPACITY = 4
-H_NSLOTS = 5
-H_SLOT_SIZE = 6
+H_NSLOTS = 5  # a single-class store's slots (capacity + 1); 0 for a memory store
+H_SLOT_SIZE = 6  # the largest class's slot size
 H_KEY_SIZE = 7
 H_VALUE_SIZE = 8
 H_NBUCKETS = 9
 H_INSTANCE = 10  # random id of this segment; a recreated store gets a new one
 H_STATE = 11  # STATE_* below
+H_MEMORY = 12  # the page budget in bytes; 0: a single-class store (capacity x value_size)
+H_NPAGES = 13
+H_PAGE_SIZE = 14  # bytes, a power of two
+H_NCLASSES = 15
 H_EPOCH = 16  # the last epoch whose op (or whole batch) is fully applied
 H_INDEX_GEN = 17  # odd while buckets move; bumped by every move or removal
 H_COUNT = 18  # records in the store
 H_LAST_DELETE_EPOCH = 19  # epoch of the newest removal of a key
 H_BATCH_SEQ = 20  # odd while a multi-op batch is being applied
+H_PAGES_OFFSET = 21  # byte offset of the first page (slot references count from it)
+H_GROWTH = 22  # the class growth factor, in millionths
+H_EVICTION = 23  # EVICT_* below: what the running coordinator does when a class is full
 H_COORD_PID = 24
 H_COORD_START = 25  # the coordinator's process start time, ms since the Unix epoch
 H_HEARTBEAT = 26  # wall-clock ns of the coordinator's last tick
@@ -150,11 +157,28 @@ H_RETIRED_WRITES_TIMED = 121
 H_RETIRED_WRITE_ERRORS = 122
 H_RETIRED_WRITE_NS_MAX = 123
 H_RETIRED_CACHE_HITS = 124
+# Memory and eviction counters (one writer: the coordinator), words 32-39.
+H_EVICTIONS = 32  # records evicted to make room
+H_PAGE_MOVES = 33  # pages taken from one class (all its records evicted) for another
+H_FREE_PAGES = 34  # pages not yet handed to any class
+H_CLOCK_SCANS = 35  # slots the eviction clock looked at
+# Size classes, words 160-415: CLASS_WORDS words per class c from H_CLASSES + 4c.
+H_CLASSES = 160
+CLASS_WORDS = 4
+C_SLOT_SIZE = 0  # bytes of a slot of the class
+C_PAGES = 1  # pages the class holds
+C_RECORDS = 2  # live records in its slots
+C_ASKED = 3  # bytes those records need (slot_need): fragmentation = 1 - asked / (records x slot)
 H_WORDS = HEADER_SIZE // 8
 
 STATE_INIT = 0
 STATE_READY = 1
 STATE_DESTROYED = 2
+
+EVICT_NONE = 0  # a full class refuses writes (StoreFullError)
+EVICT_LRU = 1  # approximate LRU (a CLOCK over each class's slots; see coordinator/_evict.py)
+EVICT_VOLATILE_TTL = 2  # records with an expiry, soonest first; then none
+EVICTION_NAMES = {None: EVICT_NONE, "lru": EVICT_LRU, "volatile-ttl": EVICT_VOLATILE_TTL}
 
 # Slot word offsets (in u64 words from the slot start).
 S_SEQ = 0
@@ -164,6 +188,17 @@ S_META = 3
 SLOT_HEADER = 32
 
 FLAG_FREE = 1  # the slot holds no record (its key is kept for change feeds)
+FLAG_EVICTED = 2  # with FLAG_FREE: the record was evicted (not deleted, not expired)
+
+# Size classes and pages (format 4).
+SLOT_UNIT = 16  # slot sizes are multiples of this; a bucket names a slot by offset // SLOT_UNIT
+MIN_SLOT = 64  # the smallest class
+GROWTH = 1.25  # a class's slot size over the one below it (about)
+MIN_PAGE = 1 << 20  # a memory store's page: a power of two >= this and the largest slot
+MAX_CLASSES = 64
+MAX_MEMORY = (1 << 36) - (1 << 20)  # buckets address 2**32 SLOT_UNITs of pages
+ACCESS_GRAIN = MIN_SLOT  # one access byte per this many bytes of pages (each slot has its own)
+PTE_CLASS_BITS = 8  # a page-table entry: (epoch of assignment << 8) | (class + 1); 0: free
 
 MAX_KEY_SIZE = 4096
 MAX_VALUE_SIZE = 64 * 1024 * 1024
@@ -367,6 +402,11 @@ def watch_sem_name(name: str, client: int) -> str:
     return f"/shmstore.{name}@w{client}"
 
 
+def access_name(name: str) -> str:
+    """The access bytes LRU eviction reads (``Layout.access_size``; clients map it writable)."""
+    return f"/shmstore.{name}@acc"
+
+
 def redo_name(name: str) -> str:
     return f"/shmstore.{name}@redo"
 
@@ -389,7 +429,7 @@ SHM_DIR = "/dev/shm"
 _ENTRY_RE = re.compile(r"^(sem\.)?shmstore\.([A-Za-z0-9_.-]{1,64})(@.*)?$")
 #: suffix -> kind of every object the library and the coordinator make (a tool's own
 #: objects under a store's name, e.g. a stop semaphore, are not among them)
-_KIND_RE = re.compile(r"^(?:(?P<data>)|@(?P<channel>ch)|@(?P<lock>lock)|@(?P<redo>redo)|@(?P<bell>bell)"
+_KIND_RE = re.compile(r"^(?:(?P<data>)|@(?P<channel>ch)|@(?P<lock>lock)|@(?P<redo>redo)|@(?P<bell>bell)|@(?P<access>acc)"
                       r"|@r(?P<reply>\d+)|@w(?P<watch>\d+)|@t\.(?P<table>.+)|@x(?P<handover>.+))$")
 
 
@@ -402,7 +442,7 @@ def parse_entry(entry: str) -> tuple[str, str, bool] | None:
 
 def entry_kind(suffix: str) -> str | None:
     """What the object of ``suffix`` is: ``data``, ``channel``, ``lock``, ``redo``,
-    ``bell``, ``reply``, ``watch``, ``table`` or ``handover``; None for an object the
+    ``access``, ``bell``, ``reply``, ``watch``, ``table`` or ``handover``; None for an object the
     store itself never makes."""
     m = _KIND_RE.match(suffix)
     return None if m is None else m.lastgroup
@@ -434,55 +474,179 @@ def align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def slot_need(klen: int, vlen: int) -> int:
+    """Bytes a record of a ``klen``-byte key and ``vlen``-byte value takes in a slot:
+    the header, the key padded to 8 bytes, the value."""
+    return SLOT_HEADER + ((klen + 7) & ~7) + vlen
+
+
 class Layout(msgspec.Struct, frozen=True):
-    """The sizes a store is created with; fixed for its lifetime."""
+    """The sizes a store is created with; fixed for its lifetime.
+
+    Two kinds of store share one format:
+
+    - ``memory == 0``: the single-class store of ``capacity`` records of up to
+      ``key_size`` + ``value_size`` bytes (one class; every page assigned to it at
+      creation; ``capacity + 1`` slots, the spare lets an update succeed when full);
+    - ``memory > 0``: a budget of ``memory`` bytes of pages, handed to size classes
+      as they need them; ``value_size`` is the largest value; ``capacity`` bounds the
+      records (it sizes the index).
+    """
 
     capacity: int
     key_size: int
     value_size: int
+    memory: int = 0
+    growth: float = GROWTH
+
+    # -- classes and pages ---------------------------------------------------------
+
+    @property
+    def largest_slot(self) -> int:
+        return align(slot_need(self.key_size, self.value_size), SLOT_UNIT)
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Slot sizes of the classes, ascending, each a multiple of SLOT_UNIT.
+
+        A memory store's sizes are ``MIN_SLOT * growth**i`` rounded up to SLOT_UNIT
+        (from the ideal sequence, not the rounded one, so small classes stay close
+        together), then the largest slot.
+        """
+        big = self.largest_slot
+        if not self.memory:
+            return (big,)
+        sizes: list[int] = []
+        ideal = float(MIN_SLOT)
+        while True:
+            s = align(int(ideal + 0.5), SLOT_UNIT)
+            if s >= big:
+                break
+            if not sizes or s > sizes[-1]:
+                sizes.append(s)
+            ideal *= self.growth
+        sizes.append(big)
+        return tuple(sizes)
 
     @property
     def nslots(self) -> int:
-        return self.capacity + 1
+        """Single-class store: its slots (capacity + 1). A memory store: 0 (its slots
+        are per page: ``page_size // classes[c]``)."""
+        return 0 if self.memory else self.capacity + 1
 
     @property
-    def slot_size(self) -> int:
-        return align(SLOT_HEADER + self.key_size + self.value_size, 8)
+    def page_size(self) -> int:
+        """Bytes of a page: a power of two, at least MIN_PAGE and the largest slot
+        (a single-class store small enough for one smaller page takes that)."""
+        big = max(MIN_PAGE, _pow2_at_least(self.largest_slot))
+        if self.memory:
+            return big
+        return min(big, _pow2_at_least(max(self.nslots * self.largest_slot, PAGE)))
+
+    @property
+    def npages(self) -> int:
+        if self.memory:
+            return self.memory // self.page_size
+        per = self.page_size // self.largest_slot
+        return -(-self.nslots // per)
+
+    @property
+    def nrefs(self) -> int:
+        """Slot references: the pages' bytes in SLOT_UNITs (a bucket's slot field)."""
+        return self.npages * self.page_size // SLOT_UNIT
 
     @property
     def nbuckets(self) -> int:
         n = 8
-        while n < 2 * self.nslots:
+        need = 2 * self.nslots if not self.memory else -(-4 * self.capacity // 3) + 1
+        while n < need:
             n <<= 1
         return n
 
+    # -- offsets ---------------------------------------------------------------------
+
+    @property
+    def pt_offset(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def pages_offset(self) -> int:
+        return align(self.pt_offset + 8 * self.npages, PAGE)
+
     @property
     def index_offset(self) -> int:
-        return align(SLOTS_OFFSET + self.nslots * self.slot_size, PAGE)
+        return self.pages_offset + self.npages * self.page_size
 
     @property
     def size(self) -> int:
         return align(self.index_offset + self.nbuckets * 8, PAGE)
 
     @property
+    def access_size(self) -> int:
+        """Bytes of the access segment (LRU eviction): one byte per ACCESS_GRAIN of pages."""
+        return align(max(self.npages * self.page_size // ACCESS_GRAIN, 1), PAGE)
+
+    @property
     def fingerprint(self) -> int:
-        raw = f"{FORMAT_VERSION}:{self.capacity}:{self.slot_size}:{self.key_size}:{self.value_size}:{self.nbuckets}"
+        raw = (f"{FORMAT_VERSION}:{self.capacity}:{self.key_size}:{self.value_size}:{self.memory}:"
+               f"{self.classes}:{self.page_size}:{self.npages}:{self.nbuckets}")
         return int.from_bytes(_sha256(raw.encode())[:8], "little") or 1
+
+    def class_for(self, need: int) -> int:
+        """The smallest class whose slot holds ``need`` bytes (see :func:`slot_need`),
+        or -1 if none does."""
+        import bisect  # noqa: PLC0415
+
+        c = bisect.bisect_left(self.classes, need)
+        return c if c < len(self.classes) else -1
 
     def validate(self) -> Layout:
         """Check the sizes and return self.
 
         Raises:
-            InvalidLayoutError: a size is not an integer in its range.
+            InvalidLayoutError: a size is not an integer in its range, or the sizes make
+                no store (a budget under one page, too many classes, too many pages).
         """
         for field, value, lo, hi in (
             ("capacity", self.capacity, 1, MAX_CAPACITY),
             ("key_size", self.key_size, 1, MAX_KEY_SIZE),
             ("value_size", self.value_size, 1, MAX_VALUE_SIZE),
+            ("memory", self.memory, 0, MAX_MEMORY),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise InvalidLayoutError(f"{field} must be an integer from {lo} to {hi}, got {value!r}")
+        g = self.growth
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.05 <= g <= 4.0):
+            raise InvalidLayoutError(f"growth must be a number from 1.05 to 4, got {g!r}")
+        if self.memory and self.memory < self.page_size:
+            raise InvalidLayoutError(
+                f"memory={self.memory} is less than one page ({self.page_size} bytes, set by the "
+                f"largest record: key_size={self.key_size}, value_size={self.value_size}); give "
+                f"more memory or a smaller value_size"
+            )
+        if len(self.classes) > MAX_CLASSES:
+            raise InvalidLayoutError(
+                f"growth={g} makes {len(self.classes)} size classes up to value_size="
+                f"{self.value_size}; at most {MAX_CLASSES}: raise growth"
+            )
+        if self.nrefs >= (1 << 32) - 1:
+            raise InvalidLayoutError(
+                f"the store's pages ({self.npages * self.page_size} bytes) exceed the "
+                f"{MAX_MEMORY} bytes a bucket can address"
+            )
         return self
+
+
+def class_word(c: int, field: int) -> int:
+    """Header word of class ``c``'s field (``C_SLOT_SIZE`` .. ``C_ASKED``)."""
+    return H_CLASSES + CLASS_WORDS * c + field
 
 
 def schema_fingerprint(value_type: object) -> int:

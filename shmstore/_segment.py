@@ -127,14 +127,19 @@ class Segment:
                 f"{L.FORMAT_VERSION}; stop its coordinator and destroy or migrate it"
             )
         self.layout = L.Layout(
-            capacity=q[L.H_CAPACITY], key_size=q[L.H_KEY_SIZE], value_size=q[L.H_VALUE_SIZE]
+            capacity=q[L.H_CAPACITY], key_size=q[L.H_KEY_SIZE], value_size=q[L.H_VALUE_SIZE],
+            memory=q[L.H_MEMORY], growth=q[L.H_GROWTH] / 1e6,
         )
         lay = self.layout
         if (
             q[L.H_LAYOUT_FP] != lay.fingerprint
             or q[L.H_NSLOTS] != lay.nslots
-            or q[L.H_SLOT_SIZE] != lay.slot_size
+            or q[L.H_SLOT_SIZE] != lay.largest_slot
             or q[L.H_NBUCKETS] != lay.nbuckets
+            or q[L.H_NPAGES] != lay.npages
+            or q[L.H_PAGE_SIZE] != lay.page_size
+            or q[L.H_NCLASSES] != len(lay.classes)
+            or q[L.H_PAGES_OFFSET] != lay.pages_offset
             or len(self.mv) < lay.size
         ):
             self.close()
@@ -145,11 +150,21 @@ class Segment:
             )
         self.instance = q[L.H_INSTANCE]
         self.key_size = lay.key_size
+        #: the largest value the store takes
         self.value_size = lay.value_size
-        self.nslots = lay.nslots
-        self.slot_size = lay.slot_size
-        self.slot_words = lay.slot_size // 8
-        self.slot0 = L.SLOTS_OFFSET // 8  # first slot, in words
+        #: slot sizes of the size classes, ascending
+        self.classes = lay.classes
+        self.npages = lay.npages
+        self.page_size = lay.page_size
+        # Slot references: a bucket's slot field is ref + 1, and slot ref starts at byte
+        # pages_offset + SLOT_UNIT * ref; so a slot's first word is slot0 + slot_words * ref
+        # whatever its class (the names keep the arithmetic of fixed-size slots).
+        self.nslots = lay.nrefs  # refs, not slots: the bound of a bucket's slot field
+        self.slot_words = L.SLOT_UNIT // 8
+        self.slot0 = lay.pages_offset // 8  # first page, in words
+        #: a ref's page is ref >> ref_shift
+        self.ref_shift = (lay.page_size // L.SLOT_UNIT).bit_length() - 1
+        self.pt0 = lay.pt_offset // 8  # the page table, in words
         self.nbuckets = lay.nbuckets
         self.mask = lay.nbuckets - 1
         self.idx0 = lay.index_offset // 8  # first bucket, in words
@@ -168,10 +183,70 @@ class Segment:
             self.lookup = self.core.lookup
 
     def sizes(self) -> tuple[int, ...]:
-        """The layout as the compiled core takes it: first slot and first bucket in
-        words, words per slot, slots, index mask, key and value sizes, mapping size."""
+        """The layout as the compiled core takes it: the first page in words, words per
+        slot unit (2), slot refs, the first bucket in words, index mask, key size,
+        largest value, mapping size, the page table in words, the ref -> page shift."""
         return (self.slot0, self.slot_words, self.nslots, self.idx0, self.mask,
-                self.key_size, self.value_size, self.layout.size)
+                self.key_size, self.value_size, self.layout.size, self.pt0, self.ref_shift)
+
+    # -- pages and slots -----------------------------------------------------------------
+
+    def page_class(self, page: int) -> int:
+        """The class page ``page`` is assigned to, or -1 (free). One load of its entry."""
+        return (self.q[self.pt0 + page] & 0xFF) - 1
+
+    def class_of(self, ref: int) -> int:
+        """The class of the page slot ``ref`` lies in (-1: a free page)."""
+        return (self.q[self.pt0 + (ref >> self.ref_shift)] & 0xFF) - 1
+
+    def page_end(self, ref: int) -> int:
+        """Byte offset just past the page holding slot ``ref`` (a length clamp)."""
+        return 8 * self.slot0 + (((ref >> self.ref_shift) + 1) << self.ref_shift) * L.SLOT_UNIT
+
+    def page_table(self) -> np.ndarray:
+        """The page table as a u64 view (entry: ``(epoch << 8) | (class + 1)``, 0 free)."""
+        import numpy as np  # noqa: PLC0415
+
+        return np.ndarray((self.npages,), dtype=np.uint64, buffer=self.mm, offset=self.pt0 * 8)
+
+    def slot_refs(self, pt: np.ndarray | None = None, cls: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every slot of the assigned pages as ``(refs, classes)``, int64 arrays in ref
+        order, from page table ``pt`` (a copy: the current table by default); only class
+        ``cls``'s if given. Slots of a page: ``page_size // slot_size`` from its start."""
+        import numpy as np  # noqa: PLC0415
+
+        if pt is None:
+            pt = self.page_table().copy()
+        pcls = (pt & np.uint64(0xFF)).astype(np.int64) - 1
+        unit_shift = self.ref_shift
+        refs_parts = []
+        cls_parts = []
+        for c, size in enumerate(self.classes):
+            if cls is not None and c != cls:
+                continue
+            pages = np.flatnonzero(pcls == c)
+            if not len(pages):
+                continue
+            per = self.page_size // size
+            step = size // L.SLOT_UNIT
+            r = (pages[:, None] << unit_shift) + np.arange(per, dtype=np.int64)[None, :] * step
+            refs_parts.append(r.ravel())
+            cls_parts.append(np.full(r.size, c, dtype=np.int64))
+        if not refs_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        refs = np.concatenate(refs_parts)
+        classes = np.concatenate(cls_parts)
+        order = np.argsort(refs, kind="stable")
+        return refs[order], classes[order]
+
+    def headers(self, refs: np.ndarray) -> np.ndarray:
+        """A copy of the four header words ``(seq, version, expiry, meta)`` of each slot
+        in ``refs``, shape ``(n, 4)`` (plain loads: a scan validates what it uses)."""
+        import numpy as np  # noqa: PLC0415
+
+        words = np.ndarray((len(self.mv) // 8,), dtype=np.uint64, buffer=self.mm)
+        at = self.slot0 + self.slot_words * refs
+        return words[at[:, None] + np.arange(4, dtype=np.int64)[None, :]]
 
     @property
     def retries(self) -> int:
@@ -219,18 +294,6 @@ class Segment:
         return "mm" not in self.__dict__
 
     # -- numpy views (vectorized scans) ----------------------------------------------
-
-    def slot_words_view(self) -> np.ndarray:
-        """A (nslots, 4) u64 view of every slot's header words, for vectorized scans."""
-        import numpy as np  # noqa: PLC0415 (readers that only get never load numpy)
-
-        return np.ndarray(
-            (self.nslots, 4),
-            dtype=np.uint64,
-            buffer=self.mm,
-            offset=L.SLOTS_OFFSET,
-            strides=(self.slot_size, 8),
-        )
 
     def index_view(self) -> np.ndarray:
         import numpy as np  # noqa: PLC0415

@@ -81,10 +81,25 @@ def create_segment(name: str, layout: L.Layout, schema_fp: int) -> Segment:
     q[L.H_SCHEMA_FP] = schema_fp
     q[L.H_CAPACITY] = layout.capacity
     q[L.H_NSLOTS] = layout.nslots
-    q[L.H_SLOT_SIZE] = layout.slot_size
+    q[L.H_SLOT_SIZE] = layout.largest_slot
     q[L.H_KEY_SIZE] = layout.key_size
     q[L.H_VALUE_SIZE] = layout.value_size
     q[L.H_NBUCKETS] = layout.nbuckets
+    q[L.H_MEMORY] = layout.memory
+    q[L.H_GROWTH] = round(layout.growth * 1e6)
+    q[L.H_NPAGES] = layout.npages
+    q[L.H_PAGE_SIZE] = layout.page_size
+    q[L.H_PAGES_OFFSET] = layout.pages_offset
+    q[L.H_NCLASSES] = len(layout.classes)
+    for c, size in enumerate(layout.classes):
+        q[L.class_word(c, L.C_SLOT_SIZE)] = size
+    if not layout.memory:  # a single-class store: every page is its class's from the start
+        pt0 = layout.pt_offset // 8
+        for page in range(layout.npages):
+            q[pt0 + page] = 1  # (epoch 0 << 8) | (class 0 + 1)
+        q[L.class_word(0, L.C_PAGES)] = layout.npages
+    else:
+        q[L.H_FREE_PAGES] = layout.npages
     q[L.H_INSTANCE] = int.from_bytes(os.urandom(8), "little") | 1
     q[L.H_MAGIC] = L.MAGIC
     q.release()
