@@ -124,7 +124,10 @@ class Segment:
             self.close()
             raise IncompatibleStoreError(
                 f"store {name!r} has segment format {fmt}, this shmstore reads format "
-                f"{L.FORMAT_VERSION}; stop its coordinator and destroy or migrate it"
+                f"{L.FORMAT_VERSION}. To move its records: with the shmstore release that "
+                f"made it, `shmstore scan {name} > FILE`; stop its coordinator; `shmstore "
+                f"destroy {name}`; then with this release serve it anew and `shmstore load "
+                f"{name} FILE`"
             )
         self.layout = L.Layout(
             capacity=q[L.H_CAPACITY], key_size=q[L.H_KEY_SIZE], value_size=q[L.H_VALUE_SIZE],
