@@ -113,7 +113,7 @@ class Applier:
             done[i] += 1
             ticket = done[i]
             if put_frame is not None and payload is not None:
-                v = put_frame(payload, eng.epoch + 1, eng.free, eng.capacity)
+                v = put_frame(payload, eng.epoch + 1, eng.frees, eng.capacity)
                 if v:  # a plain put, applied (see the module docstring)
                     eng.epoch = v
                     q[L.H_PUTS] += 1
@@ -168,8 +168,8 @@ class Applier:
         if t is O.Put:
             kb = e.check_key(op.key)
             vb = e.check_value(op.value)
-            epoch0 = e.epoch
             result = e.put(kb, vb, op.expiry)
+            epoch0 = e.epoch - 1  # after any evictions made for it (logged before it)
             q[L.H_PUTS] += 1
         elif t is O.Delete:
             kb = e.check_key(op.key)
@@ -183,20 +183,20 @@ class Applier:
             kb = e.check_key(op.key)
             vb = e.check_value(op.value)
             self.expirer.purge(kb)
-            epoch0 = e.epoch
             result = e.cas(kb, vb, op.version, op.expiry)
+            epoch0 = e.epoch - 1
             q[L.H_CAS] += 1
         elif t is O.Incr:
             kb = e.check_key(op.key)
             self.expirer.purge(kb)
-            epoch0 = e.epoch
             result = e.incr(kb, op.delta)
+            epoch0 = e.epoch - 1
             q[L.H_INCRS] += 1
         elif t is O.Batch:
             if not op.ops:
                 return []  # takes no epoch, so it is not logged (records' epochs must rise)
-            epoch0 = e.epoch
             result = e.batch(op.ops, payload)
+            epoch0 = e.epoch - len(op.ops)
             q[L.H_BATCHES] += 1
         elif t is O.GetMany:
             q[L.H_FALLBACK_READS] += 1

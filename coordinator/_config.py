@@ -141,11 +141,26 @@ SETTINGS: tuple[Setting, ...] = (
     S("name", str, _REQUIRED, "The store name: 1 to 64 characters of A-Z a-z 0-9 _ . -.",
       "store", where=(FIELD,), default_text="(required: serve()'s first argument, "
       "`shmstore serve NAME`)"),
-    S("capacity", int, None, "The most records the store holds.", "store", lo=1, hi=L.MAX_CAPACITY, none=True, new=100_000, metavar="N"),
+    S("memory", int, None, "A budget of record memory in bytes: pages handed to size classes as "
+      "records of each size need them, so one store holds values from a few bytes to "
+      "value_size. None: a single-class store of capacity slots of key_size + value_size.",
+      "store", lo=1, hi=L.MAX_MEMORY, none=True, metavar="BYTES",
+      default_text="the existing store's; a new one: none (capacity x value_size)"),
+    S("capacity", int, None, "The most records the store holds (with memory=: it sizes the "
+      "index; default memory // 128).", "store", lo=1, hi=L.MAX_CAPACITY, none=True, new=100_000,
+      metavar="N"),
     S("key_size", int, None, "The longest key, in bytes.", "store", lo=1, hi=L.MAX_KEY_SIZE,
       none=True, new=64, metavar="N"),
-    S("value_size", int, None, "The largest msgpack-encoded value, in bytes.", "store", lo=1,
-      hi=L.MAX_VALUE_SIZE, none=True, new=1024, metavar="N"),
+    S("value_size", int, None, "The largest msgpack-encoded value, in bytes (with memory=: "
+      "default 1 MiB - 128 bytes, the largest that fills one 1 MiB page with 64-byte keys).", "store", lo=1, hi=L.MAX_VALUE_SIZE, none=True, new=1024, metavar="N"),
+    S("growth", float, None, "With memory=: each size class's slot is about this factor larger "
+      "than the one below (memcached's -f).", "store", lo=1.05, hi=4.0, none=True, new=L.GROWTH,
+      metavar="F"),
+    S("eviction", str, None, "What a full store does: None refuses the write (StoreFullError); "
+      "'lru' evicts the least recently used records of the size class that needs room "
+      "(approximate LRU, coordinator/_evict.py); 'volatile-ttl' evicts records with an expiry, "
+      "soonest first. Evictions are logged ops, visible in changes(). Can change at any start.",
+      "store", choices=("lru", "volatile-ttl"), none=True, default_text="None (refuse writes)"),
     S("value_type", object, None, "A msgspec Struct or type: values are validated on write and "
       "decoded to it. Its schema fingerprint is fixed in the segment.", "store", where=(SERVE,)),
     S("schema_fp", int, 0, "The value type's schema fingerprint (made from value_type).", "store",
@@ -157,7 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
       "block's pages (up to ring_size + reply_size) are allocated as it uses them and given "
       "back when its process goes.", "clients", lo=1, metavar="N"),
     S("ring_size", int, 256 * 1024, "Bytes of each client's request queue; bounds the largest "
-      "batch.", "clients", lo=4096, metavar="BYTES"),
+      "batch. Raised to hold the largest put the store takes (value_size + key_size + 64, in "
+      "whole pages).", "clients", lo=4096, metavar="BYTES"),
     S("reply_size", int, 1024 * 1024, "Bytes of each client's reply area; bounds a get_many "
       "fallback.", "clients", lo=4096, metavar="BYTES"),
     S("spin_us", float, 50.0, "Microseconds the coordinator spins on its doorbell before it "
@@ -217,6 +233,32 @@ def _default(name: str) -> Any:
 DEFAULT_CAPACITY = _new("capacity")
 DEFAULT_KEY_SIZE = _new("key_size")
 DEFAULT_VALUE_SIZE = _new("value_size")
+#: a memory store's largest value unless value_size= says otherwise: 1 MiB less 128
+#: bytes, so that the largest record (with the default 64-byte keys) fills one 1 MiB page
+DEFAULT_MEMORY_VALUE_SIZE = (1 << 20) - 128
+#: a memory store's record bound unless capacity= says otherwise: memory // this
+MEMORY_PER_RECORD = 128
+
+
+def new_layout(cfg: Any, manifest: Any | None = None) -> L.Layout:
+    """The layout of a new store from a config's sizes (None: the data directory's
+    manifest's, else the defaults), checked."""
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(cfg, name)
+        if value is None and manifest is not None:
+            value = getattr(manifest, name, None)
+        return default if value is None else value
+
+    memory = pick("memory", 0)
+    if memory:
+        value_size = pick("value_size", DEFAULT_MEMORY_VALUE_SIZE)
+        capacity = pick("capacity", max(1, min(memory // MEMORY_PER_RECORD, L.MAX_CAPACITY)))
+    else:
+        value_size = pick("value_size", DEFAULT_VALUE_SIZE)
+        capacity = pick("capacity", DEFAULT_CAPACITY)
+    return L.Layout(capacity=capacity, key_size=pick("key_size", DEFAULT_KEY_SIZE),
+                    value_size=value_size, memory=memory, growth=float(pick("growth", L.GROWTH))).validate()
 DEFAULT_MAX_CLIENTS = _default("max_clients")
 DEFAULT_RING_SIZE = _default("ring_size")
 DEFAULT_REPLY_SIZE = _default("reply_size")
@@ -294,6 +336,8 @@ def validate(config: Any, *, cli: bool = False) -> Any:
             f"has only {spell('sync', 'never')}"
         )
     changes["sync"] = sync
+    if config.memory is not None:
+        new_layout(config)  # a budget under one page, too many classes: refused here
     for name in ("compression", "encryption", "key_file"):
         value = getattr(config, name)
         if path is None and value not in (None, "none"):

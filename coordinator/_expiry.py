@@ -81,14 +81,14 @@ class Expirer:
             return 0  # nothing can be due: no scan (it touches every slot)
         if getattr(self.journal, "failed", None) is not None:
             return 0  # the WAL refuses writes (disk full): reclaim once it takes them again
-        words = seg.slot_words_view()
-        expiry = words[:, L.S_EXPIRY]
+        refs, _ = seg.slot_refs()
+        expiry = seg.headers(refs)[:, L.S_EXPIRY]
         has = expiry != 0
-        due = np.flatnonzero(has & (expiry <= np.uint64(now)))
+        due = refs[has & (expiry <= np.uint64(now))]
         later = expiry[has & (expiry > np.uint64(now))]
         # Invariant: every expiry in the slots is >= next_expiry (writes lower it).
         e.next_expiry = NO_EXPIRY if not len(later) else int(later.min())
-        del words, expiry, has
+        del expiry, has
         if not len(due):
             return 0
         if len(due) > RECLAIM_PER_TICK:

@@ -131,6 +131,21 @@ class Expire(_Op, tag=C.OP_EXPIRE):
     now: U64
 
 
+class Evict(_Op, tag=C.OP_EVICT):
+    """Coordinator-made, logged only: these keys were evicted to make room."""
+
+    wait: Wait
+    keys: list[bytes]
+
+
+class MovePage(_Op, tag=C.OP_MOVE_PAGE):
+    """Coordinator-made, logged only: a page of class ``src`` went to class ``dst``."""
+
+    wait: Wait
+    src: Annotated[int, msgspec.Meta(ge=0, lt=64)]
+    dst: Annotated[int, msgspec.Meta(ge=0, lt=64)]
+
+
 class Snapshot(_Op, tag=C.OP_SNAPSHOT):
     wait: Wait
 
@@ -158,7 +173,7 @@ class TableRead(_Op, tag=C.OP_TABLE_READ):
 WRITES = (Put, Delete, Cas, Incr, Batch, TableCreate, TableWrite)
 Request = Union[Put, Delete, Cas, Incr, Batch, GetMany, Ping, Checkpoint, Backup, Snapshot, TableCreate,
                 TableWrite, TableRead]
-Logged = Union[Put, Delete, Cas, Incr, Batch, Expire, TableCreate, TableWrite]
+Logged = Union[Put, Delete, Cas, Incr, Batch, Expire, Evict, MovePage, TableCreate, TableWrite]
 
 #: a client frame -> a typed op; raises ``msgspec.DecodeError`` (``ValidationError``)
 decode_request = msgspec.msgpack.Decoder(Request).decode
@@ -170,7 +185,7 @@ def epochs_of(op: object) -> int:
     """How many epochs a logged op takes (one per key of a batch or an expiry)."""
     if type(op) is Batch:
         return len(op.ops)
-    if type(op) is Expire:
+    if type(op) is Expire or type(op) is Evict:
         return len(op.keys)
     return 1
 
@@ -196,7 +211,7 @@ def logged_problem(op: object, key_size: int, value_size: int) -> str | None:
         for b in op.ops:
             if key_bad(b.key) or (type(b) is BatchPut and len(b.value) > value_size):
                 return "a key or value length in a batch is out of range"
-    elif t is Expire:
+    elif t is Expire or t is Evict:
         if any(key_bad(kb) for kb in op.keys):
             return "a key length is out of range"
     return None

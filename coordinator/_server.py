@@ -69,6 +69,7 @@ import sys
 import time
 from typing import Callable
 
+import msgspec
 import posix_ipc
 
 from shmstore import _channel as C
@@ -199,6 +200,13 @@ class CoordinatorServer:
             self.journal.prepare()  # lock the data directory, check its parameters
         self.seg = start.open_segment(getattr(self.journal, "manifest", None))  # a durable store's data directory
         seg = self.seg
+        # A client's queue holds at least the largest put the store takes (a memory
+        # store's values go up to a megabyte; the default queue is 256 KiB).
+        ring = max(cfg.ring_size, L.align(seg.value_size + seg.key_size + 64, L.PAGE))
+        if ring != cfg.ring_size:
+            cfg = self.config = msgspec.structs.replace(cfg, ring_size=ring)
+            start.channel_layout = C.ChannelLayout(max_clients=cfg.max_clients, ring_size=ring,
+                                                   reply_size=cfg.reply_size)
         q = seg.q
         q[L.H_COORD_INCARNATION] = 0
         if start.created and self.durable:
@@ -222,6 +230,7 @@ class CoordinatorServer:
         self.handovers = Handovers(self.name)
         self.engine.redo = self.redo
         self.journal.open(seg, self.engine)
+        self._setup_eviction()
         if start.created:
             # No change records older than this segment exist (a rebuild from disk
             # keeps no freed slots): feeds from before it must resync.
@@ -248,6 +257,38 @@ class CoordinatorServer:
         q[L.H_HEARTBEAT] = time.time_ns()
         q[L.H_STATE] = L.STATE_READY
         q[L.H_COORD_INCARNATION] = clients.incarnation
+
+    def _setup_eviction(self) -> None:
+        """What a full class does (``eviction=``), from here on (replay never evicts on
+        its own: its evictions are the logged ones). LRU: the access bytes segment,
+        made if missing (mode 0600; clients map it read-write, see coordinator/_evict.py)."""
+        import mmap  # noqa: PLC0415
+
+        import numpy as np  # noqa: PLC0415
+
+        from ._evict import make_evictor  # noqa: PLC0415
+
+        policy = L.EVICTION_NAMES[self.config.eviction]
+        eng = self.engine
+        access = None
+        if policy == L.EVICT_LRU:
+            size = self.seg.layout.access_size
+            shm = posix_ipc.SharedMemory(L.access_name(self.name), posix_ipc.O_CREAT, mode=0o600, size=size)
+            try:
+                if os.fstat(shm.fd).st_size < size:
+                    os.ftruncate(shm.fd, size)
+                self.access_mm = mmap.mmap(shm.fd, size)
+            finally:
+                shm.close_fd()
+            access = np.frombuffer(self.access_mm, dtype=np.uint8)
+            eng.access = access
+            if eng.core is not None:
+                eng.core.set_access(self.access_mm)
+        else:
+            unlink_quietly(posix_ipc.SharedMemory, L.access_name(self.name))
+        eng.evictor = make_evictor(policy, eng, access)
+        eng.log = self.journal.append
+        self.seg.q[L.H_EVICTION] = policy
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -505,7 +546,17 @@ class CoordinatorServer:
         if self.seg is not None:
             engine = self.__dict__.pop("engine", None)
             if engine is not None:
+                engine.evictor = None
+                engine.access = None
+                if engine.core is not None and "access_mm" in self.__dict__:
+                    engine.core.set_access(None)
                 engine.close()  # its compiled writer holds a buffer of the mapping
+            access_mm = self.__dict__.pop("access_mm", None)
+            if access_mm is not None:
+                try:
+                    access_mm.close()
+                except BufferError:  # a view still exports it; the GC unmaps it later
+                    pass
             self.engine = None
             self.seg.close()
             self.seg = None

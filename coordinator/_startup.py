@@ -38,7 +38,7 @@ from shmstore._errors import (
 from shmstore._segment import Segment
 from shmstore._shm import create_segment, open_segment, unlink_quietly
 
-from ._config import DEFAULT_CAPACITY, DEFAULT_KEY_SIZE, DEFAULT_VALUE_SIZE, ServerConfig
+from ._config import ServerConfig, new_layout
 from ._table import unlink_tables
 
 
@@ -71,9 +71,7 @@ class Startup:
         if not self._segment_exists() and (cfg.path is None or None not in (cfg.capacity, cfg.key_size, cfg.value_size)):
             # Sizes known before the lock: refuse at once, having made nothing at all
             # (with a data directory and sizes left to its manifest: in open_segment).
-            self.check_space(L.Layout(capacity=cfg.capacity or DEFAULT_CAPACITY,
-                                      key_size=cfg.key_size or DEFAULT_KEY_SIZE,
-                                      value_size=cfg.value_size or DEFAULT_VALUE_SIZE).validate())
+            self.check_space(new_layout(cfg))
 
     def take_lock(self) -> None:
         shm = posix_ipc.SharedMemory(L.lock_name(self.name), posix_ipc.O_CREAT, mode=0o600, size=0)
@@ -112,14 +110,14 @@ class Startup:
                 raise
         if seg is not None:
             lay = seg.layout
-            want = (cfg.capacity, cfg.key_size, cfg.value_size)
-            have = (lay.capacity, lay.key_size, lay.value_size)
-            if any(w is not None and w != h for w, h in zip(want, have)):
+            names = ("capacity", "key_size", "value_size", "memory", "growth")
+            have = (lay.capacity, lay.key_size, lay.value_size, lay.memory, lay.growth)
+            if any(getattr(cfg, n) is not None and getattr(cfg, n) != h for n, h in zip(names, have)):
                 seg.close()
+                sizes = ", ".join(f"{n}={h}" for n, h in zip(names, have) if n != "growth" or lay.memory)
                 raise IncompatibleStoreError(
-                    f"store {self.name!r} exists with capacity={have[0]}, key_size={have[1]}, "
-                    f"value_size={have[2]}; serve it with those sizes (or none), or destroy it "
-                    f"first with shmstore.destroy({self.name!r})"
+                    f"store {self.name!r} exists with {sizes}; serve it with those sizes (or "
+                    f"none), or destroy it first with shmstore.destroy({self.name!r})"
                 )
             if cfg.schema_given and seg.q[L.H_SCHEMA_FP] != cfg.schema_fp:
                 seg.close()
@@ -128,11 +126,7 @@ class Startup:
                     f"fingerprint differs); serve it with the same value_type or destroy it"
                 )
             return seg
-        layout = L.Layout(
-            capacity=cfg.capacity or (manifest.capacity if manifest else DEFAULT_CAPACITY),
-            key_size=cfg.key_size or (manifest.key_size if manifest else DEFAULT_KEY_SIZE),
-            value_size=cfg.value_size or (manifest.value_size if manifest else DEFAULT_VALUE_SIZE),
-        ).validate()
+        layout = new_layout(cfg, manifest)
         schema_fp = manifest.schema_fp if manifest and not cfg.schema_given else cfg.schema_fp
         self.check_space(layout)
         self.created = True

@@ -94,9 +94,12 @@ def serve(
     name: str,
     *,
     path: str | os.PathLike | None = None,
+    memory: int | None = None,
     capacity: int | None = None,
     key_size: int | None = None,
     value_size: int | None = None,
+    growth: float | None = None,
+    eviction: str | None = None,
     value_type: Any = None,
     max_clients: int = 256,
     ring_size: int = 256 * 1024,
@@ -120,6 +123,26 @@ def serve(
     coordinator adopts it, repairing anything a death mid-write left; sizes left as
     None then mean "the existing segment's" (defaults for a new store: capacity
     100_000, key_size 64, value_size 1024).
+
+    Two kinds of store (both hold records in fixed-size slots under the same lock-free
+    read protocol):
+
+    - ``memory=BYTES``: a budget. Record memory is cut into pages (1 MiB, or the next
+      power of two that holds the largest record) handed to size classes as records of
+      each size need them: slots of 64 bytes and up, each class about ``growth`` (1.25)
+      times the one below, up to ``value_size`` (default 1 MiB - 128 bytes, so the largest record fills one 1 MiB page). A record takes the
+      smallest slot that holds its header (32 bytes), its key (padded to 8 bytes) and
+      its value. ``capacity`` then bounds the records and sizes the index (default
+      ``memory // 128``). The segment is the budget plus the header, page table and
+      index (``8 x`` the next power of two above ``4/3 x capacity`` bytes).
+    - no ``memory``: ``capacity`` slots of ``key_size + value_size`` bytes, as before.
+
+    ``eviction``: None (a full store refuses the write with StoreFullError, nothing
+    written), ``"lru"`` (approximate LRU within the size class that needs room; readers
+    mark what they read in a small shared access map) or ``"volatile-ttl"`` (records
+    with an expiry, soonest first). Evictions are logged ops with their own epochs and
+    show up in ``changes()``; ``stats()["memory"]`` shows each class's pages, records
+    and fragmentation.
 
     Durability: with ``path=`` the store is durable. The directory (created if missing,
     mode 0700, files 0600) holds a manifest of the store's parameters, checkpoints and
@@ -195,9 +218,13 @@ def serve(
     Args:
         name: the store name, 1-64 characters of ``[A-Za-z0-9_.-]``.
         path: a data directory of its own for a durable store; None: memory only.
+        memory: a budget of record memory in bytes (size classes; see above); None: a
+            single-class store of ``capacity`` x ``value_size``.
         capacity: the most records the store holds.
         key_size: the longest key, in bytes.
         value_size: the largest msgpack-encoded value, in bytes.
+        growth: with ``memory``: the factor between size classes (1.05 to 4).
+        eviction: None, ``"lru"`` or ``"volatile-ttl"`` (see above).
         value_type: a msgspec Struct or type; values are validated on write and decoded
             to it. Its schema fingerprint is fixed in the segment.
         sync: ``"always"`` (the default with ``path=``), ``"periodic"`` or ``"never"``

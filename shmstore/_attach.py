@@ -6,7 +6,9 @@ A :class:`shmstore.Store` is a light handle. What costs a file descriptor, a map
 or a client block lives in this process's one :class:`Attachment` to the store, kept
 in a process-wide registry (store name -> attachment):
 
-- the data segment's mapping (``_segment.Segment``; its fd is closed once mapped);
+- the data segment's mapping (``_segment.Segment``; its fd is closed once mapped),
+  and, for a store that evicts by LRU, its access segment's (read-write, see
+  ``Segment.open_access``): inherited across fork like the data mapping, unmapped with it;
 - the write session (``_writes._Writer``): the write channel, i.e. this process's
   client block, opened on the first write; its lock serializes the requests of every
   handle of the process, so frames enter the one ring in the order they were sent.
@@ -131,6 +133,7 @@ class Attachment:
                 raise StoreNotFoundError(
                     f"store {self.name!r} was destroyed; serve it again before reading"
                 ) from None
+            new.open_access()
             self.old.append(seg)  # other handles' get closures may still hold its views
             self.seg = new
             self.counters.attach(new, None)
@@ -236,6 +239,7 @@ def acquire(name: str, *, timeout: float, spin_us: float) -> Attachment:
         closing = _unlock()
     _close_all(closing)
     seg = open_segment(name, timeout=timeout)  # outside the lock: it may wait
+    seg.open_access()  # LRU stores: the access bytes readers touch (None otherwise)
     _lock.acquire()
     try:
         att = _attachments.get(name)

@@ -190,6 +190,14 @@ OP_NAMES[OP_BACKUP] = "backup"
 #: records, each expired at now_ns, one epoch each (see coordinator/_expiry.py)
 OP_EXPIRE = 16
 OP_NAMES[OP_EXPIRE] = "expire"
+#: coordinator-made, WAL-logged only: [OP_EVICT, 0, [key, ...]] evicts those records
+#: to make room (eviction="lru" / "volatile-ttl"), one epoch each
+OP_EVICT = 17
+OP_NAMES[OP_EVICT] = "evict"
+#: coordinator-made, WAL-logged only: [OP_MOVE_PAGE, 0, from_class, to_class] moves the
+#: page of from_class holding the fewest records to to_class (coordinator/_engine.py)
+OP_MOVE_PAGE = 18
+OP_NAMES[OP_MOVE_PAGE] = "move page"
 
 # reply status
 ST_OK = 0

@@ -7,11 +7,13 @@ Every 8-byte word that the protocol depends on (slot ``seq``, ``meta``, index bu
 header counters) is read through ``memoryview.cast('Q')``: CPython copies such an item
 with one aligned 8-byte load. ``struct.unpack('<Q')`` would copy it byte by byte.
 
-Reading one slot (:meth:`Segment.read_slot`)::
+Reading one slot (:meth:`Segment.read_slot`; slot = a reference, see ``_layout``)::
 
+    pte1 = the page table's entry of the slot's page;  0 (free, being moved) -> retry
     s1 = seq;  odd -> back off and retry
-    copy meta, version, expiry, key bytes, value bytes (lengths clamped to the slot)
-    s2 = seq;  s1 != s2 -> retry
+    copy meta, version, expiry, key bytes, value bytes (the value at +32 +
+        align8(klen); lengths clamped to key_size / value_size and to the page's end)
+    s2 = seq;  s1 != s2, or the page's entry != pte1 (the page was reassigned) -> retry
     only now look at the copied bytes
 
 Looking a key up (:meth:`Segment.lookup`) probes the index from ``key_hash(key)``. For a
@@ -47,6 +49,7 @@ from . import _layout as L
 from ._ttl import now_ns
 from ._errors import (
     CoordinatorUnavailableError,
+    CorruptionError,
     IncompatibleStoreError,
     StoreTimeoutError,
 )
@@ -124,7 +127,10 @@ class Segment:
             self.close()
             raise IncompatibleStoreError(
                 f"store {name!r} has segment format {fmt}, this shmstore reads format "
-                f"{L.FORMAT_VERSION}; stop its coordinator and destroy or migrate it"
+                f"{L.FORMAT_VERSION}. To move its records: with the shmstore release that "
+                f"made it, `shmstore scan {name} > FILE`; stop its coordinator; `shmstore "
+                f"destroy {name}`; then with this release serve it anew and `shmstore load "
+                f"{name} FILE`"
             )
         self.layout = L.Layout(
             capacity=q[L.H_CAPACITY], key_size=q[L.H_KEY_SIZE], value_size=q[L.H_VALUE_SIZE],
@@ -273,11 +279,56 @@ class Segment:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    #: the access bytes of LRU eviction (a writable byte view of the access segment,
+    #: see :meth:`open_access`), or None: reads then touch nothing
+    access: memoryview | None = None
+
+    def open_access(self) -> memoryview | None:
+        """Map the store's access segment read-write if the store evicts by LRU.
+
+        Readers set byte ``ref >> 2`` of it after every hit (``_layout``); a hostile
+        client can skew which record is evicted with it, never the data. Decided once,
+        at connect: only when the header's ``H_EVICTION`` is ``EVICT_LRU``. A missing,
+        short or inaccessible access segment means no touching, never an error.
+
+        Returns:
+            :attr:`access` (None: nothing to touch).
+        """
+        if self.access is not None or self.q[L.H_EVICTION] != L.EVICT_LRU:
+            return self.access
+        import posix_ipc  # noqa: PLC0415 (only stores that evict by LRU need it here)
+
+        size = self.layout.access_size
+        try:
+            shm = posix_ipc.SharedMemory(L.access_name(self.name))
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            return None
+        try:
+            if os.fstat(shm.fd).st_size < size:
+                return None
+            mm = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            return None
+        finally:
+            shm.close_fd()
+        self._access_mm = mm
+        self.access = memoryview(mm)
+        return self.access
+
     def close(self) -> None:
         """Release the mapping. Views handed out must be gone first."""
         core = self.__dict__.get("core")
         if core is not None:
             core.close()
+        access = self.__dict__.pop("access", None)
+        if access is not None:
+            access.release()
+        amm = self.__dict__.pop("_access_mm", None)
+        if amm is not None:
+            try:
+                amm.close()
+            except BufferError:  # a view still exports it; the GC unmaps later
+                pass
         for attr in ("q", "mv"):
             view = self.__dict__.pop(attr, None)
             if view is not None:
@@ -304,28 +355,41 @@ class Segment:
 
     def read_slot(self, slot: int, backoff: Backoff | None = None, *,
                   wait: bool = True) -> tuple[int, int, int, int, bytes, bytes] | None:
-        """Copy one slot out under its seqlock.
+        """Copy one slot out under its seqlock and its page's entry.
 
         Args:
-            slot: the slot number.
+            slot: the slot reference (see ``_layout``: its offset from the first page
+                in SLOT_UNITs).
             backoff: a Backoff to share with the caller's other waits.
             wait: False returns None for a slot being written instead of waiting. Scans
                 use it: a slot the index points to is never written, so an odd slot
                 holds no published record (and may be one a dead coordinator left).
 
         Returns:
-            ``(seq, version, expiry, flags, key, value)``, all from one validated read.
+            ``(seq, version, expiry, flags, key, value)``, all from one validated read;
+            None when ``slot`` is no slot now: out of range, in a free page, or not a
+            slot's start in its page's class (a reference from before a page move).
         """
         if self.core is not None:
             return self.core.read_slot(slot, wait)
+        if not 0 <= slot < self.nslots:
+            return None
         q = self.q
         mv = self.mv
+        p = slot >> self.ref_shift
+        ptw = self.pt0 + p
         w = self.slot0 + slot * self.slot_words
         kofs = w * 8 + L.SLOT_HEADER
-        vofs = kofs + self.key_size
+        pend = self.page_end(slot)
+        in_page = (slot - (p << self.ref_shift)) * L.SLOT_UNIT  # byte offset in the page
+        classes = self.classes
         ksz = self.key_size
         vsz = self.value_size
         while True:
+            pte1 = q[ptw]
+            c = (pte1 & 0xFF) - 1
+            if pte1 == 0 or c >= len(classes) or in_page % classes[c]:
+                return None
             s1 = q[w]
             if s1 & 1:
                 if not wait:
@@ -337,17 +401,15 @@ class Segment:
             version = q[w + 1]
             expiry = q[w + 2]
             meta = q[w + 3]
-            klen = meta & 0xFFFF
-            vlen = meta >> 32
             # Invariant: nothing read before validation is trusted; clamp lengths so
-            # a torn meta word can at worst make us copy the wrong bytes, never fault.
-            if klen > ksz:
-                klen = ksz
-            if vlen > vsz:
-                vlen = vsz
+            # a torn meta word can at worst make us copy the wrong bytes, never fault
+            # and never read past the page.
+            klen = min(meta & 0xFFFF, ksz, max(0, pend - kofs))
+            vofs = kofs + ((klen + 7) & ~7)
+            vlen = min(meta >> 32, vsz, max(0, pend - vofs))
             key = bytes(mv[kofs : kofs + klen])
             value = bytes(mv[vofs : vofs + vlen])
-            if q[w] == s1:
+            if q[w] == s1 and q[ptw] == pte1:
                 return s1, version, expiry, (meta >> 16) & 0xFFFF, key, value
 
     def lookup(self, kb: bytes) -> tuple[int, int, int, bytes, int] | None:
@@ -362,12 +424,19 @@ class Segment:
         Returns:
             ``(slot, seq, version, value_bytes, expiry)`` or None when the key is
             missing or expired (``expiry`` is checked against the wall clock).
+
+        Raises:
+            CorruptionError: a bucket names a slot beyond the pages.
         """
         q = self.q
         mv = self.mv
         mask = self.mask
         idx0 = self.idx0
+        pt0 = self.pt0
+        shift = self.ref_shift
+        nrefs = self.nslots
         h = key_hash(kb)
+        n = len(kb)
         backoff = None
         while True:
             g1 = q[L.H_INDEX_GEN]
@@ -387,28 +456,42 @@ class Segment:
                     break  # buckets moved under us: probe again
                 if b >> 32 == h:
                     slot = (b & 0xFFFFFFFF) - 1
+                    if not 0 <= slot < nrefs:
+                        raise CorruptionError(
+                            f"store {self.name!r}: index bucket {pos} names slot {slot}, "
+                            f"beyond the store's {nrefs} slot references; the segment is "
+                            f"damaged. Stop the coordinator, destroy the segment (shmstore "
+                            f"destroy {self.name}) and recover from the data directory."
+                        )
+                    pw = pt0 + (slot >> shift)
+                    pte1 = q[pw]  # 0: a stale reference into a page being moved
                     w = self.slot0 + slot * self.slot_words
                     s1 = q[w]
-                    if not s1 & 1:
+                    if pte1 and not s1 & 1:
                         meta = q[w + 3]
                         version = q[w + 1]
                         expiry = q[w + 2]
-                        klen = meta & 0xFFFF
                         kofs = w * 8 + L.SLOT_HEADER
-                        key = bytes(mv[kofs : kofs + min(klen, self.key_size)])
-                        vofs = kofs + self.key_size
-                        vlen = min(meta >> 32, self.value_size)
+                        pend = 8 * self.slot0 + (((slot >> shift) + 1) << shift) * L.SLOT_UNIT
+                        klen = min(meta & 0xFFFF, self.key_size, max(0, pend - kofs))
+                        key = bytes(mv[kofs : kofs + klen])
+                        vofs = kofs + ((klen + 7) & ~7)
+                        vlen = min(meta >> 32, self.value_size, max(0, pend - vofs))
                         value = bytes(mv[vofs : vofs + vlen])
-                        if q[w] == s1 and q[idx0 + pos] == b:
-                            # Validated: the slot was stable and still the bucket's.
-                            if key == kb and not (meta >> 16) & L.FLAG_FREE:
+                        if q[w] == s1 and q[idx0 + pos] == b and q[pw] == pte1:
+                            # Validated: the slot was stable, still the bucket's, and
+                            # its page still the class it was read as.
+                            if klen == n and key == kb and not (meta >> 16) & L.FLAG_FREE:
                                 if expiry and expiry <= now_ns():
                                     return MISS
+                                access = self.access
+                                if access is not None and not access[slot >> 2]:
+                                    access[slot >> 2] = 1
                                 return slot, s1, version, value, expiry
                             pos = (pos + 1) & mask
                             continue
-                    # The slot or the bucket moved under us: read this bucket again.
-                    # (A slot the index points to is never odd, so this is brief.)
+                    # The slot, its page or the bucket moved under us: read this bucket
+                    # again. (A slot the index points to is never odd, so this is brief.)
                     self.retries += 1
                     if backoff is None:
                         backoff = Backoff(self._check_coordinator, self.stall_timeout)
@@ -499,7 +582,8 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                  on_stale: Callable[..., object],
                  on_publish: Callable[[], object] | None = None,
                  read_cache: int = 0, probe_cache: dict | None = None,
-                 decode_list: Callable[[bytes], list] | None = None) -> Readers:
+                 decode_list: Callable[[bytes], list] | None = None,
+                 access: memoryview | None = None) -> Readers:
     """Build one handle's :class:`Readers` for one mapping.
 
     With the compiled core (``seg.core``) they are a ``shmstore._native.Reader``: the
@@ -516,11 +600,20 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     record, a destroyed segment) takes the full :meth:`Segment.lookup` path, which has
     the same protocol plus backoff.
 
+    Reading a slot (format 4): the slot's page entry is loaded before the seqlock read
+    (0: a page being moved, the full lookup waits), the key and value lengths are
+    clamped to the page's end, the value is read at ``+32 + align8(klen)``, and the
+    page entry is checked unchanged with the seq and the bucket after the copy.
+
+    ``access``: None, or a writable byte view of the store's access segment (LRU
+    eviction, :meth:`Segment.open_access`): byte ``ref >> 2`` is set to 1 (if 0) after
+    every hit, cache hits included.
+
     The read cache (``read_cache`` records; ``Store.get`` states the contract): a
     cached record is answered again only after checking, on every call, that the store
-    is live, that the index bucket that found it still points to its slot, and that
-    the slot still carries the seq it was read under: three loads of shared memory
-    instead of a hash, a probe and a copy. Since a slot the index points to is never
+    is live, that the index bucket that found it still points to its slot, that
+    the slot still carries the seq it was read under and that its page still has the
+    entry it had: four loads of shared memory instead of a hash, a probe and a copy. Since a slot the index points to is never
     rewritten and every write takes a new seq, a hit returns exactly what a fresh read
     would return at that moment. A miss is kept too, as the empty bucket that ended
     the walk and the index generation: the key's insert fills that bucket, and every
@@ -535,7 +628,9 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     """
     if seg.core is not None:
         native = _compiled.native
-        r = native.Reader(seg.core, seg.mm, seg.sizes(), decode, decode_list, on_stale, on_publish, read_cache)
+        extra = () if access is None else (access,)
+        r = native.Reader(seg.core, seg.mm, seg.sizes(), decode, decode_list, on_stale, on_publish, read_cache,
+                          *extra)
         return Readers(r.get, r.get_many, None, r.reads, r.cache_hits, r.cached)
     q = seg.q
     mv = seg.mv
@@ -544,9 +639,15 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
     last = idx0 + mask  # the index's last bucket, as a word of q
     slot0 = seg.slot0
     sw = seg.slot_words
+    pt0 = seg.pt0
+    shift = seg.ref_shift
+    nrefs = seg.nslots
+    page0 = 8 * slot0  # the first page's byte offset
+    page_bytes = seg.page_size
     ksz = seg.key_size
     vsz = seg.value_size
     lookup = seg.lookup
+    acc = access
     H_STATE = L.H_STATE
     H_GEN = L.H_INDEX_GEN
     READY = L.STATE_READY
@@ -570,29 +671,44 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
         if b == 0:
             if not g & 1 and q[H_GEN] == g:
                 return None
-        else:  # the hash matches
-            w = slot0 + ((b & M32) - 1) * sw
+        elif 0 < (b & M32) <= nrefs:  # the hash matches (a damaged ref: lookup raises)
+            r = (b & M32) - 1
+            p = r >> shift
+            pte = q[pt0 + p]
+            w = slot0 + r * sw
             s1 = q[w]
             meta = q[w + 3]
             vlen = meta >> 32
             expiry = q[w + 2]
             o = w * 8 + HDR
-            raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+            n = len(kb)
+            va = o + ((n + 7) & ~7)  # the value, if the key is the query's
+            stop = va + (vlen if vlen <= vsz else vsz)
+            pend = page0 + (p + 1) * page_bytes
+            raw = mv[o : stop if stop <= pend else pend].tobytes()
             # Invariant: every word used below was read between s1 and s2.
-            if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == len(kb)
-                    and not meta & FREE and (not expiry or expiry > now_ns()) and raw.startswith(kb)):
-                return raw[ksz:], s1
-            if s1 & 1 or q[w] != s1 or q[pos] != b:
+            if (q[w] == s1 and q[pos] == b and q[pt0 + p] == pte and pte and not s1 & 1
+                    and meta & 0xFFFF == n and not meta & FREE and (not expiry or expiry > now_ns())
+                    and raw.startswith(kb)):
+                if acc is not None and not acc[r >> 2]:
+                    acc[r >> 2] = 1
+                return raw[va - o :], s1
+            if s1 & 1 or q[w] != s1 or q[pos] != b or not pte or q[pt0 + p] != pte:
                 seg.retries += 1  # a change in progress: the full lookup reads again
         r = lookup(kb)
-        return None if r is None else (r[3], r[1])
+        if r is None:
+            return None
+        if acc is not None and not acc[r[0] >> 2]:
+            acc[r[0] >> 2] = 1
+        return r[3], r[1]
 
     reads = 0  # gets through this closure (one writer: this process)
     publish = on_publish if on_publish is not None else (lambda: None)
     assert PUBLISH_MASK == 4095  # written as a literal below: a constant, not a cell load
 
-    # key -> (bucket word, bucket, slot's seq word, seq, value, True: as is / False: to
-    # decode), or for a miss (H_INDEX_GEN, generation, the empty bucket's word, 0, None, None)
+    # key -> (bucket word, bucket, slot's seq word, seq, page entry word, page entry,
+    # value, True: as is / False: to decode, access byte), or for a miss (H_INDEX_GEN,
+    # generation, the empty bucket's word, 0, the same word, 0, None, None, -1)
     cache: dict = {}
     cache_get = cache.get
     cap = read_cache
@@ -611,13 +727,18 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             e = cache_get(key)
         except TypeError:  # unhashable: not a key
             return on_stale(key, default)
-        # A cached record is current while its bucket still points to its slot and
-        # the slot still carries the seq it was read under; a cached miss while the
-        # index generation and the empty bucket that ended the walk are unchanged
-        # (see make_readers' docstring).
-        if e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]:
-            kind = e[5]  # True: the value as is; False: to decode; None: a miss
-            return e[4] if kind else default if kind is None else decode(e[4])
+        # A cached record is current while its bucket still points to its slot, the
+        # slot still carries the seq it was read under and its page the entry it was
+        # read with; a cached miss while the index generation and the empty bucket that
+        # ended the walk are unchanged (see make_readers' docstring).
+        if (e is not None and q[H_STATE] == READY and q[e[0]] == e[1] and q[e[2]] == e[3]
+                and q[e[4]] == e[5]):
+            kind = e[7]  # True: the value as is; False: to decode; None: a miss
+            if kind is None:
+                return default
+            if acc is not None and not acc[e[8]]:
+                acc[e[8]] = 1
+            return e[6] if kind else decode(e[6])
         uncached += 1
         cls = key.__class__
         if cls is str:
@@ -642,30 +763,39 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             if b == 0:
                 if not g & 1 and q[H_GEN] == g:
                     if len(cache) < cap:
-                        cache[key] = (H_GEN, g, pos, 0, None, None)
+                        cache[key] = (H_GEN, g, pos, 0, pos, 0, None, None, -1)
                     elif cap:  # full: start over after 8x cap uncached reads
                         full_misses += 1
                         if full_misses > refill_after:
                             full_misses = 0
                             cache.clear()
                     return default
-            else:  # the hash matches
-                w = slot0 + ((b & M32) - 1) * sw
+            elif 0 < (b & M32) <= nrefs:  # the hash matches (a damaged ref: lookup raises)
+                r = (b & M32) - 1
+                pw = pt0 + (r >> shift)
+                pte = q[pw]
+                w = slot0 + r * sw
                 s1 = q[w]
                 meta = q[w + 3]
                 vlen = meta >> 32
                 expiry = q[w + 2]
                 o = w * 8 + HDR
-                raw = mv[o : o + ksz + (vlen if vlen <= vsz else vsz)].tobytes()
+                va = o + ((n + 7) & ~7)  # the value, if the key is the query's
+                stop = va + (vlen if vlen <= vsz else vsz)
+                pend = page0 + ((r >> shift) + 1) * page_bytes
+                raw = mv[o : stop if stop <= pend else pend].tobytes()
                 # Invariant: every word used below was read between s1 and s2.
-                if (q[w] == s1 and q[pos] == b and not s1 & 1 and meta & 0xFFFF == n
-                        and not meta & FREE and not expiry and raw.startswith(kb)):
-                    value = decode(raw[ksz:])
+                if (q[w] == s1 and q[pos] == b and q[pw] == pte and pte and not s1 & 1
+                        and meta & 0xFFFF == n and not meta & FREE and not expiry and raw.startswith(kb)):
+                    vb = raw[va - o :]
+                    value = decode(vb)
+                    if acc is not None and not acc[r >> 2]:
+                        acc[r >> 2] = 1
                     if len(cache) < cap:
                         if value.__class__ in IMMUTABLE:
-                            cache[key] = (pos, b, w, s1, value, True)
+                            cache[key] = (pos, b, w, s1, pw, pte, value, True, r >> 2)
                         else:  # the caller may change it: decode anew on each hit
-                            cache[key] = (pos, b, w, s1, raw[ksz:], False)
+                            cache[key] = (pos, b, w, s1, pw, pte, vb, False, r >> 2)
                     elif cap:
                         # Full: start over only after 8x cap uncached reads, so a store
                         # far larger than the cache does not pay an insert per get.
@@ -675,7 +805,11 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
                             cache.clear()
                     return value
             r = lookup(kb)
-            return default if r is None else decode(r[3])
+            if r is None:
+                return default
+            if acc is not None and not acc[r[0] >> 2]:
+                acc[r[0] >> 2] = 1
+            return decode(r[3])
         return on_stale(key, default)
 
     def probe_each(kbs: list[bytes], which: Iterable[int]) -> tuple[dict[int, bytes], int]:

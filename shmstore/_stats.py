@@ -80,6 +80,18 @@ class ClientStats(msgspec.Struct, frozen=True):
     read_cache_hits: int = 0  #: of its reads, those its read cache answered
 
 
+class ClassStats(msgspec.Struct, frozen=True):
+    """One size class: slots of ``slot_size`` bytes in ``pages`` pages."""
+
+    slot_size: int
+    pages: int
+    slots: int  #: slots in its pages
+    records: int  #: live records in them
+    bytes_asked: int  #: what those records need (header + key padded to 8 + value)
+    bytes_spent: int  #: records x slot_size
+    fragmentation: float  #: 1 - asked / spent (0.0 when empty)
+
+
 class StoreStats(msgspec.Struct, frozen=True):
     """What :meth:`Store.stats` returns. Durations are in seconds, sizes in bytes.
 
@@ -127,6 +139,18 @@ class StoreStats(msgspec.Struct, frozen=True):
     watch_posts: int = 0  #: wake-ups posted to clients in ``watch()``
     #: ``changes(since=E)`` needs ``E >= feed_horizon`` (older changes were overwritten)
     feed_horizon: int = 0
+    # -- memory (size classes and eviction)
+    memory: int = 0  #: the page budget (0: a single-class store of capacity x value_size)
+    page_size: int = 0
+    pages: int = 0  #: pages of records (the budget / page_size)
+    free_pages: int = 0  #: pages no class holds yet
+    memory_used: int = 0  #: bytes of the pages classes hold
+    segment_bytes: int = 0  #: the whole data segment: header, page table, pages, index
+    fragmentation: float = 0.0  #: over all classes: 1 - bytes asked / slot bytes spent
+    classes: list[ClassStats] = []
+    eviction: str | None = None  #: the running coordinator's policy
+    evictions: int = 0  #: records evicted to make room
+    page_moves: int = 0  #: pages moved from one class to another
     # -- durability (zero / None for memory-only stores)
     fsyncs: int = 0
     fsync_seconds: float = 0.0  #: summed fsync latency
@@ -315,6 +339,7 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
         total_write_latency_avg=_avg(tot[4], tot[6]),
         total_write_latency_max=_secs(tot[5]) if tot[6] else None,
     )
+    fields.update(_memory(seg))
     prev = counters.prev_stats
     counters.prev_stats = (now, fields)
     if prev is not None:
@@ -330,6 +355,33 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
             if cpu is not None and p["coordinator_cpu_seconds"] is not None and p["coordinator_pid"] == pid:
                 fields["coordinator_cpu_percent"] = 100.0 * max(0.0, cpu - p["coordinator_cpu_seconds"]) / dt
     return StoreStats(**fields)
+
+
+_POLICY = {v: k for k, v in L.EVICTION_NAMES.items()}
+
+
+def _memory(seg: Segment) -> dict:
+    """The memory fields of StoreStats: per class from the header's class words."""
+    q = seg.q
+    lay = seg.layout
+    classes = []
+    asked = spent = 0
+    for c, size in enumerate(seg.classes):
+        pages = q[L.class_word(c, L.C_PAGES)]
+        records = q[L.class_word(c, L.C_RECORDS)]
+        a = q[L.class_word(c, L.C_ASKED)]
+        sp = records * size
+        asked += a
+        spent += sp
+        classes.append(ClassStats(slot_size=size, pages=pages, slots=pages * (lay.page_size // size),
+                                  records=records, bytes_asked=a, bytes_spent=sp,
+                                  fragmentation=1.0 - a / sp if sp else 0.0))
+    used_pages = sum(c.pages for c in classes)
+    return dict(memory=lay.memory, page_size=lay.page_size, pages=lay.npages,
+                free_pages=q[L.H_FREE_PAGES], memory_used=used_pages * lay.page_size,
+                segment_bytes=lay.size, fragmentation=1.0 - asked / spent if spent else 0.0,
+                classes=classes, eviction=_POLICY.get(q[L.H_EVICTION]),
+                evictions=q[L.H_EVICTIONS], page_moves=q[L.H_PAGE_MOVES])
 
 
 def _cap(x: float | None, top: float | None) -> float | None:

@@ -344,7 +344,8 @@ class Store(FeedMixin, AsyncMixin):
         # The closure reaches the handle only weakly: no cycle, so a dropped handle is
         # freed (and its reference released) at once, not at the next collection.
         readers = make_readers(self._seg, self._decode, _slow_get(weakref.ref(self)), publish,
-                               self._read_cache, self._att.probes, self._codec.decode_list)
+                               self._read_cache, self._att.probes, self._codec.decode_list,
+                               self._seg.access)
         self.get, self._readers = readers.get, readers
         self._counters.attach(self._seg, readers)
 
@@ -453,14 +454,16 @@ class Store(FeedMixin, AsyncMixin):
     def _scan_keys(self) -> Iterator[bytes]:
         """Keys of live-looking slots, read under their seqlocks (may repeat)."""
         seg = self._live_segment()
-        words = seg.slot_words_view()
-        meta = words[:, L.S_META]
+        refs, _ = seg.slot_refs()  # from a copy of the page table
+        meta = seg.headers(refs)[:, L.S_META]
         not_free = ((meta >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) == 0
         has_key = (meta & np.uint64(0xFFFF)) != 0
-        live = np.flatnonzero(not_free & has_key)
-        del words, meta
+        live = refs[not_free & has_key]
+        del meta
         for slot in live.tolist():
-            r = seg.read_slot(slot, wait=False)  # an odd slot holds no published record
+            # An odd slot holds no published record; a slot of a page reassigned since
+            # the page table was copied reads as None (its records were evicted).
+            r = seg.read_slot(slot, wait=False)
             if r is not None and r[4] and not r[3] & L.FLAG_FREE:
                 yield r[4]
 
