@@ -581,6 +581,13 @@ def test_a_page_move_leaves_no_stale_read(raw):
             m.lookup(b"ghost")
         assert m.retries > 0
         assert m.read_slot(2 << seg.ref_shift) is None  # a free page holds no slot
+        assert m.read_slot(seg.nslots) is None and m.read_slot(2**64 - 1) is None  # no slot
+        seg.q[seg.pt0 + 3] = 0x7F  # an entry naming a class the table lacks: no slot there
+        assert m.read_slot(3 << seg.ref_shift) is None
+        # The page's last whole slot is one; the bytes after it (1 MiB % 352) are not.
+        core.page_assign(1, 3, 7)
+        last = (1 << seg.ref_shift) + (seg.page_size // 352 - 1) * 22
+        assert m.read_slot(last) is not None and m.read_slot(last + 22) is None
     finally:
         m.close()
 
