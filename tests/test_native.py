@@ -3,7 +3,11 @@
 What the C protocol does under concurrency is proven in tests/test_native_tsan.py; the
 protocol tests (seqlock, read cache, get_many, snapshots, crash) run on both cores
 (conftest ``core``). Here: the constants and the hash agree with ``_layout``; the
-switch between cores; and the extension's own arguments are hostile-proof.
+switch between cores; the extension's own arguments are hostile-proof; and, on raw
+format-4 segments (no coordinator), the compiled reader and writer against the spec:
+Core's stores byte for byte against a Python transcription of the spec, the class
+rule and counters, page moves, clamps to the page, access bytes, the read cache's page
+check.
 """
 
 from __future__ import annotations
