@@ -263,3 +263,27 @@ def test_coordinator_killed_under_eviction_comes_back_consistent(served):
             c2.stop()
     finally:
         s.close()
+
+
+def test_a_segment_of_the_old_format_is_refused_naming_the_fix(names):
+    import mmap
+
+    import posix_ipc
+
+    name = names("old")
+    shm = posix_ipc.SharedMemory(L.data_name(name), posix_ipc.O_CREX, mode=0o600, size=L.PAGE)
+    try:
+        mm = mmap.mmap(shm.fd, L.PAGE)
+        q = memoryview(mm).cast("Q")
+        q[L.H_FORMAT] = 3
+        q[L.H_STATE] = L.STATE_READY
+        q[L.H_MAGIC] = L.MAGIC
+        q.release()
+        mm.close()
+        with pytest.raises(shmstore.IncompatibleStoreError, match=r"format 3.*shmstore scan .*shmstore load"):
+            shmstore.connect(name)
+        with pytest.raises(shmstore.ShmStoreError, match=r"format 3"):
+            shmstore.serve(name, memory=4 * MiB)
+    finally:
+        shm.close_fd()
+        posix_ipc.unlink_shared_memory(L.data_name(name))
