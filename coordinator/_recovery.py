@@ -9,9 +9,11 @@ intact; what it can leave behind, and what :func:`repair` does about it:
 left behind                         repair
 ==================================  =================================================
 a slot with an odd seq              unreferenced by the index: stamp it free
-a slot stamped before its page's    a page move was cut short between the page table
-assignment (older than the page     entry and the new slots' headers: the bytes are
-table entry's epoch)                the old class's; stamp it free, key length 0
+slots of a page assigned after     a page move was cut short between the page table
+the last published epoch (or        entry and the new slots' headers: what no bucket
+stamped before its assignment)      names there is the old class's bytes, garbage
+                                    stamps included; stamp it free, key length 0
+                                    (and keep its stamps out of the epoch's reckoning)
 an odd index generation             a backward shift was cut short: rebuild the index
                                     from the slots it references (duplicates, and
                                     references that are no slot of an assigned page,
@@ -151,39 +153,42 @@ def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[s
     q = seg.q
     pt = seg.page_table().copy()
     refs, _ = seg.slot_refs(pt)
-    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
-    seqs = head[:, L.S_SEQ]
     report = {"odd_slots": 0, "stale_slots": 0, "index_rebuilt": 0, "batch_redone": 0}
-    top = int(seqs.max()) if len(seqs) else 0
-    top_page = int((pt >> np.uint64(L.PTE_CLASS_BITS)).max()) if len(pt) else 0
-    engine.epoch = max(q[L.H_EPOCH], (top - 1) // 2 if top else 0, top_page)
     if q[L.H_INDEX_GEN] & 1:
         _rebuild_index(seg)
         q[L.H_INDEX_GEN] += 1
         report["index_rebuilt"] = 1
-    # The epoch each slot's page was handed to its class: a slot written since is
-    # stamped at least 2 * that + 1 (the move writes every new slot's header at it).
+    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
+    seqs = head[:, L.S_SEQ]
+    idx = seg.index_view()
+    named = np.isin(refs, (idx[idx != 0] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1)
+    del idx
+    # A page handed to its class after the last published epoch: a move (or a batch
+    # that moved it) was cut short, and its slots no bucket names may still hold the old
+    # class's bytes, which read as headers of the new geometry are garbage, stamps
+    # included. A completed move publishes its epoch, so no other page can.
     page_epoch = (pt[refs >> seg.ref_shift] >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
-    moved = (page_epoch > 0).astype(bool)
-    floor = (2 * page_epoch + 1).astype(np.uint64)
-    odd = (seqs & np.uint64(1)) != 0
+    published = q[L.H_EPOCH]
     blank = ~head.any(axis=1) if len(refs) else np.zeros(0, bool)
-    stale = moved & ~blank & (seqs < floor)
-    # An odd slot of the page's own geometry keeps its key (change feeds name the key
-    # whose write was cut short); one the move was writing, or a stale one, gets none.
-    keep_key = odd & (seqs > floor)
-    meta = head[:, L.S_META]
-    klen = (meta & np.uint64(0xFFFF)).astype(np.int64)
-    klen = np.where(keep_key & (klen <= seg.key_size), klen, 0)
-    fix = np.flatnonzero(odd | stale)
-    for i in fix.tolist():
+    floor = (2 * page_epoch + 1).astype(np.uint64)
+    stale = ~named & ~blank & ((page_epoch > published) | ((page_epoch > 0) & (seqs < floor)))
+    odd = ~stale & ((seqs & np.uint64(1)) != 0)
+    trusted = seqs[~stale]
+    top = int(trusted.max()) if len(trusted) else 0
+    top_page = int((pt >> np.uint64(L.PTE_CLASS_BITS)).max()) if len(pt) else 0
+    engine.epoch = max(published, (top - 1) // 2 if top else 0, top_page)
+    # An odd slot keeps its key (change feeds name the key whose write was cut short);
+    # a stale one gets none.
+    klen = (head[:, L.S_META] & np.uint64(0xFFFF)).astype(np.int64)
+    klen = np.where(odd & (klen <= seg.key_size), klen, 0)
+    for i in np.flatnonzero(odd | stale).tolist():
         ref = int(refs[i])
         kl = int(klen[i])
         if 8 * seg.slot0 + L.SLOT_UNIT * ref + L.SLOT_HEADER + kl > seg.page_end(ref):
             kl = 0
         _stamp_free(seg, ref, engine.next_epoch(), kl)
     report["odd_slots"] = int(np.count_nonzero(odd))
-    report["stale_slots"] = int(np.count_nonzero(stale & ~odd))
+    report["stale_slots"] = int(np.count_nonzero(stale))
     engine.rebuild_free_list()
     if q[L.H_BATCH_SEQ] & 1:
         blob = redo.read() if redo is not None else None

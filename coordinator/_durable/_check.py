@@ -232,13 +232,18 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     pcls = (pt & np.uint64(0xFF)).astype(np.int64) - 1
     pep = (pt >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
     epoch = int(hdr[L.H_EPOCH])
-    badpte = (pcls >= k) | ((pcls < 0) & (pt != 0)) | (pep > epoch)
+    badpte = (pcls >= k) | ((pcls < 0) & (pt != 0))
     if not lay.memory:
         badpte |= pcls != 0
     listed("bad page table entries", np.flatnonzero(badpte).tolist(),
-           lambda p: f"page table entry {p} ({int(pt[p]):#x}) is not a free page nor a class of this "
-                     f"store assigned by epoch {epoch}")
+           lambda p: f"page table entry {p} ({int(pt[p]):#x}) is neither a free page nor a class of "
+                     f"this store")
     pcls[badpte] = -1  # the checks below take such a page as unassigned
+    late = ~badpte & (pcls >= 0) & (pep > epoch)
+    listed("pages assigned after the segment's epoch", np.flatnonzero(late).tolist(),
+           lambda p: f"page table entry {p}: the page went to class {int(pcls[p])} at epoch {int(pep[p])}, "
+                     f"after the segment's epoch {epoch}: a page move was cut short (the next "
+                     f"coordinator's start repairs it)")
     # -- every slot of the assigned pages ------------------------------------------------
     per = lay.page_size // classes
     parts = []
