@@ -119,6 +119,11 @@ class Engine:
         self.classes = seg.classes
         #: one FreeRing of slot refs per size class
         self.frees: list[FreeRing] = [FreeRing() for _ in self.classes]
+        #: free slots an insert must leave in a class: 1 (the spare that lets an update
+        #: succeed in a full class) where a page holds 4 slots or more, else 0 (a spare
+        #: would cost a quarter of a page or more: updates of such large records in a
+        #: full class need a free page, a page move or an eviction like inserts)
+        self.reserve = [1 if seg.page_size // size >= 4 else 0 for size in self.classes]
         #: pages no class holds yet, lowest first (a memory store hands them out on demand)
         self.free_pages: list[int] = []
         self.capacity = seg.layout.capacity
@@ -133,7 +138,7 @@ class Engine:
         #: sets it to the journal's append.
         self.log = None
         #: the access bytes (a writable uint8 view) when eviction is LRU: the engine
-        #: marks every record it writes as just used
+        #: clears the byte of every record it writes (used once a reader reads it)
         self.access = None
         #: called with each evicted key (the server purges its TTL index)
         self.on_evict = None
@@ -359,7 +364,7 @@ class Engine:
         q[L.class_word(c, L.C_RECORDS)] += 1
         q[L.class_word(c, L.C_ASKED)] += L.slot_need(len(kb), len(vb))
         if self.access is not None:
-            self.access[new >> 2] = 1
+            self.access[new >> 2] = 0  # unreferenced until a reader reads it
         if self.core is not None:
             self.core.set_bucket(pos, h, new)
         else:
@@ -377,9 +382,9 @@ class Engine:
 
     def _make_room(self, c: int, insert: bool, kb: bytes) -> bool:
         """Make class ``c`` able to take one record (a new key if ``insert``): an insert
-        needs two free slots in the class (the last one is the spare that lets an update
-        succeed in a full class) and the record count below capacity, an update one free
-        slot. Returns whether records were evicted or moved (the caller
+        needs ``reserve[c] + 1`` free slots in the class (the spare lets an update succeed
+        in a full class) and the record count below capacity, an update one free slot.
+        Returns whether records were evicted or moved (the caller
         looks its key up again). Raises StoreFullError, nothing changed, when it cannot.
 
         In order: a free page; a page another class can give up without losing a record
@@ -397,7 +402,7 @@ class Engine:
                 self.evict_refs(self.evictor.victims(c, 1))
                 changed = True
                 continue
-            if len(self.frees[c]) >= (2 if insert else 1):
+            if len(self.frees[c]) >= (self.reserve[c] + 1 if insert else 1):
                 return changed
             grew = self._grow(c, kb)
             if not grew:
@@ -449,7 +454,7 @@ class Engine:
                 c = self.class_for(kb, op.value)
                 if old_c < 0 and count >= self.capacity:
                     return c, True
-                need = 2 if old_c < 0 else 1
+                need = self.reserve[c] + 1 if old_c < 0 else 1
                 while free[c] < need:
                     if not pages:
                         return c, False

@@ -4,16 +4,20 @@ Design
 ------
 Every slot's seqlock stamp is ``2E+2`` for the epoch E that last wrote or freed it,
 and a freed slot keeps its key. So the keys changed after epoch ``since`` are the keys
-of the slots whose stamp exceeds ``2*since + 2``: one numpy pass over the stamp column
-finds them, a second copies their key bytes, a third re-reads their stamps to validate
-the copy (a slot that moved meanwhile is read again under its seqlock). Deletions are
+of the slots whose stamp exceeds ``2*since + 2``: the slots are enumerated from a copy
+of the page table (``Segment.slot_refs``), one numpy pass over their stamps finds the
+changed ones, a second copies their key bytes, a third re-reads their stamps and their
+pages' entries to validate the copy (a slot that moved meanwhile is read again under
+its seqlock; a slot whose page was reassigned to another class is dropped: the page
+move erased those changes and raised the horizon, below). Deletions are
 in it (the freed slot keeps the key), and so are expirations (the coordinator reclaims
 an expired record with a delete, at its own epoch: until then the record's slot has
 not changed, so a feed reports an expiry once the coordinator has reclaimed it, within
 about a tick).
 
-A freed slot can be reused for another key, which would erase the record of a
-deletion. The coordinator reuses free slots oldest-freed first and raises the header
+A freed slot can be reused for another key, and a page can be reassigned to
+another class (its records evicted, its slots rewritten), which would erase the record
+of a deletion. The coordinator reuses free slots oldest-freed first and raises the header
 word ``H_FEED_HORIZON`` to the erased epoch before it writes the slot (see
 ``coordinator/_freering.py``). :meth:`FeedMixin.changes` checks ``since`` against the
 horizon before and after its scan and raises :class:`FeedTruncatedError` instead of
@@ -110,12 +114,14 @@ class FeedMixin:
         if since < epoch and seg.core is not None:  # the scan in C (no numpy)
             keys = set(seg.core.changed_keys(2 * since + 2))
         elif since < epoch:
-            words = seg.slot_words_view()
-            stamps = words[:, L.S_SEQ]
-            cand = np.flatnonzero(stamps > np.uint64(2 * since + 2))
+            pt = seg.page_table().copy()  # the slots' geometry this scan reads them by
+            refs, _ = seg.slot_refs(pt)
+            words = np.ndarray((len(seg.mm) // 8,), dtype=np.uint64, buffer=seg.mm)
+            stamps = words[seg.slot0 + seg.slot_words * refs]
+            cand = refs[stamps > np.uint64(2 * since + 2)]
             if len(cand):
-                keys = self._keys_of(seg, words, cand)
-            del words, stamps
+                keys = self._keys_of(seg, words, cand, pt)
+            del words
         # A slot reused during the scan raised the horizon before it was written.
         fence()
         self._check_horizon(q, since)
@@ -138,23 +144,36 @@ class FeedMixin:
             )
 
     @staticmethod
-    def _keys_of(seg: object, words: np.ndarray, cand: np.ndarray) -> set[bytes]:
-        """Keys of slots ``cand``, each read validated by its stamp."""
+    def _keys_of(seg: object, words: np.ndarray, cand: np.ndarray, pt: np.ndarray) -> set[bytes]:
+        """Keys of slots ``cand`` (refs under page table ``pt``), each read validated by
+        its stamp and its page's entry."""
         ksz = seg.key_size
-        body = np.ndarray((seg.nslots, ksz), dtype=np.uint8, buffer=seg.mm,
-                          offset=L.SLOTS_OFFSET + L.SLOT_HEADER, strides=(seg.slot_size, 1))
-        s1 = words[cand, L.S_SEQ]
+        kw = (ksz + 7) // 8
+        base = 8 * seg.slot0 + L.SLOT_HEADER
+        count = min(seg.nslots, (len(seg.mm) - base - 8 * kw) // L.SLOT_UNIT + 1)
+        body = np.ndarray((count, 8 * kw), dtype=np.uint8, buffer=seg.mm, offset=base,
+                          strides=(L.SLOT_UNIT, 1))
+        live = seg.page_table()
+        pages = cand >> seg.ref_shift
+        seqw = seg.slot0 + seg.slot_words * cand
+        inside = cand < count  # a key area past the mapping: read one by one below
+        s1 = words[seqw]
         fence()  # the stamps before the keys
-        meta = words[cand, L.S_META]
-        kbytes = body[cand]
-        fence()  # the keys before the stamps again
-        s2 = words[cand, L.S_SEQ]
-        del body
+        meta = words[seqw + L.S_META]
+        kbytes = body[np.where(inside, cand, 0)]
+        fence()  # the keys before the stamps and the page entries again
+        s2 = words[seqw]
+        moved = live[pages] != pt[pages]
+        del body, live
         # Invariant: a copied key is used only if its slot's stamp was even and did
-        # not move across the copy.
-        ok = (s1 == s2) & ((s1 & np.uint64(1)) == 0)
-        klen = np.minimum(meta & np.uint64(0xFFFF), np.uint64(ksz)).astype(np.intp)[ok]
-        rows = np.ascontiguousarray(kbytes[ok])
+        # not move across the copy, and its page was not reassigned meanwhile. A slot
+        # of a reassigned page held changes the page move erased (the coordinator raised
+        # the feed horizon for them, which the caller checks after the scan).
+        ok = (s1 == s2) & ((s1 & np.uint64(1)) == 0) & ~moved & inside
+        page_end = (pages + 1) << (seg.ref_shift + 4)  # bytes from the first page
+        room = np.maximum(page_end - ((cand << 4) + L.SLOT_HEADER), 0)
+        klen = np.minimum(np.minimum(meta & np.uint64(0xFFFF), np.uint64(ksz)).astype(np.int64), room)[ok]
+        rows = np.ascontiguousarray(kbytes[ok][:, :ksz])
         # Bytes objects in one call: numpy's S dtype drops trailing NULs, so the keys
         # whose length then differs from the slot's are cut from the row exactly.
         fixed = rows.view(f"S{ksz}").ravel()
@@ -164,9 +183,9 @@ class FeedMixin:
             got[i] = rows[i, : klen[i]].tobytes()
         keys = set(got)
         keys.discard(b"")
-        for slot in cand[~ok].tolist():
+        for slot in cand[~ok & ~moved].tolist():
             r = seg.read_slot(slot)  # a slot being written: wait for it (microseconds)
-            if r[4]:
+            if r is not None and r[4]:
                 keys.add(r[4])
         return keys
 

@@ -12,15 +12,19 @@ passes, each pass one numpy call over all keys still in play, in program order:
 1. Walk the index: load every key's home bucket; a key stops at an empty bucket (a
    miss) or a bucket whose hash matches (a candidate). The few keys that met neither
    load a window of the next buckets at once and stop at the first of either there.
-2. For the candidates: load each slot's ``seq`` (s1); then (records over 256 bytes
-   only) its meta word, for the longest value; then one gather of expiry, meta, key
-   and value (a strided view of one fixed-width record per slot, so the gather is one
-   copy per slot); then ``seq`` again (s2) and the bucket again.
-3. Accept a candidate only if s1 is even and equal to s2, the bucket did not change,
-   the slot is live, unexpired, and holds exactly the query's key: its length, and
-   its bytes compared as whole words (the engine keeps the key area zero-padded).
-   Accept a miss only if the index generation was even before the first bucket load
-   and unchanged after the last one.
+2. For the candidates: load the page-table entry of each slot's page, then the
+   slot's ``seq`` (s1); then (records over 256 bytes only) its meta word, for the
+   longest value; then one gather of expiry, meta, key and value (a strided view of
+   one fixed-width record at every slot reference, 16 bytes apart, so the gather is
+   one copy per slot whatever its size class); then ``seq`` again (s2), the bucket
+   and the page entry again.
+3. Accept a candidate only if its page is assigned and its entry did not change (the
+   page was not reassigned to another class meanwhile), s1 is even and equal to s2,
+   the bucket did not change, the slot is live, unexpired, holds exactly the query's
+   key: its length, and its first ``ceil(klen / 8)`` words (the key is zero-padded
+   to 8 bytes in the slot, the value follows at ``+32 + align8(klen)``), and its
+   value ends inside the page. Accept a miss only if the index generation was even
+   before the first bucket load and unchanged after the last one.
 
 Every key not settled by that (a key not found within :data:`MAX_WALK` buckets, a
 hash that matched another key, a slot that moved under us) goes through the per-key
@@ -140,38 +144,45 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
     mask = seg.mask
     ksz = seg.key_size
     vsz = seg.value_size
-    slot_size = seg.slot_size
-    nslots = seg.nslots
+    nrefs = seg.nslots  # slot references (format 4: 16-byte units of the pages)
+    shift = seg.ref_shift
     mm = seg.mm
     H_GEN = L.H_INDEX_GEN
-    KW = (ksz + 7) // 8  # u64 words that cover a key (the slot always has room for them)
-    slot_q = np.ndarray((nslots, seg.slot_words), dtype=np.uint64, buffer=mm, offset=L.SLOTS_OFFSET)
-    seq_col = slot_q[:, 0]
-    meta_col = slot_q[:, L.S_META]
+    KW = (ksz + 7) // 8  # u64 words that cover the longest key
+    pages_off = 8 * seg.slot0
+    words_all = np.ndarray((len(mm) // 8,), dtype=np.uint64, buffer=mm)
+    page_table = seg.page_table()
     buckets = seg.index_view()  # 1-D u64
     # A record from the expiry word on: expiry, meta, key, value (RECORD_OFF bytes in).
     RECORD_OFF = 8 * L.S_EXPIRY
     KEY_AT = L.SLOT_HEADER - RECORD_OFF  # the key's byte offset in a record
-    records: dict[int, np.ndarray] = {}  # record width -> strided view of every slot
-    WHOLE = KEY_AT + ksz + vsz <= 256  # whole records are cheap to copy
+    # record width -> (strided view of a record at every ref, how many refs it covers)
+    records: dict[int, tuple[np.ndarray, int]] = {}
+    WHOLE = KEY_AT + 8 * KW + vsz <= 256  # whole records are cheap to copy
 
-    def record_view(maxv: int) -> np.ndarray:
-        width = max(KEY_AT + 8 * KW, L.align(KEY_AT + ksz + maxv, 8))
-        view = records.get(width)
-        if view is None:
-            view = records[width] = np.ndarray(
-                (nslots,), dtype=np.dtype(f"V{width}"), buffer=mm,
-                offset=L.SLOTS_OFFSET + RECORD_OFF, strides=(slot_size,))
-        return view
+    def record_view(maxv: int) -> tuple[np.ndarray, int]:
+        """Records of ``maxv`` bytes of value after the longest key, one per ref (a
+        ref that is not a slot's start is never gathered: its bucket would be stale,
+        which the checks catch). The last refs' records may not fit in the mapping:
+        those refs (beyond the count returned) go the per-key way."""
+        width = L.align(KEY_AT + 8 * KW + maxv, 8)
+        got = records.get(width)
+        if got is None:
+            off = pages_off + RECORD_OFF
+            count = max(0, min(nrefs, (len(mm) - off - width) // L.SLOT_UNIT + 1))
+            view = np.ndarray((count,), dtype=np.dtype(f"V{width}"), buffer=mm,
+                              offset=off, strides=(L.SLOT_UNIT,))
+            got = records[width] = (view, count)
+        return got
 
     U32 = np.uint64(0xFFFFFFFF)
     S32 = np.uint64(32)
     ONE = np.uint64(1)
     LIVE_KEY = np.uint64((L.FLAG_FREE << 16) | 0xFFFF)  # meta & this == klen: live, that length
     MASK = np.intp(mask)
-    # With key_size not a multiple of 8 the last key word runs into the value: its
-    # difference is masked to the key's bytes.
-    TAIL = np.uint64((1 << 8 * (ksz % 8)) - 1) if ksz % 8 else None
+    SHIFT = np.intp(shift)
+    PAGE_SHIFT = np.intp(shift + 4)  # a page's bytes: 1 << this
+    J = np.arange(KW, dtype=np.int64)[None, :]
     WINDOWS = [np.arange(1, 8, dtype=np.intp), np.arange(8, MAX_WALK, dtype=np.intp)]
 
     mask_tables: dict[int, np.ndarray] = {}  # maxv -> row n: n True, then False
@@ -244,38 +255,61 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
         if not ck.size:
             g2 = q[H_GEN]
             return settle(keys, _EMPTY, _NO_VALUES, 0, g1, g2, pend, ck)
-        # 2. The candidates' slots, under their seqlocks.
+        # 2. The candidates' slots, under their page entries and seqlocks.
         slots = (cb & U32).astype(np.intp) - 1
-        s1 = seq_col[slots]
-        if WHOLE:  # small records: copy them whole rather than look up the longest value
-            rec = record_view(vsz)[slots].view(np.uint64).reshape(slots.size, -1)
+        if WHOLE:
+            view, count = record_view(vsz)
+        # A ref past the pages is damaged (the per-key lookup raises), one past the
+        # records' view goes the per-key way too: gather a harmless 0 for both.
+        inside = (slots >= 0) & (slots < nrefs)
+        if not inside.all():
+            slots = np.where(inside, slots, 0)
+        pages = slots >> SHIFT
+        pte1 = page_table[pages]
+        seqw = seg.slot0 + 2 * slots
+        s1 = words_all[seqw]
+        if not WHOLE:  # the longest value among them, clamped, sizes the gather
+            maxv = min(int((words_all[seqw + L.S_META] >> S32).max()), vsz)
+            view, count = record_view(maxv)
+        if count < nrefs:
+            inside &= slots < count
+            gather = np.where(slots < count, slots, 0)
         else:
-            maxv = min(int((meta_col[slots] >> S32).max()), vsz)
-            rec = record_view(maxv)[slots].view(np.uint64).reshape(slots.size, -1)
-        s2 = seq_col[slots]
+            gather = slots
+        rec = view[gather].view(np.uint64).reshape(slots.size, -1)
+        s2 = words_all[seqw]
         bb = buckets[cp]
+        pte2 = page_table[pages]
         g2 = q[H_GEN]
         # 3. Checks. Invariant: nothing read above is trusted until they pass.
         meta = rec[:, 1]
         vlen = (meta >> S32).astype(np.intp)
         if WHOLE:
             maxv = min(int(vlen.max()), vsz)
-        # s1 == s2 and even; the bucket unchanged; no expiry; live, with the key's length.
-        bad = (s1 ^ s2) | (s1 & ONE) | (bb ^ cb) | rec[:, 0] | ((meta & LIVE_KEY) ^ klens.astype(np.uint64))
-        # Keys are zero-padded in their slots (the engine writes them so), so a key
-        # compares word by word; only the last word, when it runs into the value, is
-        # masked. A slot with other bytes there fails and goes the per-key way.
+        # s1 == s2 and even; the bucket and the page entry unchanged (and the page
+        # assigned); no expiry; live, with the key's length.
+        bad = ((s1 ^ s2) | (s1 & ONE) | (bb ^ cb) | (pte1 ^ pte2) | rec[:, 0]
+               | ((meta & LIVE_KEY) ^ klens.astype(np.uint64)))
+        # Keys are zero-padded to 8 bytes in their slots, the value follows: a key of
+        # klen bytes compares as its first ceil(klen / 8) words.
+        kwords = (klens + 7) >> 3
         want = words[ck] if ck.size < n else words
-        for j in range(KW):
-            d = rec[:, 2 + j] ^ want[:, j]
-            if j == KW - 1 and TAIL is not None:
-                d &= TAIL
-            bad |= d
-        ok = (bad == 0) & (vlen <= maxv)
+        d = rec[:, 2 : 2 + KW] ^ want
+        key_bad = ((d != 0) & (J < kwords[:, None])).any(axis=1)
+        # The value (at +32 + 8 * kwords) must end inside the slot's page.
+        vend = (slots << 4) + (L.SLOT_HEADER + 8 * kwords + vlen)
+        ok = (bad == 0) & ~key_bad & inside & (pte1 != 0) & (vlen <= maxv) & (vend <= (pages + 1) << PAGE_SHIFT)
         all_ok = bool(ok.all())
         fast = ck if all_ok else ck[ok]
-        body = rec.view(np.uint8)[:, KEY_AT + ksz : KEY_AT + ksz + maxv]
-        vals = body if all_ok else body[ok]
+        raw = rec.view(np.uint8)
+        kw_ok = kwords if all_ok else kwords[ok]
+        if not len(kw_ok) or int(kw_ok.min()) == int(kw_ok.max()):  # keys of one word count
+            at = KEY_AT + 8 * (int(kw_ok[0]) if len(kw_ok) else KW)
+            body = raw[:, at : at + maxv]
+            vals = body if all_ok else body[ok]
+        else:  # each row's value from its own offset
+            rows = np.flatnonzero(ok)
+            vals = raw[rows[:, None], (KEY_AT + 8 * kw_ok)[:, None] + np.arange(maxv)[None, :]]
         vl = vlen if all_ok else vlen[ok]
         blob = values_array(vals, vl, maxv, first_bytes)
         top = int((s1 if all_ok else s1[ok]).max()) if fast.size else 0

@@ -62,12 +62,51 @@ SNAPSHOT_TRIES = 4
 SNAP_HEADER = 64
 
 
-def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
+def gather_rows(seg: Segment, slots: np.ndarray, pte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copy slots (refs) out of the segment into one private buffer, each slot whole
+    (its class's size), by one gather per size class.
+
+    Args:
+        seg: the mapping.
+        slots: the refs (int64), grouped by class (see :func:`by_class`), each the start
+            of a slot of its page's class in ``pte``.
+        pte: each slot's page-table entry (as read by the caller; class = low byte - 1).
+
+    Returns:
+        ``(data, offsets)``: uint8 bytes, and int64 ``(n + 1,)`` row bounds: row r is
+        ``data[offsets[r]:offsets[r + 1]]``, rows in the order of ``slots``.
+    """
+    n = len(slots)
+    cls = (pte & np.uint64(0xFF)).astype(np.int64) - 1
+    sizes = np.asarray(seg.classes, dtype=np.int64)[cls] if n else np.zeros(0, np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    base = 8 * seg.slot0
+    # the runs of one class: [starts[i], starts[i + 1])
+    starts = np.flatnonzero(np.diff(cls, prepend=-2))
+    for a, z in zip(starts.tolist(), [*starts[1:].tolist(), n]):
+        size = seg.classes[int(cls[a])]
+        count = min(seg.nslots, (len(seg.mm) - base - size) // L.SLOT_UNIT + 1)
+        view = np.ndarray((count,), dtype=np.dtype(f"V{size}"), buffer=seg.mm, offset=base,
+                          strides=(L.SLOT_UNIT,))
+        data[offsets[a] : offsets[z]] = view[slots[a:z]].view(np.uint8).reshape(-1)
+        del view
+    return data, offsets
+
+
+def by_class(pte: np.ndarray) -> np.ndarray:
+    """The order that groups slots by class (what :func:`gather_rows` takes)."""
+    return np.argsort(pte & np.uint64(0xFF), kind="stable")
+
+
+def copy_optimistic(seg: Segment) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
     """One lock-free attempt at a consistent copy; None if writers got in the way.
 
     Returns:
-        ``(epoch, buckets, rows)``: a private copy of the index whose buckets point to
-        rows (``row + 1`` in the low 32 bits) of ``rows``, the copied slots.
+        ``(epoch, buckets, data, offsets)``: a private copy of the index whose buckets
+        point to rows (``row + 1`` in the low 32 bits) of the copied slots
+        (:func:`gather_rows`).
     """
     q = seg.q
     g1 = q[L.H_INDEX_GEN]
@@ -78,36 +117,65 @@ def copy_optimistic(seg: object) -> tuple[int, np.ndarray, np.ndarray] | None:
     idx = seg.index_view().copy()
     pos = np.flatnonzero(idx)
     b = idx[pos]
-    slots = (b & U32).astype(np.intp) - 1
-    words = seg.slot_words_view()
-    slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
-                            offset=L.SLOTS_OFFSET)
-    s1 = words[slots, L.S_SEQ]
-    fence()  # the stamps before the records
-    rows = np.take(slot_bytes, slots, axis=0)
-    fence()  # the records before the stamps again, the delete epoch, the generation
-    s2 = words[slots, L.S_SEQ]
+    slots = (b & U32).astype(np.int64) - 1
+    if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= seg.nslots):
+        return None  # a damaged bucket: the coordinator's copy reports it
+    pt = seg.page_table()
+    pages = slots >> seg.ref_shift
+    pte1 = pt[pages]
+    words = np.ndarray((len(seg.mm) // 8,), dtype=np.uint64, buffer=seg.mm)
+    seqw = seg.slot0 + seg.slot_words * slots
+    s1 = words[seqw]
+    fence()  # the page entries and stamps before the records
+    if len(slots) and not pte1.all():
+        return None  # a bucket into a page being moved
+    cls = (pte1 & np.uint64(0xFF)).astype(np.int64) - 1
+    if len(slots) and (int(cls.max()) >= len(seg.classes)
+                       or np.any((slots & ((1 << seg.ref_shift) - 1)) * L.SLOT_UNIT
+                                 % np.asarray(seg.classes, np.int64)[cls])):
+        return None  # not a slot's start in its page's class: stale
+    order = by_class(pte1)
+    pos, b, slots, pages, seqw, s1, pte1 = (x[order] for x in (pos, b, slots, pages, seqw, s1, pte1))
+    data, offsets = gather_rows(seg, slots, pte1)
+    fence()  # the records before the stamps again, the entries, the delete epoch, the generation
+    s2 = words[seqw]
+    pte2 = pt[pages]
     lde = q[L.H_LAST_DELETE_EPOCH]
     g2 = q[L.H_INDEX_GEN]
-    del words, slot_bytes
+    del words, pt
     # Invariant: nothing copied above is trusted until every check below passes.
     if g2 != g1 or lde > e:
         return None
-    if len(slots) and (np.any(s1 != s2) or np.any(s1 & np.uint64(1)) or int(s1.max()) > 2 * e + 2):
+    if len(slots) and (np.any(s1 != s2) or np.any(pte1 != pte2) or np.any(s1 & np.uint64(1))
+                       or int(s1.max()) > 2 * e + 2):
         return None
     idx[pos] = (b & HIGH) | (np.arange(1, len(pos) + 1, dtype=np.uint64))
-    return e, idx, rows
+    return e, idx, data, offsets
 
 
-def from_handover(mm: mmap.mmap, n: int) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """The coordinator's copy, as written by ``coordinator._table.write_snapshot``."""
+def from_handover(mm: mmap.mmap, n: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The coordinator's copy, as written by ``coordinator._table.write_snapshot``.
+
+    Layout (after the handover header)::
+
+        64   u64 x 5   epoch, records n, buckets, row size (0: rows of their own sizes),
+                       wall-clock ns of the copy
+        128  u64 x nbuckets   the index, each bucket pointing to ``row + 1``
+        row size > 0:  n x row size bytes, each a slot zero-padded to the row size
+        row size 0:    u64 x (n + 1) row bounds (from 0), then the rows' bytes
+    """
     hdr = np.frombuffer(mm, dtype=np.uint64, count=5, offset=64)
     epoch, count, nbuckets, slot_size, taken = (int(x) for x in hdr)
     o = 64 + SNAP_HEADER
     idx = np.frombuffer(mm, dtype=np.uint64, count=nbuckets, offset=o)
-    rows = np.frombuffer(mm, dtype=np.uint8, count=count * slot_size,
-                         offset=o + 8 * nbuckets).reshape(count, slot_size)
-    return epoch, idx, rows, taken
+    o += 8 * nbuckets
+    if slot_size:
+        offsets = np.arange(count + 1, dtype=np.int64) * slot_size
+    else:
+        offsets = np.frombuffer(mm, dtype=np.uint64, count=count + 1, offset=o).astype(np.int64)
+        o += 8 * (count + 1)
+    data = np.frombuffer(mm, dtype=np.uint8, count=int(offsets[-1]), offset=o)
+    return epoch, idx, data, offsets, taken
 
 
 class Snapshot:
@@ -120,26 +188,45 @@ class Snapshot:
     processes.
     """
 
-    def __init__(self, epoch: int, buckets: np.ndarray, rows: np.ndarray, key_size: int,
-                 value_size: int, taken_ns: int, decode: Callable[[bytes], Any],
+    def __init__(self, epoch: int, buckets: np.ndarray, data: np.ndarray, offsets: np.ndarray,
+                 key_size: int, value_size: int, taken_ns: int, decode: Callable[[bytes], Any],
                  via_coordinator: bool, mm: mmap.mmap | None = None) -> None:
         self.epoch = epoch
         #: True if the coordinator made the copy (writers kept the lock-free copy failing)
         self.via_coordinator = via_coordinator
         self._mm = mm
         self._buckets = buckets
-        self._rows = rows
+        self._data = data
+        self._offsets = offsets
         self._b = memoryview(buckets).cast("B").cast("Q") if len(buckets) else memoryview(b"").cast("Q")
-        self._raw = memoryview(rows.reshape(-1)).cast("B") if rows.size else memoryview(b"")
-        self._w = self._raw.cast("Q") if rows.size else memoryview(b"").cast("Q")
+        self._raw = memoryview(data).cast("B") if data.size else memoryview(b"")
+        #: row r's bounds in _raw: _off[r], _off[r + 1] (a row is one whole slot)
+        self._off = memoryview(np.ascontiguousarray(offsets, dtype=np.int64)).cast("B").cast("q")
+        self._nrows = len(offsets) - 1
         self._mask = len(buckets) - 1
-        self._slot_size = rows.shape[1] if rows.ndim == 2 else 0
         self._ksz = key_size
         self._vsz = value_size
         self._taken = taken_ns
         self._decode = decode
 
     # -- lookups ---------------------------------------------------------------------
+
+    def _row(self, r: int) -> tuple[int, int, int, int]:
+        """Row r's ``(expiry, meta, key offset, row end)`` in the copy."""
+        off = self._off
+        o = off[r]
+        end = off[r + 1]
+        raw = self._raw
+        if end - o < L.SLOT_HEADER:  # not a slot (a damaged handover): nothing in it
+            return 0, 0, o + L.SLOT_HEADER, o + L.SLOT_HEADER
+        expiry = int.from_bytes(raw[o + 8 * L.S_EXPIRY : o + 8 * L.S_EXPIRY + 8], "little")
+        meta = int.from_bytes(raw[o + 8 * L.S_META : o + 8 * L.S_META + 8], "little")
+        return expiry, meta, o + L.SLOT_HEADER, end
+
+    def _key_of(self, meta: int, ko: int, end: int) -> tuple[int, int]:
+        """The key's length and the value's offset, clamped to the row."""
+        klen = min(meta & 0xFFFF, self._ksz, max(0, end - ko))
+        return klen, ko + ((klen + 7) & ~7)
 
     def _find(self, kb: bytes) -> bytes | None:
         """The value bytes of ``kb`` in the copy, or None."""
@@ -150,25 +237,21 @@ class Snapshot:
         h = L.key_hash(kb)
         b = self._b
         raw = self._raw
-        w = self._w
         mask = self._mask
-        sw = self._slot_size >> 3
+        nrows = self._nrows
         pos = h & mask
         while True:
             x = b[pos]
             if x == 0:
                 return None
-            if x >> 32 == h:
-                i = ((x & 0xFFFFFFFF) - 1) * sw  # the row's first word
-                meta = w[i + L.S_META]
-                klen = meta & 0xFFFF
-                o = 8 * i + L.SLOT_HEADER
-                if klen == len(kb) and raw[o : o + klen].tobytes() == kb:
-                    expiry = w[i + L.S_EXPIRY]
+            r = (x & 0xFFFFFFFF) - 1
+            if x >> 32 == h and 0 <= r < nrows:
+                expiry, meta, ko, end = self._row(r)
+                klen, vo = self._key_of(meta, ko, end)
+                if klen == len(kb) and raw[ko : ko + klen] == kb:
                     if expiry and expiry <= self._taken:
                         return None
-                    vo = o + self._ksz
-                    return raw[vo : vo + min(meta >> 32, self._vsz)].tobytes()
+                    return raw[vo : vo + min(meta >> 32, self._vsz, max(0, end - vo))].tobytes()
             pos = (pos + 1) & mask
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
@@ -207,15 +290,12 @@ class Snapshot:
         if self._b is None:
             raise StoreClosedError("this snapshot is closed; take a new one with store.snapshot()")
         raw = self._raw
-        w = self._w
-        sw = self._slot_size >> 3
-        for r in range(self._rows.shape[0]):
-            i = r * sw
-            expiry = w[i + L.S_EXPIRY]
+        for r in range(self._nrows):
+            expiry, meta, ko, end = self._row(r)
             if expiry and expiry <= self._taken:
                 continue
-            o = 8 * i + L.SLOT_HEADER
-            yield raw[o : o + (w[i + L.S_META] & 0xFFFF)].tobytes()
+            klen, _ = self._key_of(meta, ko, end)
+            yield raw[ko : ko + klen].tobytes()
 
     __iter__ = keys
 
@@ -226,12 +306,13 @@ class Snapshot:
 
     def close(self) -> None:
         """Free the copy. Idempotent."""
-        for attr in ("_w", "_b", "_raw"):
+        for attr in ("_off", "_b", "_raw"):
             v = self.__dict__.get(attr)
             if v is not None:
                 v.release()
                 self.__dict__[attr] = None
-        self._buckets = self._rows = None
+        self._buckets = self._data = self._offsets = None
+        self._nrows = 0
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
@@ -267,10 +348,10 @@ def take(seg: Segment, decode: Callable[[bytes], Any], counters: _Counters, writ
         t = now_ns()  # the clock every expiry check reads (shmstore/_ttl.py)
         r = copy_optimistic(seg)
         if r is not None:
-            e, idx, rows = r
-            return Snapshot(e, idx, rows, seg.key_size, seg.value_size, t, decode, False)
+            e, idx, data, offsets = r
+            return Snapshot(e, idx, data, offsets, seg.key_size, seg.value_size, t, decode, False)
         counters.read_retries += 1
     seg_name, _ = writer.request(seg, [C.OP_SNAPSHOT, 1], "snapshot", True, timeout)
     mm, n = open_handover(seg_name)
-    e, idx, rows, taken = from_handover(mm, n)
-    return Snapshot(e, idx, rows, seg.key_size, seg.value_size, taken, decode, True, mm)
+    e, idx, data, offsets, taken = from_handover(mm, n)
+    return Snapshot(e, idx, data, offsets, seg.key_size, seg.value_size, taken, decode, True, mm)

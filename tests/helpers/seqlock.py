@@ -222,6 +222,10 @@ class MiniWriter:
         seg = self.seg
         if cls is None:
             cls = seg.layout.class_for(L.slot_need(len(kb), len(value)))
+        if not self.free.get(cls):  # a free page for the class, the engine's way
+            free_pages = np.flatnonzero(seg.page_table() == 0)
+            assert len(free_pages), "no free page left"
+            self.assign_page(int(free_pages[0]), cls)
         ref = self.free[cls].pop()
         epoch = self.next_epoch()
         self.write_record(ref, epoch, kb, value, expiry=expiry)
