@@ -9,7 +9,9 @@ intact; what it can leave behind, and what :func:`repair` does about it:
 left behind                         repair
 ==================================  =================================================
 a slot with an odd seq              unreferenced by the index: stamp it free
-slots of a page assigned after     a page move was cut short between the page table
+a free page that is not blank       a page move was cut short after its entry went
+                                    to 0 (the compiled core's order): zero the page
+slots of a page assigned after      a page move was cut short between the page table
 the last published epoch (or        entry and the new slots' headers: what no bucket
 stamped before its assignment)      names there is the old class's bytes, garbage
                                     stamps included; stamp it free, key length 0
@@ -144,6 +146,26 @@ def _stamp_free(seg: Segment, ref: int, epoch: int, klen: int) -> None:
     q[w] = 2 * epoch + 2
 
 
+def _clear_free_pages(seg: Segment, pt: np.ndarray) -> int:
+    """Zero every free page that is not all zero; returns how many.
+
+    A page is handed to a class as never-written (``Engine.assign_page``), so a free
+    page must be blank. One that is not was left by a page move cut short after its
+    entry went to 0 (the compiled core's order: entry 0, new slots stamped, entry last).
+    No bucket may name a free page, and readers re-check the entry, so nobody reads it.
+    """
+    per = seg.page_size // 8
+    words = np.ndarray((seg.npages * per,), dtype=np.uint64, buffer=seg.mm, offset=8 * seg.slot0)
+    cleared = 0
+    for page in np.flatnonzero(pt == 0).tolist():
+        region = words[page * per : (page + 1) * per]
+        if region.any():
+            region[:] = 0
+            cleared += 1
+    del words
+    return cleared
+
+
 def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[str, int]:
     """Make an adopted segment consistent (a fresh one passes through untouched).
 
@@ -153,7 +175,8 @@ def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[s
     q = seg.q
     pt = seg.page_table().copy()
     refs, _ = seg.slot_refs(pt)
-    report = {"odd_slots": 0, "stale_slots": 0, "index_rebuilt": 0, "batch_redone": 0}
+    report = {"odd_slots": 0, "stale_slots": 0, "pages_cleared": 0, "index_rebuilt": 0, "batch_redone": 0}
+    report["pages_cleared"] = _clear_free_pages(seg, pt)
     if q[L.H_INDEX_GEN] & 1:
         _rebuild_index(seg)
         q[L.H_INDEX_GEN] += 1

@@ -198,7 +198,8 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     On a copy: the page table (each entry free or a class of the layout, assigned no
     later than the segment's epoch; a single-class store's pages all its class's), the
     class counters (pages, records, bytes asked, free pages) against a recount, the
-    index (each bucket's slot reference on a slot boundary of an assigned page, one
+    free pages (blank), the index (each bucket's slot reference on a slot boundary of
+    an assigned page, one
     bucket per slot, the key hashing to the bucket, reachable from its home bucket, the
     count), and the slots (none left odd, none indexed that is free, never written or of
     impossible lengths, none holding a record no bucket points to, none stamped before
@@ -244,6 +245,11 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
            lambda p: f"page table entry {p}: the page went to class {int(pcls[p])} at epoch {int(pep[p])}, "
                      f"after the segment's epoch {epoch}: a page move was cut short (the next "
                      f"coordinator's start repairs it)")
+    per_page = lay.page_size // 8
+    dirty = [p for p in np.flatnonzero(pcls < 0).tolist() if words[p * per_page : (p + 1) * per_page].any()]
+    listed("free pages that are not blank", dirty,
+           lambda p: f"page {p} is free but not blank: a page move was cut short (the next "
+                     f"coordinator's start clears it)")
     # -- every slot of the assigned pages ------------------------------------------------
     per = lay.page_size // classes
     parts = []

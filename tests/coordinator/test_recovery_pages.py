@@ -161,3 +161,33 @@ def test_rebuild_from_disk_replays_evictions_and_page_moves(served, names, tmp_p
         assert dict(s.items()) == before
     rep = shmstore.check(name=n, path=data)
     assert rep.ok, str(rep)
+
+
+def test_a_page_move_cut_short_before_its_entry_is_cleared(mem_segment):
+    """The compiled core's order: the entry goes to 0, the new slots are stamped, the
+    entry is stored last. A death in between leaves a free page full of old bytes, which
+    must be blank before the page is handed to a class as never-written."""
+    n, seg, eng = mem_segment
+    before = contents(eng, KEYS)
+    big = seg.class_of(eng.find(b"b000", L.key_hash(b"b000"))[1])
+    page = int(seg.slot_refs(cls=big)[0][0]) >> seg.ref_shift
+    gone = [k for k in KEYS if k.startswith(b"b")]
+    for k in gone:
+        eng.delete(k)
+    epoch = eng.next_epoch()
+    seg.q[seg.pt0 + page] = 0
+    w0 = seg.slot0 + (page << seg.ref_shift) * seg.slot_words
+    seg.q[w0] = 2 * epoch + 2  # the first new slot stamped, then the death
+    seg.q[w0 + L.S_META] = L.FLAG_FREE << 16
+    msgs = messages(n)
+    assert f"page {page} is free but not blank" in msgs, msgs
+    eng2 = Engine(seg, compiled=False)
+    rep = repair(seg, eng2)
+    assert rep["pages_cleared"] == 1, rep
+    lay = seg.layout
+    start = lay.pages_offset + page * lay.page_size
+    assert not any(seg.mv[start : start + lay.page_size])
+    assert page in eng2.free_pages
+    assert contents(eng2, KEYS) == {k: (None if k in gone else v) for k, v in before.items()}
+    assert shmstore.check(name=n).ok, messages(n)
+    eng2.close()
