@@ -323,6 +323,34 @@ def writer_side(served, compiled: bool | None = None, **serve_kwargs):
         seg.close()
 
 
+@contextlib.contextmanager
+def engine_side(name: str, compiled: bool | None = False, **layout):
+    """A store whose only writer is the test, with no coordinator ever started: the
+    segment made by ``create_segment`` (Layout(**layout)), set ready, and driven by
+    ``coordinator._engine.Engine``. For protocol tests of the read side, which need the
+    writer's stores, not its process. ``name`` comes from the ``names`` fixture, which
+    removes what is left; this unmaps and unlinks the segment on exit too.
+
+    Yields ``(name, writable Segment, Engine)``.
+    """
+    from shmstore._shm import create_segment, unlink_quietly  # noqa: PLC0415
+    from shmstore.coordinator._engine import Engine  # noqa: PLC0415
+    import posix_ipc  # noqa: PLC0415
+
+    seg = create_segment(name, L.Layout(**layout).validate(), 0)
+    try:
+        seg.q[L.H_STATE] = L.STATE_READY
+        eng = Engine(seg, compiled=compiled)
+        eng.rebuild_free_list()
+        try:
+            yield name, seg, eng
+        finally:
+            eng.close()
+    finally:
+        seg.close()
+        unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
+
+
 def bucket_pos(seg: Segment, kb: bytes) -> int:
     """The index position (0-based) whose bucket holds ``kb``'s record."""
     slot = seg.lookup(kb)[0]
