@@ -315,6 +315,171 @@ def test_garbage_lengths_read_mid_write_are_clamped(names, path):
             reader.close()
 
 
+# -- format 4: page entries and page ends ---------------------------------------------
+#
+# A page handed from one class to another changes which bytes are a slot's header: a
+# reader holding a stale reference can find its old seq word untouched (it now lies in
+# the middle of another slot) and its bucket not yet changed, and only the page's entry
+# tells it that what it copied is now someone else's bytes.
+
+#: key 8, value 72: classes 64, 80, 112 bytes; a reference is a 16-byte unit
+PAGE_MOVE_LAYOUT = dict(capacity=64, key_size=8, value_size=72, memory=2 << 20)
+
+
+def _page_move_setup(w: MiniWriter):
+    """Key b"k" (a 24-byte value) in the 64-byte slot at ref 4 (bytes 64..127) of page
+    0, class 0. Moved to class 2 (112 bytes), those bytes are: 64..111 the value area
+    of new slot 0 (untouched by the move, so the old seq word stays), 112..127 the
+    header of new slot 1 (the tail of the old value is overwritten with its stamps)."""
+    seg = w.seg
+    assert seg.classes[:3] == (64, 80, 112), seg.classes
+    w.assign_page(0, 0)
+    w.put(b"d", enc("d" * 10))  # ref 0
+    v1 = enc("a" * 22)  # 24 bytes: need 32 + 8 + 24 = 64
+    ref = w.put(b"k", v1)
+    assert ref == 4, ref
+    return v1, SlotGeometry(seg, ref)
+
+
+@pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
+def test_a_read_straddling_a_page_move_is_rejected(names, python_core, path):
+    """Format 4, "Reading a slot" step 4: the reader loads the page entry, the seq and
+    the meta of key k's slot; the page is then handed to another class (entry first,
+    then the new slots' headers), which overwrites the second half of k's value while
+    leaving k's seq word as it was; then the reader copies the value. k's bucket goes
+    only after the reader re-checked it (the real coordinator unlinks before it moves;
+    this order leaves the page entry as the one word that tells), so the copy must be
+    rejected by the entry alone, and the read ends with k's value as it was or a miss,
+    never the mix."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        seq_before = w.q[g.w]
+        fired = []
+        with spied(reader) as (q, mv, log):
+            trigger = g.kofs if path == "get" else g.vofs  # get copies key and value at once
+
+            def move(start, stop):
+                if start == trigger and not fired:
+                    fired.append(w.assign_page(0, 2))
+                    q.before_read[g.page_word] = unlink  # the entry's re-check comes last
+
+            def unlink():
+                w.delete(b"k", free_slot=False)
+
+            mv.before_slice = move
+            if path == "read_slot":
+                r = reader.read_slot(g.slot)
+                value = None if r is None else r[5]
+            elif path == "lookup":
+                r = reader.lookup(b"k")
+                value = None if r is None else r[3]
+            else:
+                rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                value = rd.get("k")
+                del rd
+        assert fired, "the page move never ran"
+        assert w.q[g.w] == seq_before, "the old seq word changed: not the case under test"
+        torn = bytes(reader.mv[g.vofs : g.vofs + len(v1)])
+        assert torn != v1 and torn[:8] == v1[:8], "the move did not tear the value"
+        assert value in (v1, None), f"returned {value!r}: the torn copy is {torn!r}"
+        pte_reads = [i for i, e in enumerate(log) if e[:2] == ("qr", g.page_word)]
+        copies = [i for i, e in enumerate(log) if e[0] == "mr"]
+        assert pte_reads and copies and pte_reads[-1] > copies[0], "the page entry was not read after the copy"
+
+
+def test_a_page_move_that_kept_its_entry_would_let_a_torn_value_through(names, python_core):
+    """The page entry's check is load-bearing: the same move as above, but the writer
+    puts the page's old entry back (what an entry without the move's epoch in it could
+    do). Seq, bucket and entry then all validate and read_slot returns a value that is
+    half the old record's, half the new slots' headers."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        old_pte = w.q[g.page_word]
+        fired = []
+        with spied(reader) as (q, mv, log):
+
+            def move(start, stop):
+                if start == g.vofs and not fired:
+                    fired.append(w.assign_page(0, 2))
+                    w.q[g.page_word] = old_pte  # the forbidden reuse of an entry
+
+            mv.before_slice = move
+            value = reader.read_slot(g.slot)[5]
+        assert fired
+        assert value != v1 and value[:8] == v1[:8], value
+
+
+def test_a_bucket_into_a_free_page_is_waited_out(names, python_core):
+    """Step 1: a page entry of 0 (a page being moved, its records' buckets about to go)
+    makes the reader re-read the bucket rather than read the slot; once the bucket is
+    gone the read ends as a miss."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        w.q[g.page_word] = 0  # the move's first store, as it were
+        with spied(reader) as (q, mv, log):
+            rounds = []
+
+            def unlink():  # the coordinator removes k's bucket a few reads later
+                rounds.append(1)
+                if len(rounds) == 3:
+                    w.delete(b"k")
+                else:
+                    q.before_read[g.page_word] = unlink
+
+            q.before_read[g.page_word] = unlink
+            assert reader.lookup(b"k") is None
+            assert len(rounds) == 3
+            assert not [e for e in log if e[0] == "mr"], "a slot of a free page was copied"
+
+
+@pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
+def test_garbage_lengths_are_clamped_to_the_page(names, python_core, path):
+    """Format 4, step 3: in a memory store a 64-byte slot's key and value lengths are
+    clamped to key_size / value_size AND to the end of the slot's page, so a reader
+    meeting a garbage meta mid-write in the last slot of a page never copies bytes of
+    the next page (value_size alone would allow 4000 bytes)."""
+    lay = L.Layout(capacity=64, key_size=8, value_size=4000, memory=2 << 20)
+    with mini_store(names(), lay) as (w, reader):
+        seg = w.seg
+        w.assign_page(0, 0)
+        last = (seg.page_size - seg.classes[0]) // L.SLOT_UNIT  # the page's last 64-byte slot
+        w.free[0] = [last]
+        v1 = enc("a" * 20)
+        assert w.put(b"k", v1) == last
+        g = SlotGeometry(seg, last)
+        page_end = seg.page_end(last)
+        assert g.end == page_end and g.vofs + lay.value_size > page_end
+        v2 = enc(7)
+        with spied(reader) as (q, mv, log):
+            started = []
+
+            def begin():  # a write in place of X: seq odd, garbage meta
+                e = w.next_epoch()
+                started.append(e)
+                w.q[g.w] = 2 * e + 1
+                w.q[g.w + L.S_META] = GARBAGE_META
+                q.before_read[g.w] = finish  # before the reader's s2 load
+
+            def finish():
+                w.write_record(last, started[0], b"k", v2)
+                w.publish()
+
+            q.before_read[g.w + L.S_META] = begin
+            if path == "read_slot":
+                value = reader.read_slot(last)[5]
+            elif path == "lookup":
+                value = reader.lookup(b"k")[3]
+            else:
+                rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                value = rd.get("k")
+                del rd
+        assert started and ("qr", g.w + L.S_META, GARBAGE_META) in log
+        slices = [(a, b) for kind, a, b in log if kind == "mr"]
+        outside = [(a, b) for a, b in slices if not (g.kofs <= a <= b <= page_end)]
+        assert not outside, f"copies past the page's end {page_end}: {outside}"
+        assert value == v2
+
+
 GARBAGE_WRITER = r"""
 import os, random, sys, time, msgspec
 from shmstore import _layout as L

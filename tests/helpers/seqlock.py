@@ -241,7 +241,7 @@ class MiniWriter:
         self.publish()
         return ref
 
-    def delete(self, key: bytes | str) -> None:
+    def delete(self, key: bytes | str, *, free_slot: bool = True) -> None:
         """Remove the bucket (backward-shift would move buckets: this bumps the
         generation around a tombstone-free re-insert of the run), free the slot."""
         kb = key.encode() if isinstance(key, str) else key
@@ -263,8 +263,10 @@ class MiniWriter:
             pos = (pos + 1) & seg.mask
         q[L.H_INDEX_GEN] += 1
         q[L.H_LAST_DELETE_EPOCH] = epoch
-        self.free_record(ref, epoch)
-        self.free[seg.class_of(ref)].append(ref)
+        c = seg.class_of(ref)
+        if free_slot and c >= 0:  # (a slot of a page moved away is no slot now)
+            self.free_record(ref, epoch)
+            self.free[c].append(ref)
         q[L.H_COUNT] -= 1
         self.publish()
 
