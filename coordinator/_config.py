@@ -152,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("key_size", int, None, "The longest key, in bytes.", "store", lo=1, hi=L.MAX_KEY_SIZE,
       none=True, new=64, metavar="N"),
     S("value_size", int, None, "The largest msgpack-encoded value, in bytes (with memory=: "
-      "default 1 MiB).", "store", lo=1, hi=L.MAX_VALUE_SIZE, none=True, new=1024, metavar="N"),
+      "default 1 MiB - 128 bytes, the largest that fills one 1 MiB page with 64-byte keys).", "store", lo=1, hi=L.MAX_VALUE_SIZE, none=True, new=1024, metavar="N"),
     S("growth", float, None, "With memory=: each size class's slot is about this factor larger "
       "than the one below (memcached's -f).", "store", lo=1.05, hi=4.0, none=True, new=L.GROWTH,
       metavar="F"),
@@ -232,8 +232,9 @@ def _default(name: str) -> Any:
 DEFAULT_CAPACITY = _new("capacity")
 DEFAULT_KEY_SIZE = _new("key_size")
 DEFAULT_VALUE_SIZE = _new("value_size")
-#: a memory store's largest value unless value_size= says otherwise
-DEFAULT_MEMORY_VALUE_SIZE = 1 << 20
+#: a memory store's largest value unless value_size= says otherwise: 1 MiB less 128
+#: bytes, so that the largest record (with the default 64-byte keys) fills one 1 MiB page
+DEFAULT_MEMORY_VALUE_SIZE = (1 << 20) - 128
 #: a memory store's record bound unless capacity= says otherwise: memory // this
 MEMORY_PER_RECORD = 128
 
@@ -334,6 +335,8 @@ def validate(config: Any, *, cli: bool = False) -> Any:
             f"has only {spell('sync', 'never')}"
         )
     changes["sync"] = sync
+    if config.memory is not None:
+        new_layout(config)  # a budget under one page, too many classes: refused here
     for name in ("compression", "encryption", "key_file"):
         value = getattr(config, name)
         if path is None and value not in (None, "none"):

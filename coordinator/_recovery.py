@@ -9,15 +9,24 @@ intact; what it can leave behind, and what :func:`repair` does about it:
 left behind                         repair
 ==================================  =================================================
 a slot with an odd seq              unreferenced by the index: stamp it free
+a slot stamped before its page's    a page move was cut short between the page table
+assignment (older than the page     entry and the new slots' headers: the bytes are
+table entry's epoch)                the old class's; stamp it free, key length 0
 an odd index generation             a backward shift was cut short: rebuild the index
-                                    from the slots it references (duplicates dropped)
+                                    from the slots it references (duplicates, and
+                                    references that are no slot of an assigned page,
+                                    dropped)
 an unreferenced, non-free slot      the old slot of an update, or a new slot never
                                     linked: free it
 ``H_EPOCH`` behind the stamps       set it to the newest stamp's epoch
-``H_COUNT`` off by one              recount from the index
+``H_COUNT`` off by one, class        recount from the index and the page table
+counters off                        (``Engine.rebuild_free_list``)
 an odd ``H_BATCH_SEQ``              a batch was half applied: re-apply it whole from
                                     the redo area (its ops are idempotent as a whole)
 ==================================  =================================================
+
+Slots are enumerated from the page table (``Segment.slot_refs``): only the slots of
+assigned pages exist, each page cut into its class's slots.
 
 The redo area (``/shmstore.NAME@redo``) holds the request payload of the batch being
 applied, written before ``H_BATCH_SEQ`` goes odd. A batch's puts and deletes, applied
@@ -77,29 +86,60 @@ class RedoArea:
         self.mm.close()
 
 
+def valid_refs(seg: Segment, refs: np.ndarray, pt: np.ndarray | None = None) -> np.ndarray:
+    """Which of ``refs`` (bucket slot fields minus one) name a slot of an assigned page:
+    in range, on a slot boundary of the page's class (a bool array)."""
+    if pt is None:
+        pt = seg.page_table().copy()
+    refs = np.asarray(refs, dtype=np.int64)
+    inside = (refs >= 0) & (refs < seg.nslots)
+    safe = np.where(inside, refs, 0)
+    c = (pt[safe >> seg.ref_shift] & np.uint64(0xFF)).astype(np.int64) - 1
+    classes = np.array(seg.classes, dtype=np.int64)
+    ok = inside & (c >= 0) & (c < len(classes))
+    size = classes[np.where(ok, c, 0)]
+    within = (safe - ((safe >> seg.ref_shift) << seg.ref_shift)) * L.SLOT_UNIT
+    return ok & (within % size == 0) & (within + size <= seg.page_size)
+
+
 def _rebuild_index(seg: Segment) -> None:
     q = seg.q
     idx = seg.index_view()
-    words = seg.slot_words_view()
     live = np.unique(idx[idx != 0])
-    slots = (live & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1
+    refs = (live & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1
+    ok = valid_refs(seg, refs)
+    live, refs = live[ok], refs[ok]
     hashes = (live >> np.uint64(32)).astype(np.int64)
-    ok = (words[slots, L.S_SEQ] & np.uint64(1)) == 0
-    ok &= ((words[slots, L.S_META] >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) == 0
+    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
+    ok = (head[:, L.S_SEQ] & np.uint64(1)) == 0
+    ok &= head[:, L.S_SEQ] != 0
+    ok &= ((head[:, L.S_META] >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) == 0
     keep: dict[int, int] = {}
-    for slot, h in zip(slots[ok].tolist(), hashes[ok].tolist()):
-        w = seg.slot0 + slot * seg.slot_words
-        o = w * 8 + L.SLOT_HEADER
-        kb = bytes(seg.mv[o : o + (q[w + L.S_META] & 0xFFFF)])
-        if L.key_hash(kb) == h:
-            keep[slot] = h
+    for ref, h, meta in zip(refs[ok].tolist(), hashes[ok].tolist(), head[ok, L.S_META].tolist()):
+        klen = meta & 0xFFFF
+        o = 8 * seg.slot0 + L.SLOT_UNIT * ref + L.SLOT_HEADER
+        if ref in keep or not 1 <= klen <= seg.key_size or o + klen > seg.page_end(ref):
+            continue
+        if L.key_hash(bytes(seg.mv[o : o + klen])) == h:
+            keep[ref] = h
     idx[:] = 0
     mask = seg.mask
-    for slot, h in keep.items():
+    for ref, h in keep.items():
         pos = h & mask
         while idx[pos]:
             pos = (pos + 1) & mask
-        idx[pos] = (h << 32) | (slot + 1)
+        idx[pos] = (h << 32) | (ref + 1)
+
+
+def _stamp_free(seg: Segment, ref: int, epoch: int, klen: int) -> None:
+    """Stamp slot ``ref`` free at ``epoch`` with key length ``klen`` (no reader uses it:
+    no bucket points to it)."""
+    q = seg.q
+    w = seg.slot0 + ref * seg.slot_words
+    q[w] = 2 * epoch + 1
+    q[w + L.S_META] = klen | (L.FLAG_FREE << 16)
+    q[w + L.S_EXPIRY] = 0
+    q[w] = 2 * epoch + 2
 
 
 def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[str, int]:
@@ -109,23 +149,41 @@ def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[s
         Counts of what was repaired, for the log.
     """
     q = seg.q
-    words = seg.slot_words_view()
-    seqs = words[:, L.S_SEQ]
-    report = {"odd_slots": 0, "index_rebuilt": 0, "batch_redone": 0}
+    pt = seg.page_table().copy()
+    refs, _ = seg.slot_refs(pt)
+    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
+    seqs = head[:, L.S_SEQ]
+    report = {"odd_slots": 0, "stale_slots": 0, "index_rebuilt": 0, "batch_redone": 0}
     top = int(seqs.max()) if len(seqs) else 0
-    engine.epoch = max(q[L.H_EPOCH], (top - 1) // 2 if top else 0)
+    top_page = int((pt >> np.uint64(L.PTE_CLASS_BITS)).max()) if len(pt) else 0
+    engine.epoch = max(q[L.H_EPOCH], (top - 1) // 2 if top else 0, top_page)
     if q[L.H_INDEX_GEN] & 1:
         _rebuild_index(seg)
         q[L.H_INDEX_GEN] += 1
         report["index_rebuilt"] = 1
-    odd = np.flatnonzero(seqs & np.uint64(1))
-    for slot in odd.tolist():
-        w = seg.slot0 + slot * seg.slot_words
-        epoch = engine.next_epoch()
-        q[w + L.S_META] = (q[w + L.S_META] & 0xFFFF) | (L.FLAG_FREE << 16)
-        q[w + L.S_EXPIRY] = 0
-        q[w] = 2 * epoch + 2
-    report["odd_slots"] = len(odd)
+    # The epoch each slot's page was handed to its class: a slot written since is
+    # stamped at least 2 * that + 1 (the move writes every new slot's header at it).
+    page_epoch = (pt[refs >> seg.ref_shift] >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
+    moved = (page_epoch > 0).astype(bool)
+    floor = (2 * page_epoch + 1).astype(np.uint64)
+    odd = (seqs & np.uint64(1)) != 0
+    blank = ~head.any(axis=1) if len(refs) else np.zeros(0, bool)
+    stale = moved & ~blank & (seqs < floor)
+    # An odd slot of the page's own geometry keeps its key (change feeds name the key
+    # whose write was cut short); one the move was writing, or a stale one, gets none.
+    keep_key = odd & (seqs > floor)
+    meta = head[:, L.S_META]
+    klen = (meta & np.uint64(0xFFFF)).astype(np.int64)
+    klen = np.where(keep_key & (klen <= seg.key_size), klen, 0)
+    fix = np.flatnonzero(odd | stale)
+    for i in fix.tolist():
+        ref = int(refs[i])
+        kl = int(klen[i])
+        if 8 * seg.slot0 + L.SLOT_UNIT * ref + L.SLOT_HEADER + kl > seg.page_end(ref):
+            kl = 0
+        _stamp_free(seg, ref, engine.next_epoch(), kl)
+    report["odd_slots"] = int(np.count_nonzero(odd))
+    report["stale_slots"] = int(np.count_nonzero(stale & ~odd))
     engine.rebuild_free_list()
     if q[L.H_BATCH_SEQ] & 1:
         blob = redo.read() if redo is not None else None

@@ -331,28 +331,40 @@ def apply_extra(engine: Engine, handovers: Handovers, op: object, payload: bytes
 
 
 def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
-    """Copy the store into a new handover segment; returns its name."""
+    """Copy the store into a new handover segment; returns its name.
+
+    The payload (``shmstore._snapshot.from_handover`` reads it): epoch, records n,
+    buckets, row size, taken-at ns; the index with each bucket's slot field renumbered
+    to its row + 1; then n rows of the row size. A row holds its record's slot bytes as
+    in the segment (header, key padded to 8, value at ``32 + align8(klen)``), only the
+    ``align8(slot_need)`` bytes the record uses, then zeros: the row size is the
+    largest of those, not the largest class's slot.
+    """
+    from ._durable._checkpoint import pages_words, record_lengths, spans  # noqa: PLC0415
+
     idx = seg.index_view()
     pos = np.flatnonzero(idx)
     b = idx[pos]
     n = len(pos)
     nb = seg.nbuckets
-    size = SNAP_HEADER + 8 * nb + n * seg.slot_size
+    refs = (b & U32).astype(np.int64) - 1
+    lengths = record_lengths(seg, refs)
+    row = int(lengths.max()) if n else L.SLOT_HEADER
+    size = SNAP_HEADER + 8 * nb + n * row
     name, mm = handovers.create(size)
     try:
         o = HANDOVER_HEADER
-        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, seg.slot_size, now_ns())
+        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, row, now_ns())
         o += SNAP_HEADER
         out_idx = np.frombuffer(mm, dtype=np.uint64, count=nb, offset=o)
         out_idx[:] = idx
         out_idx[pos] = (b & HIGH) | np.arange(1, n + 1, dtype=np.uint64)
         if n:
-            slot_bytes = np.ndarray((seg.nslots, seg.slot_size), dtype=np.uint8, buffer=seg.mm,
-                                    offset=L.SLOTS_OFFSET)
-            out_rows = np.frombuffer(mm, dtype=np.uint8, count=n * seg.slot_size,
-                                     offset=o + 8 * nb).reshape(n, seg.slot_size)
-            np.take(slot_bytes, (b & U32).astype(np.intp) - 1, axis=0, out=out_rows)
-            del slot_bytes, out_rows
+            out = np.frombuffer(mm, dtype=np.uint64, count=n * row // 8, offset=o + 8 * nb)
+            words = pages_words(seg)
+            out[spans(np.arange(n, dtype=np.int64) * (row // 8), lengths // 8)] = \
+                words[spans(2 * refs, lengths // 8)]
+            del out, words
         del out_idx, idx
     except BaseException:
         mm.close()

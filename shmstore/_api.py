@@ -130,7 +130,7 @@ def serve(
     - ``memory=BYTES``: a budget. Record memory is cut into pages (1 MiB, or the next
       power of two that holds the largest record) handed to size classes as records of
       each size need them: slots of 64 bytes and up, each class about ``growth`` (1.25)
-      times the one below, up to ``value_size`` (default 1 MiB). A record takes the
+      times the one below, up to ``value_size`` (default 1 MiB - 128 bytes, so the largest record fills one 1 MiB page). A record takes the
       smallest slot that holds its header (32 bytes), its key (padded to 8 bytes) and
       its value. ``capacity`` then bounds the records and sizes the index (default
       ``memory // 128``). The segment is the budget plus the header, page table and

@@ -2,15 +2,28 @@
 
 Design
 ------
-One POSIX shared-memory segment per store holds three regions, each 4 KiB aligned::
+One POSIX shared-memory segment per store holds four regions, each 4 KiB aligned::
 
     +--------------------+  0
-    | header (4 KiB)     |  u64 words, see the H_* indices below
-    +--------------------+  SLOTS_OFFSET
-    | slots              |  nslots x slot_size bytes
+    | header (4 KiB)     |  u64 words, see the H_* indices below; the class table at 160
+    +--------------------+  pt_offset
+    | page table         |  npages x u64: 0 free, else (epoch << 8) | (class + 1)
+    +--------------------+  pages_offset
+    | pages              |  npages x page_size bytes (a power of two, >= 1 MiB for a
+    |                    |  memory store), each cut into the slots of one size class
     +--------------------+  index_offset
     | index              |  nbuckets x u64 (open addressing, linear probing)
     +--------------------+
+
+Size classes (memcached's slabs, in shared memory): a class is a slot size, a multiple
+of SLOT_UNIT (16) from MIN_SLOT (64) up, each about ``growth`` (1.25) times the one
+below, the last one holding the largest record (header + key_size + value_size). A
+record lives in a slot of the smallest class that holds it; slots are fixed-size within
+a class, so everything below (the seqlock, copy-on-write into free slots, crash repair,
+change feeds, snapshots) works per slot whatever its class. A store made with
+``memory=`` starts with every page free and hands a page to a class when the class has
+no free slot left (``coordinator/_engine.py``); a store made with ``capacity`` and
+``value_size`` only is the single-class case, every page its one class's from creation.
 
 A slot::
 
@@ -18,23 +31,35 @@ A slot::
     8   version  u64  the epoch that last wrote the record's value
     16  expiry   u64  0, or the wall-clock ns after which the record reads as missing
     24  meta     u64  key length (bits 0-15) | flags (16-31) | value length (32-63)
-    32  key      key_size bytes
-    ..  value    value_size bytes
+    32  key      key length bytes, zero-padded to a multiple of 8
+    ..  value    value length bytes
 
-An index bucket is one u64: 0 is empty, otherwise ``(hash << 32) | (slot + 1)``
-where ``hash`` is :func:`key_hash`: the key's bytes read as a little-endian integer,
-times a constant, modulo the prime 2**61 - 1, with the high bits folded into the low
-ones (stable across processes, unlike ``hash()`` of a str or bytes). A bucket is always written with one
-aligned 8-byte store, so a reader sees either the old or the new bucket, never half of
-one.
+A slot is named by its reference ``ref``: its byte offset from the first page divided
+by SLOT_UNIT, so a slot's first word is ``pages_offset / 8 + 2 * ref`` whatever its
+class, and its page is ``ref >> ref_shift``. An index bucket is one u64: 0 is empty,
+otherwise ``(hash << 32) | (ref + 1)`` where ``hash`` is :func:`key_hash`: the key's
+bytes read as a little-endian integer, times a constant, modulo the prime 2**61 - 1,
+with the high bits folded into the low ones (stable across processes, unlike ``hash()``
+of a str or bytes). A bucket is always written with one aligned 8-byte store, so a
+reader sees either the old or the new bucket, never half of one.
 
 Writes are copy-on-write: the coordinator writes a new or changed record into a free
 slot, then points the bucket at it with one store, then frees the old slot. A slot that
 the index points to is never written, so a coordinator that dies mid-write leaves the
 published state intact; the torn slot is unreferenced and the next coordinator frees it.
-``nslots = capacity + 1``: the spare slot lets an update succeed in a full store.
+Each class keeps one free slot in reserve for updates, so an update succeeds in a full
+class (the single-class store has ``capacity + 1`` slots for that).
 
-Invariant: only the coordinator writes the segment; clients map it read-only.
+How a page moves between classes: only when a class needs a slot and no page is free,
+from a class that can give one up keeping all its records (they move to its other
+free slots) or, with eviction, after its records are evicted (``coordinator/_evict.py``
+says which page, and what not rebalancing otherwise costs). The move stores the page's
+new table entry and then stamps every new slot free (seqlock writes at the move's
+epoch); a reader holding a reference from before loads the page's entry before the
+slot and again after its copy, and retries if it changed (``shmstore/_csrc/protocol.h``).
+
+Invariant: only the coordinator writes the segment; clients map it read-only (the
+access bytes that LRU eviction reads are a separate segment, see ``access_name``).
 Invariant: every write op takes the next epoch, so no slot ever carries the same even
 seq twice (the ABA case of seqlocks).
 """

@@ -132,9 +132,8 @@ def start_backup(op: list, seg: Segment, engine: Engine, journal: Journal) -> De
     codec = getattr(journal, "codec", None)
     old = getattr(journal, "manifest", None)
     lay = seg.layout
-    manifest = Manifest(
-        name=seg.name, capacity=lay.capacity, key_size=lay.key_size, value_size=lay.value_size,
-        schema_fp=seg.q[L.H_SCHEMA_FP], layout_fp=lay.fingerprint, segment_instance=0,
+    manifest = Manifest.of(
+        seg.name, lay, seg.q[L.H_SCHEMA_FP], segment_instance=0,
         compression=getattr(journal, "compression", "none"), encryption=getattr(journal, "encryption", "none"),
         key_check=old.key_check if old is not None and getattr(journal, "key", None) else "",
     )

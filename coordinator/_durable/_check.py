@@ -92,7 +92,7 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
                     raise CorruptionError(f"checkpoint {p}: written for another store layout or schema (offset 48)")
             else:
                 load_checkpoint(p, m.layout, m.schema_fp, key=key)
-        except CorruptionError as e:
+        except (CorruptionError, IncompatibleStoreError) as e:
             _add(report, p, e)
             continue
         # The checkpoint's numpy tables (a companion file, sealed like it): recovery
@@ -116,7 +116,7 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
         try:
             raw = bool(w.header.flags & FLAG_AESGCM) and key is None
             s = scan_wal(w.path, layout_fp=m.layout_fp, schema_fp=m.schema_fp, key=key, raw=raw)
-        except CorruptionError as e:
+        except (CorruptionError, IncompatibleStoreError) as e:
             _add(report, w.path, e)
             continue
         report.wal_records += len(s.records)
@@ -135,7 +135,7 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
     for epoch, p in ckpts:
         try:
             h = peek_header(p)
-        except (CorruptionError, OSError):
+        except (CorruptionError, IncompatibleStoreError, OSError):
             continue  # reported above
         err = missing_link(p, h.wal_id, h.epoch, wals)
         if err is None and h.id in good_ids:
@@ -153,22 +153,27 @@ def check_path(path: str, *, key_file: str | None = None, report: CheckReport | 
     return report
 
 
-def _stable_copy(seg: object) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Index, slot bytes and record count copied while no write landed (if possible)."""
+def _stable_copy(seg: object) -> tuple[dict, bool]:
+    """Header words, page table, index and pages copied while no write landed (if
+    possible): ``({"header", "pt", "idx", "words"}, stable)``."""
     q = seg.q
-    lay = seg.layout
     live = coordinator_alive(seg)
+    lay = seg.layout
     for _ in range(50):
         e1, g1, b1 = q[L.H_EPOCH], q[L.H_INDEX_GEN], q[L.H_BATCH_SEQ]
-        idx = seg.index_view().copy()
-        slots = np.ndarray((lay.nslots, lay.slot_size), dtype=np.uint8, buffer=seg.mm, offset=L.SLOTS_OFFSET).copy()
-        count = q[L.H_COUNT]
+        copy = {
+            "header": np.frombuffer(seg.mm, dtype=np.uint64, count=L.H_WORDS).copy(),
+            "pt": seg.page_table().copy(),
+            "idx": seg.index_view().copy(),
+            "words": np.ndarray((lay.npages * lay.page_size // 8,), dtype=np.uint64, buffer=seg.mm,
+                                offset=lay.pages_offset).copy(),
+        }
         if not live:
-            return idx, slots, count, True
+            return copy, True
         time.sleep(0.005)  # an op in flight during the copy lands (and moves the epoch) by now
         if (e1, g1, b1) == (q[L.H_EPOCH], q[L.H_INDEX_GEN], q[L.H_BATCH_SEQ]) and not (g1 | b1) & 1:
-            return idx, slots, count, True
-    return idx, slots, count, False
+            return copy, True
+    return copy, False
 
 
 def _check_records(report: CheckReport, path: str, records: list, m: object) -> None:
@@ -188,27 +193,34 @@ def _check_records(report: CheckReport, path: str, records: list, m: object) -> 
 
 
 def check_segment(name: str, report: CheckReport) -> CheckReport:
-    """Check the live segment of store ``name`` (see :func:`shmstore.check`)."""
+    """Check the live segment of store ``name`` (see :func:`shmstore.check`).
+
+    On a copy: the page table (each entry free or a class of the layout, assigned no
+    later than the segment's epoch; a single-class store's pages all its class's), the
+    class counters (pages, records, bytes asked, free pages) against a recount, the
+    index (each bucket's slot reference on a slot boundary of an assigned page, one
+    bucket per slot, the key hashing to the bucket, reachable from its home bucket, the
+    count), and the slots (none left odd, none indexed that is free, never written or of
+    impossible lengths, none holding a record no bucket points to, none stamped before
+    its page was handed to its class).
+    """
     seg = open_segment(name)
     try:
         report.name = name
         src = f"segment {name}"
         lay = seg.layout
-        idx, slots, count, stable = _stable_copy(seg)
+        ref_shift = seg.ref_shift
+        copy, stable = _stable_copy(seg)
         if not stable:
             report.notes.append("the store was being written throughout the check: problems below may be "
                                 "writes in flight; check again")
     finally:
         seg.close()
-    words = slots[:, :32].copy().view("<u8")
-    seq, meta = words[:, L.S_SEQ], words[:, L.S_META]
-    nb = len(idx)
-    mask = nb - 1
-    pos = np.flatnonzero(idx)
-    b = idx[pos]
-    slot = (b & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1
-    h = (b >> np.uint64(32)).astype(np.int64)
-    report.records = int(len(pos))
+    hdr, pt, idx, words = copy["header"], copy["pt"], copy["idx"], copy["words"]
+    raw = words.view(np.uint8)
+    classes = np.array(lay.classes, dtype=np.int64)
+    k = len(classes)
+    nrefs = lay.nrefs
 
     def listed(kind: str, items: list, text) -> None:
         for it in items[:MAX_LISTED]:
@@ -216,40 +228,92 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
         if len(items) > MAX_LISTED:
             report.problem(src, f"... and {len(items) - MAX_LISTED} more {kind}")
 
-    bad_range = pos[(slot < 0) | (slot >= lay.nslots)]
-    listed("buckets pointing outside the slots", bad_range.tolist(),
-           lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, outside the "
-                     f"{lay.nslots} slots")
-    ok = (slot >= 0) & (slot < lay.nslots)
-    pos, slot, h = pos[ok], slot[ok], h[ok]
-    uniq, counts = np.unique(slot, return_counts=True)
-    listed("slots shared by buckets", uniq[counts > 1].tolist(),
-           lambda s: f"slot {s} is pointed to by {int(np.count_nonzero(slot == s))} index buckets")
-    if count != len(pos) + len(bad_range):
-        report.problem(src, f"the header counts {count} records (H_COUNT) but the index holds "
-                            f"{len(pos) + len(bad_range)} buckets")
-    odd = np.flatnonzero(seq & np.uint64(1))
+    # -- the page table -------------------------------------------------------------
+    pcls = (pt & np.uint64(0xFF)).astype(np.int64) - 1
+    pep = (pt >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
+    epoch = int(hdr[L.H_EPOCH])
+    badpte = (pcls >= k) | ((pcls < 0) & (pt != 0)) | (pep > epoch)
+    if not lay.memory:
+        badpte |= pcls != 0
+    listed("bad page table entries", np.flatnonzero(badpte).tolist(),
+           lambda p: f"page table entry {p} ({int(pt[p]):#x}) is not a free page nor a class of this "
+                     f"store assigned by epoch {epoch}")
+    pcls[badpte] = -1  # the checks below take such a page as unassigned
+    # -- every slot of the assigned pages ------------------------------------------------
+    per = lay.page_size // classes
+    parts = []
+    for c in range(k):
+        pages = np.flatnonzero(pcls == c)
+        if len(pages):
+            parts.append(((pages[:, None] << ref_shift)
+                          + np.arange(per[c], dtype=np.int64)[None, :] * (classes[c] // L.SLOT_UNIT)).ravel())
+    all_refs = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    seq = words[2 * all_refs + L.S_SEQ]
+    meta = words[2 * all_refs + L.S_META]
+    odd = all_refs[(seq & np.uint64(1)) != 0]
     listed("slots left odd", odd.tolist(),
-           lambda s: f"slot {s} is left mid-write (odd stamp {int(seq[s])}); a coordinator died while "
+           lambda r: f"slot {r} is left mid-write (odd stamp {int(words[2 * r])}); a coordinator died while "
                      f"writing it and none repaired it yet")
-    s_seq, s_meta = seq[slot], meta[slot]
+    page_epoch = pep[all_refs >> ref_shift]
+    stale = all_refs[(seq != 0) & ((seq & np.uint64(1)) == 0) & (page_epoch > 0)
+                     & (seq < (2 * page_epoch + 2).astype(np.uint64))]
+    listed("slots older than their page", stale.tolist(),
+           lambda r: f"slot {r} is stamped before its page {r >> ref_shift} was handed to its class "
+                     f"(epoch {int(pep[r >> ref_shift])}): a page move cut short left it")
+    # -- the index -------------------------------------------------------------------------
+    nb = len(idx)
+    mask = nb - 1
+    pos = np.flatnonzero(idx)
+    b = idx[pos]
+    ref = (b & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1
+    h = (b >> np.uint64(32)).astype(np.int64)
+    report.records = int(len(pos))
+    inside = (ref >= 0) & (ref < nrefs)
+    bc = np.full(len(ref), -1, np.int64)
+    bc[inside] = pcls[ref[inside] >> ref_shift]
+    size = np.where(bc >= 0, classes[np.maximum(bc, 0)], 1)
+    within = (ref - ((ref >> ref_shift) << ref_shift)) * L.SLOT_UNIT
+    on_slot = (bc >= 0) & (within % size == 0) & (within + size <= lay.page_size)
+    bad_range = pos[~inside]
+    listed("buckets pointing outside the pages", bad_range.tolist(),
+           lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, outside the "
+                     f"{nrefs} slot references of the pages")
+    listed("buckets pointing into free pages", pos[inside & (bc < 0)].tolist(),
+           lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, in page "
+                     f"{(int(idx[p] & 0xFFFFFFFF) - 1) >> ref_shift}, which is not assigned to a class")
+    listed("buckets pointing between slots", pos[inside & (bc >= 0) & ~on_slot].tolist(),
+           lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, which is not on a "
+                     f"slot boundary of its page's class")
+    if int(hdr[L.H_COUNT]) != len(pos):
+        report.problem(src, f"the header counts {int(hdr[L.H_COUNT])} records (H_COUNT) but the index "
+                            f"holds {len(pos)} buckets")
+    ok = on_slot
+    pos, ref, h, bc, size = pos[ok], ref[ok], h[ok], bc[ok], size[ok]
+    uniq, counts = np.unique(ref, return_counts=True)
+    listed("slots shared by buckets", uniq[counts > 1].tolist(),
+           lambda s: f"slot {s} is pointed to by {int(np.count_nonzero(ref == s))} index buckets")
+    s_seq = words[2 * ref + L.S_SEQ]
+    s_meta = words[2 * ref + L.S_META]
     klen = (s_meta & np.uint64(0xFFFF)).astype(np.int64)
     vlen = (s_meta >> np.uint64(32)).astype(np.int64)
+    need = L.SLOT_HEADER + ((klen + 7) & ~7) + vlen
     free = ((s_meta >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) != 0
     listed("indexed slots marked free", pos[free].tolist(),
            lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, which is marked free")
-    unwritten = pos[s_seq == 0]
-    listed("indexed slots never written", unwritten.tolist(),
+    listed("indexed slots never written", pos[s_seq == 0].tolist(),
            lambda p: f"index bucket {p} points to slot {int(idx[p] & 0xFFFFFFFF) - 1}, which was never written")
-    badlen = pos[(klen < 1) | (klen > lay.key_size) | (vlen > lay.value_size)]
-    listed("indexed slots with impossible lengths", badlen.tolist(),
-           lambda p: f"index bucket {p}: its slot's key or value length is out of range")
+    badlen = (klen < 1) | (klen > lay.key_size) | (vlen > lay.value_size) | (need > size)
+    listed("indexed slots with impossible lengths", pos[badlen].tolist(),
+           lambda p: f"index bucket {p}: its slot's key or value length is out of range (or does not fit "
+                     f"its class's slots)")
     # The key must hash to the bucket's hash, and the bucket must be reachable from the
     # key's home bucket without crossing an empty one (linear probing).
     wrong_hash = []
-    for p, s, hv, kl in zip(pos.tolist(), slot.tolist(), h.tolist(), klen.tolist()):
-        if 1 <= kl <= lay.key_size and L.key_hash(slots[s, 32 : 32 + kl].tobytes()) != hv:
-            wrong_hash.append((p, s))
+    for p, r, hv, kl in zip(pos[~badlen].tolist(), ref[~badlen].tolist(), h[~badlen].tolist(),
+                            klen[~badlen].tolist()):
+        o = 16 * r + L.SLOT_HEADER
+        if L.key_hash(raw[o : o + kl].tobytes()) != hv:
+            wrong_hash.append((p, r))
     listed("buckets whose key does not hash to them", wrong_hash,
            lambda ps: f"index bucket {ps[0]} points to slot {ps[1]}, whose key does not hash to the bucket's hash")
     zeros = np.concatenate(([0], np.cumsum(np.tile(idx == 0, 2))))
@@ -259,10 +323,24 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     listed("unreachable buckets", unreachable.tolist(),
            lambda p: f"index bucket {p} cannot be reached from its key's home bucket "
                      f"{int(idx[p] >> 32) & mask}: an empty bucket lies between, so lookups miss it")
-    used = np.zeros(lay.nslots, dtype=bool)
-    used[slot] = True
+    used = np.isin(all_refs, ref)
     all_free = ((meta >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) != 0
-    orphans = np.flatnonzero(~used & ~all_free & (seq != 0) & ((seq & np.uint64(1)) == 0))
+    orphans = all_refs[~used & ~all_free & (seq != 0) & ((seq & np.uint64(1)) == 0)]
     listed("orphan slots", orphans.tolist(),
            lambda s: f"slot {s} holds a record no index bucket points to and is not marked free")
+    # -- the class counters ----------------------------------------------------------------
+    live = ~badlen & ~free
+    for c in range(k):
+        sel = (bc == c) & live
+        want = {"C_SLOT_SIZE": int(classes[c]), "C_PAGES": int(np.count_nonzero(pcls == c)),
+                "C_RECORDS": int(np.count_nonzero(sel)), "C_ASKED": int(need[sel].sum())}
+        for field, value in want.items():
+            have = int(hdr[L.class_word(c, getattr(L, field))])
+            if have != value:
+                report.problem(src, f"class {c} ({int(classes[c])}-byte slots): the header's {field} is "
+                                    f"{have}, a recount finds {value}")
+    nfree = int(np.count_nonzero(pcls < 0))
+    if int(hdr[L.H_FREE_PAGES]) != nfree:
+        report.problem(src, f"the header counts {int(hdr[L.H_FREE_PAGES])} free pages (H_FREE_PAGES), the "
+                            f"page table {nfree}")
     return report

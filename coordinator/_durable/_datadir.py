@@ -6,9 +6,10 @@ A data directory (mode 0700, files 0600) holds::
 
     MANIFEST                         the store's parameters (one line of msgspec JSON,
                                      then ``crc32:<hex>`` of it), written once per new
-                                     segment: name, capacity, key_size, value_size,
-                                     schema and layout fingerprints, the instance id of
-                                     the segment the directory follows, at-rest settings
+                                     segment: name, the whole Layout (capacity, key_size,
+                                     value_size, memory, growth), schema and layout
+                                     fingerprints, the instance id of the segment the
+                                     directory follows, at-rest settings
     LOCK                             flock'ed by the coordinator using the directory
     ckpt-<epoch>-<id>.ckpt           checkpoints (see ``_checkpoint``), the last K kept
     wal-<start epoch>-<id>.wal       WAL files (see ``_wal``), one per checkpoint interval
@@ -50,12 +51,13 @@ from shmstore import _layout as L
 from shmstore._errors import CoordinatorRunningError, CorruptionError, IncompatibleStoreError, StorageError
 from shmstore._segment import Segment
 
+from ._formats import old_format_error
 from ._wal import WalHeader, fsync_dir, parse_name, wal_name
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
-MANIFEST_FORMAT = 1
-
+#: 1: segment format 3 (fixed-size slots); 2: segment format 4 (size classes, pages)
+MANIFEST_FORMAT = 2
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -66,6 +68,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     capacity: int
     key_size: int
     value_size: int
+    #: the page budget (0: a single-class store) and the class growth factor
+    memory: int = 0
+    growth: float = L.GROWTH
     schema_fp: int
     layout_fp: int
     #: the H_INSTANCE of the segment whose history this directory records
@@ -79,7 +84,15 @@ class Manifest(msgspec.Struct, kw_only=True):
 
     @property
     def layout(self) -> L.Layout:
-        return L.Layout(capacity=self.capacity, key_size=self.key_size, value_size=self.value_size)
+        return L.Layout(capacity=self.capacity, key_size=self.key_size, value_size=self.value_size,
+                        memory=self.memory, growth=self.growth)
+
+    @classmethod
+    def of(cls, name: str, layout: L.Layout, schema_fp: int, **kw: object) -> Manifest:
+        """The manifest of a store of ``layout`` (the other fields as keywords)."""
+        return cls(name=name, capacity=layout.capacity, key_size=layout.key_size,
+                   value_size=layout.value_size, memory=layout.memory, growth=layout.growth,
+                   schema_fp=schema_fp, layout_fp=layout.fingerprint, **kw)
 
 
 @dataclass
@@ -90,7 +103,8 @@ class WalInfo:
     start: int
     file_id: int
     header: WalHeader | None
-    error: CorruptionError | None = None
+    #: CorruptionError, or IncompatibleStoreError for a WAL file of another format
+    error: CorruptionError | IncompatibleStoreError | None = None
 
 
 class DataDir:
@@ -153,13 +167,13 @@ class DataDir:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             # A flipped bit can make invalid UTF-8, which msgspec reports as such.
             raise CorruptionError(f"manifest {p}: unreadable ({e})") from None
+        if m.format != MANIFEST_FORMAT:  # before the fields whose meaning the format fixes
+            raise old_format_error(f"data directory {self.path!r}: its manifest {p}", m.format, MANIFEST_FORMAT)
         if m.compression not in ("none", "zstd") or m.encryption not in ("none", "aes-256-gcm"):
             raise CorruptionError(
                 f"manifest {p}: unknown compression {m.compression!r} or encryption {m.encryption!r} "
                 f"(damaged, or written by a newer shmstore)"
             )
-        if m.format != MANIFEST_FORMAT:
-            raise IncompatibleStoreError(f"manifest {p}: format {m.format}, this shmstore reads {MANIFEST_FORMAT}")
         return m
 
     def write_manifest(self, m: Manifest) -> None:
@@ -247,7 +261,7 @@ class DataDir:
                 err = None
                 if hdr.start != start or hdr.id != int(n[-20:-4], 16):
                     err = CorruptionError(f"WAL file {p}: its header (offset 16) does not match its name")
-            except CorruptionError as e:
+            except (CorruptionError, IncompatibleStoreError) as e:
                 hdr, err = None, e
             out.append(WalInfo(p, start, int(n[-20:-4], 16), hdr if err is None else None, err))
         return out
@@ -336,11 +350,20 @@ def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path:
 
 
 def zero_segment(seg: Segment) -> None:
-    """Undo a failed restore attempt: the segment back to all-zero slots and index."""
+    """Undo a failed restore attempt: the segment back to what ``create_segment`` made
+    (every page table entry as at creation, zero pages and index, zero counters)."""
     lay = seg.layout
-    arr = np.ndarray((lay.size - L.SLOTS_OFFSET,), dtype=np.uint8, buffer=seg.mm, offset=L.SLOTS_OFFSET)
+    arr = np.ndarray((lay.size - lay.pages_offset,), dtype=np.uint8, buffer=seg.mm, offset=lay.pages_offset)
     arr[:] = 0
     del arr
+    pt = seg.page_table()
+    pt[:] = 0 if lay.memory else 1  # a single-class store's pages are its class's from the start
+    del pt
     q = seg.q
     for w in (L.H_EPOCH, L.H_COUNT, L.H_LAST_DELETE_EPOCH, L.H_INDEX_GEN, L.H_BATCH_SEQ, L.H_LAST_CHECKPOINT_EPOCH):
         q[w] = 0
+    for c in range(len(lay.classes)):
+        q[L.class_word(c, L.C_RECORDS)] = 0
+        q[L.class_word(c, L.C_ASKED)] = 0
+        q[L.class_word(c, L.C_PAGES)] = 0 if lay.memory else lay.npages
+    q[L.H_FREE_PAGES] = lay.npages if lay.memory else 0

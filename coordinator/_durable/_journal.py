@@ -183,12 +183,14 @@ class DurableJournal:
                 f"data directory {self.dir.path!r} belongs to store {m.name!r}, not {self.name!r}; "
                 f"give each store its own directory"
             )
-        want = (cfg.capacity, cfg.key_size, cfg.value_size)
-        have = (m.capacity, m.key_size, m.value_size)
+        fields = ("capacity", "key_size", "value_size", "memory", "growth")
+        want = tuple(getattr(cfg, f, None) for f in fields)
+        have = (m.capacity, m.key_size, m.value_size, m.memory, m.growth)
         if any(w is not None and w != h for w, h in zip(want, have)):
+            sizes = ", ".join(f"{f}={h}" for f, h in zip(fields, have))
             raise IncompatibleStoreError(
-                f"data directory {self.dir.path!r} holds store {m.name!r} with capacity={have[0]}, "
-                f"key_size={have[1]}, value_size={have[2]}; serve it with those sizes (or none)"
+                f"data directory {self.dir.path!r} holds store {m.name!r} with {sizes}; serve it "
+                f"with those sizes (or none)"
             )
         if m.layout_fp != m.layout.fingerprint:
             raise IncompatibleStoreError(
@@ -265,9 +267,10 @@ class DurableJournal:
             if lay != m.layout or q[L.H_SCHEMA_FP] != m.schema_fp:
                 raise IncompatibleStoreError(
                     f"store {self.name!r}: its segment has capacity={lay.capacity}, key_size="
-                    f"{lay.key_size}, value_size={lay.value_size} (or another value_type) but data "
-                    f"directory {self.dir.path!r} holds capacity={m.capacity}, key_size={m.key_size}, "
-                    f"value_size={m.value_size}; destroy the segment to recover from the directory"
+                    f"{lay.key_size}, value_size={lay.value_size}, memory={lay.memory}, growth="
+                    f"{lay.growth} (or another value_type) but data directory {self.dir.path!r} holds "
+                    f"capacity={m.capacity}, key_size={m.key_size}, value_size={m.value_size}, memory="
+                    f"{m.memory}, growth={m.growth}; destroy the segment to recover from the directory"
                 )
         if self.restored is not None and self.restored["mode"] == "rebuild":
             self._open_restored(seg, engine)
@@ -279,11 +282,9 @@ class DurableJournal:
         lay = seg.layout
         old = self.manifest
         check = old.key_check if old is not None and old.encryption == self.encryption else ""
-        self.manifest = Manifest(name=self.name, capacity=lay.capacity, key_size=lay.key_size,
-                                 value_size=lay.value_size, schema_fp=seg.q[L.H_SCHEMA_FP],
-                                 layout_fp=lay.fingerprint, segment_instance=seg.instance,
-                                 compression=self.compression, encryption=self.encryption,
-                                 key_check=check or (key_check(self.key) if self.key else ""))
+        self.manifest = Manifest.of(self.name, lay, seg.q[L.H_SCHEMA_FP], segment_instance=seg.instance,
+                                    compression=self.compression, encryption=self.encryption,
+                                    key_check=check or (key_check(self.key) if self.key else ""))
         self.dir.write_manifest(self.manifest)
 
     def _open_restored(self, seg: Segment, engine: Engine) -> None:

@@ -231,6 +231,8 @@ def replay_record(engine: Engine, op: O.Logged) -> None:
     diverged (raises a ShmStoreError, CorruptionError when nothing else says why).
 
     Every field is checked before the engine stores anything, as for a client's op.
+    ``Evict`` and ``MovePage`` (logged by the coordinator when it makes room) replay
+    through ``Engine.evict`` and ``Engine.move_page``, each at the next epoch as live.
     """
     t = type(op)
     if t is O.Put:
@@ -246,5 +248,14 @@ def replay_record(engine: Engine, op: O.Logged) -> None:
         engine.batch(op.ops)
     elif t is O.Expire:
         replay_expire(engine, op)
+    elif t is getattr(O, "Evict", None):
+        if engine.evict(engine.check_key(op.key)) is False:
+            raise CorruptionError("a logged eviction found no record")
+    elif t is getattr(O, "MovePage", None):
+        n = len(engine.seg.classes)
+        a, b = op.from_class, op.to_class
+        if not (type(a) is int and type(b) is int and 0 <= a < n and 0 <= b < n and a != b):
+            raise CorruptionError(f"a logged page move names classes {a!r} -> {b!r}; the store has {n}")
+        engine.move_page(a, b)
     elif not table_replay(engine, op):  # tables: coordinator/_table.py
         raise CorruptionError(f"unknown op {t.__name__} in the log")

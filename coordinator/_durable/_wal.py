@@ -70,9 +70,11 @@ import numpy as np
 from shmstore._errors import CorruptionError
 
 from .._metrics import timed, timed_fsync_dir
+from ._formats import old_format_error
 
 WAL_MAGIC = b"SHMSWAL1"
-WAL_VERSION = 1
+#: 1: segment format 3; 2: segment format 4 (logs Evict and MovePage; refs are offsets)
+WAL_VERSION = 2
 HEADER = struct.Struct("<8sIIQQQQQI")  # ... up to the crc
 HEADER_SIZE = 64
 REC = struct.Struct("<IIQQ")
@@ -138,7 +140,7 @@ class WalHeader:
         if magic != WAL_MAGIC or crc != crc32(data[:60]):
             raise CorruptionError(f"WAL file {path}: bad header (magic or checksum) at offset 0")
         if version != WAL_VERSION:
-            raise CorruptionError(f"WAL file {path}: format version {version}, this shmstore reads {WAL_VERSION}")
+            raise old_format_error(f"WAL file {path}", version, WAL_VERSION)
         return cls(salt, id_, prev, start, lfp, sfp, flags)
 
 

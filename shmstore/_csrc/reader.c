@@ -5,16 +5,19 @@
  * binds it to Python. Two types:
  *
  *   Mapping  one process's view of a data segment (one per shmstore._segment.Segment):
- *            lookup(kb), read_slot(slot, wait), the per-mapping retry counter and the
+ *            lookup(kb), read_slot(ref, wait), changed_keys(bound) (a scan of the
+ *            assigned pages through the page table), the per-mapping retry counter and the
  *            bounded backoff (spin, yield, sleep; every stall_timeout seconds it calls
  *            on_stall(waited), which raises to give up: the coordinator is dead, or
  *            alive and making no progress).
  *   Reader   one handle's get(key, default) and get_many(keys, default), with the
  *            handle's read cache (the contract is _segment.make_readers'): a cached
- *            record is answered only after three acquire loads show the store READY,
- *            its bucket still pointing at its slot and its slot still carrying the
- *            stamp it was read under; a cached miss while the index generation and the
- *            empty bucket that ended the walk are unchanged.
+ *            record is answered only after four acquire loads show the store READY,
+ *            its bucket still pointing at its slot, its slot still carrying the stamp
+ *            it was read under and its page still carrying the entry it had; a cached
+ *            miss while the index generation and the empty bucket that ended the walk
+ *            are unchanged. With an access segment (LRU eviction) every hit sets the
+ *            slot's access byte.
  *
  * Every object that dereferences the mapping holds its own buffer export of the mmap,
  * so the mapping cannot be unmapped under it (mmap.close() refuses while exported;
@@ -87,11 +90,13 @@ static PyObject *raise_damaged(const char *what)
     return NULL;
 }
 
-/* Take a buffer export of the mapping and check it covers the layout. */
+/* Take a buffer export of the mapping and check it covers the layout: sizes is
+ * shmstore._segment.Segment.sizes() (slot0, slot_words, nrefs, idx0, mask, key_size,
+ * value_size, size, pt0, ref_shift); the class table is read from the header. */
 static int export_segment(PyObject *mm, Py_buffer *buf, shm_seg *s, PyObject *sizes)
 {
-    unsigned long long v[8];
-    if (!PyArg_ParseTuple(sizes, "KKKKKKKK", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]))
+    unsigned long long v[10];
+    if (!PyArg_ParseTuple(sizes, "KKKKKKKKKK", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9]))
         return -1;
     if (PyObject_GetBuffer(mm, buf, PyBUF_SIMPLE) < 0)
         return -1;
@@ -102,12 +107,20 @@ static int export_segment(PyObject *mm, Py_buffer *buf, shm_seg *s, PyObject *si
     s->mask = v[4];
     s->key_size = v[5];
     s->value_size = v[6];
+    s->pt0 = v[8];
+    s->ref_shift = v[9];
     if (!shm_seg_fits(s, buf->buf, (uint64_t)buf->len, v[7])) {
         PyBuffer_Release(buf);
         PyErr_SetString(PyExc_ValueError, "segment sizes do not fit the mapping");
         return -1;
     }
     s->w = (uint64_t *)buf->buf;
+    if (!shm_seg_load_classes(s)) {
+        s->w = NULL;
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_ValueError, "the segment's class table is not one a layout makes");
+        return -1;
+    }
     return 0;
 }
 
@@ -308,58 +321,78 @@ static PyObject *Mapping_lookup(Mapping *m, PyObject *key)
                          (unsigned long long)rec.version, value, (unsigned long long)rec.expiry);
 }
 
-/* read_slot(slot, wait=True) -> (seq, version, expiry, flags, key, value) or None. */
+/* read_slot(ref, wait=True) -> (seq, version, expiry, flags, key, value) or None.
+ *
+ * None: the ref's page is free, or the ref is not the start of a slot of its page's
+ * class (a scan's ref from an older page table), or (wait=False) the slot is being
+ * written. Otherwise one copy validated by the slot's stamp and its page's entry. */
 static PyObject *Mapping_read_slot(Mapping *m, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "read_slot(slot, wait=True)");
+        PyErr_SetString(PyExc_TypeError, "read_slot(ref, wait=True)");
         return NULL;
     }
     if (!mapping_open(m))
         return NULL;
-    unsigned long long slot = PyLong_AsUnsignedLongLong(args[0]);
-    if (slot == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long ref = PyLong_AsUnsignedLongLong(args[0]);
+    if (ref == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     int wait = nargs < 2 ? 1 : PyObject_IsTrue(args[1]);
     if (wait < 0)
         return NULL;
     const shm_seg *s = &m->s;
-    if (slot >= s->nslots) {
-        PyErr_SetString(PyExc_IndexError, "slot out of range");
+    if (ref >= s->nslots) {
+        PyErr_SetString(PyExc_IndexError, "slot reference out of range");
         return NULL;
     }
-    const uint64_t *sp = shm_slot(s, slot);
-    uint64_t ko = shm_key_off(s, slot);
+    uint64_t page = ref >> s->ref_shift;
     backoff_t b = {0, 0, 0};
     for (;;) {
-        shm_rec rec;
-        if (shm_read_begin(s, sp, &rec)) {
-            PyObject *k = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rec.klen);
-            PyObject *v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rec.vlen);
-            if (!k || !v) {
-                Py_XDECREF(k);
-                Py_XDECREF(v);
-                return NULL;
-            }
-            shm_copy_out((uint8_t *)PyBytes_AS_STRING(k), s->w, ko, rec.klen);
-            shm_copy_out((uint8_t *)PyBytes_AS_STRING(v), s->w, ko + s->key_size, rec.vlen);
-            if (shm_read_end(sp, &rec))
-                return Py_BuildValue("(KKKKNN)", (unsigned long long)rec.seq, (unsigned long long)rec.version,
-                                     (unsigned long long)rec.expiry, (unsigned long long)((rec.meta >> 16) & 0xFFFF),
-                                     k, v);
-            Py_DECREF(k);
-            Py_DECREF(v);
-        } else if (!wait) {
+        uint64_t pte1 = shm_load_acquire(shm_pte(s, page));
+        int64_t cls = shm_pte_class(s, pte1);
+        if (!pte1 || cls < 0 || !shm_ref_is_slot(s, ref, cls)) {
+            if (pte1 && cls < 0)
+                return raise_damaged("a page-table entry names no class");
             Py_RETURN_NONE;
         }
+        shm_rec rec;
+        PyObject *k = NULL, *v = NULL;
+        uint8_t kbuf[64];
+        uint8_t *kb = s->key_size <= sizeof kbuf ? kbuf : PyMem_Malloc(s->key_size);
+        if (!kb)
+            return PyErr_NoMemory();
+        int r = shm_read_slot(s, ref, pte1, kb, dst_bytes, &v, &rec);
+        if (r > 0)
+            k = PyBytes_FromStringAndSize((const char *)kb, (Py_ssize_t)rec.klen);
+        if (kb != kbuf)
+            PyMem_Free(kb);
+        if (r < 0)
+            return NULL;
+        if (r > 0) {
+            if (!k) {
+                Py_DECREF(v);
+                return NULL;
+            }
+            return Py_BuildValue("(KKKKNN)", (unsigned long long)rec.seq, (unsigned long long)rec.version,
+                                 (unsigned long long)rec.expiry, (unsigned long long)((rec.meta >> 16) & 0xFFFF), k,
+                                 v);
+        }
+        Py_XDECREF(v);
+        if (!wait && (shm_load_relaxed(shm_slot(s, ref) + SHM_S_SEQ) & 1) &&
+            shm_load_relaxed(shm_pte(s, page)) == pte1)
+            Py_RETURN_NONE;
+        m->retries++;
         if (backoff_wait(m, &b) < 0)
             return NULL;
     }
 }
 
 /* changed_keys(bound) -> list of the keys of every slot whose stamp exceeds bound, each
- * read under the slot's seqlock (a slot being written is waited for, with the bounded
- * backoff). The change feed's scan: O(slots), one acquire load per slot. */
+ * read under the slot's seqlock and its page's entry. The change feed's scan over the
+ * assigned pages (the page table says which, and each page's class its slots): one
+ * acquire load per page and per slot looked at. A page whose entry changed during its
+ * scan (a move) is scanned again with its new entry; a slot being written is waited
+ * for with the bounded backoff. Keys may repeat. */
 static PyObject *Mapping_changed_keys(Mapping *m, PyObject *arg)
 {
     if (!mapping_open(m))
@@ -377,16 +410,26 @@ static PyObject *Mapping_changed_keys(Mapping *m, PyObject *arg)
         Py_DECREF(out);
         return PyErr_NoMemory();
     }
-    for (uint64_t slot = 0; slot < s->nslots; slot++) {
-        const uint64_t *sp = shm_slot(s, slot);
-        if (shm_load_relaxed(sp + SHM_S_SEQ) <= bound)
-            continue;
+    for (uint64_t page = 0; page < s->npages; page++) {
         backoff_t b = {0, 0, 0};
-        for (;;) {
-            shm_rec rec;
-            if (shm_read_begin(s, sp, &rec)) {
-                shm_copy_out(kb, s->w, shm_key_off(s, slot), rec.klen);
-                if (shm_read_end(sp, &rec)) {
+    rescan:;
+        uint64_t pte1 = shm_load_acquire(shm_pte(s, page));
+        if (!pte1)
+            continue;
+        int64_t cls = shm_pte_class(s, pte1);
+        if (cls < 0) {
+            raise_damaged("a page-table entry names no class");
+            goto fail;
+        }
+        uint64_t size = s->classes[cls], per = shm_page_bytes(s) / size, step = size / SHM_SLOT_UNIT;
+        uint64_t ref = shm_page_ref(s, page);
+        for (uint64_t i = 0; i < per; i++, ref += step) {
+            if (shm_load_relaxed(shm_slot(s, ref) + SHM_S_SEQ) <= bound)
+                continue;
+            for (;;) {
+                shm_rec rec;
+                int r = shm_read_slot(s, ref, pte1, kb, NULL, NULL, &rec);
+                if (r > 0) {
                     if (rec.seq > bound && rec.klen) {
                         PyObject *k = PyBytes_FromStringAndSize((const char *)kb, (Py_ssize_t)rec.klen);
                         if (!k || PyList_Append(out, k) < 0) {
@@ -397,9 +440,21 @@ static PyObject *Mapping_changed_keys(Mapping *m, PyObject *arg)
                     }
                     break;
                 }
+                m->retries++;
+                if (backoff_wait(m, &b) < 0)
+                    goto fail;
+                if (shm_load_acquire(shm_pte(s, page)) != pte1)
+                    goto rescan; /* the page moved: its slots are another class's now */
             }
+        }
+        /* The skipped slots were judged by plain loads of their stamps: valid only if
+         * the page kept its geometry through the scan. */
+        shm_fence_acquire();
+        if (!shm_page_same(s, page, pte1)) {
+            m->retries++;
             if (backoff_wait(m, &b) < 0)
                 goto fail;
+            goto rescan;
         }
     }
     if (kb != kbuf)
@@ -416,7 +471,7 @@ static PyMethodDef Mapping_methods[] = {
     {"lookup", (PyCFunction)Mapping_lookup, METH_O,
      "lookup(kb) -> (slot, seq, version, value, expiry), or None if missing or expired."},
     {"read_slot", (PyCFunction)(void (*)(void))Mapping_read_slot, METH_FASTCALL,
-     "read_slot(slot, wait=True) -> (seq, version, expiry, flags, key, value), or None (an odd slot, wait=False)."},
+     "read_slot(ref, wait=True) -> (seq, version, expiry, flags, key, value), or None (a free page, not a slot of its class, or an odd slot with wait=False)."},
     {"changed_keys", (PyCFunction)Mapping_changed_keys, METH_O,
      "changed_keys(bound) -> keys (bytes, may repeat) of the slots stamped above bound, each read under its seqlock."},
     {"close", (PyCFunction)Mapping_close, METH_NOARGS, "Release this object's export of the mapping."},
@@ -468,11 +523,13 @@ static PyTypeObject MappingType = {
 /* ---------------------------------------------------------------------------------- */
 /* Cache entries                                                                      */
 
-/* A cached answer: valid while w[a] == av and w[b] == bv (and, if expiry, not past it).
- * kind: 1 the value as is, 0 bytes to decode on each hit, -1 a miss. */
+/* A cached answer: valid while w[a] == av, w[b] == bv and w[c] == cv (and, if expiry,
+ * not past it). A record: its bucket, its slot's stamp, its page's entry (and ref, for
+ * the access byte); a miss: the index generation, the empty bucket, the generation
+ * again. kind: 1 the value as is, 0 bytes to decode on each hit, -1 a miss. */
 typedef struct {
     PyObject_HEAD
-    uint64_t a, av, b, bv, expiry;
+    uint64_t a, av, b, bv, c, cv, expiry, ref;
     int kind;
     PyObject *value;
 } Entry;
@@ -490,7 +547,8 @@ static PyTypeObject EntryType = {
     .tp_dealloc = (destructor)Entry_dealloc,
 };
 
-static Entry *entry_new(uint64_t a, uint64_t av, uint64_t b, uint64_t bv, uint64_t expiry, int kind, PyObject *value)
+static Entry *entry_new(uint64_t a, uint64_t av, uint64_t b, uint64_t bv, uint64_t c, uint64_t cv, uint64_t ref,
+                        uint64_t expiry, int kind, PyObject *value)
 {
     Entry *e = PyObject_New(Entry, &EntryType);
     if (!e)
@@ -499,6 +557,9 @@ static Entry *entry_new(uint64_t a, uint64_t av, uint64_t b, uint64_t bv, uint64
     e->av = av;
     e->b = b;
     e->bv = bv;
+    e->c = c;
+    e->cv = cv;
+    e->ref = ref;
     e->expiry = expiry;
     e->kind = kind;
     Py_XINCREF(value);
@@ -522,7 +583,20 @@ typedef struct {
     PyObject *cache;      /* dict key -> Entry, or NULL (read_cache=0) */
     Py_ssize_t cap, full_misses;
     unsigned long long reads, uncached;
+    Py_buffer acc_buf;    /* the access segment (LRU eviction), if acc */
+    uint8_t *acc;         /* byte ref >> 2 is set to 1 after every hit; NULL: none */
 } Reader;
+
+/* A hit on slot ref: its access byte to 1 if it is 0 (relaxed: a hint for the
+ * coordinator's CLOCK, which clears it; the index was bounded at construction). */
+static inline void touch(Reader *r, uint64_t ref)
+{
+    if (r->acc) {
+        uint8_t *p = r->acc + (ref >> 2);
+        if (!__atomic_load_n(p, __ATOMIC_RELAXED))
+            __atomic_store_n(p, 1, __ATOMIC_RELAXED);
+    }
+}
 
 static int is_immutable(PyObject *v)
 {
@@ -533,10 +607,10 @@ static int is_immutable(PyObject *v)
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    PyObject *mapping, *mm, *sizes, *decode, *decode_all, *on_stale, *on_publish;
+    PyObject *mapping, *mm, *sizes, *decode, *decode_all, *on_stale, *on_publish, *access = Py_None;
     Py_ssize_t cap;
-    if (!PyArg_ParseTuple(args, "O!OO!OOOOn", &MappingType, &mapping, &mm, &PyTuple_Type, &sizes, &decode,
-                          &decode_all, &on_stale, &on_publish, &cap))
+    if (!PyArg_ParseTuple(args, "O!OO!OOOOn|O", &MappingType, &mapping, &mm, &PyTuple_Type, &sizes, &decode,
+                          &decode_all, &on_stale, &on_publish, &cap, &access))
         return NULL;
     if (cap < 0) {
         PyErr_SetString(PyExc_ValueError, "read_cache must be >= 0");
@@ -550,6 +624,18 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     r->open = 1;
+    if (access != Py_None) {
+        if (PyObject_GetBuffer(access, &r->acc_buf, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        r->acc = (uint8_t *)r->acc_buf.buf;
+        if ((uint64_t)r->acc_buf.len <= ((r->s.nslots - 1) >> 2)) {
+            PyErr_SetString(PyExc_ValueError, "the access segment is smaller than the pages need");
+            Py_DECREF(r);
+            return NULL;
+        }
+    }
     Py_INCREF(mapping);
     r->mapping = (Mapping *)mapping;
     Py_INCREF(decode);
@@ -601,6 +687,10 @@ static void Reader_dealloc(Reader *r)
     if (r->open) {
         r->open = 0;
         PyBuffer_Release(&r->buf);
+    }
+    if (r->acc) {
+        r->acc = NULL;
+        PyBuffer_Release(&r->acc_buf);
     }
     Reader_clear(r);
     Py_TYPE(r)->tp_free((PyObject *)r);
@@ -658,7 +748,10 @@ static PyObject *Reader_get(Reader *r, PyObject *const *args, Py_ssize_t nargs)
         if (eo) {
             Entry *e = (Entry *)eo;
             if (shm_load_acquire(w + SHM_H_STATE) == SHM_STATE_READY && shm_load_acquire(w + e->a) == e->av &&
-                shm_load_acquire(w + e->b) == e->bv && (!e->expiry || e->expiry > now_ns())) {
+                shm_load_acquire(w + e->b) == e->bv && shm_load_acquire(w + e->c) == e->cv &&
+                (!e->expiry || e->expiry > now_ns())) {
+                if (e->kind >= 0)
+                    touch(r, e->ref);
                 if (e->kind > 0) {
                     Py_INCREF(e->value);
                     return e->value;
@@ -711,7 +804,8 @@ static PyObject *Reader_get(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     case A_MISS:
         if (r->cache) {
             if (PyDict_GET_SIZE(r->cache) < r->cap) {
-                if (cache_put(r, key, entry_new(SHM_H_INDEX_GEN, wk.gen, s->idx0 + wk.pos, 0, 0, -1, NULL)) < 0)
+                if (cache_put(r, key, entry_new(SHM_H_INDEX_GEN, wk.gen, s->idx0 + wk.pos, 0, SHM_H_INDEX_GEN, wk.gen, 0, 0, -1,
+                                                  NULL)) < 0)
                     return NULL;
             } else {
                 cache_full(r);
@@ -722,6 +816,8 @@ static PyObject *Reader_get(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     default:
         break;
     }
+    uint64_t ref = (wk.bucket & 0xFFFFFFFFu) - 1;
+    touch(r, ref);
     PyObject *value = call_decode(r, raw);
     if (!value) {
         Py_DECREF(raw);
@@ -729,11 +825,10 @@ static PyObject *Reader_get(Reader *r, PyObject *const *args, Py_ssize_t nargs)
     }
     if (r->cache) {
         if (PyDict_GET_SIZE(r->cache) < r->cap) {
-            uint64_t slot = (wk.bucket & 0xFFFFFFFFu) - 1;
-            uint64_t seqw = s->slot0 + slot * s->slot_words;
+            uint64_t seqw = s->slot0 + ref * s->slot_words;
             int imm = is_immutable(value);
-            if (cache_put(r, key, entry_new(s->idx0 + wk.pos, wk.bucket, seqw, rec.seq, rec.expiry, imm,
-                                            imm ? value : raw)) < 0) {
+            if (cache_put(r, key, entry_new(s->idx0 + wk.pos, wk.bucket, seqw, rec.seq, s->pt0 + (ref >> s->ref_shift),
+                                            wk.pte, ref, rec.expiry, imm, imm ? value : raw)) < 0) {
                 Py_DECREF(raw);
                 Py_DECREF(value);
                 return NULL;
@@ -814,6 +909,7 @@ static int many_one(Reader *r, const uint8_t *kb, size_t n, uint32_t h, growbuf 
             g->len += rec.vlen;
             if (rec.seq > *top)
                 *top = rec.seq;
+            touch(r, (wk.bucket & 0xFFFFFFFFu) - 1);
             return A_FOUND;
         case SHM_MISS:
             return A_MISS;
@@ -896,11 +992,14 @@ static PyObject *Reader_get_many(Reader *r, PyObject *const *args, Py_ssize_t na
                 __builtin_prefetch(s->w + s->idx0 + (hs[j] & s->mask));
         if (i + PREFETCH_AHEAD < count) {
             uint64_t b = shm_load_relaxed(s->w + s->idx0 + (hs[i + PREFETCH_AHEAD] & s->mask));
-            uint64_t slot = (b & 0xFFFFFFFFu) - 1;
-            if (b && slot < s->nslots) {
-                const char *sp = (const char *)shm_slot(s, slot);
+            uint64_t ref = (b & 0xFFFFFFFFu) - 1;
+            if (b && ref < s->nslots) {
+                /* The slot's header and key, and the line after (a value past the first
+                 * 64 bytes); the page entry is in a few hot lines already. A prefetch
+                 * past the mapping's end cannot fault. */
+                const char *sp = (const char *)shm_slot(s, ref);
                 __builtin_prefetch(sp);
-                if (s->slot_words > 8)
+                if (shm_slot_need(s->key_size, s->value_size) > 64)
                     __builtin_prefetch(sp + 64);
             }
         }
@@ -988,7 +1087,8 @@ static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmstore._native.Reader",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Reader(mapping, mm, sizes, decode, decode_all, on_stale, on_publish, read_cache): one handle's reads.",
+    .tp_doc = "Reader(mapping, mm, sizes, decode, decode_all, on_stale, on_publish, read_cache, access=None): one "
+              "handle's reads (access: the writable access segment whose byte ref >> 2 a hit sets).",
     .tp_new = Reader_new,
     .tp_dealloc = (destructor)Reader_dealloc,
     .tp_traverse = (traverseproc)Reader_traverse,
@@ -1063,7 +1163,20 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddIntConstant(m, "H_BATCH_SEQ", SHM_H_BATCH_SEQ) < 0 ||
         PyModule_AddIntConstant(m, "H_COUNT", SHM_H_COUNT) < 0 ||
         PyModule_AddIntConstant(m, "STATE_READY", SHM_STATE_READY) < 0 ||
-        PyModule_AddIntConstant(m, "FLAG_FREE", SHM_FLAG_FREE) < 0) {
+        PyModule_AddIntConstant(m, "FLAG_FREE", SHM_FLAG_FREE) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_EVICTED", SHM_FLAG_EVICTED) < 0 ||
+        PyModule_AddIntConstant(m, "H_NCLASSES", SHM_H_NCLASSES) < 0 ||
+        PyModule_AddIntConstant(m, "H_CLASSES", SHM_H_CLASSES) < 0 ||
+        PyModule_AddIntConstant(m, "CLASS_WORDS", SHM_CLASS_WORDS) < 0 ||
+        PyModule_AddIntConstant(m, "C_SLOT_SIZE", SHM_C_SLOT_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "C_PAGES", SHM_C_PAGES) < 0 ||
+        PyModule_AddIntConstant(m, "C_RECORDS", SHM_C_RECORDS) < 0 ||
+        PyModule_AddIntConstant(m, "C_ASKED", SHM_C_ASKED) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_CLASSES", SHM_MAX_CLASSES) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_UNIT", SHM_SLOT_UNIT) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_SLOT", SHM_MIN_SLOT) < 0 ||
+        PyModule_AddIntConstant(m, "PTE_CLASS_BITS", SHM_PTE_CLASS_BITS) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_SIZE", SHM_HEADER_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -9,10 +9,11 @@
  *
  *   Core     the coordinator's writable mapping of a data segment (one per
  *            coordinator/_engine.py Engine): find(kb, h), write_record, free_record,
- *            set_bucket, remove_bucket, publish_epoch, batch_begin/batch_end (the batch
- *            seqlock H_BATCH_SEQ), and the two hot ops whole: put() and delete(), each
- *            one call doing what Engine.put / Engine.delete do in Python, store for
- *            store in the same order (tests/test_cwrite.py compares the segments).
+ *            page_assign, set_bucket, remove_bucket, publish_epoch, batch_begin/
+ *            batch_end (the batch seqlock H_BATCH_SEQ), and the hot ops whole: put(),
+ *            put_frame() and delete(), each one call doing what Engine.put /
+ *            Engine.delete do in Python, with the class rule for free slots and the
+ *            class counters (tests/test_cwrite.py compares the segments).
  *   ring_publish / ring_take   a client's frame into its ring with a release store of
  *            HEAD; the coordinator's walk of a ring from an acquire load of HEAD, with
  *            every check of coordinator/_server.py's _drain_client (see ring_take).
@@ -20,8 +21,9 @@
  *
  * Only the coordinator process writes the data segment; it is the only writer of
  * every word stored here, so its own relaxed loads of them are exact. Free slots stay
- * in the engine's Python FreeRing: put/delete take and give slots through its pop and
- * append methods (two calls of C methods, ~40 ns each).
+ * in the engine's Python FreeRings, one per class (Engine.frees): put/delete take and
+ * give slots through their pop and append methods (C methods, ~40 ns each). Every
+ * ref, page and class from Python is checked against the layout before it is used.
  *
  * Everything a client wrote is hostile: ring_take bounds HEAD, TAIL and every frame
  * length against the ring before reading a byte, and never reads outside the ring's
@@ -56,6 +58,8 @@ typedef struct {
     Py_buffer buf;
     int open;
     shm_seg s;
+    Py_buffer acc_buf; /* the access segment (LRU eviction), if acc */
+    uint8_t *acc;      /* byte ref >> 2 of every record written is set to 1; NULL: none */
 } Core;
 
 static PyTypeObject CoreType;
@@ -63,10 +67,10 @@ static PyTypeObject CoreType;
 static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     PyObject *mm, *sizes;
-    unsigned long long v[8];
+    unsigned long long v[10];
     if (!PyArg_ParseTuple(args, "OO!", &mm, &PyTuple_Type, &sizes))
         return NULL;
-    if (!PyArg_ParseTuple(sizes, "KKKKKKKK", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]))
+    if (!PyArg_ParseTuple(sizes, "KKKKKKKKKK", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9]))
         return NULL;
     Core *c = (Core *)type->tp_alloc(type, 0);
     if (!c)
@@ -83,6 +87,8 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->mask = v[4];
     s->key_size = v[5];
     s->value_size = v[6];
+    s->pt0 = v[8];
+    s->ref_shift = v[9];
     if (!shm_seg_fits(s, c->buf.buf, (uint64_t)c->buf.len, v[7])) {
         PyBuffer_Release(&c->buf);
         Py_DECREF(c);
@@ -90,8 +96,23 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     s->w = (uint64_t *)c->buf.buf;
+    if (!shm_seg_load_classes(s)) {
+        s->w = NULL;
+        PyBuffer_Release(&c->buf);
+        Py_DECREF(c);
+        PyErr_SetString(PyExc_ValueError, "the segment's class table is not one a layout makes");
+        return NULL;
+    }
     c->open = 1;
     return (PyObject *)c;
+}
+
+static void Core_release_access(Core *c)
+{
+    if (c->acc) {
+        c->acc = NULL;
+        PyBuffer_Release(&c->acc_buf);
+    }
 }
 
 static void Core_release(Core *c)
@@ -101,6 +122,7 @@ static void Core_release(Core *c)
         c->s.w = NULL;
         PyBuffer_Release(&c->buf);
     }
+    Core_release_access(c);
 }
 
 static void Core_dealloc(Core *c)
@@ -124,6 +146,37 @@ static PyObject *Core_close(Core *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* The coordinator wrote a record into slot ref: its access byte to 1 (relaxed; readers
+ * store it too). */
+static inline void core_touch(Core *c, uint64_t ref)
+{
+    if (c->acc) {
+        uint8_t *p = c->acc + (ref >> 2);
+        if (!__atomic_load_n(p, __ATOMIC_RELAXED))
+            __atomic_store_n(p, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* set_access(buffer or None): the access segment (writable, at least a byte per 4
+ * refs) whose byte ref >> 2 put and put_frame set for each record they write. */
+static PyObject *Core_set_access(Core *c, PyObject *o)
+{
+    if (!core_open(c))
+        return NULL;
+    Core_release_access(c);
+    if (o == Py_None)
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(o, &c->acc_buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if ((uint64_t)c->acc_buf.len <= ((c->s.nslots - 1) >> 2)) {
+        PyBuffer_Release(&c->acc_buf);
+        PyErr_SetString(PyExc_ValueError, "the access segment is smaller than the pages need");
+        return NULL;
+    }
+    c->acc = (uint8_t *)c->acc_buf.buf;
+    Py_RETURN_NONE;
+}
+
 /* -- argument helpers --------------------------------------------------------------- */
 
 static int arg_u64(PyObject *o, uint64_t *out)
@@ -135,15 +188,34 @@ static int arg_u64(PyObject *o, uint64_t *out)
     return 0;
 }
 
-static int arg_slot(Core *c, PyObject *o, uint64_t *out)
+/* A slot reference: below nrefs, in an assigned page, at the start of a slot of the
+ * page's class. *cls: that class. */
+static int check_ref(Core *c, uint64_t ref, int64_t *cls)
+{
+    const shm_seg *s = &c->s;
+    if (ref >= s->nslots) {
+        PyErr_Format(PyExc_IndexError, "slot reference %llu out of range", (unsigned long long)ref);
+        return -1;
+    }
+    int64_t k = shm_class_of(s, ref);
+    if (k < 0) {
+        PyErr_Format(PyExc_IndexError, "slot reference %llu lies in a free page", (unsigned long long)ref);
+        return -1;
+    }
+    if (!shm_ref_is_slot(s, ref, k)) {
+        PyErr_Format(PyExc_IndexError, "slot reference %llu is not a slot of its page's class %lld",
+                     (unsigned long long)ref, (long long)k);
+        return -1;
+    }
+    *cls = k;
+    return 0;
+}
+
+static int arg_ref(Core *c, PyObject *o, uint64_t *out, int64_t *cls)
 {
     if (arg_u64(o, out) < 0)
         return -1;
-    if (*out >= c->s.nslots) {
-        PyErr_Format(PyExc_IndexError, "slot %llu out of range", (unsigned long long)*out);
-        return -1;
-    }
-    return 0;
+    return check_ref(c, *out, cls);
 }
 
 static int arg_bytes(PyObject *o, const uint8_t **p, uint64_t *n, uint64_t max, const char *what)
@@ -155,7 +227,7 @@ static int arg_bytes(PyObject *o, const uint8_t **p, uint64_t *n, uint64_t max, 
     *p = (const uint8_t *)PyBytes_AS_STRING(o);
     *n = (uint64_t)PyBytes_GET_SIZE(o);
     if (*n > max) {
-        PyErr_Format(PyExc_ValueError, "%s of %llu bytes is longer than the slot's %llu", what,
+        PyErr_Format(PyExc_ValueError, "%s of %llu bytes is longer than the store's %llu", what,
                      (unsigned long long)*n, (unsigned long long)max);
         return -1;
     }
@@ -173,8 +245,8 @@ static int arg_bytes(PyObject *o, const uint8_t **p, uint64_t *n, uint64_t max, 
 /* -- the index walk (writer side: the coordinator's own loads are exact) ------------- */
 
 /* The bucket of key kb (hash h), or the first empty bucket of its walk.
- * Returns 1 found (*slot set), 0 missing, -1 with an exception (no empty bucket: damaged). */
-static int core_find(Core *c, const uint8_t *kb, uint64_t klen, uint32_t h, uint64_t *pos, uint64_t *slot)
+ * Returns 1 found (*ref set), 0 missing, -1 with an exception (no empty bucket: damaged). */
+static int core_find(Core *c, const uint8_t *kb, uint64_t klen, uint32_t h, uint64_t *pos, uint64_t *ref)
 {
     const shm_seg *s = &c->s;
     uint64_t p = h & s->mask;
@@ -185,13 +257,14 @@ static int core_find(Core *c, const uint8_t *kb, uint64_t klen, uint32_t h, uint
             return 0;
         }
         if ((uint32_t)(b >> 32) == h) {
-            uint64_t sl = (b & 0xFFFFFFFFull) - 1;
-            if (sl < s->nslots) {
-                const uint64_t *sp = shm_slot(s, sl);
+            uint64_t r = (b & 0xFFFFFFFFull) - 1;
+            if (r < s->nslots) {
+                const uint64_t *sp = shm_slot(s, r);
                 uint64_t kl = shm_load_relaxed(sp + SHM_S_META) & 0xFFFF;
-                if (kl == klen && shm_key_equal(s->w, shm_key_off(s, sl), kb, (size_t)klen)) {
+                uint64_t ko = 8 * (s->slot0 + r * s->slot_words) + SHM_SLOT_HEADER;
+                if (kl == klen && ko + klen <= shm_page_end(s, r) && shm_key_equal(s->w, ko, kb, (size_t)klen)) {
                     *pos = p;
-                    *slot = sl;
+                    *ref = r;
                     return 1;
                 }
             }
@@ -202,29 +275,31 @@ static int core_find(Core *c, const uint8_t *kb, uint64_t klen, uint32_t h, uint
     return -1;
 }
 
-/* find(kb, h) -> (pos, slot): slot -1 and the first empty pos when the key is missing. */
+/* find(kb, h) -> (pos, ref): ref -1 and the first empty pos when the key is missing. */
 static PyObject *Core_find(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(2);
     const uint8_t *kb;
-    uint64_t klen, h, pos = 0, slot = 0;
+    uint64_t klen, h, pos = 0, ref = 0;
     if (arg_bytes(args[0], &kb, &klen, c->s.key_size, "a key") < 0 || arg_u64(args[1], &h) < 0)
         return NULL;
-    int r = core_find(c, kb, klen, (uint32_t)h, &pos, &slot);
+    int r = core_find(c, kb, klen, (uint32_t)h, &pos, &ref);
     if (r < 0)
         return NULL;
     if (r == 0)
         return Py_BuildValue("(Ki)", (unsigned long long)pos, -1);
-    return Py_BuildValue("(KK)", (unsigned long long)pos, (unsigned long long)slot);
+    return Py_BuildValue("(KK)", (unsigned long long)pos, (unsigned long long)ref);
 }
 
-/* write_record(slot, epoch, kb, vb, version, expiry, flags) */
+/* write_record(ref, epoch, kb, vb, version, expiry, flags): no class accounting (the
+ * Python engine accounts for its own calls). */
 static PyObject *Core_write_record(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(7);
-    uint64_t slot, epoch, klen, vlen, version, expiry, flags;
+    uint64_t ref, epoch, klen, vlen, version, expiry, flags;
+    int64_t cls;
     const uint8_t *kb, *vb;
-    if (arg_slot(c, args[0], &slot) < 0 || arg_u64(args[1], &epoch) < 0 ||
+    if (arg_ref(c, args[0], &ref, &cls) < 0 || arg_u64(args[1], &epoch) < 0 ||
         arg_bytes(args[2], &kb, &klen, c->s.key_size, "a key") < 0 ||
         arg_bytes(args[3], &vb, &vlen, c->s.value_size, "a value") < 0 || arg_u64(args[4], &version) < 0 ||
         arg_u64(args[5], &expiry) < 0 || arg_u64(args[6], &flags) < 0)
@@ -233,33 +308,83 @@ static PyObject *Core_write_record(Core *c, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "flags are 16 bits");
         return NULL;
     }
-    shm_write_record(&c->s, slot, epoch, kb, klen, vb, vlen, version, expiry, flags);
+    if (shm_slot_need(klen, vlen) > c->s.classes[cls]) {
+        PyErr_Format(PyExc_ValueError, "a record of %llu + %llu bytes does not fit a slot of class %lld (%llu bytes)",
+                     (unsigned long long)klen, (unsigned long long)vlen, (long long)cls,
+                     (unsigned long long)c->s.classes[cls]);
+        return NULL;
+    }
+    shm_write_record(&c->s, ref, epoch, kb, klen, vb, vlen, version, expiry, flags);
     Py_RETURN_NONE;
 }
 
-/* free_record(slot, epoch) */
+static int arg_free_flags(PyObject *o, uint64_t *flags)
+{
+    if (arg_u64(o, flags) < 0)
+        return -1;
+    if (!(*flags & SHM_FLAG_FREE) || *flags > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "free_record flags must include FLAG_FREE and fit 16 bits");
+        return -1;
+    }
+    return 0;
+}
+
+/* free_record(ref, epoch, flags=FLAG_FREE): no class accounting. */
 static PyObject *Core_free_record(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    NARGS(2);
-    uint64_t slot, epoch;
-    if (arg_slot(c, args[0], &slot) < 0 || arg_u64(args[1], &epoch) < 0)
+    if (nargs != 2 && nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "free_record(ref, epoch, flags=1), got %zd arguments", nargs);
         return NULL;
-    shm_free_record(&c->s, slot, epoch);
+    }
+    if (!core_open(c))
+        return NULL;
+    uint64_t ref, epoch, flags = SHM_FLAG_FREE;
+    int64_t cls;
+    if (arg_ref(c, args[0], &ref, &cls) < 0 || arg_u64(args[1], &epoch) < 0 ||
+        (nargs == 3 && arg_free_flags(args[2], &flags) < 0))
+        return NULL;
+    shm_free_record(&c->s, ref, epoch, flags);
     Py_RETURN_NONE;
 }
 
-/* set_bucket(pos, h, slot) */
+/* page_assign(page, cls, epoch): shm_page_assign with entry (epoch << 8) | (cls + 1).
+ * No accounting and no free lists: the caller's. */
+static PyObject *Core_page_assign(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(3);
+    uint64_t page, cls, epoch;
+    if (arg_u64(args[0], &page) < 0 || arg_u64(args[1], &cls) < 0 || arg_u64(args[2], &epoch) < 0)
+        return NULL;
+    const shm_seg *s = &c->s;
+    if (page >= s->npages) {
+        PyErr_Format(PyExc_IndexError, "page %llu out of range", (unsigned long long)page);
+        return NULL;
+    }
+    if (cls >= s->nclasses) {
+        PyErr_Format(PyExc_IndexError, "class %llu out of range", (unsigned long long)cls);
+        return NULL;
+    }
+    if (epoch >= ((uint64_t)1 << (64 - SHM_PTE_CLASS_BITS))) {
+        PyErr_SetString(PyExc_ValueError, "epoch too large for a page-table entry");
+        return NULL;
+    }
+    shm_page_assign(s, page, (epoch << SHM_PTE_CLASS_BITS) | (cls + 1), s->classes[cls], epoch);
+    Py_RETURN_NONE;
+}
+
+/* set_bucket(pos, h, ref) */
 static PyObject *Core_set_bucket(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(3);
-    uint64_t pos, h, slot;
-    if (arg_u64(args[0], &pos) < 0 || arg_u64(args[1], &h) < 0 || arg_slot(c, args[2], &slot) < 0)
+    uint64_t pos, h, ref;
+    int64_t cls;
+    if (arg_u64(args[0], &pos) < 0 || arg_u64(args[1], &h) < 0 || arg_ref(c, args[2], &ref, &cls) < 0)
         return NULL;
     if (pos > c->s.mask || h > 0xFFFFFFFFull) {
         PyErr_SetString(PyExc_IndexError, "bucket position or hash out of range");
         return NULL;
     }
-    shm_set_bucket(&c->s, pos, (uint32_t)h, slot);
+    shm_set_bucket(&c->s, pos, (uint32_t)h, ref);
     Py_RETURN_NONE;
 }
 
@@ -312,23 +437,49 @@ static PyObject *Core_batch_end(Core *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* A slot from the engine's FreeRing (its pop() is deque.popleft), checked. */
-static int take_free(Core *c, PyObject *free, uint64_t *slot)
+/* -- the free lists (the engine's FreeRing per class) --------------------------------- */
+
+/* frees: a list of exactly nclasses FreeRings (coordinator/_freering.py). */
+static int check_frees(Core *c, PyObject *frees)
 {
-    PyObject *o = PyObject_CallMethodNoArgs(free, str_pop);
+    if (!PyList_Check(frees) || (uint64_t)PyList_GET_SIZE(frees) != c->s.nclasses) {
+        PyErr_Format(PyExc_TypeError, "frees must be a list of %llu free rings (one per class)",
+                     (unsigned long long)c->s.nclasses);
+        return -1;
+    }
+    return 0;
+}
+
+/* How many free slots class cls has (len of its ring), or -1 with an exception. */
+static Py_ssize_t free_count(PyObject *frees, int64_t cls)
+{
+    return PyObject_Size(PyList_GET_ITEM(frees, cls));
+}
+
+/* A slot from class cls's ring (its pop() is deque.popleft), checked to be a slot of
+ * that class. */
+static int take_free(Core *c, PyObject *frees, int64_t cls, uint64_t *ref)
+{
+    PyObject *o = PyObject_CallMethodNoArgs(PyList_GET_ITEM(frees, cls), str_pop);
     if (!o)
         return -1;
-    int r = arg_slot(c, o, slot);
+    int64_t k;
+    int r = arg_ref(c, o, ref, &k);
     Py_DECREF(o);
+    if (r == 0 && k != cls) {
+        PyErr_Format(PyExc_RuntimeError, "the free list of class %lld holds slot %llu of class %lld", (long long)cls,
+                     (unsigned long long)*ref, (long long)k);
+        return -1;
+    }
     return r;
 }
 
-static int give_free(PyObject *free, uint64_t slot)
+static int give_free(PyObject *frees, int64_t cls, uint64_t ref)
 {
-    PyObject *o = PyLong_FromUnsignedLongLong(slot);
+    PyObject *o = PyLong_FromUnsignedLongLong(ref);
     if (!o)
         return -1;
-    PyObject *r = PyObject_CallMethodOneArg(free, str_append, o);
+    PyObject *r = PyObject_CallMethodOneArg(PyList_GET_ITEM(frees, cls), str_append, o);
     Py_DECREF(o);
     if (!r)
         return -1;
@@ -336,58 +487,96 @@ static int give_free(PyObject *free, uint64_t slot)
     return 0;
 }
 
-/* put(kb, vb, expiry, epoch, free, capacity) -> epoch, or -1 (store full: nothing done).
- *
- * Engine.put's stores in its order: the feed horizon (if the reused slot's change
- * record is newer), the record into a free slot (W1-W4), its bucket (release), the old
- * slot freed or the count raised, then H_EPOCH (release). The key and value lengths
- * were checked by the caller (and are again here: a longer one raises ValueError
- * before anything is stored). */
+/* A live record in slot ref (class cls) is freed at epoch: its need leaves the class's
+ * counters, the slot is stamped free, and it goes to the end of its class's ring. */
+static int core_release(Core *c, uint64_t ref, int64_t cls, uint64_t epoch, PyObject *frees)
+{
+    const shm_seg *s = &c->s;
+    uint64_t meta = shm_load_relaxed(shm_slot(s, ref) + SHM_S_META);
+    shm_account(s, cls, -1, -(int64_t)shm_slot_need(meta & 0xFFFF, meta >> 32));
+    shm_free_record(s, ref, epoch, SHM_FLAG_FREE);
+    return give_free(frees, cls, ref);
+}
+
+/* Apply a put whose arguments are checked: the class rule (insert: two free slots and
+ * the count below capacity; update: one), then Engine.put's stores in its order: the
+ * feed horizon (if the reused slot's change record is newer), the record into a free
+ * slot of its class (W1-W4) and its access byte, its bucket (release), the class
+ * counters, the old slot freed or the count raised, then H_EPOCH (release).
+ * Returns 1 applied, 0 refused by the rule (nothing changed), -1 with an exception. */
+static int core_put(Core *c, const uint8_t *kb, uint64_t klen, const uint8_t *vb, uint64_t vlen, uint64_t expiry,
+                    uint64_t epoch, PyObject *frees, uint64_t capacity)
+{
+    const shm_seg *s = &c->s;
+    uint64_t pos = 0, old = 0, new_ref;
+    uint64_t need = shm_slot_need(klen, vlen);
+    int64_t cls = shm_class_for(s, need);
+    if (cls < 0) {
+        PyErr_SetString(PyExc_ValueError, "no class holds the record");
+        return -1;
+    }
+    uint32_t h = shm_key_hash(kb, (size_t)klen);
+    int found = core_find(c, kb, klen, h, &pos, &old);
+    if (found < 0)
+        return -1;
+    uint64_t *count = s->w + SHM_H_COUNT;
+    if (!found && shm_load_relaxed(count) >= capacity)
+        return 0;
+    Py_ssize_t nfree = free_count(frees, cls);
+    if (nfree < 0)
+        return -1;
+    if (nfree < (found ? 1 : 2))
+        return 0;
+    int64_t old_cls = 0;
+    if (found && check_ref(c, old, &old_cls) < 0)
+        return -1;
+    if (take_free(c, frees, cls, &new_ref) < 0)
+        return -1;
+    if (found && new_ref == old) {
+        PyErr_SetString(PyExc_RuntimeError, "the free list holds a slot the index points to");
+        return -1;
+    }
+    uint64_t *hz = s->w + SHM_H_FEED_HORIZON;
+    uint64_t seq = shm_load_relaxed(shm_slot(s, new_ref) + SHM_S_SEQ);
+    if (seq >= 2 && (seq - 1) >> 1 > shm_load_relaxed(hz))
+        shm_store_relaxed(hz, (seq - 1) >> 1); /* ordered before the body by W2's fence */
+    shm_write_record(s, new_ref, epoch, kb, klen, vb, vlen, epoch, expiry, 0);
+    core_touch(c, new_ref);
+    shm_set_bucket(s, pos, h, new_ref);
+    shm_account(s, cls, 1, (int64_t)need);
+    int r = 0;
+    if (found)
+        r = core_release(c, old, old_cls, epoch, frees);
+    else
+        shm_store_relaxed(count, shm_load_relaxed(count) + 1);
+    shm_publish_epoch(s, epoch);
+    return r < 0 ? -1 : 1;
+}
+
+/* put(kb, vb, expiry, epoch, frees, capacity) -> epoch, or -1 (the class rule refuses:
+ * a new key with fewer than two free slots in its class or the store at capacity, an
+ * update with none; nothing done: the engine makes room and calls again).
+ * The key and value lengths were checked by the caller (and are again here: a longer
+ * one raises ValueError before anything is stored). */
 static PyObject *Core_put(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(6);
     const shm_seg *s = &c->s;
     const uint8_t *kb, *vb;
-    uint64_t klen, vlen, expiry, epoch, capacity, pos = 0, old = 0, new_slot;
-    PyObject *free = args[4];
+    uint64_t klen, vlen, expiry, epoch, capacity;
+    PyObject *frees = args[4];
     if (arg_bytes(args[0], &kb, &klen, s->key_size, "a key") < 0 ||
         arg_bytes(args[1], &vb, &vlen, s->value_size, "a value") < 0 || arg_u64(args[2], &expiry) < 0 ||
-        arg_u64(args[3], &epoch) < 0 || arg_u64(args[5], &capacity) < 0)
+        arg_u64(args[3], &epoch) < 0 || check_frees(c, frees) < 0 || arg_u64(args[5], &capacity) < 0)
         return NULL;
     if (klen == 0) {
         PyErr_SetString(PyExc_ValueError, "a key must not be empty");
         return NULL;
     }
-    uint32_t h = shm_key_hash(kb, (size_t)klen);
-    int found = core_find(c, kb, klen, h, &pos, &old);
-    if (found < 0)
+    int r = core_put(c, kb, klen, vb, vlen, expiry, epoch, frees, capacity);
+    if (r < 0)
         return NULL;
-    uint64_t *count = s->w + SHM_H_COUNT;
-    if (!found && shm_load_relaxed(count) >= capacity)
-        return PyLong_FromLong(-1);
-    if (take_free(c, free, &new_slot) < 0)
-        return NULL;
-    if (found && new_slot == old) {
-        PyErr_SetString(PyExc_RuntimeError, "the free list holds a slot the index points to");
-        return NULL;
-    }
-    uint64_t *hz = s->w + SHM_H_FEED_HORIZON;
-    uint64_t seq = shm_load_relaxed(shm_slot(s, new_slot) + SHM_S_SEQ);
-    if (seq >= 2 && (seq - 1) >> 1 > shm_load_relaxed(hz))
-        shm_store_relaxed(hz, (seq - 1) >> 1); /* ordered before the body by W2's fence */
-    shm_write_record(s, new_slot, epoch, kb, klen, vb, vlen, epoch, expiry, 0);
-    shm_set_bucket(s, pos, h, new_slot);
-    if (found) {
-        shm_free_record(s, old, epoch);
-        if (give_free(free, old) < 0) {
-            shm_publish_epoch(s, epoch);
-            return NULL;
-        }
-    } else {
-        shm_store_relaxed(count, shm_load_relaxed(count) + 1);
-    }
-    shm_publish_epoch(s, epoch);
-    return PyLong_FromUnsignedLongLong(epoch);
+    return r ? PyLong_FromUnsignedLongLong(epoch) : PyLong_FromLong(-1);
 }
 
 /* A msgpack bin (bin8/16/32) at p[*at] within n bytes: its bytes and length. */
@@ -417,27 +606,29 @@ static int mp_bin(const uint8_t *p, size_t n, size_t *at, const uint8_t **b, uin
     return 1;
 }
 
-/* put_frame(payload, epoch, free, capacity) -> epoch, or 0: not applied here.
+/* put_frame(payload, epoch, frees, capacity) -> epoch, or 0: not applied here.
  *
  * The coordinator's fast path for the commonest request, a put without expiry, as the
  * client encodes it: exactly the msgpack bytes  0x95 0x01 WAIT BIN(key) BIN(value) 0x00
  * (WAIT: 0, 1, false or true; BIN: bin8/16/32) and nothing after them, a key of 1 to
- * key_size bytes, a value of at most value_size bytes, and room for the record if it is
- * new. It is then applied as put() does. Anything else - another op, another encoding
- * of the same op, a TTL, a bad length, a full store, a malformed or truncated frame -
- * returns 0 having stored nothing, and the caller takes the general path (msgspec's
- * typed decoder and the engine's checks), which accepts a superset of these bytes and
- * raises the right error. So this path cannot accept anything the general path would
- * refuse, and reads only the payload's own bytes (every length is checked against what
- * is left of them before it is used). WAIT is the payload's byte 2 (its low bit). */
+ * key_size bytes, a value of at most value_size bytes, and room for the record by the
+ * class rule (see put). It is then applied as put() does. Anything else - another op,
+ * another encoding of the same op, a TTL, a bad length, no room, a malformed or
+ * truncated frame - returns 0 having stored nothing, and the caller takes the general
+ * path (msgspec's typed decoder and the engine's checks), which accepts a superset of
+ * these bytes, makes room or raises the right error. So this path cannot accept
+ * anything the general path would refuse, and reads only the payload's own bytes
+ * (every length is checked against what is left of them before it is used). WAIT is
+ * the payload's byte 2 (its low bit). */
 static PyObject *Core_put_frame(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(4);
     const shm_seg *s = &c->s;
     uint64_t epoch, capacity;
-    if (!PyBytes_Check(args[0]) || arg_u64(args[1], &epoch) < 0 || arg_u64(args[3], &capacity) < 0) {
+    if (!PyBytes_Check(args[0]) || arg_u64(args[1], &epoch) < 0 || check_frees(c, args[2]) < 0 ||
+        arg_u64(args[3], &capacity) < 0) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "put_frame(payload: bytes, epoch, free, capacity)");
+            PyErr_SetString(PyExc_TypeError, "put_frame(payload: bytes, epoch, frees, capacity)");
         return NULL;
     }
     const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(args[0]);
@@ -449,105 +640,105 @@ static PyObject *Core_put_frame(Core *c, PyObject *const *args, Py_ssize_t nargs
         !mp_bin(p, n, &at, &kb, &klen) || !mp_bin(p, n, &at, &vb, &vlen) || at + 1 != n || p[at] != 0x00 ||
         klen == 0 || klen > s->key_size || vlen > s->value_size)
         return PyLong_FromLong(0);
-    uint64_t pos = 0, old = 0, new_slot;
-    uint32_t h = shm_key_hash(kb, (size_t)klen);
-    int found = core_find(c, kb, klen, h, &pos, &old);
-    if (found < 0)
-        return NULL;
-    uint64_t *count = s->w + SHM_H_COUNT;
-    if (!found && shm_load_relaxed(count) >= capacity)
-        return PyLong_FromLong(0); /* the general path raises StoreFullError */
-    if (take_free(c, args[2], &new_slot) < 0)
-        return NULL;
-    if (found && new_slot == old) {
-        PyErr_SetString(PyExc_RuntimeError, "the free list holds a slot the index points to");
-        return NULL;
-    }
-    uint64_t *hz = s->w + SHM_H_FEED_HORIZON;
-    uint64_t seq = shm_load_relaxed(shm_slot(s, new_slot) + SHM_S_SEQ);
-    if (seq >= 2 && (seq - 1) >> 1 > shm_load_relaxed(hz))
-        shm_store_relaxed(hz, (seq - 1) >> 1);
-    shm_write_record(s, new_slot, epoch, kb, klen, vb, vlen, epoch, 0, 0);
-    shm_set_bucket(s, pos, h, new_slot);
-    int r = 0;
-    if (found) {
-        shm_free_record(s, old, epoch);
-        r = give_free(args[2], old);
-    } else {
-        shm_store_relaxed(count, shm_load_relaxed(count) + 1);
-    }
-    shm_publish_epoch(s, epoch);
+    int r = core_put(c, kb, klen, vb, vlen, 0, epoch, args[2], capacity);
     if (r < 0)
         return NULL;
-    return PyLong_FromUnsignedLongLong(epoch);
+    return r ? PyLong_FromUnsignedLongLong(epoch) : PyLong_FromLong(0);
 }
 
 /* unlink at epoch: Engine._unlink's stores (LAST_DELETE_EPOCH before the bucket goes,
- * ordered by remove_bucket's release fence), then the slot freed, the count lowered. */
-static int core_unlink(Core *c, uint64_t pos, uint64_t slot, uint64_t epoch, PyObject *free)
+ * ordered by remove_bucket's release fence), then the slot freed (its class's counters
+ * lowered, the slot to its class's ring), the count lowered. */
+static int core_unlink(Core *c, uint64_t pos, uint64_t ref, int64_t cls, uint64_t epoch, PyObject *frees)
 {
     const shm_seg *s = &c->s;
     shm_store_relaxed(s->w + SHM_H_LAST_DELETE_EPOCH, epoch);
     shm_remove_bucket(s, pos);
-    shm_free_record(s, slot, epoch);
     uint64_t *count = s->w + SHM_H_COUNT;
     shm_store_relaxed(count, shm_load_relaxed(count) - 1);
-    return give_free(free, slot);
+    return core_release(c, ref, cls, epoch, frees);
 }
 
-/* delete(kb, epoch, free) -> bool: whether the key existed (if not, nothing is stored
+/* delete(kb, epoch, frees) -> bool: whether the key existed (if not, nothing is stored
  * and the epoch is not used). */
 static PyObject *Core_delete(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(3);
     const uint8_t *kb;
-    uint64_t klen, epoch, pos = 0, slot = 0;
-    if (arg_bytes(args[0], &kb, &klen, c->s.key_size, "a key") < 0 || arg_u64(args[1], &epoch) < 0)
+    uint64_t klen, epoch, pos = 0, ref = 0;
+    int64_t cls;
+    if (arg_bytes(args[0], &kb, &klen, c->s.key_size, "a key") < 0 || arg_u64(args[1], &epoch) < 0 ||
+        check_frees(c, args[2]) < 0)
         return NULL;
-    int found = core_find(c, kb, klen, shm_key_hash(kb, (size_t)klen), &pos, &slot);
+    int found = core_find(c, kb, klen, shm_key_hash(kb, (size_t)klen), &pos, &ref);
     if (found < 0)
         return NULL;
     if (!found)
         Py_RETURN_FALSE;
-    int r = core_unlink(c, pos, slot, epoch, args[2]);
+    if (check_ref(c, ref, &cls) < 0)
+        return NULL;
+    int r = core_unlink(c, pos, ref, cls, epoch, args[2]);
     shm_publish_epoch(&c->s, epoch);
     if (r < 0)
         return NULL;
     Py_RETURN_TRUE;
 }
 
-/* unlink(pos, slot, epoch, free): Engine._unlink (no epoch published). */
+/* unlink(pos, ref, epoch, frees): Engine._unlink (no epoch published). */
 static PyObject *Core_unlink(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(4);
-    uint64_t pos, slot, epoch;
-    if (arg_u64(args[0], &pos) < 0 || arg_slot(c, args[1], &slot) < 0 || arg_u64(args[2], &epoch) < 0)
+    uint64_t pos, ref, epoch;
+    int64_t cls;
+    if (arg_u64(args[0], &pos) < 0 || arg_ref(c, args[1], &ref, &cls) < 0 || arg_u64(args[2], &epoch) < 0 ||
+        check_frees(c, args[3]) < 0)
         return NULL;
     if (pos > c->s.mask) {
         PyErr_SetString(PyExc_IndexError, "bucket position out of range");
         return NULL;
     }
-    if (core_unlink(c, pos, slot, epoch, args[3]) < 0)
+    if (core_unlink(c, pos, ref, cls, epoch, args[3]) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
+/* class_of(ref) -> the class of the page holding ref, -1 for a free page. */
+static PyObject *Core_class_of(Core *c, PyObject *o)
+{
+    if (!core_open(c))
+        return NULL;
+    uint64_t ref;
+    if (arg_u64(o, &ref) < 0)
+        return NULL;
+    if (ref >= c->s.nslots) {
+        PyErr_Format(PyExc_IndexError, "slot reference %llu out of range", (unsigned long long)ref);
+        return NULL;
+    }
+    return PyLong_FromLongLong(shm_class_of(&c->s, ref));
+}
+
 static PyMethodDef Core_methods[] = {
-    {"find", (PyCFunction)(void (*)(void))Core_find, METH_FASTCALL, "find(kb, h) -> (pos, slot); slot -1: missing"},
+    {"find", (PyCFunction)(void (*)(void))Core_find, METH_FASTCALL, "find(kb, h) -> (pos, ref); ref -1: missing"},
     {"write_record", (PyCFunction)(void (*)(void))Core_write_record, METH_FASTCALL,
-     "write_record(slot, epoch, kb, vb, version, expiry, flags): W1-W4 of protocol.h"},
-    {"free_record", (PyCFunction)(void (*)(void))Core_free_record, METH_FASTCALL, "free_record(slot, epoch)"},
-    {"set_bucket", (PyCFunction)(void (*)(void))Core_set_bucket, METH_FASTCALL, "set_bucket(pos, h, slot) (release)"},
+     "write_record(ref, epoch, kb, vb, version, expiry, flags): W1-W4 of protocol.h (no class accounting)"},
+    {"free_record", (PyCFunction)(void (*)(void))Core_free_record, METH_FASTCALL,
+     "free_record(ref, epoch, flags=FLAG_FREE) (no class accounting)"},
+    {"page_assign", (PyCFunction)(void (*)(void))Core_page_assign, METH_FASTCALL,
+     "page_assign(page, cls, epoch): the page's entry, then its new slots stamped free (no accounting)"},
+    {"set_bucket", (PyCFunction)(void (*)(void))Core_set_bucket, METH_FASTCALL, "set_bucket(pos, h, ref) (release)"},
     {"remove_bucket", (PyCFunction)Core_remove_bucket, METH_O, "remove_bucket(pos): backward shift, odd generation"},
     {"publish_epoch", (PyCFunction)Core_publish_epoch, METH_O, "publish_epoch(epoch) (release)"},
     {"batch_begin", (PyCFunction)Core_batch_begin, METH_NOARGS, "H_BATCH_SEQ odd, release fence"},
     {"batch_end", (PyCFunction)Core_batch_end, METH_NOARGS, "H_BATCH_SEQ even (release)"},
     {"put", (PyCFunction)(void (*)(void))Core_put, METH_FASTCALL,
-     "put(kb, vb, expiry, epoch, free, capacity) -> epoch, or -1 if the store is full"},
-    {"delete", (PyCFunction)(void (*)(void))Core_delete, METH_FASTCALL, "delete(kb, epoch, free) -> existed"},
+     "put(kb, vb, expiry, epoch, frees, capacity) -> epoch, or -1: the class rule refuses (nothing done)"},
+    {"delete", (PyCFunction)(void (*)(void))Core_delete, METH_FASTCALL, "delete(kb, epoch, frees) -> existed"},
     {"put_frame", (PyCFunction)(void (*)(void))Core_put_frame, METH_FASTCALL,
-     "put_frame(payload, epoch, free, capacity) -> epoch, or 0: not a plain put frame (take the general path)"},
-    {"unlink", (PyCFunction)(void (*)(void))Core_unlink, METH_FASTCALL, "unlink(pos, slot, epoch, free)"},
+     "put_frame(payload, epoch, frees, capacity) -> epoch, or 0: not applied here (take the general path)"},
+    {"unlink", (PyCFunction)(void (*)(void))Core_unlink, METH_FASTCALL, "unlink(pos, ref, epoch, frees)"},
+    {"class_of", (PyCFunction)Core_class_of, METH_O, "class_of(ref) -> class of its page (-1: free page)"},
+    {"set_access", (PyCFunction)Core_set_access, METH_O,
+     "set_access(buffer or None): the access segment whose byte ref >> 2 every put sets"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "release the mapping's buffer"},
     {NULL},
 };
@@ -556,8 +747,8 @@ static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmstore._cwrite.Core",
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Core(mm, (slot0, slot_words, nslots, idx0, mask, key_size, value_size, size)): the "
-              "coordinator's slot and index stores on a writable mapping.",
+    .tp_doc = "Core(mm, sizes): the coordinator's slot, page and index stores on a writable mapping; sizes is "
+              "Segment.sizes() (slot0, slot_words, nrefs, idx0, mask, key_size, value_size, size, pt0, ref_shift).",
     .tp_new = Core_new,
     .tp_dealloc = (destructor)Core_dealloc,
     .tp_methods = Core_methods,
@@ -956,6 +1147,11 @@ PyMODINIT_FUNC PyInit__cwrite(void)
         return NULL;
     }
     PyModule_AddIntConstant(mod, "H_FEED_HORIZON", SHM_H_FEED_HORIZON);
+    PyModule_AddIntConstant(mod, "H_CLASSES", SHM_H_CLASSES);
+    PyModule_AddIntConstant(mod, "C_RECORDS", SHM_C_RECORDS);
+    PyModule_AddIntConstant(mod, "C_ASKED", SHM_C_ASKED);
+    PyModule_AddIntConstant(mod, "FLAG_FREE", SHM_FLAG_FREE);
+    PyModule_AddIntConstant(mod, "FLAG_EVICTED", SHM_FLAG_EVICTED);
     PyModule_AddIntConstant(mod, "C_HEAD", CH_C_HEAD);
     PyModule_AddIntConstant(mod, "C_TAIL", CH_C_TAIL);
     PyModule_AddIntConstant(mod, "C_DONE", CH_C_DONE);

@@ -207,7 +207,10 @@ class Procs:
         for spec in self.runnable(specs):
             extra: dict = {"records": ds.n}
             if spec.system == "shmstore_segment":
-                value = os.path.getsize(f"/dev/shm/shmstore.{ds.store_name}")
+                st = os.stat(f"/dev/shm/shmstore.{ds.store_name}")
+                value = st.st_size
+                extra["allocated"] = st.st_blocks * 512  # tmpfs pages actually in use
+                extra["note"] = "the segment's size (header, page table, pages of the memory= budget, index)"
             elif spec.system == "shmstore_coordinator":
                 mi = psutil.Process(ds.coord.pid).memory_full_info()
                 value, extra["rss"] = mi.uss, mi.rss

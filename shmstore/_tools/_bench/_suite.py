@@ -62,6 +62,20 @@ class Loaded:
         return self._encode(self.value(i))
 
 
+def _memory_store(ds: Loaded) -> dict:
+    """serve()'s sizes for a data set, as a user who knows its records would set them:
+    a memory budget of the data's slots (each record's size class, from the longest
+    key) rounded up to whole pages plus one page, records bounded at n + n/16 + 1024."""
+    from shmstore import _layout as L  # noqa: PLC0415
+
+    klen = max(len(k) for k in ds.kbs)
+    lay = L.Layout(capacity=1, key_size=16, value_size=ds.value_bytes + 16, memory=1 << 30)
+    slot = lay.classes[lay.class_for(L.slot_need(klen, ds.value_bytes))]
+    memory = (ds.n * slot // lay.page_size + 2) * lay.page_size
+    return dict(memory=memory, capacity=ds.n + ds.n // 16 + 1024, key_size=16,
+                value_size=ds.value_bytes + 16)
+
+
 class Bench(Reads, Procs):
     def __init__(self, cfg: Config) -> None:
         import msgspec  # noqa: PLC0415
@@ -166,8 +180,7 @@ class Bench(Reads, Procs):
         n = self.cfg.big_keys if spec.big else self.cfg.small_keys
         ds = Loaded(spec, n, self.rng)
         log(f"data set {tag}: {n} keys, {spec.value_bytes} B values: loading")
-        ds.store_name, ds.coord, ds.store = self._serve(
-            tag, capacity=n + n // 8 + 8192, key_size=16, value_size=spec.value_bytes + 16)
+        ds.store_name, ds.coord, ds.store = self._serve(tag, **_memory_store(ds))
         put = ds.store.put
         for i, k in enumerate(ds.keys):
             put(k, ds.value(i), wait=False)

@@ -1,0 +1,259 @@
+"""Size classes, the memory budget and eviction (format 4), end to end.
+
+Each test serves a real coordinator (the `served` fixture cleans up) and runs on both
+cores (`core` fixture): the compiled one and pure Python.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+import shmstore
+from shmstore import _layout as L
+from shmstore._errors import InvalidLayoutError, StoreFullError
+
+pytestmark = pytest.mark.usefixtures("core")
+
+MiB = 1 << 20
+
+
+def _shm_bytes(name: str) -> dict[str, int]:
+    """Apparent sizes of the store's /dev/shm objects (segments only)."""
+    out = {}
+    for e in L.store_entries(name):
+        if not e.startswith("sem."):
+            out[e] = os.stat(os.path.join(L.SHM_DIR, e)).st_size
+    return out
+
+
+def test_values_of_every_size_round_trip_with_only_memory(served):
+    name, _ = served(memory=16 * MiB)
+    s = shmstore.connect(name)
+    try:
+        vals = {"tiny": b"x" * 10, "kib": os.urandom(1024), "fifty": os.urandom(50 * 1024),
+                "doc": os.urandom(900 * 1024), "counter": 7}
+        for k, v in vals.items():
+            s.put(k, v)
+        for k, v in vals.items():
+            assert s.get(k) == v, k
+        assert s.get_many(list(vals)) == list(vals.values())
+        st = s.stats()
+        assert st.memory == 16 * MiB and st.records == len(vals)
+        used = [c for c in st.classes if c.records]
+        assert len(used) >= 4  # 10 B, 1 KiB, 50 KiB and 900 KiB records in four classes
+        assert sum(c.records for c in st.classes) == len(vals)
+        for c in used:
+            assert 0 <= c.fragmentation < 1 and c.bytes_asked <= c.bytes_spent == c.records * c.slot_size
+        assert st.free_pages == st.pages - sum(c.pages for c in st.classes)
+        # A value over value_size (1 MiB by default) is refused in the caller.
+        with pytest.raises(shmstore.ValueTooLargeError):
+            s.put("huge", b"x" * (1 << 20) + b"y" * 100)
+    finally:
+        s.close()
+
+
+def test_no_eviction_refuses_with_nothing_half_written(served):
+    name, _ = served(memory=2 * MiB, value_size=2000, key_size=16)
+    s = shmstore.connect(name)
+    try:
+        n = 0
+        with pytest.raises(StoreFullError):
+            while True:
+                s.put(f"k{n}", b"v" * 1500)
+                n += 1
+        assert n > 0 and s.stats().records == n
+        # An update of a full class still succeeds (the class keeps a spare slot).
+        s.put("k0", b"w" * 1500)
+        assert s.get("k0") == b"w" * 1500
+        # A batch that does not fit writes nothing.
+        before = s.stats().records
+        with pytest.raises(StoreFullError):
+            with s.batch() as b:
+                for i in range(50):
+                    b.put(f"new{i}", b"z" * 1500)
+        assert s.stats().records == before and s.get("new0") is None
+        assert s.get("k1") == b"v" * 1500
+    finally:
+        s.close()
+
+
+def test_lru_never_fails_keeps_the_hot_set_and_stays_in_budget(served):
+    memory = 4 * MiB
+    name, _ = served(memory=memory, value_size=16 * 1024, key_size=16, eviction="lru")
+    s = shmstore.connect(name)
+    try:
+        rng = random.Random(7)
+        hot = {f"hot{i}": os.urandom(rng.randint(100, 10_000)) for i in range(40)}
+        for k, v in hot.items():
+            s.put(k, v)
+        written = 0
+        i = 0
+        while written < 3 * memory:
+            v = os.urandom(rng.randint(100, 10_000))
+            s.put(f"cold{i}", v)  # never fails
+            written += len(v)
+            i += 1
+            for k in hot:  # the hot set is read continuously
+                assert s.get(k) == hot[k], k
+        st = s.stats()
+        assert st.evictions > 0
+        assert st.memory_used <= memory
+        lay_size = st.segment_bytes
+        sizes = _shm_bytes(name)
+        data = sizes.pop(L.data_name(name)[1:])
+        assert data == lay_size
+        index_and_header = lay_size - memory
+        assert index_and_header < memory  # the index and the page table, not a copy of the data
+        assert set(sizes) <= {f"shmstore.{name}@ch", f"shmstore.{name}@acc", f"shmstore.{name}@redo"}
+    finally:
+        s.close()
+
+
+def test_evictions_are_logged_ops_visible_in_changes(served, tmp_path):
+    name, coord = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="lru",
+                         path=str(tmp_path / "d"), sync="periodic")
+    s = shmstore.connect(name)
+    try:
+        e0 = s.epoch
+        for i in range(2000):
+            s.put(f"k{i}", b"v" * 3000)
+        st = s.stats()
+        assert st.evictions > 0
+        keys, _ = s.changes(e0)
+        gone = [k for k in (f"k{i}" for i in range(2000)) if s.get(k) is None]
+        assert len(gone) == st.evictions
+        assert set(gone) <= {k.decode() if isinstance(k, bytes) else k for k in keys}
+        present = {f"k{i}" for i in range(2000)} - set(gone)
+    finally:
+        s.close()
+    # The evictions replay from the log: a rebuild from disk (checkpoint + WAL, after a
+    # SIGKILL: no checkpoint at stop) holds the same records.
+    os.kill(coord.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while coord.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shmstore.destroy(name)
+    coord2 = shmstore.serve(name, path=str(tmp_path / "d"))
+    try:
+        s = shmstore.connect(name)
+        assert {f"k{i}" for i in range(2000) if s.get(f"k{i}") is not None} == present
+        s.close()
+    finally:
+        coord2.stop()
+
+
+def test_a_class_without_pages_gets_one_moved(served):
+    # Two pages: fill both with small records, delete most, then ask for a big one:
+    # a page moves (its records relocate within their class) and nothing is lost.
+    name, _ = served(memory=2 * MiB, value_size=600 * 1024, key_size=16)
+    s = shmstore.connect(name)
+    try:
+        n = 14000
+        for i in range(n):
+            s.put(f"s{i}", b"a" * 100, wait=False)
+        s.flush()
+        assert s.stats().free_pages == 0
+        big = os.urandom(500 * 1024)
+        with pytest.raises(StoreFullError):
+            s.put("big", big)
+        for i in range(n):
+            if i % 4:
+                s.delete(f"s{i}", wait=False)
+        s.flush()
+        s.put("big", big)
+        assert s.get("big") == big
+        assert all(s.get(f"s{i}") == b"a" * 100 for i in range(0, n, 4))
+        assert s.stats().page_moves >= 1
+    finally:
+        s.close()
+
+
+def test_lru_moves_a_page_when_the_class_has_none(served):
+    name, _ = served(memory=2 * MiB, value_size=600 * 1024, key_size=16, eviction="lru")
+    s = shmstore.connect(name)
+    try:
+        for i in range(20000):
+            s.put(f"s{i}", b"a" * 100, wait=False)
+        s.flush()
+        big = os.urandom(500 * 1024)
+        s.put("big", big)
+        assert s.get("big") == big
+        st = s.stats()
+        assert st.page_moves >= 1 and st.evictions > 0
+    finally:
+        s.close()
+
+
+def test_volatile_ttl_evicts_only_records_with_an_expiry(served):
+    name, _ = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="volatile-ttl")
+    s = shmstore.connect(name)
+    try:
+        for i in range(100):
+            s.put(f"keep{i}", b"k" * 3000)
+        for i in range(2000):  # records with an expiry make room for each other
+            s.put(f"tmp{i}", b"t" * 3000, ttl=3600 + i)
+        assert s.stats().evictions > 0
+        assert s.get("tmp0") is None and s.get("tmp1999") == b"t" * 3000  # soonest first
+        # Records without an expiry evict the ones with one, then are refused.
+        with pytest.raises(StoreFullError):
+            for i in range(5000):
+                s.put(f"more{i}", b"m" * 3000)
+        assert all(s.get(f"keep{i}") == b"k" * 3000 for i in range(100))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, float("nan"), -1, 0, "1M", 100])
+def test_memory_argument_is_checked_in_the_caller(names, bad):
+    with pytest.raises(InvalidLayoutError):
+        shmstore.serve(names(), memory=bad)
+
+
+@pytest.mark.parametrize("kw", [dict(eviction="fifo"), dict(eviction=True), dict(growth=1.0),
+                                dict(growth=float("inf")), dict(growth=True)])
+def test_eviction_and_growth_are_checked_in_the_caller(names, kw):
+    with pytest.raises(InvalidLayoutError):
+        shmstore.serve(names(), memory=4 * MiB, **kw)
+
+
+def test_sizes_of_an_existing_memory_store_must_match(served):
+    name, coord = served(memory=4 * MiB)
+    coord.stop()
+    with pytest.raises(shmstore.IncompatibleStoreError):
+        shmstore.serve(name, memory=8 * MiB)
+    c2 = shmstore.serve(name)  # None: the existing segment's sizes
+    try:
+        s = shmstore.connect(name)
+        assert s.stats().memory == 4 * MiB
+        s.close()
+    finally:
+        c2.stop()
+
+
+def test_coordinator_killed_under_eviction_comes_back_consistent(served):
+    name, coord = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="lru")
+    s = shmstore.connect(name)
+    try:
+        for i in range(1500):
+            s.put(f"k{i}", b"v" * 3000)
+        os.kill(coord.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while coord.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        c2 = shmstore.serve(name, eviction="lru")
+        try:
+            st = s.stats()
+            live = [i for i in range(1500) if s.get(f"k{i}") is not None]
+            assert len(live) == st.records
+            assert sum(c.records for c in st.classes) == st.records
+            for i in range(1500, 2500):
+                s.put(f"k{i}", b"v" * 3000)
+        finally:
+            c2.stop()
+    finally:
+        s.close()
