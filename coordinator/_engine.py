@@ -51,6 +51,7 @@ import numpy as np
 from shmstore import _compiled
 from shmstore import _layout as L
 from shmstore._errors import (
+    CorruptionError,
     KeyTooLongError,
     StoreFullError,
     ValueEncodingError,
@@ -547,9 +548,13 @@ class Engine:
         changes and its new slots are stamped free. Returns the page."""
         seg = self.seg
         q = self.q
+        n = len(self.classes)
+        if not (0 <= src < n and 0 <= dst < n) or src == dst:
+            raise CorruptionError(f"a page move from class {src} to class {dst}: this store has "
+                                  f"classes 0 to {n - 1}")
         refs, _ = seg.slot_refs(cls=src)
         if not len(refs):
-            raise self._full(b"", f"class {src} has no page to give")
+            raise CorruptionError(f"a page move from class {src}, which holds no page")
         hdr = seg.headers(refs)
         idx = seg.index_view()
         live_refs = np.sort((idx[idx != 0] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1)
@@ -563,7 +568,7 @@ class Engine:
         ring = self.frees[src]
         others = [r for r in ring if r >> seg.ref_shift != page]
         if len(others) < len(movers) + (1 if movers else 0):
-            raise self._full(b"", f"class {src} cannot empty a page")
+            raise CorruptionError(f"a page move from class {src}: no page of it can be emptied")
         from ._ops import MovePage  # noqa: PLC0415
 
         self._logged(MovePage(0, src, dst))
