@@ -72,7 +72,7 @@ def segs(names):
 @pytest.mark.parametrize("policy", ["lru", "volatile-ttl", None])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_log_with_evictions_and_page_moves_replays_to_the_same_store(segs, policy, seed):
-    lay = L.Layout(capacity=3000, key_size=16, value_size=200_000, memory=4 << 20, growth=1.5).validate()
+    lay = L.Layout(capacity=3000, key_size=16, value_size=200_000, memory=8 << 20, growth=4.0).validate()
     live = Engine(segs(lay))
     live.rebuild_free_list()
     log: list[tuple[int, bytes]] = []
