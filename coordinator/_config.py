@@ -172,7 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
       "block's pages (up to ring_size + reply_size) are allocated as it uses them and given "
       "back when its process goes.", "clients", lo=1, metavar="N"),
     S("ring_size", int, 256 * 1024, "Bytes of each client's request queue; bounds the largest "
-      "batch.", "clients", lo=4096, metavar="BYTES"),
+      "batch. Raised to hold the largest put the store takes (value_size + key_size + 64, in "
+      "whole pages).", "clients", lo=4096, metavar="BYTES"),
     S("reply_size", int, 1024 * 1024, "Bytes of each client's reply area; bounds a get_many "
       "fallback.", "clients", lo=4096, metavar="BYTES"),
     S("spin_us", float, 50.0, "Microseconds the coordinator spins on its doorbell before it "

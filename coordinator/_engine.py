@@ -51,6 +51,7 @@ import numpy as np
 from shmstore import _compiled
 from shmstore import _layout as L
 from shmstore._errors import (
+    CorruptionError,
     KeyTooLongError,
     StoreFullError,
     ValueEncodingError,
@@ -119,6 +120,11 @@ class Engine:
         self.classes = seg.classes
         #: one FreeRing of slot refs per size class
         self.frees: list[FreeRing] = [FreeRing() for _ in self.classes]
+        #: free slots an insert must leave in a class: 1 (the spare that lets an update
+        #: succeed in a full class) where a page holds 4 slots or more, else 0 (a spare
+        #: would cost a quarter of a page or more: updates of such large records in a
+        #: full class need a free page, a page move or an eviction like inserts)
+        self.reserve = [1 if seg.page_size // size >= 4 else 0 for size in self.classes]
         #: pages no class holds yet, lowest first (a memory store hands them out on demand)
         self.free_pages: list[int] = []
         self.capacity = seg.layout.capacity
@@ -133,7 +139,7 @@ class Engine:
         #: sets it to the journal's append.
         self.log = None
         #: the access bytes (a writable uint8 view) when eviction is LRU: the engine
-        #: marks every record it writes as just used
+        #: clears the byte of every record it writes (used once a reader reads it)
         self.access = None
         #: called with each evicted key (the server purges its TTL index)
         self.on_evict = None
@@ -359,7 +365,7 @@ class Engine:
         q[L.class_word(c, L.C_RECORDS)] += 1
         q[L.class_word(c, L.C_ASKED)] += L.slot_need(len(kb), len(vb))
         if self.access is not None:
-            self.access[new >> 2] = 1
+            self.access[new >> 2] = 0  # unreferenced until a reader reads it
         if self.core is not None:
             self.core.set_bucket(pos, h, new)
         else:
@@ -377,9 +383,9 @@ class Engine:
 
     def _make_room(self, c: int, insert: bool, kb: bytes) -> bool:
         """Make class ``c`` able to take one record (a new key if ``insert``): an insert
-        needs two free slots in the class (the last one is the spare that lets an update
-        succeed in a full class) and the record count below capacity, an update one free
-        slot. Returns whether records were evicted or moved (the caller
+        needs ``reserve[c] + 1`` free slots in the class (the spare lets an update succeed
+        in a full class) and the record count below capacity, an update one free slot.
+        Returns whether records were evicted or moved (the caller
         looks its key up again). Raises StoreFullError, nothing changed, when it cannot.
 
         In order: a free page; a page another class can give up without losing a record
@@ -397,7 +403,7 @@ class Engine:
                 self.evict_refs(self.evictor.victims(c, 1))
                 changed = True
                 continue
-            if len(self.frees[c]) >= (2 if insert else 1):
+            if len(self.frees[c]) >= (self.reserve[c] + 1 if insert else 1):
                 return changed
             grew = self._grow(c, kb)
             if not grew:
@@ -407,15 +413,16 @@ class Engine:
             changed = changed or grew == MOVED
         raise self._full(kb, "room could not be made (eviction found no victim)")
 
-    def _grow(self, c: int, kb: bytes) -> int:
+    def _grow(self, c: int, kb: bytes, keep: frozenset = frozenset()) -> int:
         """One step of room for class ``c``: a free page; else a page another class gives
         up keeping its records; else (with an evictor) evictions from ``c``, or of a whole
-        page of another class that then moves to ``c``. Returns PAGED (a free page, no
-        record touched), MOVED (records were moved or evicted) or 0 (nothing possible)."""
+        page of another class that then moves to ``c``; pages are never taken from the
+        classes in ``keep`` (a batch's). Returns PAGED (a free page, no record touched),
+        MOVED (records were moved or evicted) or 0 (nothing possible)."""
         if self.free_pages:
             self.assign_page(c)
             return PAGED
-        src = self._page_donor(c)
+        src = self._page_donor(c, keep)
         if src >= 0:
             self.move_page(src, c)
             return MOVED
@@ -423,7 +430,7 @@ class Engine:
             return 0
         if self.q[L.class_word(c, L.C_PAGES)]:
             return MOVED if self.evict_refs(self.evictor.victims(c, self.evictor.batch(c))) else 0
-        src, refs = self.evictor.victim_page(c)
+        src, refs = self.evictor.victim_page(c, keep)
         if src < 0:
             return 0
         self.evict_refs(refs)
@@ -449,7 +456,7 @@ class Engine:
                 c = self.class_for(kb, op.value)
                 if old_c < 0 and count >= self.capacity:
                     return c, True
-                need = 2 if old_c < 0 else 1
+                need = self.reserve[c] + 1 if old_c < 0 else 1
                 while free[c] < need:
                     if not pages:
                         return c, False
@@ -470,13 +477,14 @@ class Engine:
     def _per_page(self, c: int) -> int:
         return self.seg.page_size // self.classes[c]
 
-    def _page_donor(self, c: int) -> int:
-        """A class other than ``c`` that can give up a page keeping all its records (its
-        free slots, less a page's worth, still leave it its spare), or -1."""
+    def _page_donor(self, c: int, keep: frozenset = frozenset()) -> int:
+        """A class other than ``c`` (and not in ``keep``) that can give up a page keeping
+        all its records (its free slots, less a page's worth, still leave it its spare),
+        or -1."""
         best = -1
         best_spare = 0
         for a, ring in enumerate(self.frees):
-            if a == c or not self.q[L.class_word(a, L.C_PAGES)]:
+            if a == c or a in keep or not self.q[L.class_word(a, L.C_PAGES)]:
                 continue
             spare = len(ring) - self._per_page(a)
             if spare >= 1 and spare >= best_spare:
@@ -542,9 +550,13 @@ class Engine:
         changes and its new slots are stamped free. Returns the page."""
         seg = self.seg
         q = self.q
+        n = len(self.classes)
+        if not (0 <= src < n and 0 <= dst < n) or src == dst:
+            raise CorruptionError(f"a page move from class {src} to class {dst}: this store has "
+                                  f"classes 0 to {n - 1}")
         refs, _ = seg.slot_refs(cls=src)
         if not len(refs):
-            raise self._full(b"", f"class {src} has no page to give")
+            raise CorruptionError(f"a page move from class {src}, which holds no page")
         hdr = seg.headers(refs)
         idx = seg.index_view()
         live_refs = np.sort((idx[idx != 0] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1)
@@ -558,7 +570,7 @@ class Engine:
         ring = self.frees[src]
         others = [r for r in ring if r >> seg.ref_shift != page]
         if len(others) < len(movers) + (1 if movers else 0):
-            raise self._full(b"", f"class {src} cannot empty a page")
+            raise CorruptionError(f"a page move from class {src}: no page of it can be emptied")
         from ._ops import MovePage  # noqa: PLC0415
 
         self._logged(MovePage(0, src, dst))
@@ -638,7 +650,9 @@ class Engine:
                 return v
         h = key_hash(kb)
         pos, old = self.find(kb, h)
-        if self._make_room(self.class_for(kb, vb), old < 0, kb):
+        # Making room may evict or move this very record: look again, and make room
+        # again for what the write now is (an insert needs more than an update).
+        while self._make_room(self.class_for(kb, vb), old < 0, kb):
             pos, old = self.find(kb, h)
         v = self._store(kb, h, pos, old, vb, expiry, self.next_epoch())
         self.publish()
@@ -689,7 +703,7 @@ class Engine:
                 f"compare_and_set on key {_show(kb)[:80]}: expected version {expect}, "
                 f"found {cur if cur else 'no record (version 0)'}; read it again and retry"
             )
-        if self._make_room(self.class_for(kb, vb), old < 0, kb):
+        while self._make_room(self.class_for(kb, vb), old < 0, kb):
             pos, old = self.find(kb, h)
             if self._current_version(old) != cur:  # evicted to make room: retry
                 raise VersionConflictError(
@@ -758,6 +772,7 @@ class Engine:
             self.check_key(op.key)
             if t is BatchPut:
                 self.check_value(op.value)
+        keep = frozenset(self.class_for(op.key, op.value) for op in ops if type(op) is BatchPut)
         for _ in range(2 * len(ops) + 64):
             short = self._batch_short(ops)
             if short is None:
@@ -771,10 +786,11 @@ class Engine:
                         f"{self.capacity}, holding {self.q[L.H_COUNT]}). Nothing in the batch was written."
                     )
                 self.evict_refs(self.evictor.victims(c, 1))
-            elif not self._grow(c, kb):
+            elif not self._grow(c, kb, keep):
                 raise StoreFullError(
                     f"batch needs more {self.classes[c]}-byte slots than the store has room for "
-                    f"(no free memory page). Nothing in the batch was written."
+                    f"(no free memory page, and no page of a class the batch does not write to "
+                    f"can be taken). Nothing in the batch was written."
                 )
         else:
             raise StoreFullError("batch: room could not be made. Nothing in the batch was written.")

@@ -9,9 +9,13 @@ intact; what it can leave behind, and what :func:`repair` does about it:
 left behind                         repair
 ==================================  =================================================
 a slot with an odd seq              unreferenced by the index: stamp it free
-a slot stamped before its page's    a page move was cut short between the page table
-assignment (older than the page     entry and the new slots' headers: the bytes are
-table entry's epoch)                the old class's; stamp it free, key length 0
+a free page that is not blank       a page move was cut short after its entry went
+                                    to 0 (the compiled core's order): zero the page
+slots of a page assigned after      a page move was cut short between the page table
+the last published epoch (or        entry and the new slots' headers: what no bucket
+stamped before its assignment)      names there is the old class's bytes, garbage
+                                    stamps included; stamp it free, key length 0
+                                    (and keep its stamps out of the epoch's reckoning)
 an odd index generation             a backward shift was cut short: rebuild the index
                                     from the slots it references (duplicates, and
                                     references that are no slot of an assigned page,
@@ -142,6 +146,26 @@ def _stamp_free(seg: Segment, ref: int, epoch: int, klen: int) -> None:
     q[w] = 2 * epoch + 2
 
 
+def _clear_free_pages(seg: Segment, pt: np.ndarray) -> int:
+    """Zero every free page that is not all zero; returns how many.
+
+    A page is handed to a class as never-written (``Engine.assign_page``), so a free
+    page must be blank. One that is not was left by a page move cut short after its
+    entry went to 0 (the compiled core's order: entry 0, new slots stamped, entry last).
+    No bucket may name a free page, and readers re-check the entry, so nobody reads it.
+    """
+    per = seg.page_size // 8
+    words = np.ndarray((seg.npages * per,), dtype=np.uint64, buffer=seg.mm, offset=8 * seg.slot0)
+    cleared = 0
+    for page in np.flatnonzero(pt == 0).tolist():
+        region = words[page * per : (page + 1) * per]
+        if region.any():
+            region[:] = 0
+            cleared += 1
+    del words
+    return cleared
+
+
 def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[str, int]:
     """Make an adopted segment consistent (a fresh one passes through untouched).
 
@@ -151,39 +175,43 @@ def repair(seg: Segment, engine: object, redo: RedoArea | None = None) -> dict[s
     q = seg.q
     pt = seg.page_table().copy()
     refs, _ = seg.slot_refs(pt)
-    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
-    seqs = head[:, L.S_SEQ]
-    report = {"odd_slots": 0, "stale_slots": 0, "index_rebuilt": 0, "batch_redone": 0}
-    top = int(seqs.max()) if len(seqs) else 0
-    top_page = int((pt >> np.uint64(L.PTE_CLASS_BITS)).max()) if len(pt) else 0
-    engine.epoch = max(q[L.H_EPOCH], (top - 1) // 2 if top else 0, top_page)
+    report = {"odd_slots": 0, "stale_slots": 0, "pages_cleared": 0, "index_rebuilt": 0, "batch_redone": 0}
+    report["pages_cleared"] = _clear_free_pages(seg, pt)
     if q[L.H_INDEX_GEN] & 1:
         _rebuild_index(seg)
         q[L.H_INDEX_GEN] += 1
         report["index_rebuilt"] = 1
-    # The epoch each slot's page was handed to its class: a slot written since is
-    # stamped at least 2 * that + 1 (the move writes every new slot's header at it).
+    head = seg.headers(refs) if len(refs) else np.zeros((0, 4), np.uint64)
+    seqs = head[:, L.S_SEQ]
+    idx = seg.index_view()
+    named = np.isin(refs, (idx[idx != 0] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1)
+    del idx
+    # A page handed to its class after the last published epoch: a move (or a batch
+    # that moved it) was cut short, and its slots no bucket names may still hold the old
+    # class's bytes, which read as headers of the new geometry are garbage, stamps
+    # included. A completed move publishes its epoch, so no other page can.
     page_epoch = (pt[refs >> seg.ref_shift] >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
-    moved = (page_epoch > 0).astype(bool)
-    floor = (2 * page_epoch + 1).astype(np.uint64)
-    odd = (seqs & np.uint64(1)) != 0
+    published = q[L.H_EPOCH]
     blank = ~head.any(axis=1) if len(refs) else np.zeros(0, bool)
-    stale = moved & ~blank & (seqs < floor)
-    # An odd slot of the page's own geometry keeps its key (change feeds name the key
-    # whose write was cut short); one the move was writing, or a stale one, gets none.
-    keep_key = odd & (seqs > floor)
-    meta = head[:, L.S_META]
-    klen = (meta & np.uint64(0xFFFF)).astype(np.int64)
-    klen = np.where(keep_key & (klen <= seg.key_size), klen, 0)
-    fix = np.flatnonzero(odd | stale)
-    for i in fix.tolist():
+    floor = (2 * page_epoch + 1).astype(np.uint64)
+    stale = ~named & ~blank & ((page_epoch > published) | ((page_epoch > 0) & (seqs < floor)))
+    odd = ~stale & ((seqs & np.uint64(1)) != 0)
+    trusted = seqs[~stale]
+    top = int(trusted.max()) if len(trusted) else 0
+    top_page = int((pt >> np.uint64(L.PTE_CLASS_BITS)).max()) if len(pt) else 0
+    engine.epoch = max(published, (top - 1) // 2 if top else 0, top_page)
+    # An odd slot keeps its key (change feeds name the key whose write was cut short);
+    # a stale one gets none.
+    klen = (head[:, L.S_META] & np.uint64(0xFFFF)).astype(np.int64)
+    klen = np.where(odd & (klen <= seg.key_size), klen, 0)
+    for i in np.flatnonzero(odd | stale).tolist():
         ref = int(refs[i])
         kl = int(klen[i])
         if 8 * seg.slot0 + L.SLOT_UNIT * ref + L.SLOT_HEADER + kl > seg.page_end(ref):
             kl = 0
         _stamp_free(seg, ref, engine.next_epoch(), kl)
     report["odd_slots"] = int(np.count_nonzero(odd))
-    report["stale_slots"] = int(np.count_nonzero(stale & ~odd))
+    report["stale_slots"] = int(np.count_nonzero(stale))
     engine.rebuild_free_list()
     if q[L.H_BATCH_SEQ] & 1:
         blob = redo.read() if redo is not None else None

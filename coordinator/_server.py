@@ -69,6 +69,7 @@ import sys
 import time
 from typing import Callable
 
+import msgspec
 import posix_ipc
 
 from shmstore import _channel as C
@@ -199,6 +200,13 @@ class CoordinatorServer:
             self.journal.prepare()  # lock the data directory, check its parameters
         self.seg = start.open_segment(getattr(self.journal, "manifest", None))  # a durable store's data directory
         seg = self.seg
+        # A client's queue holds at least the largest put the store takes (a memory
+        # store's values go up to a megabyte; the default queue is 256 KiB).
+        ring = max(cfg.ring_size, L.align(seg.value_size + seg.key_size + 64, L.PAGE))
+        if ring != cfg.ring_size:
+            cfg = self.config = msgspec.structs.replace(cfg, ring_size=ring)
+            start.channel_layout = C.ChannelLayout(max_clients=cfg.max_clients, ring_size=ring,
+                                                   reply_size=cfg.reply_size)
         q = seg.q
         q[L.H_COORD_INCARNATION] = 0
         if start.created and self.durable:

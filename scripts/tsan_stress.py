@@ -1,8 +1,9 @@
 """The C seqlock harness (tests/native/seqlock_stress.c) by hand: build it, run it longer.
 
 protocol.h under real threads, without Python: one writer thread rewrites
-self-checking records the way the coordinator does, reader threads look them up the
-way reader.c's attempt() does, and the harness counts torn reads (the harness's
+self-checking records the way the coordinator does and moves pages between two size
+classes, reader threads look them up the way reader.c's attempt() does and scan pages
+the way its changed_keys does, and the harness counts torn reads (the harness's
 header comment says what each build proves). tests/test_native_tsan.py runs the same
 builds briefly, through build() and run() below.
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("cow", "inplace"), default="cow",
                    help="cow: the engine's copy-on-write; inplace: rewrite live slots (only the stamp defends)")
     p.add_argument("-D", dest="defines", action="append", default=[],
-                   help="a harness macro: SHM_BROKEN_ORDER, SHM_BROKEN_VALIDATE, VALUE_SIZE=509")
+                   help="a harness macro: SHM_BROKEN_ORDER, SHM_BROKEN_VALIDATE, SHM_BROKEN_PAGE, VALUE_SIZE=509")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         exe = build(Path(d), a.build, tuple(a.defines))

@@ -5,9 +5,12 @@ What each test can catch (the harness's header comment has the detail):
 
 - the TSan build: a data race, i.e. a shared word that protocol.h touches with a plain
   load or store; and, in every build, a torn read (a validated copy whose words
-  disagree), a wrong miss of a key never deleted, a find of a key never inserted.
+  disagree, by a lookup or by a page scan while pages move between size classes), a
+  wrong miss of a key never deleted, a find of a key never inserted.
 - the broken builds show those checks can fail: with copy_out a plain memcpy TSan
-  reports the race; with the stamp and bucket checks gone the torn counter counts.
+  reports the race; with the stamp, page and bucket checks gone the torn counter
+  counts; with only the page-entry re-check gone, the page scans count torn reads as
+  pages move (the stamp alone cannot see a slot's geometry change).
 - aarch64: the barriers the protocol's argument needs are in the code (ldar, dmb
   ishld, stlr, dmb ish), and the harness runs clean under qemu-aarch64. qemu runs on a
   TSO host, so that run checks the aarch64 build, not weak-memory reorderings.
@@ -98,6 +101,7 @@ def test_tsan_reports_nothing_and_no_read_is_torn(builds, mode):
     exe = builds("tsan")
     rc, counts, out, err = run(exe, 0.8, 3, mode)
     _assert_clean(rc, counts, out, err, min_reads=2000)
+    assert counts["moves"] > 0 and counts["scanned"] > 0, out  # pages moved under the scans
     if mode == "inplace":
         # Readers met a slot mid-write (the stamp check was exercised, not idle).
         assert counts["retries"] > 0, out
@@ -122,6 +126,23 @@ def test_o2_no_read_is_torn(builds, mode, defines):
     exe = builds("o2", *defines)
     rc, counts, out, err = run(exe, 0.7, 2, mode)
     _assert_clean(rc, counts, out, err, min_reads=20000)
+    assert counts["moves"] > 100 and counts["page_moved"] > 0, out  # scans met moving pages
+
+
+def test_torn_counter_counts_when_the_page_entry_is_not_rechecked(builds):
+    """The page check is needed: with the stamp and bucket checks kept and only the
+    re-check of the page entry gone, scans read slots of a page's old geometry whose
+    words a move (and the writes after it) replaced under an unchanged stamp word."""
+    _need_gcc()
+    exe = builds("o2", "SHM_BROKEN_PAGE")
+    runs = []
+    for _ in range(3):
+        rc, counts, out, _ = run(exe, 1.0, 1, "cow")
+        runs.append(out)
+        if counts["torn"]:
+            assert rc == 1 and counts["moves"] > 0, out
+            return
+    pytest.fail("no torn read counted with the page check off:\n" + "".join(runs))
 
 
 def test_torn_counter_counts_when_validation_is_skipped(builds):
@@ -143,11 +164,15 @@ def test_torn_counter_counts_when_validation_is_skipped(builds):
 #: Each protocol step's function in the harness (shm_probe_*), and the instructions its
 #: aarch64 code must contain, in this order (protocol.h's W1-W4, R1-R7).
 BARRIERS = {
+    "shm_probe_pte_load": ["ldar"],  # R0 load_acquire(pt[p])
     "shm_probe_read_begin": ["ldar"],  # R1 load_acquire(seq)
     "shm_probe_read_end": ["dmb\tishld", "ldr"],  # R5 fence(acquire), R6 load seq
+    "shm_probe_page_same": ["ldr"],  # R7 load_relaxed(pt[p]) (after read_end's fence)
     "shm_probe_miss_valid": ["dmb\tishld", "ldr"],  # fence(acquire), load gen
     "shm_probe_write_begin": ["str", "dmb\tish\n"],  # W1 store seq, W2 fence(release)
     "shm_probe_write_end": ["stlr"],  # W4 store_release(seq)
+    # P0 entry 0, then per new slot W1 + W2 fence .. W4, then P2 store_release(entry)
+    "shm_probe_page_assign": ["str", "str", "dmb\tish\n", "stlr", "stlr"],
     "shm_probe_set_bucket": ["stlr"],  # the bucket's release store
     "shm_probe_walk_from": ["ldar"],  # each bucket's acquire load
 }
@@ -169,8 +194,10 @@ def test_aarch64_code_has_the_protocols_barriers(builds):
             found = re.search(rf"^\t{re.escape(insn.rstrip())}(\t|\n)", body[at:], re.M)
             assert found, f"{name}: no {insn!r} after offset {at}:\n{body}"
             at += found.end()
-    # The relaxed steps stay plain: no barrier in the body copy.
+    # The relaxed steps stay plain: no barrier in the body copy or the page re-check.
     assert "dmb" not in _function_asm(asm, "shm_probe_read_begin")
+    assert "dmb" not in _function_asm(asm, "shm_probe_page_same")
+    assert "ldar" not in _function_asm(asm, "shm_probe_page_same")
 
 
 def test_aarch64_build_runs_clean_under_qemu(builds):

@@ -198,7 +198,8 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     On a copy: the page table (each entry free or a class of the layout, assigned no
     later than the segment's epoch; a single-class store's pages all its class's), the
     class counters (pages, records, bytes asked, free pages) against a recount, the
-    index (each bucket's slot reference on a slot boundary of an assigned page, one
+    free pages (blank), the index (each bucket's slot reference on a slot boundary of
+    an assigned page, one
     bucket per slot, the key hashing to the bucket, reachable from its home bucket, the
     count), and the slots (none left odd, none indexed that is free, never written or of
     impossible lengths, none holding a record no bucket points to, none stamped before
@@ -232,13 +233,23 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
     pcls = (pt & np.uint64(0xFF)).astype(np.int64) - 1
     pep = (pt >> np.uint64(L.PTE_CLASS_BITS)).astype(np.int64)
     epoch = int(hdr[L.H_EPOCH])
-    badpte = (pcls >= k) | ((pcls < 0) & (pt != 0)) | (pep > epoch)
+    badpte = (pcls >= k) | ((pcls < 0) & (pt != 0))
     if not lay.memory:
         badpte |= pcls != 0
     listed("bad page table entries", np.flatnonzero(badpte).tolist(),
-           lambda p: f"page table entry {p} ({int(pt[p]):#x}) is not a free page nor a class of this "
-                     f"store assigned by epoch {epoch}")
+           lambda p: f"page table entry {p} ({int(pt[p]):#x}) is neither a free page nor a class of "
+                     f"this store")
     pcls[badpte] = -1  # the checks below take such a page as unassigned
+    late = ~badpte & (pcls >= 0) & (pep > epoch)
+    listed("pages assigned after the segment's epoch", np.flatnonzero(late).tolist(),
+           lambda p: f"page table entry {p}: the page went to class {int(pcls[p])} at epoch {int(pep[p])}, "
+                     f"after the segment's epoch {epoch}: a page move was cut short (the next "
+                     f"coordinator's start repairs it)")
+    per_page = lay.page_size // 8
+    dirty = [p for p in np.flatnonzero(pcls < 0).tolist() if words[p * per_page : (p + 1) * per_page].any()]
+    listed("free pages that are not blank", dirty,
+           lambda p: f"page {p} is free but not blank: a page move was cut short (the next "
+                     f"coordinator's start clears it)")
     # -- every slot of the assigned pages ------------------------------------------------
     per = lay.page_size // classes
     parts = []

@@ -248,14 +248,15 @@ def replay_record(engine: Engine, op: O.Logged) -> None:
         engine.batch(op.ops)
     elif t is O.Expire:
         replay_expire(engine, op)
-    elif t is getattr(O, "Evict", None):
-        if engine.evict(engine.check_key(op.key)) is False:
-            raise CorruptionError("a logged eviction found no record")
-    elif t is getattr(O, "MovePage", None):
+    elif t is O.Evict:
+        for kb in [engine.check_key(kb) for kb in op.keys]:
+            if not engine.evict(kb):
+                raise CorruptionError("a logged eviction found no record")
+        engine.publish()
+    elif t is O.MovePage:
         n = len(engine.seg.classes)
-        a, b = op.from_class, op.to_class
-        if not (type(a) is int and type(b) is int and 0 <= a < n and 0 <= b < n and a != b):
-            raise CorruptionError(f"a logged page move names classes {a!r} -> {b!r}; the store has {n}")
-        engine.move_page(a, b)
+        if not (op.src < n and op.dst < n and op.src != op.dst):
+            raise CorruptionError(f"a logged page move names classes {op.src} -> {op.dst}; the store has {n}")
+        engine.move_page(op.src, op.dst)
     elif not table_replay(engine, op):  # tables: coordinator/_table.py
         raise CorruptionError(f"unknown op {t.__name__} in the log")

@@ -1,4 +1,5 @@
-"""The data subcommands of the ``shmstore`` command line: checkpoint, backup, restore, check.
+"""The data subcommands of the ``shmstore`` command line: checkpoint, backup, restore,
+check, load.
 
 ``_main.build_parser`` calls :func:`register` with its ``add`` helper. Errors
 follow the CLI's rules: one line ``shmstore: error: ...`` on stderr, exit 1 for a store
@@ -15,8 +16,14 @@ from typing import Callable
 import msgspec
 
 import shmstore
+from shmstore._errors import InvalidArgumentError, ShmStoreError
 
-from ._common import UsageError, connect
+from ._common import UsageError, connect, positive_int
+
+#: records written per batch by ``load`` (each batch is one request, applied atomically)
+LOAD_BATCH = 256
+#: ... and at most this many bytes of keys and JSON per batch (the request must fit a ring)
+LOAD_BATCH_BYTES = 64 * 1024
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -57,6 +64,68 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def parse_line(raw: bytes, where: str) -> tuple[bytes, object]:
+    """One ``KEY<tab>JSON`` line of ``shmstore scan``'s output: the key's bytes, the value.
+
+    Raises:
+        InvalidArgumentError: no tab, an empty key, or a value that is not JSON;
+            ``where`` (``FILE:LINE``) starts the message.
+    """
+    key, tab, text = raw.rstrip(b"\r\n").partition(b"\t")
+    if not tab:
+        raise InvalidArgumentError(f"{where}: not a 'KEY<tab>JSON' line (no tab); load reads what "
+                                   f"`shmstore scan NAME` prints")
+    if not key:
+        raise InvalidArgumentError(f"{where}: the key is empty")
+    try:
+        return key, msgspec.json.decode(text)
+    except msgspec.DecodeError as e:
+        raise InvalidArgumentError(f"{where}: the value is not JSON ({e})") from None
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Write every record of FILE (``shmstore scan`` output) into store NAME, in batches.
+
+    Each line is checked before anything is sent, so a malformed file writes nothing;
+    a record the store refuses (a key or value too long, a full store) stops the load
+    with the error and the line it came from: the batches before it are written.
+    """
+    path = args.file
+    records: list[tuple[int, bytes, object, int]] = []
+    with (sys.stdin.buffer if path == "-" else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            key, value = parse_line(raw, f"{path}:{lineno}")
+            records.append((lineno, key, value, len(raw)))
+    written = 0
+    with connect(args) as store:
+        i = 0
+        while i < len(records):
+            j = i
+            size = 0
+            while j < len(records) and j - i < args.batch and (j == i or size + records[j][3] <= LOAD_BATCH_BYTES):
+                size += records[j][3]
+                j += 1
+            b = store.batch()
+            for lineno, key, value, _ in records[i:j]:
+                try:
+                    b.put(key, value)
+                except ShmStoreError as e:  # checked as it is added: this record's line
+                    raise type(e)(f"{path}:{lineno}: {e.message}") from e
+            try:
+                with b:
+                    pass  # sent on leaving the block, applied atomically
+            except ShmStoreError as e:
+                raise type(e)(f"{path}: lines {records[i][0]}..{records[j - 1][0]} (written: the "
+                              f"{written} records before them): {e.message}") from e
+            written += j - i
+            i = j
+    print(f"store {args.name!r}: loaded {written} records from {path}", file=sys.stderr)
+    print(written)
+    return 0
+
+
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the subcommands through ``_main.build_parser``'s ``add`` helper."""
     add("checkpoint", cmd_checkpoint, "make the coordinator of durable store NAME write a checkpoint now; "
@@ -89,3 +158,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--key-file", metavar="FILE", default=None,
                    help="the key of an encrypted directory (default: $SHMSTORE_KEY_FILE or $SHMSTORE_KEY)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    p = add("load", cmd_load, "write the records of FILE ('KEY<tab>JSON' lines, what `shmstore scan` "
+            "prints) into store NAME, in batches; print how many",
+            "shmstore scan app > app.records         # with the release that wrote the store\n"
+            "shmstore load app app.records           # with this one, into a new store", timeout=True)
+    p.add_argument("file", metavar="FILE", help="the records ('-': standard input)")
+    p.add_argument("--batch", type=positive_int, default=LOAD_BATCH, metavar="N",
+                   help=f"records per batch (default: {LOAD_BATCH})")

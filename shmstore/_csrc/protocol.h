@@ -30,10 +30,10 @@
  *                                                          loaded ONCE, relaxed; lengths
  *   A page move (every record of the page freed            clamped to key_size/value_size
  *   and unlinked first, at earlier epochs):                AND to the end of page p
- *   P1 store_relaxed(pt[p], new entry)                  R4 key, value: relaxed word loads
- *   P2 for each slot of the new class in the page:      R5 fence(acquire)
+ *   P0 store_relaxed(pt[p], 0)                          R4 key, value: relaxed word loads
+ *   P1 for each slot of the new class in the page:      R5 fence(acquire)
  *      W1..W4 at the move's epoch, meta = FREE << 16    R6 s2 = load_relaxed(seq)
- *                                                       R7 s1 == s2 and
+ *   P2 store_release(pt[p], new entry)                  R7 s1 == s2 and
  *                                                          load_relaxed(pt[p]) == pte1:
  *                                                          the copy is whole; only now
  *                                                          is anything of it used
@@ -49,20 +49,28 @@
  * - of a slot whose geometry did not change. A page move changes it: after it, the
  * words of an old slot r can be the headers or bodies of new slots whose boundaries
  * differ, so r's own seq word need not change while its meta, key or value do.
- * The page-table check closes that: every store of a move, and of every later write
- * into the page's new slots, is a W3 or W4 after some W2 release fence that comes
- * after P1 in the coordinator's program order (the first new slot's W2 follows P1,
- * and each later write's W2 follows that). So if any load of R1-R4 read a store of
- * the new geometry, that W2 synchronizes with R5 and P1 happens-before R7's load of
- * pt[p], which then reads the new entry (or a later one) and differs from pte1
- * (entries carry the epoch of assignment, so a page that moves away and back is not
- * an ABA). A load that read a move's W1 (an odd stamp not yet fenced) is seq itself:
- * odd at R1 or a changed s2 at R6. If no load read a store of the new geometry, the
- * copy is of the old slot as it stood at s1, and the stamp check above applies. R0 is
- * an acquire load so the slot's loads cannot be satisfied before it: pte1 describes
- * a geometry no newer than the one the copy saw. The clamps to the page's end keep a
- * reader inside the page whatever geometry it saw (a stale ref can name the middle
- * of a new slot); they never make a torn copy valid.
+ * The page-table check closes that. A reader whose pte1 is the OLD entry: every store
+ * of the move but one, and of every later write into the page's new slots, is a W1,
+ * W3 or W4 after some W2 release fence that comes after P0 in the coordinator's
+ * program order (the first new slot's W2 follows P0; each later store follows that
+ * W2). So if any load of R1-R4 read such a store, that W2 synchronizes with R5 and P0
+ * happens-before R7's load of pt[p], which then reads 0 or a newer entry and differs
+ * from pte1 (entries carry the epoch of assignment, so a page that moves away and
+ * back is not an ABA). The one store before the first W2 is the first new slot's W1,
+ * at the page's start: the stamp word of the old geometry's first slot too, so a
+ * reader of that slot sees it as an odd s1 or a changed s2, and no other old slot
+ * holds that word. If no load read a store of the move or later, the copy is of the
+ * old slot as it stood at s1, and the stamp check above applies. A reader whose pte1
+ * is the NEW entry read it from P2's release store (acquire load): every stamp of the
+ * move happens-before its loads, so it reads the new geometry's slots as W4 left
+ * them or later, under their own stamps. (Storing the new entry first, before the
+ * stamps, would let a scan that found a slot through the new entry read the old
+ * geometry's bytes there under an unchanged "stamp" word: tests/native/
+ * seqlock_stress.c counted exactly such torn reads.) pte1 == 0: the page is being
+ * moved or is free; the reader retries (a lookup walks again) or skips it (a scan).
+ * R0 is an acquire load so the slot's loads cannot be satisfied before it. The
+ * clamps to the page's end keep a reader inside the page whatever geometry it saw (a
+ * stale ref can name the middle of a new slot); they never make a torn copy valid.
  * The body is copied with relaxed atomic loads, never memcpy: a racing plain load is
  * a data race (undefined behaviour) in C11, and ThreadSanitizer would say so.
  *
@@ -499,6 +507,7 @@ static inline int shm_read_slot(const shm_seg *s, uint64_t ref, uint64_t pte1, u
                                 void *ctx, shm_rec *rec)
 {
     const uint64_t *sp = shm_slot(s, ref);
+    (void)pte1; /* (unused only in the harness's build without the page check) */
     if (!shm_read_begin(s, ref, rec))
         return 0;
     SHM_COPY_OUT(kb, s->w, rec->ko, rec->klen);
@@ -621,16 +630,17 @@ static inline void shm_free_record(const shm_seg *s, uint64_t ref, uint64_t epoc
     shm_write_end(sp, epoch);
 }
 
-/* A page move (or first assignment) at epoch E: P1 the page's entry (relaxed; the
- * first slot's W2 release fence orders it before every new body), then P2 every slot
- * of the new class (slot_size bytes, from the page's start) stamped free: W1, version
- * 0, expiry 0, meta FLAG_FREE << 16 (klen 0, vlen 0), W4. The caller has freed and
+/* A page move (or first assignment) at epoch E: P0 the page's entry to 0 (relaxed; the
+ * first slot's W2 release fence orders it before every new body), P1 every slot of the
+ * new class (slot_size bytes, from the page's start) stamped free: W1, version 0,
+ * expiry 0, meta FLAG_FREE << 16 (klen 0, vlen 0), W4; P2 the new entry with a release
+ * store (a scan that acquire-loads it sees every stamp). The caller has freed and
  * unlinked every record of the page first, and does the page accounting (C_PAGES,
  * H_FREE_PAGES) and its free lists. */
 static inline void shm_page_assign(const shm_seg *s, uint64_t page, uint64_t entry, uint64_t slot_size,
                                    uint64_t epoch)
 {
-    shm_store_relaxed(shm_pte(s, page), entry);
+    shm_store_relaxed(shm_pte(s, page), 0);
     uint64_t per = shm_page_bytes(s) / slot_size, step = slot_size / SHM_SLOT_UNIT;
     uint64_t ref = shm_page_ref(s, page);
     for (uint64_t i = 0; i < per; i++, ref += step) {
@@ -641,6 +651,7 @@ static inline void shm_page_assign(const shm_seg *s, uint64_t page, uint64_t ent
         shm_store_relaxed(sp + SHM_S_META, (uint64_t)SHM_FLAG_FREE << 16);
         shm_write_end(sp, epoch);
     }
+    shm_store_release(shm_pte(s, page), entry);
 }
 
 /* The class of the page holding ref (the coordinator's own load), or -1 (free page). */

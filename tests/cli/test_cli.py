@@ -21,7 +21,7 @@ from tests.helpers.cli import assert_error, assert_ok, cli, popen_cli
 from tests.helpers.processes import reap, shm_objects, wait_for
 
 COMMANDS = ("serve", "get", "put", "del", "scan", "incr", "stats", "destroy", "demo", "cleanup",
-            "stress", "bench")
+            "stress", "bench", "load")
 
 
 # -- help and usage --------------------------------------------------------------------

@@ -239,3 +239,27 @@ def test_encrypted_store_backup_needs_the_key_to_restore(served, names, tmp_path
     serve_again(names, n, tmp_path / "r", key_file=key)
     with shmstore.connect(n) as s:
         assert s.get("secret") == "plaintext-marker"
+
+
+def test_backup_of_a_memory_store_restores_its_classes_and_pages(served, names, tmp_path):
+    """A store of size classes (memory=): the backup carries the whole layout and the
+    page table, so the restored store places every record where it was."""
+    n, coord = served("bkmem", memory=24 << 20, growth=1.5, value_size=3000, capacity=2000)
+    dest = tmp_path / "bk"
+    with shmstore.connect(n) as s:
+        for i in range(300):
+            s.put(f"k{i}", "v" * (i * 11 % 2800))
+        for i in range(0, 300, 4):
+            s.delete(f"k{i}")
+        before = state(s)
+        lay = s._seg.layout
+        pt = s._seg.page_table().copy()
+        s.backup(dest)
+        coord.stop()
+        shmstore.destroy(n)
+        restored = tmp_path / "restored"
+        shmstore.restore(dest, restored)
+        serve_again(names, n, restored)
+        assert state(s) == before
+        assert s._seg.layout == lay and (s._seg.page_table() == pt).all()
+    assert shmstore.check(name=n, path=restored).ok

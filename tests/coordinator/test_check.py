@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import msgspec
+import numpy as np
 import pytest
 
 import shmstore
@@ -265,3 +266,73 @@ def test_compressed_tables_file_is_decompressed_by_check_without_a_key(served, t
     tables.write_bytes(raw[:8] + bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
     rep = shmstore.check(path=tmp_path / "bk")
     assert any(p.source == str(tables) for p in rep.problems), str(rep)
+
+
+@pytest.fixture
+def mem_segment(names):
+    """A memory store's segment (several classes, free pages left), written by the Engine."""
+    n = names("chkmem")
+    seg = create_segment(n, L.Layout(capacity=1000, key_size=16, value_size=2000, memory=32 << 20), 0)
+    eng = Engine(seg, compiled=False)
+    eng.rebuild_free_list()
+    for i in range(100):
+        eng.put(f"k{i}".encode(), msgspec.msgpack.encode("v" * (i * 13 % 1900)))
+    for i in range(0, 100, 5):
+        eng.delete(f"k{i}".encode())
+    eng.publish()
+    seg.q[L.H_STATE] = L.STATE_READY
+    try:
+        yield n, seg, eng
+    finally:
+        eng.close()
+        seg.close()
+
+
+def test_segment_checks_of_pages_and_class_counters(mem_segment):
+    n, seg, eng = mem_segment
+    assert shmstore.check(name=n).ok, str(shmstore.check(name=n))
+    q = seg.q
+    pt = seg.page_table()
+    used = [int(p) for p in range(seg.npages) if pt[p]]
+    assert len(used) > 2 and 0 in pt
+    c = seg.page_class(used[-1])
+
+    def problems() -> str:
+        return " | ".join(p.message for p in shmstore.check(name=n).problems)
+
+    # 1. each class counter against a recount, and the free pages
+    for field in ("C_PAGES", "C_RECORDS", "C_ASKED"):
+        w = L.class_word(c, getattr(L, field))
+        q[w] += 1
+        assert f"the header's {field} is {q[w]}, a recount finds {q[w] - 1}" in problems()
+        q[w] -= 1
+    q[L.H_FREE_PAGES] += 1
+    assert "H_FREE_PAGES" in problems()
+    q[L.H_FREE_PAGES] -= 1
+    # 2. a page table entry of no class of the store
+    old = int(pt[used[0]])
+    pt[used[0]] = (old & ~0xFF) | (len(seg.classes) + 1)
+    msgs = problems()
+    assert f"page table entry {used[0]} ({int(pt[used[0]]):#x}) is neither" in msgs, msgs
+    assert "not assigned to a class" in msgs  # its records' buckets now point into no page
+    pt[used[0]] = old
+    # 3. a bucket between two slots
+    idx = seg.index_view()
+    p = int(np.flatnonzero(idx)[0])
+    b = int(idx[p])
+    idx[p] = b + 1
+    assert f"index bucket {p} points to slot {b & 0xFFFFFFFF}, which is not on a slot boundary" in problems()
+    idx[p] = b
+    # 4. a free slot stamped before its page went to its class (old bytes of another class)
+    page = used[-1]
+    pt[page] = (5 << L.PTE_CLASS_BITS) | (c + 1)  # assigned at epoch 5 ...
+    ref = next(r for r in eng.frees[c] if r >> seg.ref_shift == page)
+    w = seg.slot0 + ref * seg.slot_words
+    saved = [q[w + i] for i in range(4)]
+    q[w], q[w + L.S_META] = 6, 3  # ... but stamped at epoch 2, with a key
+    assert f"slot {ref} is stamped before its page {page}" in problems()
+    for i in range(4):
+        q[w + i] = saved[i]
+    pt[page] = (int(pt[page]) & 0xFF)
+    del idx, pt
+    assert shmstore.check(name=n).ok, problems()
