@@ -645,8 +645,6 @@ class Engine:
                 self.epoch = v
                 if expiry and expiry < self.next_expiry:
                     self.next_expiry = expiry
-                if self.access is not None:
-                    pass  # the compiled writer set the record's access byte
                 return v
         h = key_hash(kb)
         pos, old = self.find(kb, h)
