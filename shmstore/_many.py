@@ -131,15 +131,18 @@ def padded_words(kbs: list[bytes], key_size: int) -> np.ndarray:
     return np.array(kbs, dtype=f"S{8 * kw}").view(np.uint64).reshape(len(kbs), kw)
 
 
-def make_probe_many(seg: object, probe_each: Callable) -> Callable:
+def make_probe_many(seg: object, probe_each: Callable, access: memoryview | None = None) -> Callable:
     """Build ``probe_many(keys, lens, words=None)`` for one mapping (see
     :func:`_segment.make_readers`).
 
     Args:
         seg: the :class:`~shmstore._segment.Segment`.
         probe_each: ``probe_each(kbs, positions) -> ({position: value}, top seq)``, the
-            per-key path; ``kbs[i]`` is key i's bytes.
+            per-key path; ``kbs[i]`` is key i's bytes (it touches its own hits).
+        access: the access bytes (LRU eviction) or None: byte ``ref >> 2`` of every
+            slot found is set to 1 where it is 0.
     """
+    acc = None if access is None else np.frombuffer(access, dtype=np.uint8)
     q = seg.q
     mask = seg.mask
     ksz = seg.key_size
@@ -313,6 +316,9 @@ def make_probe_many(seg: object, probe_each: Callable) -> Callable:
         vl = vlen if all_ok else vlen[ok]
         blob = values_array(vals, vl, maxv, first_bytes)
         top = int((s1 if all_ok else s1[ok]).max()) if fast.size else 0
+        if acc is not None and fast.size:  # the hits' access bytes: store only the zeros
+            at = (slots if all_ok else slots[ok]) >> 2
+            acc[at[acc[at] == 0]] = 1
         if fast.size == n:
             return fast, blob, {}, top
         return settle(keys, fast, blob, top, g1, g2, pend, ck)

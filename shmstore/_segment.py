@@ -322,7 +322,10 @@ class Segment:
             core.close()
         access = self.__dict__.pop("access", None)
         if access is not None:
-            access.release()
+            try:
+                access.release()
+            except BufferError:  # get_many's numpy view of it lives on; the GC frees both
+                pass
         amm = self.__dict__.pop("_access_mm", None)
         if amm is not None:
             try:
@@ -834,7 +837,7 @@ def make_readers(seg: Segment, decode: Callable[[bytes], object],
             if built is None:
                 from ._many import make_probe_many  # noqa: PLC0415
 
-                built = make_probe_many(seg, probe_each)
+                built = make_probe_many(seg, probe_each, acc)
                 if probe_cache is not None:
                     probe_cache[id(seg)] = built
         return built(keys, lens, words)

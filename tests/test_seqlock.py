@@ -28,7 +28,7 @@ from shmstore._segment import Segment, make_readers
 from shmstore._shm import open_segment
 from shmstore.coordinator._engine import Engine
 from tests.helpers.seqlock import (
-    SlotGeometry, bucket_pos, result_of, spied, writer_side,
+    MiniWriter, SlotGeometry, bucket_pos, engine_side, mini_store, result_of, spied, writer_side,
 )
 from tests.helpers.processes import python, reap
 
@@ -50,17 +50,23 @@ def test_every_write_op_stamps_with_a_new_epoch(store):
     than any before, stamps only grow, and no slot ever shows one even seq with two
     different contents. Watched through the read-only numpy view of the slot words."""
     seg = store._seg
-    words = seg.slot_words_view()
-    slot_bytes = np.ndarray((seg.nslots, seg.slot_size), np.uint8, buffer=seg.mm,
-                            offset=L.SLOTS_OFFSET)
-    assert not words.flags.writeable
+    refs, classes = seg.slot_refs()  # every slot (a single-class store: all pages assigned)
+    assert len(set(classes.tolist())) == 1
+    size = seg.classes[0]
+    words = np.ndarray((len(seg.mm) // 8,), np.uint64, buffer=seg.mm)
+    # one slot's bytes at every ref (16 bytes apart), indexed by the slots' refs
+    at_ref = np.ndarray(((len(seg.mm) - 8 * seg.slot0 - size) // L.SLOT_UNIT + 1, size), np.uint8,
+                        buffer=seg.mm, offset=8 * seg.slot0, strides=(L.SLOT_UNIT, 1))
+    assert not words.flags.writeable and not at_ref.flags.writeable
+    seq_words = seg.slot0 + seg.slot_words * refs
+    slot_of = {r: i for i, r in enumerate(refs.tolist())}
     seen: dict[tuple[int, int], bytes] = {}
 
     def snapshot():
-        return seg.q[L.H_EPOCH], words[:, L.S_SEQ].copy(), slot_bytes[:, 8:].copy()
+        return seg.q[L.H_EPOCH], words[seq_words], at_ref[refs][:, 8:]
 
     def note(seqs, body):
-        for slot in range(seg.nslots):
+        for slot in range(len(refs)):
             key = (slot, int(seqs[slot]))
             content = body[slot].tobytes()
             assert seen.setdefault(key, content) == content, (
@@ -102,25 +108,26 @@ def test_every_write_op_stamps_with_a_new_epoch(store):
 
     # The ABA case itself: a slot observed before and after two writes of its key
     # (copy-on-write moves the record away, then back into the same slot).
-    slot0 = seg.lookup(b"k")[0]
-    before = int(words[slot0, L.S_SEQ])
-    content_before = slot_bytes[slot0, 8:].tobytes()
-    for i in range(seg.nslots + 1):
+    ref0 = seg.lookup(b"k")[0]
+    slot0 = slot_of[ref0]
+    before = int(words[seq_words[slot0]])
+    content_before = at_ref[ref0, 8:].tobytes()
+    for i in range(len(refs) + 1):
         store.put("k", 100 + i)
-        if seg.lookup(b"k")[0] == slot0:
+        if seg.lookup(b"k")[0] == ref0:
             break
     else:
-        pytest.fail(f"slot {slot0} never carried key 'k' again")
+        pytest.fail(f"slot {ref0} never carried key 'k' again")
     assert i >= 1, "the record must have left the slot and come back"
-    assert slot_bytes[slot0, 8:].tobytes() != content_before
-    assert int(words[slot0, L.S_SEQ]) != before, "a rewritten slot kept its old stamp (ABA)"
+    assert at_ref[ref0, 8:].tobytes() != content_before
+    assert int(words[seq_words[slot0]]) != before, "a rewritten slot kept its old stamp (ABA)"
 
 
 class StampRecorder(Engine):
     """The real Engine, noting every stamp it leaves in each slot."""
 
     def __init__(self, seg: Segment) -> None:
-        super().__init__(seg)
+        super().__init__(seg, compiled=False)  # the Python stores, which it hooks
         self.stamps: dict[int, list[int]] = {}
 
     def _note(self, slot: int) -> None:
@@ -130,12 +137,12 @@ class StampRecorder(Engine):
         super()._write_slot(slot, *args)
         self._note(slot)
 
-    def _free_slot(self, slot, epoch) -> None:
-        super()._free_slot(slot, epoch)
+    def _free_slot(self, slot, epoch, *args, **kwargs) -> None:
+        super()._free_slot(slot, epoch, *args, **kwargs)
         self._note(slot)
 
 
-def test_no_slot_gets_the_same_stamp_twice_even_inside_a_batch(served):
+def test_no_slot_gets_the_same_stamp_twice_even_inside_a_batch(names):
     """Rule 1 (unique stamps) where the public API cannot look: inside one batch.
 
     A batch that writes one key several times moves its record away from a slot and
@@ -143,12 +150,14 @@ def test_no_slot_gets_the_same_stamp_twice_even_inside_a_batch(served):
     the same even seq twice. The engine's every stamp per slot must strictly grow."""
     from shmstore._channel import OP_DELETE, OP_PUT
 
-    with writer_side(served, capacity=4, key_size=8, value_size=32) as (n, seg, _):
+    with engine_side(names(), capacity=4, key_size=8, value_size=32) as (n, seg, _):
         eng = StampRecorder(seg)
         eng.rebuild_free_list()
         e0 = eng.epoch
         eng.put(b"a", enc(0))
-        ops = [[OP_PUT, b"a", enc(i), 0] for i in range(1, 6)]
+        # every slot (the pages may hold more than capacity + 1) taken more than twice
+        nslots = len(seg.slot_refs()[0])
+        ops = [[OP_PUT, b"a", enc(i), 0] for i in range(1, 2 * nslots + 6)]
         ops += [[OP_DELETE, b"a"], [OP_PUT, b"a", enc(9), 0], [OP_PUT, b"b", enc(1), 0]]
         eng.batch(ops)
         eng.delete(b"a")
@@ -172,7 +181,7 @@ def _straddle_setup(seg: Segment, eng: Engine):
 
 def _two_writes_back_into(seg: Segment, eng: Engine, g: SlotGeometry) -> bytes:
     """Rewrite b"k" until its record is back in slot ``g.slot``; return its value."""
-    for i in range(1, seg.nslots + 2):
+    for i in range(1, len(seg.slot_refs()[0]) + 2):
         v = enc("b" * i)
         eng.put(b"k", v)
         if seg.lookup(b"k")[0] == g.slot:
@@ -182,14 +191,14 @@ def _two_writes_back_into(seg: Segment, eng: Engine, g: SlotGeometry) -> bytes:
 
 
 @pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
-def test_a_read_straddling_two_writes_of_a_slot_is_rejected(served, path):
+def test_a_read_straddling_two_writes_of_a_slot_is_rejected(names, path):
     """Rule 1 (unique stamps), the protocol itself: a reader takes s1 of slot X and
     copies meta; then two writes happen (the record moves out of X and back into it,
     so the bucket word ends up identical: only the stamp can tell); then it copies the
     value bytes. The bytes are from write 3, the length from write 1: the read must be
     rejected (s1 != s2) and retried, never returned. Checked for read_slot, lookup
     and the Store.get fast path."""
-    with writer_side(served, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
         g, v1, bucket = _straddle_setup(wseg, eng)
         reader = open_segment(n)
         try:
@@ -223,12 +232,12 @@ def test_a_read_straddling_two_writes_of_a_slot_is_rejected(served, path):
             reader.close()
 
 
-def test_a_reused_stamp_would_let_a_torn_value_through(served):
+def test_a_reused_stamp_would_let_a_torn_value_through(names):
     """Rule 1 (unique stamps) is load-bearing: the same straddle as above, but the
     writer leaves slot X with the stamp the reader saw first (what one epoch for two
     writes would do). Validation then passes and read_slot returns bytes of two
     writes. This shows the straddle test above can tell the difference."""
-    with writer_side(served, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
         g, v1, _ = _straddle_setup(wseg, eng)
         s_old = wseg.q[g.w]
         reader = open_segment(n)
@@ -255,12 +264,12 @@ GARBAGE_META = (1 << 64) - 1  # key length 65535, every flag, value length 2**32
 
 
 @pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
-def test_garbage_lengths_read_mid_write_are_clamped(served, path):
+def test_garbage_lengths_read_mid_write_are_clamped(names, path):
     """Rule 2 (never trust bytes before validation): the reader loads the meta word
     while the slot is odd and holds a garbage meta (huge key and value lengths). Every
     copy it makes must stay inside the slot's key/value area, nothing may raise, and
     after validation fails it must return the completed write's value."""
-    with writer_side(served, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=4, key_size=8, value_size=64) as (n, wseg, eng):
         g, v1, _ = _straddle_setup(wseg, eng)
         wq, wmv = wseg.q, wseg.mv
         v2 = enc({"final": 2})
@@ -281,7 +290,7 @@ def test_garbage_lengths_read_mid_write_are_clamped(served, path):
                     e = started[0]
                     wq[g.w + L.S_VERSION] = e
                     wq[g.w + L.S_META] = 1 | (len(v2) << 32)
-                    wmv[g.kofs : g.kofs + 1] = b"k"
+                    wmv[g.kofs : g.vofs] = b"k".ljust(g.vofs - g.kofs, b"\0")  # zero-padded
                     wmv[g.vofs : g.vofs + len(v2)] = v2
                     wq[g.w] = 2 * e + 2
                     eng.publish()
@@ -306,6 +315,171 @@ def test_garbage_lengths_read_mid_write_are_clamped(served, path):
             reader.close()
 
 
+# -- format 4: page entries and page ends ---------------------------------------------
+#
+# A page handed from one class to another changes which bytes are a slot's header: a
+# reader holding a stale reference can find its old seq word untouched (it now lies in
+# the middle of another slot) and its bucket not yet changed, and only the page's entry
+# tells it that what it copied is now someone else's bytes.
+
+#: key 8, value 72: classes 64, 80, 112 bytes; a reference is a 16-byte unit
+PAGE_MOVE_LAYOUT = dict(capacity=64, key_size=8, value_size=72, memory=2 << 20)
+
+
+def _page_move_setup(w: MiniWriter):
+    """Key b"k" (a 24-byte value) in the 64-byte slot at ref 4 (bytes 64..127) of page
+    0, class 0. Moved to class 2 (112 bytes), those bytes are: 64..111 the value area
+    of new slot 0 (untouched by the move, so the old seq word stays), 112..127 the
+    header of new slot 1 (the tail of the old value is overwritten with its stamps)."""
+    seg = w.seg
+    assert seg.classes[:3] == (64, 80, 112), seg.classes
+    w.assign_page(0, 0)
+    w.put(b"d", enc("d" * 10))  # ref 0
+    v1 = enc("a" * 22)  # 24 bytes: need 32 + 8 + 24 = 64
+    ref = w.put(b"k", v1)
+    assert ref == 4, ref
+    return v1, SlotGeometry(seg, ref)
+
+
+@pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
+def test_a_read_straddling_a_page_move_is_rejected(names, python_core, path):
+    """Format 4, "Reading a slot" step 4: the reader loads the page entry, the seq and
+    the meta of key k's slot; the page is then handed to another class (entry first,
+    then the new slots' headers), which overwrites the second half of k's value while
+    leaving k's seq word as it was; then the reader copies the value. k's bucket goes
+    only after the reader re-checked it (the real coordinator unlinks before it moves;
+    this order leaves the page entry as the one word that tells), so the copy must be
+    rejected by the entry alone, and the read ends with k's value as it was or a miss,
+    never the mix."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        seq_before = w.q[g.w]
+        fired = []
+        with spied(reader) as (q, mv, log):
+            trigger = g.kofs if path == "get" else g.vofs  # get copies key and value at once
+
+            def move(start, stop):
+                if start == trigger and not fired:
+                    fired.append(w.assign_page(0, 2))
+                    q.before_read[g.page_word] = unlink  # the entry's re-check comes last
+
+            def unlink():
+                w.delete(b"k", free_slot=False)
+
+            mv.before_slice = move
+            if path == "read_slot":
+                r = reader.read_slot(g.slot)
+                value = None if r is None else r[5]
+            elif path == "lookup":
+                r = reader.lookup(b"k")
+                value = None if r is None else r[3]
+            else:
+                rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                value = rd.get("k")
+                del rd
+        assert fired, "the page move never ran"
+        assert w.q[g.w] == seq_before, "the old seq word changed: not the case under test"
+        torn = bytes(reader.mv[g.vofs : g.vofs + len(v1)])
+        assert torn != v1 and torn[:8] == v1[:8], "the move did not tear the value"
+        assert value in (v1, None), f"returned {value!r}: the torn copy is {torn!r}"
+        pte_reads = [i for i, e in enumerate(log) if e[:2] == ("qr", g.page_word)]
+        copies = [i for i, e in enumerate(log) if e[0] == "mr"]
+        assert pte_reads and copies and pte_reads[-1] > copies[0], "the page entry was not read after the copy"
+
+
+def test_a_page_move_that_kept_its_entry_would_let_a_torn_value_through(names, python_core):
+    """The page entry's check is load-bearing: the same move as above, but the writer
+    puts the page's old entry back (what an entry without the move's epoch in it could
+    do). Seq, bucket and entry then all validate and read_slot returns a value that is
+    half the old record's, half the new slots' headers."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        old_pte = w.q[g.page_word]
+        fired = []
+        with spied(reader) as (q, mv, log):
+
+            def move(start, stop):
+                if start == g.vofs and not fired:
+                    fired.append(w.assign_page(0, 2))
+                    w.q[g.page_word] = old_pte  # the forbidden reuse of an entry
+
+            mv.before_slice = move
+            value = reader.read_slot(g.slot)[5]
+        assert fired
+        assert value != v1 and value[:8] == v1[:8], value
+
+
+def test_a_bucket_into_a_free_page_is_waited_out(names, python_core):
+    """Step 1: a page entry of 0 (a page being moved, its records' buckets about to go)
+    makes the reader re-read the bucket rather than read the slot; once the bucket is
+    gone the read ends as a miss."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        v1, g = _page_move_setup(w)
+        w.q[g.page_word] = 0  # the move's first store, as it were
+        with spied(reader) as (q, mv, log):
+            rounds = []
+
+            def unlink():  # the coordinator removes k's bucket a few reads later
+                rounds.append(1)
+                if len(rounds) == 3:
+                    w.delete(b"k")
+                else:
+                    q.before_read[g.page_word] = unlink
+
+            q.before_read[g.page_word] = unlink
+            assert reader.lookup(b"k") is None
+            assert len(rounds) == 3
+            assert not [e for e in log if e[0] == "mr"], "a slot of a free page was copied"
+
+
+@pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
+def test_garbage_lengths_are_clamped_to_the_page(names, python_core, path):
+    """Format 4, step 3: in a memory store a 64-byte slot's key and value lengths are
+    clamped to key_size / value_size AND to the end of the slot's page, so a reader
+    meeting a garbage meta mid-write in the last slot of a page never copies bytes of
+    the next page (value_size alone would allow 4000 bytes)."""
+    lay = L.Layout(capacity=64, key_size=8, value_size=4000, memory=2 << 20)
+    with mini_store(names(), lay) as (w, reader):
+        seg = w.seg
+        w.assign_page(0, 0)
+        last = (seg.page_size - seg.classes[0]) // L.SLOT_UNIT  # the page's last 64-byte slot
+        w.free[0] = [last]
+        v1 = enc("a" * 20)
+        assert w.put(b"k", v1) == last
+        g = SlotGeometry(seg, last)
+        page_end = seg.page_end(last)
+        assert g.end == page_end and g.vofs + lay.value_size > page_end
+        v2 = enc(7)
+        with spied(reader) as (q, mv, log):
+            started = []
+
+            def begin():  # a write in place of X: seq odd, garbage meta
+                e = w.next_epoch()
+                started.append(e)
+                w.q[g.w] = 2 * e + 1
+                w.q[g.w + L.S_META] = GARBAGE_META
+                q.before_read[g.w] = finish  # before the reader's s2 load
+
+            def finish():
+                w.write_record(last, started[0], b"k", v2)
+                w.publish()
+
+            q.before_read[g.w + L.S_META] = begin
+            if path == "read_slot":
+                value = reader.read_slot(last)[5]
+            elif path == "lookup":
+                value = reader.lookup(b"k")[3]
+            else:
+                rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+                value = rd.get("k")
+                del rd
+        assert started and ("qr", g.w + L.S_META, GARBAGE_META) in log
+        slices = [(a, b) for kind, a, b in log if kind == "mr"]
+        outside = [(a, b) for a, b in slices if not (g.kofs <= a <= b <= page_end)]
+        assert not outside, f"copies past the page's end {page_end}: {outside}"
+        assert value == v2
+
+
 GARBAGE_WRITER = r"""
 import os, random, sys, time, msgspec
 from shmstore import _layout as L
@@ -320,8 +494,9 @@ q[L.H_COORD_START] = process_start_ms(os.getpid())
 q[L.H_COORD_INCARNATION] = 12345
 w = seg.slot0 + slot * seg.slot_words
 kofs = w * 8 + L.SLOT_HEADER
-vofs = kofs + seg.key_size
+end = w * 8 + seg.classes[seg.class_of(slot)]  # the slot's last byte + 1
 kb = bytes(mv[kofs : kofs + (q[w + 3] & 0xFFFF)])
+vofs = kofs + L.align(len(kb), 8)
 epoch = q[L.H_EPOCH]
 rnd = random.Random(1)
 announced = False
@@ -329,12 +504,11 @@ while True:
     epoch += 1
     q[w] = 2 * epoch + 1
     q[w + 3] = rnd.getrandbits(64) | 0xFFFF | (0xFFFFFFF0 << 32)  # huge lengths
-    mv[kofs : kofs + seg.key_size] = os.urandom(seg.key_size)
-    mv[vofs : vofs + seg.value_size] = os.urandom(seg.value_size)
+    mv[kofs:end] = os.urandom(end - kofs)
     vb = msgspec.msgpack.encode([epoch, bytes([epoch & 255]) * (epoch % 40)])
     q[w + 1] = epoch
     q[w + 3] = len(kb) | (len(vb) << 32)
-    mv[kofs : kofs + len(kb)] = kb
+    mv[kofs:vofs] = kb + bytes(vofs - kofs - len(kb))
     mv[vofs : vofs + len(vb)] = vb
     q[w] = 2 * epoch + 2
     q[L.H_EPOCH] = epoch
@@ -516,7 +690,7 @@ def test_slot_left_odd_by_a_dead_coordinator_raises_then_is_restamped(served, na
     with writer_side(served, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
         eng.put(b"a", enc(1))
         eng.put(b"b", enc(2))
-        free_slot = eng.free[-1]  # the next write would go here
+        free_slot = eng.frees[0][-1]  # the next write would go here
         g = SlotGeometry(wseg, free_slot)
         dying_epoch = eng.epoch + 1  # never published
         wseg.q[g.w] = 2 * dying_epoch + 1
@@ -547,7 +721,7 @@ def test_iterating_skips_a_slot_a_dead_coordinator_left_mid_write(served):
     with writer_side(served, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
         eng.put(b"a", enc(1))
         eng.put(b"b", enc(2))
-        g = SlotGeometry(wseg, eng.free[-1])  # where the next record would be written
+        g = SlotGeometry(wseg, eng.frees[0][-1])  # where the next record would be written
         vb = enc(3)
         wseg.q[g.w] = 2 * (eng.epoch + 1) + 1  # died here, mid-write of record "c"
         wseg.q[g.w + L.S_META] = 1 | (len(vb) << 32)

@@ -29,7 +29,7 @@ from shmstore._segment import Segment, make_readers
 from shmstore._shm import open_segment
 from tests.helpers.hashes import same_hash_keys
 from tests.helpers.seqlock import (
-    BytesSpy, SlotGeometry, WordsSpy, bucket_pos, colliding_keys, slot_of_byte, spied, writer_side,
+    BytesSpy, SlotGeometry, WordsSpy, bucket_pos, colliding_keys, slot_of_byte, spied, engine_side,
 )
 from tests.helpers.processes import python, reap, reap_pids, shm_objects
 
@@ -159,11 +159,11 @@ def test_no_false_miss_while_deletes_move_buckets(served, collide):
         s.close()
 
 
-def test_get_walks_a_probe_run_inline(served):
+def test_get_walks_a_probe_run_inline(names):
     """get's fast path walks past other keys' buckets itself: a key displaced from its
     home bucket is found, and a missing key whose home bucket is taken is a trusted
     miss at the run's end, neither through the full lookup (which is counted here)."""
-    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
         keys = [k.encode() for k in colliding_keys(wseg.mask, 5)]
         present, absent = keys[:4], keys[4]
         for k in present:
@@ -185,14 +185,14 @@ def test_get_walks_a_probe_run_inline(served):
 
 
 @pytest.mark.parametrize("path", ["lookup", "get", "get_many"])
-def test_a_lookup_overtaken_by_a_backward_shift_probes_again(served, path):
+def test_a_lookup_overtaken_by_a_backward_shift_probes_again(names, path):
     """Rule 4 (no false negatives), the race itself, deterministically: a reader walks
     the probe run C0 S0 C1 S1 looking for S1; just before it loads S1's bucket, C0 is
     deleted and the backward shift moves S1 one bucket back, behind the reader, which
     then meets an empty bucket. That miss must not be trusted (the index generation
     moved): the reader probes again and finds S1. (The concurrent test above rarely
     hits this window; this one hits it every time.)"""
-    with writer_side(served, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=8, key_size=16, value_size=16) as (n, wseg, eng):
         c0, s0, c1, s1 = (k.encode() for k in colliding_keys(wseg.mask, 4))
         for k in (c0, s0, c1, s1):
             eng.put(k, enc(k.decode()))
@@ -285,18 +285,29 @@ def test_x86_64_and_aarch64_with_the_compiled_core_are_accepted(served, monkeypa
 # -- rule 6: single 8-byte accesses; a referenced slot is never written ----------------
 
 
-@pytest.mark.parametrize("key_size,value_size", [(8, 8), (13, 29), (64, 1024), (1, 1), (255, 4093)])
-def test_layout_puts_every_protocol_word_on_an_8_byte_boundary(key_size, value_size):
-    """Rule 6 (single 8-byte accesses): whatever the sizes, slots, their seq words
-    and the index start on 8-byte boundaries (so a 'Q' item is one aligned load)."""
-    lay = L.Layout(capacity=37, key_size=key_size, value_size=value_size).validate()
-    assert L.SLOTS_OFFSET % 8 == 0 and L.HEADER_SIZE % L.PAGE == 0
-    assert lay.slot_size % 8 == 0 and lay.slot_size >= L.SLOT_HEADER + key_size + value_size
-    assert lay.index_offset % L.PAGE == 0 and lay.index_offset >= L.SLOTS_OFFSET + lay.nslots * lay.slot_size
+@pytest.mark.parametrize("key_size,value_size,memory", [
+    (8, 8, 0), (13, 29, 0), (64, 1024, 0), (1, 1, 0), (255, 4093, 0), (13, 29, 4 << 20), (255, 70000, 8 << 20)])
+def test_layout_puts_every_protocol_word_on_an_8_byte_boundary(key_size, value_size, memory):
+    """Rule 6 (single 8-byte accesses): whatever the sizes, the page table, the pages,
+    every slot of every class (so its seq word) and the index start on 8-byte
+    boundaries (so a 'Q' item is one aligned load); the regions do not overlap; a
+    single-class store has room for its capacity + 1 slots."""
+    lay = L.Layout(capacity=37, key_size=key_size, value_size=value_size, memory=memory).validate()
+    assert L.HEADER_SIZE % L.PAGE == 0 and lay.pt_offset >= L.HEADER_SIZE
+    assert lay.pages_offset % L.PAGE == 0 and lay.pages_offset >= lay.pt_offset + 8 * lay.npages
+    assert lay.page_size & (lay.page_size - 1) == 0 and lay.page_size % L.SLOT_UNIT == 0
+    assert L.SLOT_UNIT % 8 == 0 and all(c % L.SLOT_UNIT == 0 for c in lay.classes)
+    assert list(lay.classes) == sorted(set(lay.classes)) and lay.classes[0] >= L.MIN_SLOT or not memory
+    assert lay.largest_slot >= L.slot_need(key_size, value_size) and lay.largest_slot <= lay.page_size
+    assert lay.index_offset % L.PAGE == 0 and lay.index_offset >= lay.pages_offset + lay.npages * lay.page_size
     assert lay.size % L.PAGE == 0 and lay.size >= lay.index_offset + lay.nbuckets * 8
-    assert lay.nbuckets & (lay.nbuckets - 1) == 0 and lay.nbuckets >= 2 * lay.nslots
+    assert lay.nbuckets & (lay.nbuckets - 1) == 0
+    if not memory:
+        assert lay.nbuckets >= 2 * lay.nslots
+        assert lay.npages * (lay.page_size // lay.largest_slot) >= lay.nslots == lay.capacity + 1
     header_words = [v for k, v in vars(L).items() if k.startswith("H_") and k != "H_WORDS"]
     assert all(isinstance(v, int) and 0 <= v < L.H_WORDS for v in header_words)
+    assert L.class_word(L.MAX_CLASSES - 1, L.C_ASKED) < L.H_WORDS
 
 
 def test_segment_views_are_aligned_u64(store):
@@ -306,25 +317,27 @@ def test_segment_views_are_aligned_u64(store):
     assert seg.q.format == "Q" and seg.q.itemsize == 8 and seg.q.c_contiguous
     assert len(seg.q) * 8 == len(seg.mv)
     base = np.frombuffer(seg.mm, np.uint8)
-    words = seg.slot_words_view()
+    pt = seg.page_table()
     index = seg.index_view()
     try:
         assert base.ctypes.data % L.PAGE == 0
-        for view in (words, index):
+        for view in (pt, index):
             assert view.dtype == np.uint64 and view.ctypes.data % 8 == 0
             assert all(st % 8 == 0 for st in view.strides)
-        assert words.strides == (seg.slot_size, 8)
-        for slot in range(seg.nslots):
+        refs, _ = seg.slot_refs()
+        assert len(refs) >= seg.layout.capacity + 1
+        for slot in refs.tolist():
             assert SlotGeometry(seg, slot).base % 8 == 0
+        assert seg.headers(refs).dtype == np.uint64
     finally:
-        del base, words, index
+        del base, pt, index
 
 
-def test_readers_load_protocol_words_only_through_the_u64_view(served):
+def test_readers_load_protocol_words_only_through_the_u64_view(names):
     """Rule 6 (single 8-byte accesses), reading side: read_slot, lookup (hit, and a
     miss past a colliding bucket) and the get fast path load seq, meta and buckets
     through Segment.q; the byte view is only ever sliced inside key/value areas."""
-    with writer_side(served, capacity=8, key_size=8, value_size=16) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=8, key_size=8, value_size=16) as (n, wseg, eng):
         a, b, missing = colliding_keys(wseg.mask, 3)
         eng.put(a.encode(), enc(1))
         eng.put(b.encode(), enc(2))
@@ -352,7 +365,7 @@ def test_readers_load_protocol_words_only_through_the_u64_view(served):
             reader.close()
 
 
-def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(served):
+def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(names):
     """Rule 6 (single 8-byte accesses), writing side, and the write order of the
     seqlock: the engine stores seq, meta and buckets through the u64 view; every byte
     it copies into a slot, and every other word of that slot, is stored while the
@@ -363,7 +376,7 @@ def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(served):
     ThreadSanitizer harness) and leaves the same segment (tests/test_cwrite.py)."""
     from shmstore._channel import OP_DELETE, OP_PUT
 
-    with writer_side(served, compiled=False, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
+    with engine_side(names(), compiled=False, capacity=6, key_size=8, value_size=32) as (n, wseg, eng):
         log: list = []
         eng.q, eng.mv = WordsSpy(wseg.q, log), BytesSpy(wseg.mv, log)
         eng.put(b"a", enc(1))
@@ -373,10 +386,11 @@ def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(served):
         eng.delete(b"a")
         eng.batch([[OP_PUT, b"c", enc(3), 0], [OP_PUT, b"c", enc(4), 0], [OP_DELETE, b"b"]])
         eng.cas(b"c", enc(5), eng.get(b"c")[0])
-        seq_of: dict[int, int] = {slot: wseg.q[SlotGeometry(wseg, slot).w] for slot in range(wseg.nslots)}
+        seq_of: dict[int, int] = {slot: wseg.q[SlotGeometry(wseg, slot).w] for slot in wseg.slot_refs()[0].tolist()}
         # Replay the log in order, tracking each slot's seq as last stored.
         first_seq: dict[int, int] = {}
-        slots_end = L.SLOTS_OFFSET + wseg.nslots * wseg.slot_size
+        pages_start = 8 * wseg.slot0
+        slots_end = pages_start + wseg.npages * wseg.page_size
         bucket_stores = 0
         seq_now: dict[int, int] = {}
         for entry in log:
@@ -384,7 +398,7 @@ def test_engine_stores_protocol_words_whole_and_only_inside_odd_windows(served):
             if kind == "qw":
                 i, v = entry[1], entry[2]
                 off = i * 8
-                if L.SLOTS_OFFSET <= off < slots_end:
+                if pages_start <= off < slots_end:
                     slot = slot_of_byte(wseg, off)
                     sg = SlotGeometry(wseg, slot)
                     if i == sg.w:
@@ -482,10 +496,10 @@ def test_a_slot_the_index_points_to_is_never_seen_mid_write(served):
         s.close()
 
 
-def test_the_referenced_slot_sampler_can_fail(served):
+def test_the_referenced_slot_sampler_can_fail(names):
     """Rule 6: the sampler above reports a referenced slot that is odd (a writer that
     wrote in place would leave exactly that)."""
-    with writer_side(served, capacity=4, key_size=8, value_size=16) as (n, wseg, eng):
+    with engine_side(names(), compiled=None, capacity=4, key_size=8, value_size=16) as (n, wseg, eng):
         eng.put(b"k", enc(1))
         g = SlotGeometry(wseg, wseg.lookup(b"k")[0])
         with shmstore.connect(n) as s:
@@ -532,10 +546,10 @@ def _read_only_problems(store: shmstore.Store) -> list[str]:
             problems.append(f"writing through Store._seg.{what} worked")
         except TypeError:
             pass
-    words = seg.slot_words_view()
-    if words.flags.writeable:
-        problems.append("the numpy slot view is writeable")
-    del words
+    for what, view in (("page table", seg.page_table()), ("index", seg.index_view())):
+        if view.flags.writeable:
+            problems.append(f"the numpy {what} view is writeable")
+    del view
     perms = _mapping_perms(os.getpid(), store.name)
     if not perms or any("w" in p for p in perms):
         problems.append(f"mappings of the data segment: {perms}")

@@ -50,9 +50,10 @@ def engine(names):
         unlink_quietly(posix_ipc.SharedMemory, data_name(n))
 
 
-def _as_dict(snap_tuple, key_size=16):
-    epoch, idx, rows = snap_tuple
-    snap = S.Snapshot(epoch, idx, rows, key_size, 32, time.time_ns(), msgspec.msgpack.decode, False)
+def _as_dict(snap_tuple, key_size=16, value_size=32):
+    epoch, idx, data, offsets = snap_tuple
+    snap = S.Snapshot(epoch, idx, data, offsets, key_size, value_size, time.time_ns(),
+                      msgspec.msgpack.decode, False)
     return {k.decode(): snap.get(k) for k in snap.keys()}
 
 
@@ -94,6 +95,77 @@ def test_optimistic_copy_refuses_a_moving_index(engine):
     assert S.copy_optimistic(engine.seg) is None
     engine.seg.q[H_INDEX_GEN] += 1
     assert S.copy_optimistic(engine.seg) is not None
+
+
+@pytest.fixture
+def memory_engine(names):
+    """The Engine on a memory store of our own: pages handed to size classes on demand."""
+    n = names("eng")
+    seg = create_segment(n, Layout(capacity=400, key_size=24, value_size=600, memory=8 << 20, growth=2.0), 0)
+    e = Engine(seg)
+    e.rebuild_free_list()
+    try:
+        yield e
+    finally:
+        e.close()
+        seg.close()
+        unlink_quietly(posix_ipc.SharedMemory, data_name(n))
+
+
+def _fill_classes(engine, rnd: random.Random) -> dict:
+    """Records of every size (keys of 1 to 24 bytes, values of 1 to ~600): most classes."""
+    model = {}
+    for i in range(300):
+        k = (f"k{i}:" + "x" * rnd.randrange(20))[:24]
+        v = "v" * rnd.randrange(590)
+        engine.put(k.encode(), enc(v))
+        model[k] = v
+    for k in list(model)[::7]:
+        engine.delete(k.encode())
+        del model[k]
+    return model
+
+
+def test_optimistic_copy_of_records_of_every_class(memory_engine):
+    """Each bucket's slot is copied whole, whatever its class: keys of every length
+    (the value follows the key padded to 8 bytes) and values of every size read back
+    exactly from the copy."""
+    rnd = random.Random(7)
+    model = _fill_classes(memory_engine, rnd)
+    seg = memory_engine.seg
+    used = {seg.class_of(seg.lookup(k.encode())[0]) for k in model}
+    assert len(used) >= 4, f"records in only {len(used)} classes"
+    r = S.copy_optimistic(seg)
+    assert r is not None
+    assert _as_dict(r, 24, 600) == model
+
+
+def test_optimistic_copy_refuses_a_page_moved_during_the_copy(memory_engine, monkeypatch):
+    """A page handed to another class while the slots are copied (its entry changes
+    between the loads before and after the copy) spoils the copy."""
+    rnd = random.Random(8)
+    _fill_classes(memory_engine, rnd)
+    seg = memory_engine.seg
+    real = S.gather_rows
+    moved = []
+
+    def gather_then_move(seg_, slots, pte):
+        out = real(seg_, slots, pte)
+        if not moved:  # what a page move does first: the entry, at a new epoch
+            page = int(slots[0]) >> seg_.ref_shift
+            w = seg_.pt0 + page
+            old = seg.q[w]
+            memory_engine.seg.q[w] = (old & 0xFF) | ((old >> 8) + 1) << 8
+            moved.append((w, old))
+        return out
+
+    monkeypatch.setattr(S, "gather_rows", gather_then_move)
+    assert S.copy_optimistic(seg) is None
+    assert moved
+    w, old = moved[0]
+    memory_engine.seg.q[w] = old
+    monkeypatch.setattr(S, "gather_rows", real)
+    assert S.copy_optimistic(seg) is not None
 
 
 @pytest.mark.parametrize("tries", [S.SNAPSHOT_TRIES, 0], ids=["lock-free", "coordinator"])

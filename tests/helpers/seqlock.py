@@ -241,7 +241,7 @@ class MiniWriter:
         self.publish()
         return ref
 
-    def delete(self, key: bytes | str) -> None:
+    def delete(self, key: bytes | str, *, free_slot: bool = True) -> None:
         """Remove the bucket (backward-shift would move buckets: this bumps the
         generation around a tombstone-free re-insert of the run), free the slot."""
         kb = key.encode() if isinstance(key, str) else key
@@ -263,8 +263,10 @@ class MiniWriter:
             pos = (pos + 1) & seg.mask
         q[L.H_INDEX_GEN] += 1
         q[L.H_LAST_DELETE_EPOCH] = epoch
-        self.free_record(ref, epoch)
-        self.free[seg.class_of(ref)].append(ref)
+        c = seg.class_of(ref)
+        if free_slot and c >= 0:  # (a slot of a page moved away is no slot now)
+            self.free_record(ref, epoch)
+            self.free[c].append(ref)
         q[L.H_COUNT] -= 1
         self.publish()
 
@@ -321,6 +323,34 @@ def writer_side(served, compiled: bool | None = None, **serve_kwargs):
         yield n, seg, eng
     finally:
         seg.close()
+
+
+@contextlib.contextmanager
+def engine_side(name: str, compiled: bool | None = False, **layout):
+    """A store whose only writer is the test, with no coordinator ever started: the
+    segment made by ``create_segment`` (Layout(**layout)), set ready, and driven by
+    ``coordinator._engine.Engine``. For protocol tests of the read side, which need the
+    writer's stores, not its process. ``name`` comes from the ``names`` fixture, which
+    removes what is left; this unmaps and unlinks the segment on exit too.
+
+    Yields ``(name, writable Segment, Engine)``.
+    """
+    from shmstore._shm import create_segment, unlink_quietly  # noqa: PLC0415
+    from shmstore.coordinator._engine import Engine  # noqa: PLC0415
+    import posix_ipc  # noqa: PLC0415
+
+    seg = create_segment(name, L.Layout(**layout).validate(), 0)
+    try:
+        seg.q[L.H_STATE] = L.STATE_READY
+        eng = Engine(seg, compiled=compiled)
+        eng.rebuild_free_list()
+        try:
+            yield name, seg, eng
+        finally:
+            eng.close()
+    finally:
+        seg.close()
+        unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
 
 
 def bucket_pos(seg: Segment, kb: bytes) -> int:
