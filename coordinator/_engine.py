@@ -416,13 +416,13 @@ class Engine:
     def _grow(self, c: int, kb: bytes, keep: frozenset = frozenset()) -> int:
         """One step of room for class ``c``: a free page; else a page another class gives
         up keeping its records; else (with an evictor) evictions from ``c``, or of a whole
-        page of another class that then moves to ``c``; pages are never taken from the
-        classes in ``keep`` (a batch's). Returns PAGED (a free page, no record touched),
+        page of another class that then moves to ``c``; no record of the classes in
+        ``keep`` (a batch's) is evicted for it. Returns PAGED (a free page, no record touched),
         MOVED (records were moved or evicted) or 0 (nothing possible)."""
         if self.free_pages:
             self.assign_page(c)
             return PAGED
-        src = self._page_donor(c, keep)
+        src = self._page_donor(c)  # keeps every record: a batch's classes may give too
         if src >= 0:
             self.move_page(src, c)
             return MOVED
@@ -477,14 +477,13 @@ class Engine:
     def _per_page(self, c: int) -> int:
         return self.seg.page_size // self.classes[c]
 
-    def _page_donor(self, c: int, keep: frozenset = frozenset()) -> int:
-        """A class other than ``c`` (and not in ``keep``) that can give up a page keeping
-        all its records (its free slots, less a page's worth, still leave it its spare),
-        or -1."""
+    def _page_donor(self, c: int) -> int:
+        """A class other than ``c`` that can give up a page keeping all its records (its
+        free slots, less a page's worth, still leave it its spare), or -1."""
         best = -1
         best_spare = 0
         for a, ring in enumerate(self.frees):
-            if a == c or a in keep or not self.q[L.class_word(a, L.C_PAGES)]:
+            if a == c or not self.q[L.class_word(a, L.C_PAGES)]:
                 continue
             spare = len(ring) - self._per_page(a)
             if spare >= 1 and spare >= best_spare:
