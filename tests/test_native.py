@@ -3,7 +3,11 @@
 What the C protocol does under concurrency is proven in tests/test_native_tsan.py; the
 protocol tests (seqlock, read cache, get_many, snapshots, crash) run on both cores
 (conftest ``core``). Here: the constants and the hash agree with ``_layout``; the
-switch between cores; and the extension's own arguments are hostile-proof.
+switch between cores; the extension's own arguments are hostile-proof; and, on raw
+format-4 segments (no coordinator), the compiled reader and writer against the spec:
+Core's stores byte for byte against a Python transcription of the spec, the class
+rule and counters, page moves, clamps to the page, access bytes, the read cache's page
+check.
 """
 
 from __future__ import annotations
@@ -581,6 +585,13 @@ def test_a_page_move_leaves_no_stale_read(raw):
             m.lookup(b"ghost")
         assert m.retries > 0
         assert m.read_slot(2 << seg.ref_shift) is None  # a free page holds no slot
+        assert m.read_slot(seg.nslots) is None and m.read_slot(2**64 - 1) is None  # no slot
+        seg.q[seg.pt0 + 3] = 0x7F  # an entry naming a class the table lacks: no slot there
+        assert m.read_slot(3 << seg.ref_shift) is None
+        # The page's last whole slot is one; the bytes after it (1 MiB % 352) are not.
+        core.page_assign(1, 3, 7)
+        last = (1 << seg.ref_shift) + (seg.page_size // 352 - 1) * 22
+        assert m.read_slot(last) is not None and m.read_slot(last + 22) is None
     finally:
         m.close()
 

@@ -158,11 +158,11 @@ static inline void core_untouch(Core *c, uint64_t ref)
  * refs) whose byte ref >> 2 put and put_frame clear for each record they write. */
 static PyObject *Core_set_access(Core *c, PyObject *o)
 {
-    if (!core_open(c))
-        return NULL;
     Core_release_access(c);
     if (o == Py_None)
         Py_RETURN_NONE;
+    if (!core_open(c))
+        return NULL;
     if (PyObject_GetBuffer(o, &c->acc_buf, PyBUF_WRITABLE) < 0)
         return NULL;
     if ((uint64_t)c->acc_buf.len <= ((c->s.nslots - 1) >> 2)) {
