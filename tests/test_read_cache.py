@@ -22,7 +22,7 @@ from shmstore._shm import open_segment
 import posix_ipc
 
 from shmstore._many import key_words
-from tests.helpers.seqlock import MiniWriter, SlotGeometry, bucket_pos, colliding_keys, engine_side, mini_store
+from tests.helpers.seqlock import SlotGeometry, bucket_pos, colliding_keys, engine_side, mini_store
 
 #: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
 pytestmark = pytest.mark.usefixtures("core")
