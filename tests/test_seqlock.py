@@ -432,6 +432,24 @@ def test_a_bucket_into_a_free_page_is_waited_out(names, python_core):
             assert not [e for e in log if e[0] == "mr"], "a slot of a free page was copied"
 
 
+def test_a_bucket_naming_a_slot_past_the_pages_is_corruption(names, python_core):
+    """A bucket whose slot field is beyond the pages' references (or 0 - 1) is damage,
+    never an address to read: lookup and get raise CorruptionError; read_slot of a
+    reference out of range answers None."""
+    with mini_store(names(), L.Layout(**PAGE_MOVE_LAYOUT)) as (w, reader):
+        _, g = _page_move_setup(w)
+        word = w.seg.idx0 + bucket_pos(w.seg, b"k")
+        rd = make_readers(reader, lambda raw: raw, lambda *a: pytest.fail("stale"))
+        for bad_field in (reader.nslots + 1, (1 << 32) - 1, 0):
+            w.q[word] = (L.key_hash(b"k") << 32) | bad_field if bad_field else L.key_hash(b"k") << 32
+            with pytest.raises(shmstore.CorruptionError, match="damaged"):
+                reader.lookup(b"k")
+            with pytest.raises(shmstore.CorruptionError):
+                rd.get("k")
+        assert reader.read_slot(reader.nslots) is None and reader.read_slot(-1) is None
+        del rd
+
+
 @pytest.mark.parametrize("path", ["read_slot", "lookup", "get"])
 def test_garbage_lengths_are_clamped_to_the_page(names, python_core, path):
     """Format 4, step 3: in a memory store a 64-byte slot's key and value lengths are

@@ -177,13 +177,14 @@ class MiniWriter:
         q[w] = 2 * epoch + 2
 
     def assign_page(self, page: int, cls: int, epoch: int | None = None) -> list[int]:
-        """A page move: the entry first, then every new slot's header at ``epoch``."""
+        """A page move as the engine makes it: the entry 0 (the page is moving), every
+        new slot's header stamped free at ``epoch``, then the new entry."""
         seg = self.seg
         epoch = self.next_epoch() if epoch is None else epoch
         q = self.q
         for c in self.free:  # its old slots are no longer free slots of their class
             self.free[c] = [r for r in self.free[c] if r >> seg.ref_shift != page]
-        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (cls + 1) if cls >= 0 else 0
+        q[seg.pt0 + page] = 0
         if cls < 0:
             return []
         size = seg.classes[cls]
@@ -195,6 +196,7 @@ class MiniWriter:
             q[w + L.S_EXPIRY] = 0
             q[w + L.S_META] = L.FLAG_FREE << 16
             q[w] = 2 * epoch + 2
+        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (cls + 1)
         self.free[cls] = sorted(self.free.get(cls, []) + refs, reverse=True)
         self.publish()
         return refs
