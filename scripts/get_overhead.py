@@ -3,12 +3,12 @@ counters must not move.
 
     python scripts/get_overhead.py                 # 7 runs of 200,000 gets, the median
     python scripts/get_overhead.py --runs 11 --n 500000
-    python scripts/get_overhead.py --baseline OLD/shmstore/_segment.py   # A/B in one process
+    python scripts/get_overhead.py --baseline OLD/shmstore/_readers.py   # A/B in one process
 
 It serves a memory-only store, writes 1,000 small records, then times a loop of
 ``get`` over them (hits, str keys) and a loop of misses; each run's ns/get is printed
 and the median of the runs reported. With ``--baseline`` it also builds ``get`` from
-another version of ``_segment.py`` (e.g. ``git show BASE:shmstore/_segment.py``) on
+another version of ``_readers.py`` (e.g. ``git show BASE:shmstore/_readers.py``) on
 the same mapping and alternates the two run by run, so a busy machine slows both alike.
 """
 
@@ -23,10 +23,10 @@ import shmstore
 
 
 def _baseline_get(path: str, store: shmstore.Store):
-    """``get`` built by the ``make_readers`` of another ``_segment.py``, on ``store``'s mapping."""
+    """``get`` built by the ``make_readers`` of another ``_readers.py``, on ``store``'s mapping."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("shmstore._segment_baseline", path)
+    spec = importlib.util.spec_from_file_location("shmstore._readers_baseline", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.make_readers(store._seg, store._decode, shmstore.Store.get.__get__(store))[0]
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=7, help="timed runs (default 7); the median is reported")
     p.add_argument("--n", type=int, default=200_000, help="gets per run (default 200,000)")
     p.add_argument("--baseline", default=None, metavar="FILE",
-                   help="another _segment.py whose make_readers() to time against this one")
+                   help="another _readers.py whose make_readers() to time against this one")
     args = p.parse_args(argv)
     name = f"getbench-{os.getpid()}"
     coord = shmstore.serve(name, capacity=4096, key_size=32, value_size=64)

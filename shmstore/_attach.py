@@ -87,7 +87,7 @@ class Attachment:
         # in the registry while refs > 0.
         self.refs = 0
         self.old: list[Segment] = []  # destroyed mappings a handle may still read
-        #: id(segment) -> its get_many probe (``_segment.make_readers``), built once
+        #: id(segment) -> its get_many probe (``_readers.make_readers``), built once
         self.probes: dict[int, Any] = {}
         self.aio: ThreadPoolExecutor | None = None
         self.hub: Any = None  # the watch wake-ups (``_feed._Hub``), made on first watch

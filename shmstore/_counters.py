@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 from . import _layout as L
 from ._errors import ShmStoreError
 from ._lazy import LazyModule
-from ._segment import Readers, Segment, coordinator_alive
+from ._readers import Readers
+from ._segment import Segment, coordinator_alive
 
 if TYPE_CHECKING:
     from . import _channel as C

@@ -133,7 +133,7 @@ def padded_words(kbs: list[bytes], key_size: int) -> np.ndarray:
 
 def make_probe_many(seg: object, probe_each: Callable, access: memoryview | None = None) -> Callable:
     """Build ``probe_many(keys, lens, words=None)`` for one mapping (see
-    :func:`_segment.make_readers`).
+    :func:`_readers.make_readers`).
 
     Args:
         seg: the :class:`~shmstore._segment.Segment`.

@@ -24,7 +24,7 @@ Every counter has one writer, so none needs a lock or an atomic:
 
   * after every write request (a few word stores next to a request that costs tens of
     microseconds);
-  * every 4096th ``get`` of any handle (``_segment.PUBLISH_MASK``), and at every
+  * every 4096th ``get`` of any handle (``_readers.PUBLISH_MASK``), and at every
     ``stats()`` call;
   * when the last handle closes.
 

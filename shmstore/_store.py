@@ -7,7 +7,7 @@ descriptor, a mapping or a client block is this process's one attachment to the 
 reference-counted: the mapping (``_segment.Segment``), the write session
 (``_writes._Writer``: channel, write lock, tickets) and the process's counters. The
 handle keeps its own fast ``get`` closure with its read cache
-(``_segment.make_readers``), its codec and its counters (``_counters._Counters``). A
+(``_readers.make_readers``), its codec and its counters (``_counters._Counters``). A
 write goes ``Store.put`` → ``_Writer.request`` → ``_channel.ClientChannel``. Change
 feeds (``_feed``) and the async calls (``_aio``) are mixed in.
 """
@@ -28,7 +28,8 @@ from ._codec import RecordCodec
 from ._counters import _Counters
 from ._feed import FeedMixin
 from ._lazy import LazyModule
-from ._segment import Segment, make_readers
+from ._readers import make_readers
+from ._segment import Segment
 from ._ttl import expiry_ns, now_ns
 
 # A process that only reads imports none of these (see ``shmstore._lazy``): the write
@@ -322,14 +323,14 @@ class Store(FeedMixin, AsyncMixin):
         """The value of ``key``, or ``default`` if it is missing. Never blocks writers.
 
         Each handle replaces this method with a fast closure bound to its mapping
-        (``_segment.make_readers``); this is the general path it falls back to.
+        (``_readers.make_readers``); this is the general path it falls back to.
 
         The fast ``get`` keeps up to ``read_cache`` records (``connect(read_cache=)``,
         default 16384) it has read, and answers from them only while a fresh read
         would return the same at that moment (checked on every call: three loads of
         shared memory). Immutable values (str, bytes, int, float, bool, None) are
         returned as cached; others are decoded anew on each hit, so callers may
-        change what they get. How the cache stays exact: ``_segment.make_readers``.
+        change what they get. How the cache stays exact: ``_readers.make_readers``.
         """
         seg = self._live_segment()
         r = seg.lookup(self._key(key, seg))

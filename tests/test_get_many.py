@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 import shmstore
 from shmstore import _layout as L
 from shmstore._many import key_words, padded_words
-from shmstore._segment import make_readers
+from shmstore._readers import make_readers
 from tests.helpers.hashes import same_hash_keys
 
 #: Every test here runs on both cores: the compiled one and pure Python (conftest.core).

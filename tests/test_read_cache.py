@@ -17,7 +17,7 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import make_readers
+from shmstore._readers import make_readers
 from shmstore._shm import open_segment
 import posix_ipc
 

@@ -24,7 +24,8 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
-from shmstore._segment import Segment, make_readers
+from shmstore._readers import make_readers
+from shmstore._segment import Segment
 from shmstore._shm import open_segment
 from shmstore.coordinator._engine import Engine
 from tests.helpers.seqlock import (

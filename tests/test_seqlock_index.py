@@ -25,7 +25,8 @@ import pytest
 import shmstore
 from shmstore import _compiled
 from shmstore import _layout as L
-from shmstore._segment import Segment, make_readers
+from shmstore._readers import make_readers
+from shmstore._segment import Segment
 from shmstore._shm import open_segment
 from tests.helpers.hashes import same_hash_keys
 from tests.helpers.seqlock import (
