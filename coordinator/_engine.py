@@ -618,15 +618,16 @@ class Engine:
         return page
 
     def _stamp_page(self, page: int, c: int, epoch: int) -> None:
-        """Give ``page`` to class ``c``: its entry first, then every new slot stamped free
-        at ``epoch`` (the entry's store is ordered before the slots' bodies by each
-        slot's release fence: see protocol.h)."""
+        """Give ``page`` to class ``c`` at ``epoch`` (protocol.h ``shm_page_assign``): its
+        entry to 0, every new slot stamped free, then the new entry. A reader that met
+        the page's old entry before and sees another (or 0) after its copy retries; a
+        coordinator that dies in between leaves a free page that repair clears."""
         seg = self.seg
         if self.core is not None:
             self.core.page_assign(page, c, epoch)
             return
         q = self.q
-        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (c + 1)
+        q[seg.pt0 + page] = 0
         size = self.classes[c]
         w0 = seg.slot0 + (page << seg.ref_shift) * seg.slot_words
         for i in range(self._per_page(c)):
@@ -636,6 +637,7 @@ class Engine:
             q[w + L.S_EXPIRY] = 0
             q[w + L.S_META] = L.FLAG_FREE << 16
             q[w] = 2 * epoch + 2
+        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (c + 1)
 
     def put(self, kb: bytes, vb: bytes, expiry: int = 0) -> int:
         core = self.core

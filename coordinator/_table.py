@@ -334,13 +334,13 @@ def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
     """Copy the store into a new handover segment; returns its name.
 
     The payload (``shmstore._snapshot.from_handover`` reads it): epoch, records n,
-    buckets, row size, taken-at ns; the index with each bucket's slot field renumbered
-    to its row + 1; then n rows of the row size. A row holds its record's slot bytes as
-    in the segment (header, key padded to 8, value at ``32 + align8(klen)``), only the
-    ``align8(slot_need)`` bytes the record uses, then zeros: the row size is the
-    largest of those, not the largest class's slot.
+    buckets, row size 0 (rows of their own sizes), taken-at ns; the index with each
+    bucket's slot field renumbered to its row + 1; n + 1 u64 row bounds from 0; then
+    the rows back to back. A row is its record's slot bytes as in the segment (header,
+    key padded to 8, value at ``32 + align8(klen)``), only the ``align8(slot_need)``
+    bytes the record uses, whatever its class's slot size.
     """
-    from ._durable._checkpoint import pages_words, record_lengths, spans  # noqa: PLC0415
+    from ._durable._checkpoint import gather_records, record_lengths  # noqa: PLC0415
 
     idx = seg.index_view()
     pos = np.flatnonzero(idx)
@@ -349,23 +349,24 @@ def write_snapshot(seg: Segment, epoch: int, handovers: Handovers) -> str:
     nb = seg.nbuckets
     refs = (b & U32).astype(np.int64) - 1
     lengths = record_lengths(seg, refs)
-    row = int(lengths.max()) if n else L.SLOT_HEADER
-    size = SNAP_HEADER + 8 * nb + n * row
+    total = int(lengths.sum())
+    size = SNAP_HEADER + 8 * nb + 8 * (n + 1) + total
     name, mm = handovers.create(size)
     try:
         o = HANDOVER_HEADER
-        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, row, now_ns())
+        np.frombuffer(mm, dtype=np.uint64, count=5, offset=o)[:] = (epoch, n, nb, 0, now_ns())
         o += SNAP_HEADER
         out_idx = np.frombuffer(mm, dtype=np.uint64, count=nb, offset=o)
         out_idx[:] = idx
         out_idx[pos] = (b & HIGH) | np.arange(1, n + 1, dtype=np.uint64)
-        if n:
-            out = np.frombuffer(mm, dtype=np.uint64, count=n * row // 8, offset=o + 8 * nb)
-            words = pages_words(seg)
-            out[spans(np.arange(n, dtype=np.int64) * (row // 8), lengths // 8)] = \
-                words[spans(2 * refs, lengths // 8)]
-            del out, words
-        del out_idx, idx
+        o += 8 * nb
+        bounds = np.frombuffer(mm, dtype=np.uint64, count=n + 1, offset=o)
+        bounds[0] = 0
+        np.cumsum(lengths, out=bounds[1:].view(np.int64))
+        o += 8 * (n + 1)
+        if total:
+            np.frombuffer(mm, dtype=np.uint8, count=total, offset=o)[:] = gather_records(seg, refs, lengths)
+        del out_idx, idx, bounds
     except BaseException:
         mm.close()
         raise

@@ -430,3 +430,55 @@ def test_the_coordinator_refuses_bad_table_definitions(store):
     with pytest.raises(shmstore.TableNotFoundError):
         store.table("t")  # none of those made a table
     assert store.table("ok", DT, 3).nrows == 3  # the coordinator is still serving
+
+
+def test_the_coordinators_snapshot_of_a_memory_store_keeps_every_class(served, names, monkeypatch):
+    """The handover snapshot (coordinator/_table.py ``write_snapshot``) of records in many
+    size classes: each row is the bytes its record uses (not its class's slot), and every
+    record reads back exactly, through a client and from the payload itself."""
+    import msgspec
+
+    from shmstore import _layout as L
+    from shmstore import _snapshot as S
+    from shmstore._handover import open_handover
+    from shmstore.coordinator import CoordinatorServer, ServerConfig
+    from shmstore.coordinator._table import write_snapshot
+
+    model = {f"k{i}": "v" * (i * 37 % 4900) for i in range(200)}
+    model["k1"] = "short"
+    del model["k2"]
+    n, _ = served("snapmem", memory=24 << 20, value_size=5000, capacity=1000)
+    monkeypatch.setattr(S, "SNAPSHOT_TRIES", 0)  # the coordinator's copy, not the lock-free one
+    with shmstore.connect(n) as s:
+        for i in range(200):
+            s.put(f"k{i}", "v" * (i * 37 % 4900))
+        s.put("k1", "short")  # an update
+        s.delete("k2")
+        with s.snapshot() as snap:
+            assert snap.via_coordinator
+            assert {k.decode(): v for k, v in snap.items()} == model
+            assert snap.get("k2") is None
+    # The payload itself, from a coordinator in this process.
+    m = names("snapraw")
+    server = CoordinatorServer(ServerConfig(name=m, memory=24 << 20, value_size=5000, capacity=1000,
+                                            max_clients=1))
+    try:
+        server.setup()
+        e = server.engine
+        for k, v in model.items():
+            e.put(k.encode(), msgspec.msgpack.encode(v))
+        mm, size = open_handover(write_snapshot(server.seg, e.epoch, server.handovers))
+        try:
+            epoch, idx, data, offsets, _ = S.from_handover(mm, size)
+            assert epoch == e.epoch and len(offsets) == len(model) + 1
+            lengths = np.diff(offsets)
+            want = sorted(L.align(L.slot_need(len(k), len(msgspec.msgpack.encode(v))), 8)
+                          for k, v in model.items())
+            assert sorted(lengths.tolist()) == want
+            assert offsets[-1] < sum(server.seg.classes[server.seg.layout.class_for(w)]
+                                     for w in want)
+            del idx, data, offsets
+        finally:
+            mm.close()
+    finally:
+        server.close()

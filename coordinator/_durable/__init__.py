@@ -12,6 +12,7 @@ One module per role, as gunicorn groups its dirty arbiter's in ``gunicorn/dirty/
 ``_atrest``        compression and encryption of the files (the codec, the key)
 ``_backup``        ``store.backup()`` (in the coordinator) and ``shmstore.restore()``
 ``_check``         ``shmstore.check()``: verify a directory and a live segment
+``_formats``       the refusal of files of an older format, with the way to migrate
 =================  ===================================================================
 
 The loop imports only :class:`DurableJournal`, and only when a store is served with a

@@ -76,6 +76,7 @@ CHUNK = 1 << 20
 HEADER = struct.Struct("<8sIIQQQQQQQQI")
 HEADER_SIZE = 88
 _CRC_AT = HEADER_SIZE - 4
+_V1_HEADER = 80  # format 1's header, checksummed in its last 4 bytes
 U32 = np.uint64(0xFFFFFFFF)
 crc32 = zlib.crc32
 
@@ -281,9 +282,10 @@ def read_header(path: str, data: bytes | memoryview) -> CheckpointHeader:
         IncompatibleStoreError: it is a checkpoint of another format (format 1: segment
             format 3), with what to do about it.
     """
-    if len(data) >= 12 and bytes(data[:8]) == CKPT_MAGIC:
+    if len(data) >= _V1_HEADER and bytes(data[:8]) == CKPT_MAGIC:
         (version,) = struct.unpack_from("<I", data, 8)
-        if version != CKPT_VERSION and version < 1 << 16:  # else a damaged word: the crc says so
+        (crc,) = struct.unpack_from("<I", data, _V1_HEADER - 4)
+        if version == 1 and crc == crc32(data[: _V1_HEADER - 4]):  # format 1's header, intact
             raise old_format_error(f"checkpoint {path}", version, CKPT_VERSION)
     if len(data) < HEADER_SIZE:
         raise CorruptionError(f"checkpoint {path}: cut short at offset {len(data)} (header is {HEADER_SIZE} bytes)")

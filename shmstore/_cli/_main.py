@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _store_cmds.register(add)  # serve, get, put, del, scan, incr, stats, destroy
     _ops_cmds.register(add)  # cleanup, stress, bench, demo
-    _data_cmds.register(add)  # checkpoint, backup, restore, check
+    _data_cmds.register(add)  # checkpoint, backup, restore, check, load
     return parser
 
 

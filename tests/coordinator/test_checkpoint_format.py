@@ -302,3 +302,16 @@ def test_the_manifest_records_the_whole_layout(served, tmp_path):
         c2.stop()
     with pytest.raises(shmstore.IncompatibleStoreError, match="growth=1.5"):
         shmstore.serve(n, path=data, growth=2.0)
+
+
+def test_a_damaged_version_word_is_corruption_not_another_format(good):
+    """A flipped bit in the version is damage (recovery falls back to an older
+    checkpoint), never mistaken for a file of another format (which stops recovery)."""
+    path, raw, *_ = good
+    for bit in range(32):
+        bad = bytearray(raw)
+        bad[8 + bit // 8] ^= 1 << (bit % 8)
+        with open(path, "wb") as f:
+            f.write(bytes(bad))
+        with pytest.raises(shmstore.CorruptionError, match="offset 0"):
+            load_checkpoint(path, MEM, 0)
