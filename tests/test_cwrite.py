@@ -415,9 +415,6 @@ def test_ring_publish_then_take_round_trips(names):
         mm.close()
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/_engine.py Engine._stamp_page (pure-Python path) stores the "
-                   "new entry first; it must store 0, stamp the slots, then the entry, as protocol.h's "
-                   "shm_page_assign does (the lead's file: remove this mark once it does)")
 def test_a_python_page_move_publishes_the_entry_last(engines):
     """The pure-Python engine's page move in protocol.h's order: the page's entry to 0
     before any new slot is stamped, the new entry after the last one. (Entry first lets
