@@ -413,3 +413,34 @@ def test_ring_publish_then_take_round_trips(names):
         assert bad is None and frames == sent and tail == head
     finally:
         mm.close()
+
+
+def test_a_python_page_move_publishes_the_entry_last(engines):
+    """The pure-Python engine's page move in protocol.h's order: the page's entry to 0
+    before any new slot is stamped, the new entry after the last one. (Entry first lets
+    a scan that loads the new entry read a new slot before its stamp: the old
+    geometry's bytes under an unchanged stamp word; tests/native/seqlock_stress.c
+    counts such torn reads with -DSHM_BROKEN_PAGE. The compiled engine's order is
+    checked there and in its aarch64 code, tests/test_native_tsan.py.)"""
+    from tests.helpers.seqlock import WordsSpy
+
+    _, eng = engines(MEM)
+    eng.assign_page(0)
+    eng.assign_page(0)  # class 0 holds two pages: it can give one up
+    log: list = []
+    real = eng.q
+    eng.q = WordsSpy(real, log)
+    try:
+        page = eng.move_page(0, 1)
+    finally:
+        eng.q = real
+    seg = eng.seg
+    pt = seg.pt0 + page
+    lo = seg.slot0 + seg.slot_words * (page << seg.ref_shift)
+    hi = lo + seg.page_size // 8
+    writes = [(i, w, v) for i, (kind, w, v) in enumerate(log) if kind == "qw"]
+    pt_writes = [(i, v) for i, w, v in writes if w == pt]
+    stamps = [i for i, w, _ in writes if lo <= w < hi]
+    assert stamps and pt_writes, log[:20]
+    assert pt_writes[0][1] == 0 and pt_writes[0][0] < stamps[0], pt_writes
+    assert pt_writes[-1][1] == real[pt] != 0 and pt_writes[-1][0] > stamps[-1], pt_writes
