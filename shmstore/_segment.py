@@ -391,7 +391,7 @@ class Segment:
         while True:
             pte1 = q[ptw]
             c = (pte1 & 0xFF) - 1
-            if pte1 == 0 or c >= len(classes) or in_page % classes[c]:
+            if pte1 == 0 or c >= len(classes) or in_page % classes[c] or in_page + classes[c] > self.page_size:
                 return None
             s1 = q[w]
             if s1 & 1:

@@ -268,3 +268,18 @@ def test_a_segment_of_the_old_format_is_refused_naming_the_fix(names):
     finally:
         shm.close_fd()
         posix_ipc.unlink_shared_memory(L.data_name(name))
+
+
+def test_read_slot_refuses_a_ref_past_the_last_whole_slot_of_its_page(served):
+    # 80-byte slots: a 1 MiB page holds 13107 of them and 16 bytes over; the ref of
+    # those 16 bytes is a multiple of the slot size but no slot.
+    with _opened(served, memory=4 * MiB) as (name, _, s):
+        s.put("k", b"x" * 30)  # 32 + 8 + 32 bytes: the 80-byte class
+        seg = s._seg
+        ref = seg.lookup(b"k")[0]
+        assert seg.classes[seg.class_of(ref)] == 80
+        page_start = (ref >> seg.ref_shift) << seg.ref_shift
+        last = page_start + (seg.page_size // 80) * 80 // L.SLOT_UNIT
+        assert ((last - page_start) * L.SLOT_UNIT) % 80 == 0
+        assert seg.read_slot(last) is None
+        assert seg.read_slot(last - 80 // L.SLOT_UNIT) is not None
