@@ -51,6 +51,7 @@ import numpy as np
 from shmstore import _compiled
 from shmstore import _layout as L
 from shmstore._errors import (
+    CorruptionError,
     KeyTooLongError,
     StoreFullError,
     ValueEncodingError,
@@ -412,15 +413,16 @@ class Engine:
             changed = changed or grew == MOVED
         raise self._full(kb, "room could not be made (eviction found no victim)")
 
-    def _grow(self, c: int, kb: bytes) -> int:
+    def _grow(self, c: int, kb: bytes, keep: frozenset = frozenset()) -> int:
         """One step of room for class ``c``: a free page; else a page another class gives
         up keeping its records; else (with an evictor) evictions from ``c``, or of a whole
-        page of another class that then moves to ``c``. Returns PAGED (a free page, no
-        record touched), MOVED (records were moved or evicted) or 0 (nothing possible)."""
+        page of another class that then moves to ``c``; pages are never taken from the
+        classes in ``keep`` (a batch's). Returns PAGED (a free page, no record touched),
+        MOVED (records were moved or evicted) or 0 (nothing possible)."""
         if self.free_pages:
             self.assign_page(c)
             return PAGED
-        src = self._page_donor(c)
+        src = self._page_donor(c, keep)
         if src >= 0:
             self.move_page(src, c)
             return MOVED
@@ -428,7 +430,7 @@ class Engine:
             return 0
         if self.q[L.class_word(c, L.C_PAGES)]:
             return MOVED if self.evict_refs(self.evictor.victims(c, self.evictor.batch(c))) else 0
-        src, refs = self.evictor.victim_page(c)
+        src, refs = self.evictor.victim_page(c, keep)
         if src < 0:
             return 0
         self.evict_refs(refs)
@@ -475,13 +477,14 @@ class Engine:
     def _per_page(self, c: int) -> int:
         return self.seg.page_size // self.classes[c]
 
-    def _page_donor(self, c: int) -> int:
-        """A class other than ``c`` that can give up a page keeping all its records (its
-        free slots, less a page's worth, still leave it its spare), or -1."""
+    def _page_donor(self, c: int, keep: frozenset = frozenset()) -> int:
+        """A class other than ``c`` (and not in ``keep``) that can give up a page keeping
+        all its records (its free slots, less a page's worth, still leave it its spare),
+        or -1."""
         best = -1
         best_spare = 0
         for a, ring in enumerate(self.frees):
-            if a == c or not self.q[L.class_word(a, L.C_PAGES)]:
+            if a == c or a in keep or not self.q[L.class_word(a, L.C_PAGES)]:
                 continue
             spare = len(ring) - self._per_page(a)
             if spare >= 1 and spare >= best_spare:
@@ -547,9 +550,13 @@ class Engine:
         changes and its new slots are stamped free. Returns the page."""
         seg = self.seg
         q = self.q
+        n = len(self.classes)
+        if not (0 <= src < n and 0 <= dst < n) or src == dst:
+            raise CorruptionError(f"a page move from class {src} to class {dst}: this store has "
+                                  f"classes 0 to {n - 1}")
         refs, _ = seg.slot_refs(cls=src)
         if not len(refs):
-            raise self._full(b"", f"class {src} has no page to give")
+            raise CorruptionError(f"a page move from class {src}, which holds no page")
         hdr = seg.headers(refs)
         idx = seg.index_view()
         live_refs = np.sort((idx[idx != 0] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 1)
@@ -563,7 +570,7 @@ class Engine:
         ring = self.frees[src]
         others = [r for r in ring if r >> seg.ref_shift != page]
         if len(others) < len(movers) + (1 if movers else 0):
-            raise self._full(b"", f"class {src} cannot empty a page")
+            raise CorruptionError(f"a page move from class {src}: no page of it can be emptied")
         from ._ops import MovePage  # noqa: PLC0415
 
         self._logged(MovePage(0, src, dst))
@@ -611,15 +618,16 @@ class Engine:
         return page
 
     def _stamp_page(self, page: int, c: int, epoch: int) -> None:
-        """Give ``page`` to class ``c``: its entry first, then every new slot stamped free
-        at ``epoch`` (the entry's store is ordered before the slots' bodies by each
-        slot's release fence: see protocol.h)."""
+        """Give ``page`` to class ``c`` at ``epoch`` (protocol.h ``shm_page_assign``): its
+        entry to 0, every new slot stamped free, then the new entry. A reader that met
+        the page's old entry before and sees another (or 0) after its copy retries; a
+        coordinator that dies in between leaves a free page that repair clears."""
         seg = self.seg
         if self.core is not None:
             self.core.page_assign(page, c, epoch)
             return
         q = self.q
-        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (c + 1)
+        q[seg.pt0 + page] = 0
         size = self.classes[c]
         w0 = seg.slot0 + (page << seg.ref_shift) * seg.slot_words
         for i in range(self._per_page(c)):
@@ -629,6 +637,7 @@ class Engine:
             q[w + L.S_EXPIRY] = 0
             q[w + L.S_META] = L.FLAG_FREE << 16
             q[w] = 2 * epoch + 2
+        q[seg.pt0 + page] = (epoch << L.PTE_CLASS_BITS) | (c + 1)
 
     def put(self, kb: bytes, vb: bytes, expiry: int = 0) -> int:
         core = self.core
@@ -638,12 +647,12 @@ class Engine:
                 self.epoch = v
                 if expiry and expiry < self.next_expiry:
                     self.next_expiry = expiry
-                if self.access is not None:
-                    pass  # the compiled writer set the record's access byte
                 return v
         h = key_hash(kb)
         pos, old = self.find(kb, h)
-        if self._make_room(self.class_for(kb, vb), old < 0, kb):
+        # Making room may evict or move this very record: look again, and make room
+        # again for what the write now is (an insert needs more than an update).
+        while self._make_room(self.class_for(kb, vb), old < 0, kb):
             pos, old = self.find(kb, h)
         v = self._store(kb, h, pos, old, vb, expiry, self.next_epoch())
         self.publish()
@@ -694,7 +703,7 @@ class Engine:
                 f"compare_and_set on key {_show(kb)[:80]}: expected version {expect}, "
                 f"found {cur if cur else 'no record (version 0)'}; read it again and retry"
             )
-        if self._make_room(self.class_for(kb, vb), old < 0, kb):
+        while self._make_room(self.class_for(kb, vb), old < 0, kb):
             pos, old = self.find(kb, h)
             if self._current_version(old) != cur:  # evicted to make room: retry
                 raise VersionConflictError(
@@ -763,6 +772,7 @@ class Engine:
             self.check_key(op.key)
             if t is BatchPut:
                 self.check_value(op.value)
+        keep = frozenset(self.class_for(op.key, op.value) for op in ops if type(op) is BatchPut)
         for _ in range(2 * len(ops) + 64):
             short = self._batch_short(ops)
             if short is None:
@@ -776,10 +786,11 @@ class Engine:
                         f"{self.capacity}, holding {self.q[L.H_COUNT]}). Nothing in the batch was written."
                     )
                 self.evict_refs(self.evictor.victims(c, 1))
-            elif not self._grow(c, kb):
+            elif not self._grow(c, kb, keep):
                 raise StoreFullError(
                     f"batch needs more {self.classes[c]}-byte slots than the store has room for "
-                    f"(no free memory page). Nothing in the batch was written."
+                    f"(no free memory page, and no page of a class the batch does not write to "
+                    f"can be taken). Nothing in the batch was written."
                 )
         else:
             raise StoreFullError("batch: room could not be made. Nothing in the batch was written.")

@@ -126,11 +126,11 @@ class Clock:
         q[L.H_CLOCK_SCANS] += scanned
         return out
 
-    def victim_page(self, c: int) -> tuple[int, list[int]]:
-        """A page of another class to empty for class ``c``: ``(its class, its live
-        records)``, or ``(-1, [])``. A CLOCK over pages: a page whose records were used
-        since the hand passed gets a second chance (their bytes cleared); a class's
-        last page is taken only when no other will do."""
+    def victim_page(self, c: int, keep: frozenset = frozenset()) -> tuple[int, list[int]]:
+        """A page of another class (not ``c``, not in ``keep``) to empty for class ``c``:
+        ``(its class, its live records)``, or ``(-1, [])``. A CLOCK over pages: a page
+        whose records were used since the hand passed gets a second chance (their bytes
+        cleared); a class's last page is taken only when no other will do."""
         seg = self.seg
         pt = seg.page_table().copy()
         pcls = (pt & np.uint64(0xFF)).astype(np.int64) - 1
@@ -140,7 +140,7 @@ class Clock:
         for step in range(2 * npages):
             page = (self.page_hand + step) % npages
             k = int(pcls[page])
-            if k < 0 or k == c:
+            if k < 0 or k == c or k in keep:
                 continue
             refs = self.refs(k)
             on = refs[(refs >> seg.ref_shift) == page]

@@ -136,8 +136,8 @@ def main() -> None:
           f"{args.min_value}-{args.max_value} B, budget {budget / 2**20:.0f} MiB")
     for k, v in rows.items():
         print(f"  {k:32s} hit ratio {100 * v:6.2f} %")
-    print(f"  approximation: {out['points_below_exact_slot']:+.2f} points below exact LRU (slot bytes); "
-          f"{out['points_below_exact_raw']:+.2f} below exact LRU (key+value bytes)")
+    print(f"  shmstore minus exact LRU: {-out['points_below_exact_slot']:+.2f} points (slot bytes), "
+          f"{-out['points_below_exact_raw']:+.2f} points (key+value bytes)")
     print(f"  store: {info['evictions']:,} evictions, {info['page_moves']} page moves, "
           f"{info['records']:,} records at the end, fragmentation {100 * info['fragmentation']:.1f} %, "
           f"{info['seconds']:.1f} s")

@@ -12,10 +12,13 @@ both that a snapshot never returns an inconsistent view and that it always ends,
 
 1. Optimistic, lock-free (up to ``SNAPSHOT_TRIES`` times): note the index generation
    G and the commit epoch E; copy the index (one numpy copy); gather the slots its
-   buckets point to (one fancy-index copy), with their seq words gathered just before
-   and just after; then check that G is unchanged and even, that no key was deleted
-   after E (``H_LAST_DELETE_EPOCH``), and that every copied slot's seq is even,
-   unchanged across the copy and at most ``2E+2`` (written at or before E). If so the
+   buckets point to, each whole at its size class's size (one fancy-index copy per
+   class, :func:`gather_rows`), with their pages' entries and seq words gathered just
+   before and just after; then check that G is unchanged and even, that no key was
+   deleted after E (``H_LAST_DELETE_EPOCH``), that every page entry is assigned and
+   unchanged (no page was handed to another class during the copy), and that every
+   copied slot's seq is even, unchanged across the copy and at most ``2E+2``
+   (written at or before E). If so the
    copy is exactly the store at E: every record present at E has its bucket and an
    untorn slot in the copy, and nothing written after E does.
 2. Otherwise (writers kept changing records during the copy) the coordinator writes
@@ -27,8 +30,8 @@ Reads from a snapshot then probe the private copy: no seqlock, no retries, no
 coordinator. Expiry is judged against the wall clock at the moment of the copy, so a
 record does not expire half-way through a snapshot.
 
-Cost: one copy of the index (8 bytes per bucket, 16 per record slot) plus the live
-records' slots (``slot_size`` bytes each), O(store size) in time and private memory,
+Cost: one copy of the index (8 bytes per bucket) plus the live records' slots (each
+its class's slot size), O(store size) in time and private memory,
 per snapshot: about the cost of a ``memcpy`` of that much memory (tens of ms for
 100 MB). Take a snapshot for a multi-key read that must be consistent across several
 calls; for one consistent multi-key read ``Store.get_many`` is cheaper.

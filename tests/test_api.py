@@ -333,11 +333,28 @@ def test_stats_count_ops(store):
     assert store.stats().reads - r0 == 8
 
 
-def test_header_layout_constants_are_consistent():
-    lay = L.Layout(capacity=1000, key_size=13, value_size=100).validate()
-    assert lay.slot_size % 8 == 0 and lay.index_offset % L.PAGE == 0
-    assert lay.nbuckets >= 2 * lay.nslots and lay.nbuckets & (lay.nbuckets - 1) == 0
-    assert L.Layout(capacity=1000, key_size=13, value_size=101).fingerprint != lay.fingerprint
+@pytest.mark.parametrize("memory", [0, 8 << 20])
+def test_header_layout_constants_are_consistent(memory):
+    lay = L.Layout(capacity=1000, key_size=13, value_size=100_000, memory=memory).validate()
+    cls = lay.classes
+    assert all(c % L.SLOT_UNIT == 0 and c >= L.MIN_SLOT for c in cls) and list(cls) == sorted(set(cls))
+    assert cls[-1] >= L.slot_need(13, 100_000) and lay.page_size >= cls[-1]
+    assert lay.page_size & (lay.page_size - 1) == 0
+    assert lay.pt_offset % L.PAGE == 0 and lay.pages_offset % L.PAGE == 0 and lay.index_offset % L.PAGE == 0
+    assert lay.pages_offset >= lay.pt_offset + 8 * lay.npages
+    assert lay.index_offset == lay.pages_offset + lay.npages * lay.page_size
+    assert lay.nbuckets & (lay.nbuckets - 1) == 0
+    if memory:
+        assert len(cls) > 1 and lay.npages == memory // lay.page_size and lay.nbuckets > 4 * lay.capacity // 3
+    else:
+        per = lay.page_size // cls[0]
+        assert len(cls) == 1 and lay.npages * per >= lay.nslots == 1001 and lay.nbuckets >= 2 * lay.nslots
+    assert lay.nrefs == lay.npages * lay.page_size // L.SLOT_UNIT < (1 << 32) - 1
+    other = L.Layout(capacity=1000, key_size=13, value_size=100_001, memory=memory)
+    assert other.fingerprint != lay.fingerprint
+    # the header words the class table uses lie inside the header, past every H_* word
+    assert L.class_word(L.MAX_CLASSES - 1, L.C_ASKED) < L.H_WORDS
+    assert L.H_CLASSES > max(v for k, v in vars(L).items() if k.startswith("H_") and k not in ("H_CLASSES", "H_WORDS"))
 
 
 

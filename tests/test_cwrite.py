@@ -2,16 +2,20 @@
 
 The coordinator's Engine makes its slot and index stores through ``_cwrite.Core`` when
 the compiled core runs, from Python otherwise (``coordinator/_engine.py``). Both must
-leave byte-identical segments for the same ops: records, freed slots (key kept, value
-dropped), key-area zero padding past a shorter key, expiry words, buckets after
+leave byte-identical segments for the same ops: records (keys zero-padded to 8 bytes,
+values after them), freed slots (key kept, value dropped), expiry words, buckets after
 backward-shift deletions, the index generation, H_EPOCH, H_COUNT, H_LAST_DELETE_EPOCH,
-H_BATCH_SEQ and the feed horizon. Checked here by hypothesis over random op sequences
-on small stores (slot reuse, full stores, colliding keys), plus the constants the C
-file repeats.
+H_BATCH_SEQ, the feed horizon, and on format 4 the page table, the pages' new slots,
+the class counters and (LRU) the access bytes; and the same free rings per class.
+Checked here by hypothesis over random op sequences on a single-class store (slot
+reuse, full stores, colliding keys) and on a memory store of four size classes in
+three pages (pages handed out, moved between classes, records evicted), plus the
+constants the C file repeats.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import posix_ipc
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,16 +27,21 @@ from shmstore import _layout as L
 from shmstore._errors import ShmStoreError
 from shmstore._shm import create_segment, unlink_quietly
 from shmstore.coordinator._engine import Engine
+from shmstore.coordinator._evict import make_evictor
 
 pytestmark = pytest.mark.skipif(_compiled.native is None, reason="the compiled core is off (SHMSTORE_NO_EXTENSIONS)")
 
 LAYOUT = L.Layout(capacity=8, key_size=16, value_size=24)
+#: a memory store: three 1 MiB pages for four classes (64, 128, 256 and 352 bytes)
+MEM = L.Layout(capacity=24, key_size=16, value_size=300, memory=3 << 20, growth=2.0)
 
 # Keys of 1..16 bytes from a small set (so they repeat, collide and reuse slots with
 # keys of other lengths: the zero padding of the key area is exercised).
 keys = st.sampled_from([b"a", b"b", b"k1", b"k2", b"key-3", b"longer-key-04", b"sixteen-bytes-05",
                         b"x" * 16, b"yy", b"zzz", b"\x00", b"\x00\x01"])
 values = st.binary(max_size=24)
+# Values of every class of MEM (up to its value_size).
+mem_values = st.one_of(st.binary(max_size=24), st.integers(0, 300).map(lambda n: b"v" * n))
 expiries = st.sampled_from([0, 0, 1, 10**18, 2**64 - 1])
 put = st.tuples(st.just("put"), keys, values, expiries)
 delete = st.tuples(st.just("delete"), keys)
@@ -42,6 +51,16 @@ batch = st.tuples(st.just("batch"), st.lists(st.one_of(
     st.tuples(st.just(C.OP_PUT), keys, values, expiries).map(list),
     st.tuples(st.just(C.OP_DELETE), keys).map(list)), max_size=6))
 ops = st.lists(st.one_of(put, put, delete, cas, incr, batch), max_size=40)
+mem_ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), keys, mem_values, expiries),
+    st.tuples(st.just("put"), keys, mem_values, expiries),
+    delete,
+    st.tuples(st.just("cas"), keys, mem_values, st.integers(0, 40), expiries),
+    incr,
+    st.tuples(st.just("batch"), st.lists(st.one_of(
+        st.tuples(st.just(C.OP_PUT), keys, mem_values, expiries).map(list),
+        st.tuples(st.just(C.OP_DELETE), keys).map(list)), max_size=6)),
+), max_size=40)
 
 
 def _apply(eng: Engine, op: tuple) -> object:
@@ -61,25 +80,48 @@ def _apply(eng: Engine, op: tuple) -> object:
 
 
 def _image(eng: Engine) -> bytes:
-    """The segment's bytes, its random instance id left out."""
+    """The segment's bytes, its random instance id left out (and the access bytes)."""
     mv = eng.seg.mv
     o = L.H_INSTANCE * 8
-    return bytes(mv[:o]) + bytes(mv[o + 8:])
+    acc = b"" if eng.access is None else eng.access.tobytes()
+    return bytes(mv[:o]) + bytes(mv[o + 8:]) + acc
+
+
+def _same(a: Engine, b: Engine) -> str | None:
+    """None if the two engines' segments (and access bytes) are identical, else which
+    words differ."""
+    wa = np.frombuffer(a.seg.mm, np.uint64).copy()
+    wb = np.frombuffer(b.seg.mm, np.uint64).copy()
+    wa[L.H_INSTANCE] = wb[L.H_INSTANCE] = 0
+    if not np.array_equal(wa, wb):
+        return f"words {np.flatnonzero(wa != wb)[:10].tolist()} differ"
+    if a.access is not None and not np.array_equal(a.access, b.access):
+        return f"access bytes {np.flatnonzero(a.access != b.access)[:10].tolist()} differ"
+    return None
 
 
 @pytest.fixture
 def engines(names):
-    """Make pairs of engines (compiled, Python) on fresh segments of LAYOUT."""
+    """Make pairs of engines (compiled, Python) on fresh segments: ``pair(layout=LAYOUT,
+    lru=False)``; with lru, each has its own access bytes (the compiled core's through
+    Core.set_access) and a CLOCK evictor, as the server sets them up."""
     made = []
 
-    def pair():
+    def pair(layout: L.Layout = LAYOUT, lru: bool = False):
         out = []
         for compiled in (True, False):
             n = names("cw")
-            seg = create_segment(n, LAYOUT, 0)
+            seg = create_segment(n, layout, 0)
             e = Engine(seg, compiled=compiled)
-            e.rebuild_free_list()
             made.append((n, e))
+            if lru:
+                buf = bytearray(layout.access_size)
+                e.access = np.frombuffer(buf, np.uint8)
+                if e.core is not None:
+                    e.core.set_access(buf)
+                e.evictor = make_evictor(L.EVICT_LRU, e, e.access)
+                seg.q[L.H_EVICTION] = L.EVICT_LRU
+            e.rebuild_free_list()
             out.append(e)
         return out
 
@@ -87,16 +129,39 @@ def engines(names):
         yield pair
     finally:
         for n, e in made:
-            e.close()
-            e.seg.close()
+            if not e.seg.closed:
+                _close(e)
             unlink_quietly(posix_ipc.SharedMemory, L.data_name(n))
+
+
+def _close(e: Engine) -> None:
+    if e.core is not None:
+        e.core.set_access(None)
+    e.access = e.evictor = None
+    e.close()
+    e.seg.close()
 
 
 def _drop(engs):
     for e in engs:
-        e.close()
-        e.seg.close()
-        unlink_quietly(posix_ipc.SharedMemory, L.data_name(e.seg.name))
+        if not e.seg.closed:
+            name = e.seg.name
+            _close(e)
+            unlink_quietly(posix_ipc.SharedMemory, L.data_name(name))
+
+
+def _run_pair(c_eng: Engine, py_eng: Engine, seq: list) -> None:
+    assert c_eng.core is not None and py_eng.core is None
+    for i, op in enumerate(seq):
+        rc, rp = _apply(c_eng, op), _apply(py_eng, op)
+        assert rc == rp, f"op {i} {op!r}: compiled {rc!r}, Python {rp!r}"
+        assert c_eng.epoch == py_eng.epoch
+        assert [list(f) for f in c_eng.frees] == [list(f) for f in py_eng.frees], f"after op {i} {op!r}"
+        assert c_eng.free_pages == py_eng.free_pages
+        assert c_eng.next_expiry == py_eng.next_expiry
+        diff = _same(c_eng, py_eng)
+        if diff:
+            pytest.fail(f"after op {i} {op!r} of {seq!r}: {diff}")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -104,17 +169,20 @@ def _drop(engs):
 def test_compiled_and_python_engines_leave_identical_segments(engines, seq):
     c_eng, py_eng = engines()
     try:
-        assert c_eng.core is not None and py_eng.core is None
-        for i, op in enumerate(seq):
-            rc, rp = _apply(c_eng, op), _apply(py_eng, op)
-            assert rc == rp, f"op {i} {op!r}: compiled {rc!r}, Python {rp!r}"
-            assert c_eng.epoch == py_eng.epoch
-            assert list(c_eng.free) == list(py_eng.free), f"after op {i} {op!r}"
-            assert c_eng.next_expiry == py_eng.next_expiry
-            if _image(c_eng) != _image(py_eng):
-                a, b = c_eng.seg.q, py_eng.seg.q
-                diff = [w for w in range(len(a)) if w != L.H_INSTANCE and a[w] != b[w]]
-                pytest.fail(f"after op {i} {op!r} of {seq!r}: words {diff[:10]} differ")
+        _run_pair(c_eng, py_eng, seq)
+    finally:
+        _drop([c_eng, py_eng])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq=mem_ops, lru=st.booleans())
+def test_memory_stores_are_identical_too(engines, seq, lru):
+    """A memory store of four classes in three pages: records land in the class their
+    size needs, pages are handed out and moved between classes, full classes refuse
+    (or, with LRU, evict); both engines leave the same bytes, rings and free pages."""
+    c_eng, py_eng = engines(MEM, lru)
+    try:
+        _run_pair(c_eng, py_eng, seq)
     finally:
         _drop([c_eng, py_eng])
 
@@ -145,6 +213,8 @@ def test_constants_match_the_python_modules():
     from shmstore import _cwrite
 
     assert _cwrite.H_FEED_HORIZON == L.H_FEED_HORIZON
+    assert (_cwrite.H_CLASSES, _cwrite.C_RECORDS, _cwrite.C_ASKED) == (L.H_CLASSES, L.C_RECORDS, L.C_ASKED)
+    assert (_cwrite.FLAG_FREE, _cwrite.FLAG_EVICTED) == (L.FLAG_FREE, L.FLAG_EVICTED)
     assert (_cwrite.C_HEAD, _cwrite.C_TAIL, _cwrite.C_DONE, _cwrite.C_REPLY_LEN) == (
         C.C_HEAD, C.C_TAIL, C.C_DONE, C.C_REPLY_LEN)
     for kb in (b"a", b"user:1", b"x" * 8, b"y" * 9, bytes(range(1, 200)), b"\xff" * 64):
@@ -155,7 +225,13 @@ def test_core_refuses_bad_arguments(engines):
     c_eng, _ = engines()
     core = c_eng.core
     with pytest.raises(IndexError):
-        core.free_record(LAYOUT.nslots if hasattr(LAYOUT, "nslots") else 10**6, 1)
+        core.free_record(LAYOUT.nrefs, 1)  # past the pages
+    with pytest.raises(IndexError):
+        core.free_record(1, 1)  # inside slot 0
+    with pytest.raises(IndexError):
+        core.page_assign(LAYOUT.npages, 0, 1)
+    with pytest.raises(IndexError):
+        core.page_assign(0, 1, 1)  # one class only
     with pytest.raises(ValueError):
         core.write_record(0, 1, b"k" * 17, b"", 1, 0, 0)  # key longer than key_size
     with pytest.raises(ValueError):
@@ -205,7 +281,7 @@ def test_put_frame_applies_exactly_the_plain_puts_the_general_path_would(engines
     try:
         for f in frames:
             before = _image(c_eng)
-            v = c_eng.core.put_frame(f, c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+            v = c_eng.core.put_frame(f, c_eng.epoch + 1, c_eng.frees, c_eng.capacity)
             if not v:
                 assert _image(c_eng) == before, f"declined frame {f!r} changed the segment"
                 continue
@@ -219,7 +295,7 @@ def test_put_frame_applies_exactly_the_plain_puts_the_general_path_would(engines
             py_eng.check_value(op.value)
             assert py_eng.put(op.key, op.value, 0) == v
             assert _image(c_eng) == _image(py_eng), f"after {f!r}"
-            assert list(c_eng.free) == list(py_eng.free)
+            assert [list(f) for f in c_eng.frees] == [list(f) for f in py_eng.frees]
     finally:
         _drop([c_eng, py_eng])
 
@@ -231,13 +307,13 @@ def test_put_frame_declines_a_full_store_and_takes_updates(engines):
     core = c_eng.core
     enc = msgspec.msgpack.encode
     for i in range(LAYOUT.capacity):
-        v = core.put_frame(enc([1, 1, b"k%d" % i, b"v", 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+        v = core.put_frame(enc([1, 1, b"k%d" % i, b"v", 0]), c_eng.epoch + 1, c_eng.frees, c_eng.capacity)
         assert v == c_eng.epoch + 1
         c_eng.epoch = v
     before = _image(c_eng)
-    assert core.put_frame(enc([1, 0, b"new", b"v", 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity) == 0
+    assert core.put_frame(enc([1, 0, b"new", b"v", 0]), c_eng.epoch + 1, c_eng.frees, c_eng.capacity) == 0
     assert _image(c_eng) == before
-    v = core.put_frame(enc([1, 0, b"k3", b"w" * 24, 0]), c_eng.epoch + 1, c_eng.free, c_eng.capacity)
+    v = core.put_frame(enc([1, 0, b"k3", b"w" * 24, 0]), c_eng.epoch + 1, c_eng.frees, c_eng.capacity)
     assert v and c_eng.get(b"k3") == (v, b"w" * 24)
 
 

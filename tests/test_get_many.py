@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import hypothesis.strategies as st
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 import shmstore
 from shmstore import _layout as L
 from shmstore._many import key_words, padded_words
+from shmstore._segment import make_readers
 from tests.helpers.hashes import same_hash_keys
 
 #: Every test here runs on both cores: the compiled one and pure Python (conftest.core).
@@ -170,3 +172,53 @@ def test_get_many_reads_every_size_class_in_numpy(python_core, served, value_siz
             lens = np.array([len(k.encode()) for k in query])
             fast, _, slow, _ = s._readers.probe_many(query, lens)
             assert len(fast) == sum(w is not None for w in want) and not slow, (len(fast), len(slow))
+
+
+class _HookedTable(np.ndarray):
+    """A page-table view that runs ``hooks[i]`` before its i-th fancy-index read
+    (get_many's numpy probe reads the candidates' entries before and after its copy)."""
+
+    hooks: dict = {}
+    reads = 0
+
+    def __getitem__(self, item):
+        if isinstance(item, np.ndarray):
+            cls = type(self)
+            cls.reads += 1
+            hook = cls.hooks.pop(cls.reads, None)
+            if hook is not None:
+                hook()
+        return np.ndarray.__getitem__(self, item)
+
+
+def test_get_many_numpy_probe_refuses_slots_whose_page_entry_changed(python_core, names, monkeypatch):
+    """Format 4: the numpy probe loads every candidate's page entry before its copy and
+    again after it; a page whose entry changed in between (reassigned, here with its
+    bytes left as they were so only the entry tells) settles none of its keys in
+    numpy: they go the per-key way, which answers them right."""
+    from tests.helpers.seqlock import mini_store
+
+    lay = L.Layout(capacity=64, key_size=16, value_size=40, memory=2 << 20)
+    with mini_store(names(), lay) as (w, reader):
+        w.assign_page(0, 0)
+        keys = [f"key{i:03d}" for i in range(40)]
+        for k in keys:
+            w.put(k, msgspec.msgpack.encode(k), cls=0)
+        monkeypatch.setattr(_HookedTable, "hooks", {})
+        monkeypatch.setattr(_HookedTable, "reads", 0)
+        real = reader.page_table
+        monkeypatch.setattr(reader, "page_table", lambda: real().view(_HookedTable), raising=False)
+        rd = make_readers(reader, msgspec.msgpack.decode, lambda *a: pytest.fail("stale path"))
+        lens = np.array([len(k) for k in keys])
+        fast, blob, slow, _ = rd.probe_many(keys, lens)
+        assert len(fast) == len(keys) and not slow  # settled in numpy while nothing moves
+        pte = w.q[w.seg.pt0]
+
+        def reassign():  # a new epoch in the entry: the page was handed over again
+            w.q[w.seg.pt0] = (((pte >> L.PTE_CLASS_BITS) + 1) << L.PTE_CLASS_BITS) | (pte & 0xFF)
+
+        _HookedTable.hooks[_HookedTable.reads + 2] = reassign  # between the two loads
+        fast, blob, slow, _ = rd.probe_many(keys, lens)
+        assert len(fast) == 0, f"{len(fast)} keys settled from a page whose entry changed"
+        assert {keys[i]: msgspec.msgpack.decode(v) for i, v in slow.items()} == {k: k for k in keys}
+        del rd

@@ -3,7 +3,11 @@
 What the C protocol does under concurrency is proven in tests/test_native_tsan.py; the
 protocol tests (seqlock, read cache, get_many, snapshots, crash) run on both cores
 (conftest ``core``). Here: the constants and the hash agree with ``_layout``; the
-switch between cores; and the extension's own arguments are hostile-proof.
+switch between cores; the extension's own arguments are hostile-proof; and, on raw
+format-4 segments (no coordinator), the compiled reader and writer against the spec:
+Core's stores byte for byte against a Python transcription of the spec, the class
+rule and counters, page moves, clamps to the page, access bytes, the read cache's page
+check.
 """
 
 from __future__ import annotations
@@ -309,7 +313,8 @@ class RefEngine:
         pos, old = self._find(kb)
         if old < 0 and q[L.H_COUNT] >= self.capacity:
             return -1
-        if len(self.frees[cls]) < (1 if old >= 0 else 2):
+        reserve = 1 if seg.page_size // seg.classes[cls] >= 4 else 0
+        if len(self.frees[cls]) < (1 if old >= 0 else reserve + 1):
             return -1
         new = self.frees[cls].pop()
         seq = q[seg.slot0 + 2 * new]
@@ -439,9 +444,10 @@ def _compare(c_seg, core, c_frees, p_seg, p_frees, seq):
 
 
 def test_put_follows_the_class_rule(raw):
-    """An insert takes a free slot of its class only if two are left and the store is
-    under capacity; an update only if one is. Otherwise put is -1 and put_frame 0, and
-    nothing changed (bytes and rings)."""
+    """An insert takes a free slot of its class only if one is left beyond the class's
+    reserve (1: the spare for updates, where a page holds 4 slots or more; else 0) and
+    the store is under capacity; an update only if one is. Otherwise put is -1 and
+    put_frame 0, and nothing changed (bytes and rings)."""
     import msgspec
 
     seg, core, frees = raw(MEM)
@@ -472,6 +478,20 @@ def test_put_follows_the_class_rule(raw):
     assert q[L.class_word(1, L.C_ASKED)] == 2 * L.slot_need(1, 60)
     assert core.delete(b"a", 6, frees) and core.delete(b"b", 7, frees)
     assert q[L.class_word(1, L.C_RECORDS)] == 0 and q[L.class_word(1, L.C_ASKED)] == 0
+
+
+def test_a_class_of_fewer_than_four_slots_a_page_keeps_no_spare(raw):
+    big = L.Layout(capacity=1, key_size=16, value_size=5000)  # 3 slots in a 16 KiB page
+    seg, core, frees = raw(big)
+    assert seg.page_size // seg.classes[0] < 4
+    v = b"v" * 5000
+    n = len(frees[0])
+    for i in range(n):  # the last free slot too
+        assert core.put(b"k%d" % i, v, 0, i + 1, frees, n) == i + 1
+    assert not frees[0]
+    assert core.put(b"k0", v, 0, n + 1, frees, n) == -1  # an update needs one
+    assert core.delete(b"k1", n + 1, frees)
+    assert core.put(b"k0", v, 0, n + 2, frees, n) == n + 2
 
 
 def test_an_update_into_another_class_moves_the_accounting(raw):
@@ -565,6 +585,13 @@ def test_a_page_move_leaves_no_stale_read(raw):
             m.lookup(b"ghost")
         assert m.retries > 0
         assert m.read_slot(2 << seg.ref_shift) is None  # a free page holds no slot
+        assert m.read_slot(seg.nslots) is None and m.read_slot(2**64 - 1) is None  # no slot
+        seg.q[seg.pt0 + 3] = 0x7F  # an entry naming a class the table lacks: no slot there
+        assert m.read_slot(3 << seg.ref_shift) is None
+        # The page's last whole slot is one; the bytes after it (1 MiB % 352) are not.
+        core.page_assign(1, 3, 7)
+        last = (1 << seg.ref_shift) + (seg.page_size // 352 - 1) * 22
+        assert m.read_slot(last) is not None and m.read_slot(last + 22) is None
     finally:
         m.close()
 
@@ -611,8 +638,9 @@ def _mem_store_with(raw, records):
 
 def test_every_hit_sets_its_access_byte(raw):
     """Reader(access=...): a get, a cache hit and a get_many hit each set byte ref >> 2
-    of the access segment to 1; misses touch nothing; the coordinator's puts set the
-    byte of the slot they write (Core.set_access)."""
+    of the access segment to 1; misses touch nothing; the coordinator's puts clear the
+    byte of the slot they write (Core.set_access: a new record is unreferenced until a
+    reader reads it, as Engine._store does)."""
     import mmap
 
     import msgspec
@@ -623,17 +651,19 @@ def test_every_hit_sets_its_access_byte(raw):
     try:
         core.set_access(acc)
         enc = msgspec.msgpack.encode
+        acc[:] = b"\1" * len(acc)
         for i in range(3):
             assert core.put(b"k%d" % i, enc(i), 0, 2 + i, frees, 64) == 2 + i
         refs = [seg.lookup(b"k%d" % i)[0] for i in range(3)]
-        assert all(acc[r >> 2] == 1 for r in refs)
+        assert [acc[r >> 2] for r in refs] == [0, 0, 0]
+        assert bytes(acc).count(0) == 3
         assert core.put_frame(enc([1, 1, b"k9", enc(9), 0]), 5, frees, 64) == 5
         r9 = seg.lookup(b"k9")[0]
-        assert acc[r9 >> 2] == 1
+        assert acc[r9 >> 2] == 0 and bytes(acc).count(0) == 4
         core.set_access(None)
-        acc[:] = bytes(len(acc))
         assert core.put(b"k8", enc(8), 0, 6, frees, 64) == 6  # access off: no byte
-        assert not any(acc[:])
+        assert bytes(acc).count(0) == 4
+        acc[:] = bytes(len(acc))
 
         def stale(key, default):
             raise AssertionError(f"the general path for {key!r}")

@@ -6,6 +6,7 @@ cores (`core` fixture): the compiled one and pure Python.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -22,6 +23,24 @@ pytestmark = pytest.mark.usefixtures("core")
 MiB = 1 << 20
 
 
+@contextlib.contextmanager
+def _opened(served, **kw):
+    """Serve a fresh store with ``kw`` and connect: ``(name, coordinator, handle)``."""
+    name, coord = served(**kw)
+    s = shmstore.connect(name)
+    try:
+        yield name, coord, s
+    finally:
+        s.close()
+
+
+def _kill(coord) -> None:
+    os.kill(coord.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while coord.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _shm_bytes(name: str) -> dict[str, int]:
     """Apparent sizes of the store's /dev/shm objects (segments only)."""
     out = {}
@@ -32,9 +51,7 @@ def _shm_bytes(name: str) -> dict[str, int]:
 
 
 def test_values_of_every_size_round_trip_with_only_memory(served):
-    name, _ = served(memory=16 * MiB)
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=16 * MiB) as (name, _, s):
         vals = {"tiny": b"x" * 10, "kib": os.urandom(1024), "fifty": os.urandom(50 * 1024),
                 "doc": os.urandom(900 * 1024), "counter": 7}
         for k, v in vals.items():
@@ -53,14 +70,10 @@ def test_values_of_every_size_round_trip_with_only_memory(served):
         # A value over value_size (1 MiB by default) is refused in the caller.
         with pytest.raises(shmstore.ValueTooLargeError):
             s.put("huge", b"x" * (1 << 20) + b"y" * 100)
-    finally:
-        s.close()
 
 
 def test_no_eviction_refuses_with_nothing_half_written(served):
-    name, _ = served(memory=2 * MiB, value_size=2000, key_size=16)
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=2000, key_size=16) as (name, _, s):
         n = 0
         with pytest.raises(StoreFullError):
             while True:
@@ -78,17 +91,13 @@ def test_no_eviction_refuses_with_nothing_half_written(served):
                     b.put(f"new{i}", b"z" * 1500)
         assert s.stats().records == before and s.get("new0") is None
         assert s.get("k1") == b"v" * 1500
-    finally:
-        s.close()
 
 
 def test_lru_never_fails_keeps_the_hot_set_and_stays_in_budget(served):
     # 100 B - 10 KiB records fall into ~19 classes of 1 MiB pages: 32 pages give each
     # class a page or more (with far fewer, pages keep moving and take hot records along).
     memory = 32 * MiB
-    name, _ = served(memory=memory, value_size=16 * 1024, key_size=16, eviction="lru")
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=memory, value_size=16 * 1024, key_size=16, eviction="lru") as (name, _, s):
         rng = random.Random(7)
         hot = {f"hot{i}": os.urandom(rng.randint(100, 10_000)) for i in range(40)}
         for k, v in hot.items():
@@ -112,15 +121,11 @@ def test_lru_never_fails_keeps_the_hot_set_and_stays_in_budget(served):
         index_and_header = lay_size - memory
         assert index_and_header < memory  # the index and the page table, not a copy of the data
         assert set(sizes) <= {f"shmstore.{name}@{s}" for s in ("ch", "acc", "redo", "lock")}
-    finally:
-        s.close()
 
 
 def test_evictions_are_logged_ops_visible_in_changes(served, tmp_path):
-    name, coord = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="lru",
-                         path=str(tmp_path / "d"), sync="periodic")
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=4000, key_size=16, eviction="lru",
+                 path=str(tmp_path / "d"), sync="periodic") as (name, coord, s):
         since = s.epoch
         changed: set[bytes] = set()
         for i in range(2000):
@@ -135,14 +140,9 @@ def test_evictions_are_logged_ops_visible_in_changes(served, tmp_path):
         assert len(gone) == st.evictions
         assert {k.encode() for k in gone} <= changed
         present = {f"k{i}" for i in range(2000)} - set(gone)
-    finally:
-        s.close()
     # The evictions replay from the log: a rebuild from disk (checkpoint + WAL, after a
     # SIGKILL: no checkpoint at stop) holds the same records.
-    os.kill(coord.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while coord.alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _kill(coord)
     shmstore.destroy(name)
     coord2 = shmstore.serve(name, path=str(tmp_path / "d"))
     try:
@@ -156,9 +156,7 @@ def test_evictions_are_logged_ops_visible_in_changes(served, tmp_path):
 def test_a_class_without_pages_gets_one_moved(served):
     # Two pages: fill both with small records, delete most, then ask for a big one:
     # a page moves (its records relocate within their class) and nothing is lost.
-    name, _ = served(memory=2 * MiB, value_size=600 * 1024, key_size=16)
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=600 * 1024, key_size=16) as (name, _, s):
         n = 13000  # 6553 slots of 160 bytes a page: both pages, not full
         for i in range(n):
             s.put(f"s{i}", b"a" * 100, wait=False)
@@ -175,14 +173,10 @@ def test_a_class_without_pages_gets_one_moved(served):
         assert s.get("big") == big
         assert all(s.get(f"s{i}") == b"a" * 100 for i in range(0, n, 4))
         assert s.stats().page_moves >= 1
-    finally:
-        s.close()
 
 
 def test_lru_moves_a_page_when_the_class_has_none(served):
-    name, _ = served(memory=2 * MiB, value_size=600 * 1024, key_size=16, eviction="lru")
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=600 * 1024, key_size=16, eviction="lru") as (name, _, s):
         for i in range(20000):
             s.put(f"s{i}", b"a" * 100, wait=False)
         s.flush()
@@ -191,14 +185,10 @@ def test_lru_moves_a_page_when_the_class_has_none(served):
         assert s.get("big") == big
         st = s.stats()
         assert st.page_moves >= 1 and st.evictions > 0
-    finally:
-        s.close()
 
 
 def test_volatile_ttl_evicts_only_records_with_an_expiry(served):
-    name, _ = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="volatile-ttl")
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=4000, key_size=16, eviction="volatile-ttl") as (name, _, s):
         for i in range(100):
             s.put(f"keep{i}", b"k" * 3000)
         for i in range(2000):  # records with an expiry make room for each other
@@ -210,8 +200,6 @@ def test_volatile_ttl_evicts_only_records_with_an_expiry(served):
             for i in range(5000):
                 s.put(f"more{i}", b"m" * 3000)
         assert all(s.get(f"keep{i}") == b"k" * 3000 for i in range(100))
-    finally:
-        s.close()
 
 
 @pytest.mark.parametrize("bad", [True, 1.5, float("nan"), -1, 0, "1M", 100])
@@ -242,15 +230,10 @@ def test_sizes_of_an_existing_memory_store_must_match(served):
 
 
 def test_coordinator_killed_under_eviction_comes_back_consistent(served):
-    name, coord = served(memory=2 * MiB, value_size=4000, key_size=16, eviction="lru")
-    s = shmstore.connect(name)
-    try:
+    with _opened(served, memory=2 * MiB, value_size=4000, key_size=16, eviction="lru") as (name, coord, s):
         for i in range(1500):
             s.put(f"k{i}", b"v" * 3000)
-        os.kill(coord.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while coord.alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _kill(coord)
         c2 = shmstore.serve(name, eviction="lru")
         try:
             st = s.stats()
@@ -261,5 +244,27 @@ def test_coordinator_killed_under_eviction_comes_back_consistent(served):
                 s.put(f"k{i}", b"v" * 3000)
         finally:
             c2.stop()
+
+
+def test_a_segment_of_the_old_format_is_refused_naming_the_fix(names):
+    import mmap
+
+    import posix_ipc
+
+    name = names("old")
+    shm = posix_ipc.SharedMemory(L.data_name(name), posix_ipc.O_CREX, mode=0o600, size=L.PAGE)
+    try:
+        mm = mmap.mmap(shm.fd, L.PAGE)
+        q = memoryview(mm).cast("Q")
+        q[L.H_FORMAT] = 3
+        q[L.H_STATE] = L.STATE_READY
+        q[L.H_MAGIC] = L.MAGIC
+        q.release()
+        mm.close()
+        with pytest.raises(shmstore.IncompatibleStoreError, match=r"format 3.*shmstore scan .*shmstore load"):
+            shmstore.connect(name)
+        with pytest.raises(shmstore.ShmStoreError, match=r"format 3"):
+            shmstore.serve(name, memory=4 * MiB)
     finally:
-        s.close()
+        shm.close_fd()
+        posix_ipc.unlink_shared_memory(L.data_name(name))

@@ -228,7 +228,7 @@ def test_random_ops_with_expiries_replay_to_the_same_state(served, names, clock,
         clock(15)
 
         def nothing_due() -> bool:
-            exp = s._seg.slot_words_view()[:, L.S_EXPIRY]
+            exp = s._seg.headers(s._seg.slot_refs()[0])[:, L.S_EXPIRY]
             return not ((exp != 0) & (exp <= np.uint64(_ttl.now_ns()))).any()
 
         wait_for(nothing_due, timeout=30, what="the coordinator to reclaim every due record")

@@ -636,7 +636,10 @@ static inline void shm_free_record(const shm_seg *s, uint64_t ref, uint64_t epoc
  * expiry 0, meta FLAG_FREE << 16 (klen 0, vlen 0), W4; P2 the new entry with a release
  * store (a scan that acquire-loads it sees every stamp). The caller has freed and
  * unlinked every record of the page first, and does the page accounting (C_PAGES,
- * H_FREE_PAGES) and its free lists. */
+ * H_FREE_PAGES) and its free lists. A coordinator that dies between P0 and P2 leaves
+ * the page's entry 0 over bytes of both geometries: a free page is then not
+ * necessarily a never-written one, and whoever hands it out next must stamp (or
+ * clear) it rather than assume zeros. */
 static inline void shm_page_assign(const shm_seg *s, uint64_t page, uint64_t entry, uint64_t slot_size,
                                    uint64_t epoch)
 {

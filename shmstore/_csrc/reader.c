@@ -323,9 +323,10 @@ static PyObject *Mapping_lookup(Mapping *m, PyObject *key)
 
 /* read_slot(ref, wait=True) -> (seq, version, expiry, flags, key, value) or None.
  *
- * None: the ref's page is free, or the ref is not the start of a slot of its page's
- * class (a scan's ref from an older page table), or (wait=False) the slot is being
- * written. Otherwise one copy validated by the slot's stamp and its page's entry. */
+ * None: the ref is out of range, its page is free (or being moved, or its entry names
+ * no class), or the ref is not the start of a slot of its page's class (a scan's ref
+ * from an older page table), or (wait=False) the slot is being written. Otherwise one
+ * copy validated by the slot's stamp and its page's entry. */
 static PyObject *Mapping_read_slot(Mapping *m, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 2) {
@@ -341,20 +342,15 @@ static PyObject *Mapping_read_slot(Mapping *m, PyObject *const *args, Py_ssize_t
     if (wait < 0)
         return NULL;
     const shm_seg *s = &m->s;
-    if (ref >= s->nslots) {
-        PyErr_SetString(PyExc_IndexError, "slot reference out of range");
-        return NULL;
-    }
+    if (ref >= s->nslots)
+        Py_RETURN_NONE; /* no slot (Segment.read_slot's contract, both cores) */
     uint64_t page = ref >> s->ref_shift;
     backoff_t b = {0, 0, 0};
     for (;;) {
         uint64_t pte1 = shm_load_acquire(shm_pte(s, page));
         int64_t cls = shm_pte_class(s, pte1);
-        if (!pte1 || cls < 0 || !shm_ref_is_slot(s, ref, cls)) {
-            if (pte1 && cls < 0)
-                return raise_damaged("a page-table entry names no class");
+        if (!pte1 || cls < 0 || !shm_ref_is_slot(s, ref, cls))
             Py_RETURN_NONE;
-        }
         shm_rec rec;
         PyObject *k = NULL, *v = NULL;
         uint8_t kbuf[64];

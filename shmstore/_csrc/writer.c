@@ -59,7 +59,7 @@ typedef struct {
     int open;
     shm_seg s;
     Py_buffer acc_buf; /* the access segment (LRU eviction), if acc */
-    uint8_t *acc;      /* byte ref >> 2 of every record written is set to 1; NULL: none */
+    uint8_t *acc;      /* byte ref >> 2 of every record written is cleared; NULL: none */
 } Core;
 
 static PyTypeObject CoreType;
@@ -146,26 +146,23 @@ static PyObject *Core_close(Core *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* The coordinator wrote a record into slot ref: its access byte to 1 (relaxed; readers
- * store it too). */
-static inline void core_touch(Core *c, uint64_t ref)
+/* The coordinator wrote a record into slot ref: its access byte to 0, unreferenced
+ * until a reader reads it (Engine._store does the same; relaxed: readers store 1). */
+static inline void core_untouch(Core *c, uint64_t ref)
 {
-    if (c->acc) {
-        uint8_t *p = c->acc + (ref >> 2);
-        if (!__atomic_load_n(p, __ATOMIC_RELAXED))
-            __atomic_store_n(p, 1, __ATOMIC_RELAXED);
-    }
+    if (c->acc)
+        __atomic_store_n(c->acc + (ref >> 2), 0, __ATOMIC_RELAXED);
 }
 
 /* set_access(buffer or None): the access segment (writable, at least a byte per 4
- * refs) whose byte ref >> 2 put and put_frame set for each record they write. */
+ * refs) whose byte ref >> 2 put and put_frame clear for each record they write. */
 static PyObject *Core_set_access(Core *c, PyObject *o)
 {
-    if (!core_open(c))
-        return NULL;
     Core_release_access(c);
     if (o == Py_None)
         Py_RETURN_NONE;
+    if (!core_open(c))
+        return NULL;
     if (PyObject_GetBuffer(o, &c->acc_buf, PyBUF_WRITABLE) < 0)
         return NULL;
     if ((uint64_t)c->acc_buf.len <= ((c->s.nslots - 1) >> 2)) {
@@ -498,10 +495,18 @@ static int core_release(Core *c, uint64_t ref, int64_t cls, uint64_t epoch, PyOb
     return give_free(frees, cls, ref);
 }
 
-/* Apply a put whose arguments are checked: the class rule (insert: two free slots and
- * the count below capacity; update: one), then Engine.put's stores in its order: the
+/* Free slots an insert must leave in class cls (Engine.reserve): 1, the spare that
+ * lets an update succeed in a full class, where a page holds 4 slots or more; else 0
+ * (a spare would cost a quarter of a page or more). */
+static inline Py_ssize_t shm_class_reserve(const shm_seg *s, int64_t cls)
+{
+    return shm_page_bytes(s) / s->classes[cls] >= 4 ? 1 : 0;
+}
+
+/* Apply a put whose arguments are checked: the class rule (insert: reserve + 1 free
+ * slots and the count below capacity; update: one), then Engine.put's stores: the
  * feed horizon (if the reused slot's change record is newer), the record into a free
- * slot of its class (W1-W4) and its access byte, its bucket (release), the class
+ * slot of its class (W1-W4), its access byte cleared, its bucket (release), the class
  * counters, the old slot freed or the count raised, then H_EPOCH (release).
  * Returns 1 applied, 0 refused by the rule (nothing changed), -1 with an exception. */
 static int core_put(Core *c, const uint8_t *kb, uint64_t klen, const uint8_t *vb, uint64_t vlen, uint64_t expiry,
@@ -525,7 +530,7 @@ static int core_put(Core *c, const uint8_t *kb, uint64_t klen, const uint8_t *vb
     Py_ssize_t nfree = free_count(frees, cls);
     if (nfree < 0)
         return -1;
-    if (nfree < (found ? 1 : 2))
+    if (nfree < (found ? 1 : 1 + shm_class_reserve(s, cls)))
         return 0;
     int64_t old_cls = 0;
     if (found && check_ref(c, old, &old_cls) < 0)
@@ -541,7 +546,7 @@ static int core_put(Core *c, const uint8_t *kb, uint64_t klen, const uint8_t *vb
     if (seq >= 2 && (seq - 1) >> 1 > shm_load_relaxed(hz))
         shm_store_relaxed(hz, (seq - 1) >> 1); /* ordered before the body by W2's fence */
     shm_write_record(s, new_ref, epoch, kb, klen, vb, vlen, epoch, expiry, 0);
-    core_touch(c, new_ref);
+    core_untouch(c, new_ref);
     shm_set_bucket(s, pos, h, new_ref);
     shm_account(s, cls, 1, (int64_t)need);
     int r = 0;
@@ -554,8 +559,8 @@ static int core_put(Core *c, const uint8_t *kb, uint64_t klen, const uint8_t *vb
 }
 
 /* put(kb, vb, expiry, epoch, frees, capacity) -> epoch, or -1 (the class rule refuses:
- * a new key with fewer than two free slots in its class or the store at capacity, an
- * update with none; nothing done: the engine makes room and calls again).
+ * a new key with no free slot beyond its class's reserve, or the store at capacity; an
+ * update with no free slot; nothing done: the engine makes room and calls again).
  * The key and value lengths were checked by the caller (and are again here: a longer
  * one raises ValueError before anything is stored). */
 static PyObject *Core_put(Core *c, PyObject *const *args, Py_ssize_t nargs)
@@ -738,7 +743,7 @@ static PyMethodDef Core_methods[] = {
     {"unlink", (PyCFunction)(void (*)(void))Core_unlink, METH_FASTCALL, "unlink(pos, ref, epoch, frees)"},
     {"class_of", (PyCFunction)Core_class_of, METH_O, "class_of(ref) -> class of its page (-1: free page)"},
     {"set_access", (PyCFunction)Core_set_access, METH_O,
-     "set_access(buffer or None): the access segment whose byte ref >> 2 every put sets"},
+     "set_access(buffer or None): the access segment whose byte ref >> 2 every put clears"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "release the mapping's buffer"},
     {NULL},
 };

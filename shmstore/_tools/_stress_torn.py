@@ -30,6 +30,14 @@ four writes of one key, two puts in a row of one key): the ABA case, where only 
 stamp per write lets the reader notice. Run against an engine that gives a batch one
 epoch, or an update the previous op's epoch, this reports torn reads within seconds.
 
+With ``memory`` (``--memory``) the store is a memory store (format 4: size classes in
+pages) and each key's payload size hops with its counter between ``value_size`` and a
+64th of it, so every rewrite of a key moves its record to a slot of another size
+class, in another page; with a budget of few pages the coordinator keeps handing pages
+from one class to another (page moves, counted in the report), so readers holding a
+reference from before a move meet slots whose page changed class under them: only the
+page entry, re-checked after the copy, tells (``_segment``'s "Reading a slot").
+
 Shape (like filelock's stress tests): N processes, released together by a barrier,
 each doing its share; a deadline that only guards against hangs; one verdict with
 every worker's report. Workers get only names and ints as arguments (nothing shared
@@ -59,6 +67,7 @@ import msgspec
 import posix_ipc
 
 import shmstore
+from shmstore import _layout as L
 from shmstore._shm import open_segment
 
 from ._format import human
@@ -106,8 +115,34 @@ def close_dawdling(seg) -> None:
     seg.close()
 
 
+#: payload sizes of a key in a class-hopping run (``memory``): value_size >> these, by counter
+HOPS = (0, 2, 4, 6)
+
+
+#: counters a key stays in one size class, in a class-hopping run: the keys move from
+#: class to class in waves, so whole pages empty in one class while another runs short
+HOP_RUN = 4
+
+
+def size_of(counter: int, size: int, hop: int) -> int:
+    """The payload size of a key's record at ``counter``: ``size``, or with ``hop``
+    ``size >> HOPS[(counter // HOP_RUN) % 4]`` (at least 16), so the writes of a key
+    move it from size class to size class."""
+    return max(16, size >> HOPS[(counter // HOP_RUN) % len(HOPS)]) if hop else size
+
+
+def size_seen(value: object, size: int, hop: int) -> int:
+    """The size to verify ``value`` against: from its own (unvalidated) counter when the
+    sizes hop; a torn value still fails, since its payload must then be exactly that
+    counter's."""
+    if not hop:
+        return size
+    counter = value[1] if isinstance(value, list) and len(value) == 4 else 0
+    return size_of(counter if isinstance(counter, int) and counter >= 0 else 0, size, hop)
+
+
 def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
-               stats: ReadStats, last: dict[str, int], slow=None) -> None:
+               stats: ReadStats, last: dict[str, int], slow=None, hop: int = 0) -> None:
     """Read every key once through one of the read paths and verify each value.
 
     Args:
@@ -118,7 +153,7 @@ def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
     try:
         if mode == 1:
             for key, value in zip(keys, store.get_many(keys)):
-                verify(stats, last, key, value, size)
+                verify(stats, last, key, value, size_seen(value, size, hop))
             return
         for key in keys:
             if mode == 0:
@@ -131,7 +166,7 @@ def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
                     value = store[key]
                 except KeyError:
                     value = None
-            verify(stats, last, key, value, size)
+            verify(stats, last, key, value, size_seen(value, size, hop))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         # The store handed the decoder bytes that are no encoding: accepted torn bytes.
         stats.reads += 1
@@ -143,13 +178,13 @@ def read_round(store: shmstore.Store, keys: list[str], mode: int, size: int,
         stats.note(f"{type(e).__name__}: {e}")
 
 
-def check_final(store: shmstore.Store, finals: dict[str, int], size: int) -> list[str]:
+def check_final(store: shmstore.Store, finals: dict[str, int], size: int, hop: int = 0) -> list[str]:
     """Compare the store with the last counter written per key; return the problems."""
     problems = []
     for key, want in finals.items():
         value = store.get(key)
         try:
-            got = check_record(key, value, size)
+            got = check_record(key, value, size_seen(value, size, hop))
         except TornRead as e:
             problems.append(f"final {e}")
             continue
@@ -179,7 +214,7 @@ def _open_barrier(name: str, timeout: float) -> None:
 
 
 def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: int,
-                seconds: float, result_dir: str, limit: float) -> None:
+                seconds: float, result_dir: str, limit: float, hop: int = 0) -> None:
     """Rewrite this writer's keys (``i % nwriters == wid``) with rising counters.
 
     Stops after ``ops`` writes (0: no limit) or ``seconds`` (0: no limit), whichever
@@ -197,6 +232,30 @@ def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: 
     def body(prog: Progress) -> None:
         mine = [key_of(i) for i in range(nkeys) if i % nwriters == wid]
         finals = prog.finals = {k: 0 for k in mine}
+
+        def write_batch(store: shmstore.Store, keys: list[str]) -> None:
+            """One batch writing ``keys`` in order (a key may repeat)."""
+            counters = dict(finals)
+            writes = []
+            for k in keys:
+                counters[k] += 1
+                writes.append((k, make_record(k, counters[k], size_of(counters[k], size, hop))))
+            try:
+                with store.batch() as batch:
+                    for k, v in writes:
+                        batch.put(k, v)
+            except shmstore.StoreFullError:
+                if not hop:
+                    raise
+                # A batch only takes free slots and free pages; a put also makes room by
+                # moving a page between classes. Nothing of the batch was written.
+                for k, v in writes:
+                    store.put(k, v)
+                    finals[k] = v[1]
+                    prog.writes += 1
+                return
+            finals.update(counters)
+            prog.writes += len(writes)
         store = shmstore.connect(name, timeout=30)
         try:
             _open_barrier(name, limit)
@@ -206,23 +265,15 @@ def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: 
                 i += 1
                 if i % 10 == 0 and len(mine) > 1:
                     a, b = mine[i % len(mine)], mine[(i + 1) % len(mine)]
-                    with store.batch() as batch:
-                        for k in (a, b):
-                            finals[k] += 1
-                            batch.put(k, make_record(k, finals[k], size))
-                    prog.writes += 2
+                    write_batch(store, [a, b])
                 elif i % 10 == 5:
                     k = mine[i % len(mine)]
-                    with store.batch() as batch:
-                        for _ in range(4):
-                            finals[k] += 1
-                            batch.put(k, make_record(k, finals[k], size))
-                    prog.writes += 4
+                    write_batch(store, [k] * 4)
                 else:
                     # Two requests in a row (7, 8) rewrite one key: out of its slot and back.
                     k = mine[(i // 10 if i % 10 in (7, 8) else i) % len(mine)]
                     finals[k] += 1
-                    store.put(k, make_record(k, finals[k], size))
+                    store.put(k, make_record(k, finals[k], size_of(finals[k], size, hop)))
                     prog.writes += 1
         finally:
             store.close()
@@ -230,7 +281,8 @@ def writer_main(name: str, wid: int, nwriters: int, nkeys: int, size: int, ops: 
     run_worker(body, prog, _progress_path(result_dir, "writer", wid))
 
 
-def reader_main(name: str, rid: int, nkeys: int, size: int, result_dir: str, limit: float) -> None:
+def reader_main(name: str, rid: int, nkeys: int, size: int, result_dir: str, limit: float,
+                hop: int = 0) -> None:
     """Read and verify every key, rotating the read paths, until the stop flag is up.
 
     ``limit`` seconds is the hang guard (the parent normally raises the flag).
@@ -251,10 +303,10 @@ def reader_main(name: str, rid: int, nkeys: int, size: int, result_dir: str, lim
                 t_end = time.monotonic() + limit
                 rounds = 0
                 while stop.value == 0 and time.monotonic() < t_end:
-                    read_round(store, keys, (rounds + rid) % 4, size, stats, last, slow)
+                    read_round(store, keys, (rounds + rid) % 4, size, stats, last, slow, hop)
                     rounds += 1
                 # One last round after the writers are done: the settled state.
-                read_round(store, keys, 0, size, stats, last)
+                read_round(store, keys, 0, size, stats, last, hop=hop)
             finally:
                 stop.close()
                 close_dawdling(slow)
@@ -287,6 +339,8 @@ class Report(msgspec.Struct):
     violations: int = 0
     missing: int = 0
     errors: int = 0
+    memory: int = 0
+    page_moves: int = 0  # pages the coordinator handed from one class to another
     final_problems: list[str] = []
     problems: list[str] = []  # hangs, exit codes, missing reports
     workers: list[Progress] = []  # each worker's last progress file
@@ -301,7 +355,9 @@ class Report(msgspec.Struct):
     def text(self) -> str:
         lines = [
             f"torn-read stress ({self.method}): {self.readers} readers, {self.writers} writers, "
-            f"{self.keys} keys, {self.value_size}-byte payloads, {self.seconds:.1f} s",
+            f"{self.keys} keys, {self.value_size}-byte payloads, {self.seconds:.1f} s"
+            + (f", memory {self.memory} bytes (sizes hop between classes; {self.page_moves} page moves)"
+               if self.memory else ""),
             f"  reads {self.reads}  writes {self.writes}  torn reads accepted {self.torn}  "
             f"monotonicity violations {self.violations}  missing {self.missing}  errors {self.errors}",
         ]
@@ -316,7 +372,8 @@ class Report(msgspec.Struct):
 
 
 def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_size: int = 256,
-        ops: int = 0, seconds: float = 5.0, method: str = "fork", deadline: float = 120.0) -> Report:
+        ops: int = 0, seconds: float = 5.0, method: str = "fork", deadline: float = 120.0,
+        memory: int = 0) -> Report:
     """Serve store ``name``, run the workers, stop the coordinator, return the report.
 
     The store must not exist yet; it is left (stopped) for the caller to destroy.
@@ -325,14 +382,22 @@ def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_
         ops: writes per writer (0: write until ``seconds``).
         seconds: how long writers write (0: until ``ops``). At least one must be set.
         method: the multiprocessing start method, ``fork`` or ``spawn``.
+        memory: 0, or a memory store of this many bytes (growth 4) whose records hop
+            between size classes (see the module docstring).
         deadline: seconds after which a worker that has not finished counts as hung
             and is killed. Only a guard: it never decides a passing run.
     """
     if ops <= 0 and seconds <= 0:
         raise ValueError("set ops or seconds")
-    report = Report(method=method, readers=readers, writers=writers, keys=keys, value_size=value_size)
+    report = Report(method=method, readers=readers, writers=writers, keys=keys, value_size=value_size,
+                    memory=memory)
+    hop = 1 if memory else 0
+    # (a get_many the coordinator answers, after its lock-free tries, replies with
+    # every value: room for all of them)
+    sizing = dict(memory=memory, growth=4.0, reply_size=max(1 << 20, 2 * keys * (value_size + 1024))) \
+        if memory else {}
     coord = shmstore.serve(name, capacity=keys, key_size=KEY_SIZE,
-                           value_size=value_size + VALUE_OVERHEAD, max_clients=writers + 4)
+                           value_size=value_size + VALUE_OVERHEAD, max_clients=writers + 4, **sizing)
     sems = []
     procs: list = []
     t0 = time.monotonic()
@@ -340,7 +405,7 @@ def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_
     try:
         with shmstore.connect(name) as s:
             for i in range(keys):
-                s.put(key_of(i), make_record(key_of(i), 0, value_size))
+                s.put(key_of(i), make_record(key_of(i), 0, size_of(0, value_size, hop)))
         for sem_name in _sem_names(name):
             sems.append(posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600, initial_value=0))
         ready, go, stop = sems
@@ -348,10 +413,11 @@ def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_
         with tempfile.TemporaryDirectory(prefix="torn-") as result_dir:
             limit = float(deadline)
             wprocs = [ctx.Process(target=writer_main, name=f"torn-writer-{w}",
-                                  args=(name, w, writers, keys, value_size, ops, seconds, result_dir, limit))
+                                  args=(name, w, writers, keys, value_size, ops, seconds, result_dir, limit,
+                                        hop))
                       for w in range(writers)]
             rprocs = [ctx.Process(target=reader_main, name=f"torn-reader-{r}",
-                                  args=(name, r, keys, value_size, result_dir, limit))
+                                  args=(name, r, keys, value_size, result_dir, limit, hop))
                       for r in range(readers)]
             procs = wprocs + rprocs
             for p in procs:
@@ -389,7 +455,8 @@ def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_
                 for field in ("reads", "torn", "violations", "missing", "errors"):
                     setattr(report, field, getattr(report, field) + getattr(w, field))
         with shmstore.connect(name) as s:
-            report.final_problems = check_final(s, finals, value_size)
+            report.final_problems = check_final(s, finals, value_size, hop)
+            report.page_moves = s._seg.q[L.H_PAGE_MOVES]
         return report
     finally:
         for p in procs:
@@ -407,14 +474,15 @@ def run(name: str, *, readers: int = 2, writers: int = 2, keys: int = 64, value_
 
 
 def run_and_report(*, readers: int, writers: int, keys: int, value_size: int, ops: int, seconds: float,
-                   method: str = "fork", name: str | None = None, out: TextIO | None = None) -> int:
+                   method: str = "fork", name: str | None = None, out: TextIO | None = None,
+                   memory: int = 0) -> int:
     """Run on a fresh store (destroyed after), print the report; returns the exit code
     (0: no torn read accepted)."""
     out = out or sys.stdout
     name = name or f"torn-{uuid.uuid4().hex[:12]}"
     try:
         report = run(name, readers=readers, writers=writers, keys=keys, value_size=value_size, ops=ops,
-                     seconds=seconds, method=method, deadline=max(120.0, 4 * seconds + 60))
+                     seconds=seconds, method=method, deadline=max(120.0, 4 * seconds + 60), memory=memory)
     finally:
         shmstore.destroy(name)
     t = max(report.seconds, 1e-9)
@@ -440,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-size", type=int, default=256, help="payload bytes per record (default 256)")
     parser.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
                         help="multiprocessing start method (default fork)")
+    parser.add_argument("--memory", type=int, default=0,
+                        help="serve a memory store of this many bytes whose records hop between "
+                             "size classes, so pages move between classes (default 0: one class)")
     parser.add_argument("--name", default=None, help="store name (default: a fresh one, destroyed after)")
     args = parser.parse_args(argv)
     if args.readers < 1 or args.writers < 1 or args.keys < 1 or args.value_size < 1:
@@ -448,4 +519,4 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need at least one key per writer (--keys >= --writers)")
     return run_and_report(readers=args.readers, writers=args.writers, keys=args.keys,
                           value_size=args.value_size, ops=args.ops, seconds=args.seconds,
-                          method=args.start_method, name=args.name)
+                          method=args.start_method, name=args.name, memory=args.memory)

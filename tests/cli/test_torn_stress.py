@@ -40,6 +40,34 @@ def test_no_torn_read_is_accepted_short(names, method):
     assert report.ok, report.text()
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_no_torn_read_is_accepted_while_records_hop_between_classes(names, method):
+    """Format 4: a memory store (6 pages) whose records change size class with their
+    counters, in waves, so every rewrite moves a record to a slot of another size in
+    another page and pages are handed from one class to another (a page move) under
+    the readers. Same two checks as above; the run must have moved a page."""
+    report = torn_stress.run(names("tornhop"), readers=2, writers=2, keys=56, value_size=60000,
+                             ops=800, seconds=0, method=method, deadline=120, memory=6 << 20)
+    assert report.ok, report.text()
+    assert report.page_moves >= 1, f"no page moved: the run did not exercise it\n{report.text()}"
+
+
+def test_sizes_hop_between_classes_and_torn_values_still_fail():
+    """The class-hopping sizes: a key's payload size follows its counter in runs of
+    HOP_RUN, over four sizes; a value is verified against its own counter's size, and
+    a record whose payload has another counter's size (the length of one write, the
+    bytes of another) is still refused."""
+    size = 60000
+    sizes = [torn_stress.size_of(c, size, 1) for c in range(4 * torn_stress.HOP_RUN)]
+    assert len(set(sizes)) == 4 and sizes[0] == size
+    assert torn_stress.size_of(5, size, 0) == size
+    rec = selfcheck.make_record("k000001", 5, torn_stress.size_of(5, size, 1))
+    assert selfcheck.check_record("k000001", rec, torn_stress.size_seen(rec, size, 1)) == 5
+    other = selfcheck.make_record("k000001", 5, torn_stress.size_of(0, size, 1))
+    with pytest.raises(selfcheck.TornRead):
+        selfcheck.check_record("k000001", other, torn_stress.size_seen(other, size, 1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_no_torn_read_is_accepted_long(names, method):
