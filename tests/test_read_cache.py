@@ -365,7 +365,7 @@ def test_no_access_bytes_means_no_touching(names, python_core, case):
         ctx.__exit__(None, None, None)
 
 
-def test_a_handle_maps_the_access_segment_and_unmaps_it_at_close(names, python_core):
+def test_a_handle_maps_the_access_segment_and_unmaps_it_at_close(names):
     """connect() opens the access segment of an LRU store and its gets touch; the last
     handle's close unmaps it."""
     ctx, w, reader = _lru_store(names)
@@ -380,5 +380,34 @@ def test_a_handle_maps_the_access_segment_and_unmaps_it_at_close(names, python_c
         finally:
             s.close()
         assert seg.closed and seg.access is None
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_a_forked_child_touches_through_the_inherited_access_mapping(names):
+    """Fork safety: the access segment is mapped shared, like the data segment, so a
+    forked child's hits set the bytes the coordinator (here: the parent) sees."""
+    import os
+
+    ctx, w, reader = _lru_store(names)
+    try:
+        ref = w.put(b"k", enc("v"))
+        s = shmstore.connect(reader.name)
+        try:
+            acc = s._seg.access
+            assert acc is not None
+            acc[ref >> 2] = 0
+            pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    code = 0 if s.get("k") == "v" else 1
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert acc[ref >> 2] == 1, "the child's hit did not reach the shared access bytes"
+        finally:
+            s.close()
     finally:
         ctx.__exit__(None, None, None)
