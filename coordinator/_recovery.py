@@ -154,10 +154,13 @@ def _clear_free_pages(seg: Segment, pt: np.ndarray) -> int:
     entry went to 0 (the compiled core's order: entry 0, new slots stamped, entry last).
     No bucket may name a free page, and readers re-check the entry, so nobody reads it.
     """
+    from ._durable._checkpoint import written_pages  # noqa: PLC0415
+
     per = seg.page_size // 8
     words = np.ndarray((seg.npages * per,), dtype=np.uint64, buffer=seg.mm, offset=8 * seg.slot0)
     cleared = 0
-    for page in np.flatnonzero(pt == 0).tolist():
+    top = written_pages(seg, pt)  # pages after it were never handed out: not read here
+    for page in np.flatnonzero(pt[:top] == 0).tolist():
         region = words[page * per : (page + 1) * per]
         if region.any():
             region[:] = 0

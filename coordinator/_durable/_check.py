@@ -23,7 +23,7 @@ from shmstore._shm import open_segment
 from .._ops import decode_logged, logged_problem
 from ._atrest import FLAG_AESGCM, Codec, load_key, verify_key
 from ._checkpoint import HEADER_SIZE as CKPT_HEADER
-from ._checkpoint import load_checkpoint, peek_header, read_header
+from ._checkpoint import load_checkpoint, peek_header, read_header, written_pages
 from ._datadir import MANIFEST, DataDir, is_own_file, missing_link, wal_chain
 from ._tablefile import read_tables_file, tables_path
 from ._wal import scan_wal
@@ -161,12 +161,16 @@ def _stable_copy(seg: object) -> tuple[dict, bool]:
     lay = seg.layout
     for _ in range(50):
         e1, g1, b1 = q[L.H_EPOCH], q[L.H_INDEX_GEN], q[L.H_BATCH_SEQ]
+        pt = seg.page_table().copy()
+        # Pages after the last assigned one were never handed out: never written, and
+        # not read (a memory store's budget stays unmapped); nothing below reads them.
+        top = written_pages(seg, pt) * lay.page_size // 8
+        words = np.ndarray((top,), dtype=np.uint64, buffer=seg.mm, offset=lay.pages_offset).copy()
         copy = {
             "header": np.frombuffer(seg.mm, dtype=np.uint64, count=L.H_WORDS).copy(),
-            "pt": seg.page_table().copy(),
+            "pt": pt,
             "idx": seg.index_view().copy(),
-            "words": np.ndarray((lay.npages * lay.page_size // 8,), dtype=np.uint64, buffer=seg.mm,
-                                offset=lay.pages_offset).copy(),
+            "words": words,
         }
         if not live:
             return copy, True
@@ -246,7 +250,8 @@ def check_segment(name: str, report: CheckReport) -> CheckReport:
                      f"after the segment's epoch {epoch}: a page move was cut short (the next "
                      f"coordinator's start repairs it)")
     per_page = lay.page_size // 8
-    dirty = [p for p in np.flatnonzero(pcls < 0).tolist() if words[p * per_page : (p + 1) * per_page].any()]
+    dirty = [p for p in np.flatnonzero(pcls[: len(words) // per_page] < 0).tolist()
+             if words[p * per_page : (p + 1) * per_page].any()]
     listed("free pages that are not blank", dirty,
            lambda p: f"page {p} is free but not blank: a page move was cut short (the next "
                      f"coordinator's start clears it)")

@@ -96,6 +96,23 @@ def pages_words(seg: Segment) -> np.ndarray:
                       offset=lay.pages_offset)
 
 
+def used_pages(pt: np.ndarray) -> int:
+    """Pages up to the last one assigned to a class (from page table ``pt``). Free pages
+    are handed out lowest first and never handed back, so every page from here on was
+    never written: scans stop here and leave those pages unmapped (a memory store's
+    budget is mostly pages nobody touched)."""
+    assigned = np.flatnonzero(pt)
+    return int(assigned[-1]) + 1 if len(assigned) else 0
+
+
+def written_pages(seg: Segment, pt: np.ndarray) -> int:
+    """Pages that may have been written: up to the last assigned one (``pt``), and the
+    pages the header does not count as never handed out (``H_FREE_PAGES``: a move cut
+    short can leave the last page handed out free again). Pages after are untouched."""
+    never = min(seg.q[L.H_FREE_PAGES], seg.npages)
+    return max(used_pages(pt), seg.npages - never)
+
+
 def spans(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """``concatenate([arange(s, s + n) for s, n in zip(starts, lens)])``, in numpy calls."""
     lens = lens.astype(np.int64)
@@ -175,8 +192,8 @@ def take_snapshot(seg: Segment, epoch: int) -> Snapshot:
     refs = (buckets & U32).astype(np.int64) - 1
     lengths = record_lengths(seg, refs)
     data = source = None
-    words = pages_words(seg)
-    if int(lengths.sum()) >= len(words):  # the records fill >= 1/8 of the pages (8 bytes a word)
+    words = pages_words(seg)[: used_pages(pt) * seg.page_size // 8]
+    if int(lengths.sum()) >= len(words):  # the records fill >= 1/8 of the used pages (8 bytes a word)
         source = words.copy()
     else:
         data = gather_records(seg, refs, lengths)

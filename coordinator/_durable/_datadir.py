@@ -352,11 +352,17 @@ def wal_chain(ck_id: int, ck_epoch: int, wal_id: int, wals: list[WalInfo], path:
 def zero_segment(seg: Segment) -> None:
     """Undo a failed restore attempt: the segment back to what ``create_segment`` made
     (every page table entry as at creation, zero pages and index, zero counters)."""
+    from ._checkpoint import written_pages  # noqa: PLC0415
+
     lay = seg.layout
-    arr = np.ndarray((lay.size - lay.pages_offset,), dtype=np.uint8, buffer=seg.mm, offset=lay.pages_offset)
-    arr[:] = 0
-    del arr
     pt = seg.page_table()
+    # The pages a restore wrote lie in the assigned ones; the rest were never written
+    # (zeroing them would make a memory store's whole budget resident).
+    top = written_pages(seg, pt) * lay.page_size
+    for start, n in ((lay.pages_offset, top), (lay.index_offset, lay.size - lay.index_offset)):
+        arr = np.ndarray((n,), dtype=np.uint8, buffer=seg.mm, offset=start)
+        arr[:] = 0
+        del arr
     pt[:] = 0 if lay.memory else 1  # a single-class store's pages are its class's from the start
     del pt
     q = seg.q

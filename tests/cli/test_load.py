@@ -57,3 +57,15 @@ def test_a_record_the_store_refuses_names_its_line(served, tmp_path):
     assert "key_size" in line
     f.write_text("a\t1\nb\t\"" + "x" * 100 + "\"\n")
     assert_error(cli("load", n, str(f)), 1, ":2:", "value_size")
+
+
+def test_load_reads_standard_input(served):
+    import subprocess
+    import sys
+
+    n, _ = served("stdin", capacity=100)
+    r = subprocess.run([sys.executable, "-m", "shmstore", "load", n, "-"], input="a\t1\nb\t[2]\n",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+    with shmstore.connect(n) as s:
+        assert dict(s.items()) == {b"a": 1, b"b": [2]}
