@@ -90,6 +90,17 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
                           f"{s.total_write_errors:,} refused); latency avg "
                           f"{duration(s.total_write_latency_avg)}, max {duration(s.total_write_latency_max)}"),
     ]
+    if s.memory:
+        rows += [
+            ("memory", f"{size(s.memory_used)} of {size(s.memory)} in pages of {size(s.page_size)} "
+                       f"({s.free_pages:,} of {s.pages:,} pages free); segment {size(s.segment_bytes)}"),
+            ("eviction", f"{s.eviction or 'none'}: {s.evictions:,} evicted, {s.page_moves:,} pages moved"),
+            ("fragmentation", f"{100 * s.fragmentation:.1f}% of slot bytes unused by their records"),
+        ]
+        rows += [(f"  {c.slot_size:,} B slots", f"{c.pages:,} pages, {c.records:,} of {c.slots:,} slots used, "
+                  f"{100 * c.fragmentation:.0f}% unused") for c in s.classes if c.pages]
+    elif s.evictions or s.eviction:
+        rows.append(("eviction", f"{s.eviction or 'none'}: {s.evictions:,} evicted"))
     if s.fsyncs or s.wal_bytes or s.checkpoints:
         rows += [
             ("fsyncs", f"{s.fsyncs:,}: min {duration(s.fsync_min)}, avg {duration(s.fsync_avg)}, "
@@ -118,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         lay = server.seg.layout
-        print(f"{PROG}: serving store {args.name!r} (coordinator pid {os.getpid()}; capacity "
+        budget = f"memory {lay.memory:,}, " if lay.memory else ""
+        print(f"{PROG}: serving store {args.name!r} (coordinator pid {os.getpid()}; {budget}capacity "
               f"{lay.capacity:,}, key_size {lay.key_size}, value_size {lay.value_size}); "
               f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
 
