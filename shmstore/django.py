@@ -24,6 +24,8 @@ the framework backends.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import os
 import threading
@@ -72,6 +74,18 @@ _CLEAR_CHUNK = 512
 _handles: dict[str, tuple[int, shmstore.Store, int]] = {}
 _inherited: list[shmstore.Store] = []
 _handles_lock = threading.Lock()
+
+#: bumped in every forked child: a backend instance compares it with the one it saw
+#: when it took its handle (cheaper than os.getpid(), a system call, on every call)
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _open(name: str, serve_options: dict, connect_options: dict) -> tuple[shmstore.Store, int]:
@@ -124,13 +138,21 @@ class ShmStoreCache(BaseCache):
 
         from_serve(self._name, **serve_options)  # a bad option fails here, not at first use
         self._serve_options = serve_options
+        #: the handle, its store's key_size, and the fork generation they belong to
+        self._handle: shmstore.Store | None = None
+        self._key_size = 0
+        self._generation = -1
 
     # -- the store ---------------------------------------------------------------
 
     @property
     def store(self) -> shmstore.Store:
         """This process's handle on the store (opened, and the store served, on first use)."""
-        return _open(self._name, self._serve_options, self._connect_options)[0]
+        if self._generation != _fork_generation:
+            generation = _fork_generation
+            self._handle, self._key_size = _open(self._name, self._serve_options, self._connect_options)
+            self._generation = generation
+        return self._handle  # type: ignore[return-value]
 
     def _key(self, key: Any, version: int | None) -> str:
         """The store key of a Django key: Django's ``make_key`` (prefix, version), checked
@@ -138,7 +160,11 @@ class ShmStoreCache(BaseCache):
         return self._store_key(self.make_and_validate_key(key, version=version))
 
     def _store_key(self, key: str) -> str:
-        key_size = _open(self._name, self._serve_options, self._connect_options)[1]
+        if self._generation != _fork_generation:
+            self.store  # noqa: B018 - opens the handle, which knows the key_size
+        key_size = self._key_size
+        if len(key) * 4 <= key_size:  # UTF-8 takes at most 4 bytes a character
+            return key
         kb = key.encode("utf-8", "surrogatepass")
         if len(kb) <= key_size:
             return key
@@ -181,6 +207,37 @@ class ShmStoreCache(BaseCache):
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict:
         return self.get_many(keys, version)
+
+    # Writes wait for the coordinator: the async forms run the sync call in the handle's
+    # own write thread (see shmstore._aio), not in the thread Django keeps for the
+    # sync code of the request (the ORM).
+    async def _in_write_thread(self, fn: Any, *args: Any) -> Any:
+        pool = self.store._aio_pool()
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    async def aset(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        return await self._in_write_thread(self.set, key, value, timeout, version)
+
+    async def aadd(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.add, key, value, timeout, version)
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.touch, key, timeout, version)
+
+    async def adelete(self, key: Any, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.delete, key, version)
+
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return await self._in_write_thread(self.incr, key, delta, version)
+
+    async def aset_many(self, data: dict, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> list:
+        return await self._in_write_thread(self.set_many, data, timeout, version)
+
+    async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        return await self._in_write_thread(self.delete_many, keys, version)
+
+    async def aclear(self) -> None:
+        return await self._in_write_thread(self.clear)
 
     # -- writes ------------------------------------------------------------------------
 
