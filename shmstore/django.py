@@ -32,7 +32,12 @@ import threading
 from typing import Any, Iterable
 
 try:
-    from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+    from django.core.cache.backends.base import (
+        DEFAULT_TIMEOUT,
+        MEMCACHE_MAX_KEY_LENGTH,
+        BaseCache,
+        memcached_error_chars_re,
+    )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "shmstore.django needs Django: pip install 'shmstore[django]' (or Django>=4.2)"
@@ -65,6 +70,10 @@ _CONNECT_OPTIONS = ("timeout", "read_cache")
 _HASH_TAIL = 33
 
 _MISSING = object()
+
+#: what Django's memcache_key_warnings looks for (its own constants)
+_MEMCACHED_MAX_KEY = MEMCACHE_MAX_KEY_LENGTH
+_MEMCACHED_BAD_CHAR = memcached_error_chars_re.search
 _CLEAR_CHUNK = 512
 
 # One handle per (process, store): shared by aliases and threads (Django makes a
@@ -158,6 +167,12 @@ class ShmStoreCache(BaseCache):
         """The store key of a Django key: Django's ``make_key`` (prefix, version), checked
         by ``validate_key`` (warnings), hashed if longer than the store's key_size."""
         return self._store_key(self.make_and_validate_key(key, version=version))
+
+    def validate_key(self, key: str) -> None:
+        """Django's key warnings (CacheKeyWarning), with its messages: its own check runs
+        only for a key it would warn about, so a good key costs no generator."""
+        if len(key) > _MEMCACHED_MAX_KEY or _MEMCACHED_BAD_CHAR(key):
+            super().validate_key(key)
 
     def _store_key(self, key: str) -> str:
         if self._generation != _fork_generation:
