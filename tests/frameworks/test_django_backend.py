@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
+import http.client
 import json
 import os
 import pickle
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
+import time
 
 import msgspec
 import pytest
@@ -27,7 +32,7 @@ from django.core.cache import CacheKeyWarning  # noqa: E402
 import shmstore  # noqa: E402
 from shmstore import django as backend  # noqa: E402
 from shmstore._objcodec import PICKLE_EXT  # noqa: E402
-from tests.helpers.processes import python, reap  # noqa: E402
+from tests.helpers.processes import python, reap, wait_for  # noqa: E402
 
 from .conftest import close_handles  # noqa: E402
 
@@ -289,3 +294,100 @@ def test_backend_serves_the_store_when_none_runs(names):
 def test_bad_settings_fail_when_the_backend_is_made(location, options, error):
     with pytest.raises(error):
         backend.ShmStoreCache(location, {"OPTIONS": options})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, body[-2000:]
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def _from_every_worker(port: int, path: str, workers: set[int], deadline: float) -> dict[int, dict]:
+    """Ask until each of ``workers`` has answered (the kernel picks who accepts)."""
+    seen: dict[int, dict] = {}
+    while set(seen) < workers:
+        assert time.monotonic() < deadline, f"workers {workers - set(seen)} never answered"
+        got = _request(port, path)
+        seen[got["pid"]] = got
+    return seen
+
+
+def _gunicorn_workers(master: int) -> set[int]:
+    import psutil
+
+    live = set()
+    for c in psutil.Process(master).children():  # the master's children are its workers
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE:
+                live.add(c.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+@pytest.mark.timeout(180)
+def test_gunicorn_workers_share_one_cache_and_a_killed_worker_changes_nothing(names, tmp_path):
+    pytest.importorskip("gunicorn", reason="Gunicorn is a dev dependency")
+    store = names("dj-gunicorn")
+    port = _free_port()
+    env = {**os.environ, "SHMSTORE_DJANGO_STORE": store}
+    master = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "4", "--bind", f"127.0.0.1:{port}",
+         "--preload", "--log-level", "warning", "tests.frameworks.djangoapp:application"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    coordinator = None
+    try:
+        deadline = time.monotonic() + 90
+        wait_for(lambda: len(_gunicorn_workers(master.pid)) == 4 or master.poll() is not None,
+                 timeout=60, what="4 gunicorn workers")
+        assert master.poll() is None, master.stdout.read()
+        workers = _gunicorn_workers(master.pid)
+        first = _request(port, "/set?k=shared&v=one")  # this worker starts the coordinator
+        assert first["started"], first
+        with shmstore.connect(store) as plain:
+            coordinator = plain.stats().coordinator_pid
+        _request(port, "/set?k=n&v=0&int=1")
+        answers = _from_every_worker(port, "/get?k=shared", workers, deadline)
+        assert {a["value"] for a in answers.values()} == {"one"}, answers
+
+        os.kill(first["pid"], signal.SIGKILL)  # the worker whose call started the coordinator
+        wait_for(lambda: (w := _gunicorn_workers(master.pid)) and first["pid"] not in w and len(w) == 4,
+                 timeout=30, what="gunicorn to replace the killed worker")
+        workers = _gunicorn_workers(master.pid)
+        _request(port, "/set?k=shared&v=two")  # writes still go through
+        counts = [_request(port, "/incr?k=n")["value"] for _ in range(20)]
+        assert sorted(counts) == list(range(1, 21)), counts
+        answers = _from_every_worker(port, "/get?k=shared", workers, deadline)
+        assert {a["value"] for a in answers.values()} == {"two"}, answers
+        assert not any(a["started"] for a in answers.values())  # nobody started another
+        with shmstore.connect(store) as plain:
+            assert plain.stats().coordinator_pid == coordinator
+    finally:
+        reap(master, timeout=15)
+        if coordinator is not None:  # detached: it outlives Gunicorn; stop it for the test
+            try:
+                os.kill(coordinator, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+            def stopped() -> bool:
+                try:
+                    shmstore.destroy(store)
+                except shmstore.CoordinatorRunningError:
+                    return False
+                return True
+
+            wait_for(stopped, timeout=20, what="the detached coordinator to stop")
