@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 import shmstore
+from shmstore._check_args import check_read_cache, check_timeout
 from shmstore._layout import check_name
 from shmstore._objcodec import dumps, loads
 from shmstore._ttl import MAX_TTL
@@ -58,7 +59,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "memory": 64 << 20,
     "eviction": "lru",
     "key_size": 256,
-    "value_size": (1 << 20) - 128 - 256,
+    "value_size": (1 << 20) - 128 - 256,  # as for any key_size: see __init__
     "detach": True,
 }
 
@@ -90,8 +91,9 @@ _fork_generation = 0
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _handles_lock
     _fork_generation += 1
+    _handles_lock = threading.Lock()  # a thread of the parent may have held it
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -142,7 +144,16 @@ class ShmStoreCache(BaseCache):
             if "value_size" not in options:
                 serve_options.pop("value_size")
         if "key_size" in options and "value_size" not in options and "memory" in serve_options:
-            serve_options.pop("value_size")  # the store's default for that key_size
+            ks = options["key_size"]
+            if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
+                # the largest record (32-byte header, key padded to 8, value) in 1 MiB
+                serve_options["value_size"] = (1 << 20) - 128 - (ks + 7) // 8 * 8
+            else:
+                serve_options.pop("value_size")  # from_serve below says what is wrong
+        if "timeout" in self._connect_options:
+            check_timeout(self._connect_options["timeout"])
+        if "read_cache" in self._connect_options:
+            check_read_cache(self._connect_options["read_cache"])
         from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
 
         from_serve(self._name, **serve_options)  # a bad option fails here, not at first use

@@ -290,6 +290,9 @@ def test_backend_serves_the_store_when_none_runs(names):
     ("fine", {"eviction": "fifo"}, shmstore.InvalidLayoutError),
     ("fine", {"bogus": 1}, TypeError),
     ("fine", {"value_type": int}, shmstore.InvalidArgumentError),
+    ("fine", {"timeout": -1}, shmstore.InvalidArgumentError),
+    ("fine", {"read_cache": "big"}, shmstore.InvalidLayoutError),
+    ("fine", {"key_size": 0}, shmstore.InvalidLayoutError),
 ])
 def test_bad_settings_fail_when_the_backend_is_made(location, options, error):
     with pytest.raises(error):
@@ -391,3 +394,22 @@ def test_gunicorn_workers_share_one_cache_and_a_killed_worker_changes_nothing(na
                 return True
 
             wait_for(stopped, timeout=20, what="the detached coordinator to stop")
+
+
+def test_key_size_option_keeps_the_largest_record_in_one_page(names):
+    name = names("dj-ks")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": 8 << 20, "key_size": 100}})
+    try:
+        cache.set("k" * 200, b"x" * 1000)  # hashed to 100 bytes
+        st = cache.store.stats()
+        assert (st.key_size, st.value_size) == (100, (1 << 20) - 128 - 104)
+        big = b"x" * (st.value_size - 10)  # a bytes value: msgpack adds 5 bytes
+        cache.set("big", big)
+        assert cache.get("big") == big
+        with pytest.raises(shmstore.ValueTooLargeError):
+            cache.set("bigger", b"x" * st.value_size)
+    finally:
+        have = backend._handles.get(name)
+        if have is not None and have[1].coordinator is not None:
+            have[1].coordinator.stop()
+        close_handles([name])
