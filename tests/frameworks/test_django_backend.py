@@ -278,9 +278,6 @@ def test_backend_serves_the_store_when_none_runs(names):
         assert run_child('print(cache.get("k"))', name, {"OPTIONS": options}).strip() == "v"
         assert coord.alive  # the child used the running coordinator
     finally:
-        have = backend._handles.get(name)
-        if have is not None and have[1].coordinator is not None:
-            have[1].coordinator.stop()
         close_handles([name])
 
 
@@ -409,7 +406,26 @@ def test_key_size_option_keeps_the_largest_record_in_one_page(names):
         with pytest.raises(shmstore.ValueTooLargeError):
             cache.set("bigger", b"x" * st.value_size)
     finally:
-        have = backend._handles.get(name)
-        if have is not None and have[1].coordinator is not None:
-            have[1].coordinator.stop()
+        close_handles([name])
+
+
+def test_a_dead_coordinator_is_replaced_by_the_next_write(names):
+    name = names("dj-restart")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": 8 << 20, "timeout": 1}})
+    try:
+        cache.set("k", "v")
+        cache.set("n", 10)
+        first = backend.started[name][0]
+        first.kill()  # SIGKILL, reaped
+        cache.set("k2", "v2")  # no coordinator answers in 1 s: one is started, the set repeated
+        assert len(backend.started[name]) == 2 and backend.started[name][1].alive
+        assert cache.get_many(["k", "k2", "n"]) == {"k": "v", "k2": "v2", "n": 10}
+        backend.started[name][1].kill()
+        with pytest.raises(shmstore.CoordinatorUnavailableError):
+            cache.incr("n")  # may have been applied had it been sent: not repeated
+        assert cache.incr("n") == 11  # the failed one was not applied, nor repeated
+        assert len(backend.started[name]) == 3
+        with shmstore.connect(name) as plain:
+            assert plain.stats().coordinator_pid == backend.started[name][2].pid
+    finally:
         close_handles([name])
