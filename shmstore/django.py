@@ -29,7 +29,8 @@ import functools
 import hashlib
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 try:
     from django.core.cache.backends.base import (

@@ -68,7 +68,7 @@ def test_other_values_pickle_and_msgpack_would_not_keep_them(v):
     assert type(back) is type(v) and back == v
 
 
-@pytest.mark.parametrize("v", [datetime.datetime(2024, 1, 2, tzinfo=datetime.timezone.utc),
+@pytest.mark.parametrize("v", [datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
                                {1: "int key"}], ids=repr)
 def test_pickled_by_rule_though_msgpack_keeps_them(v):
     # Aware UTC datetimes survive msgpack's timestamp, but other zones and naive ones
