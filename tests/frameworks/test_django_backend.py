@@ -429,3 +429,26 @@ def test_a_dead_coordinator_is_replaced_by_the_next_write(names):
             assert plain.stats().coordinator_pid == backend.started[name][2].pid
     finally:
         close_handles([name])
+
+
+def test_add_of_one_key_by_many_processes_has_one_winner(django_cache, tmp_path):
+    go = tmp_path / "go"
+    code = f"""
+        import os, time
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(json.dumps([cache.add(f"slot{{i}}", os.getpid()) for i in range(50)]))
+    """
+    procs = [python(CHILD + textwrap.dedent(code), django_cache.store_name, "{}") for _ in range(4)]
+    try:
+        go.write_text("")
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        reap(*procs)
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    wins = [json.loads(out) for out, _ in outs]
+    cache = django_cache()
+    for i in range(50):  # exactly one process added each key, and its value is there
+        winners = [p.pid for p, w in zip(procs, wins) if w[i]]
+        assert len(winners) == 1, (i, wins)
+        assert cache.get(f"slot{i}") == winners[0]
