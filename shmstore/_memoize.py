@@ -286,6 +286,20 @@ def _check_timeout(timeout: Any) -> float:
     return timeout
 
 
+_ME: list = [0, 0]
+
+
+def _me() -> tuple[int, int]:
+    """This process's pid and start time (ms), as ``_liveness`` checks them; looked up
+    once per process (psutil), again after a fork."""
+    pid = os.getpid()
+    if _ME[0] != pid:
+        from ._liveness import process_start_ms  # noqa: PLC0415  (psutil, on a first miss only)
+
+        _ME[:] = [pid, process_start_ms(pid) or 0]
+    return pid, _ME[1]
+
+
 class _Claim:
     """One process's attempt at a key: claim, wait, and what to do next."""
 
@@ -298,10 +312,8 @@ class _Claim:
         self.version = 0  # the lock version this process wrote, once it owns the key
 
     def claim(self, version: int = 0) -> bool:
-        from ._liveness import process_start_ms  # noqa: PLC0415  (psutil, on a miss only)
-
-        pid = os.getpid()
-        mark = [pid, process_start_ms(pid) or 0, time.time_ns() + int(self.lease * 1e9)]
+        pid, start_ms = _me()
+        mark = [pid, start_ms, time.time_ns() + int(self.lease * 1e9)]
         try:
             self.version = self.store.compare_and_set(self.lock, mark, version=version, ttl=self.lease)
         except VersionConflictError:
