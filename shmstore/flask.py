@@ -24,6 +24,7 @@ import datetime as _dt
 import hashlib
 import logging
 import math
+import os
 import threading
 from typing import Any
 
@@ -41,6 +42,7 @@ from shmstore._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
+from shmstore._check_args import check_read_cache, check_timeout
 from shmstore._layout import check_name
 from shmstore._objcodec import dumps, loads
 from shmstore._ttl import MAX_TTL
@@ -119,12 +121,22 @@ class ShmStoreCache(BaseCache):
             if "value_size" not in options:
                 serve.pop("value_size")
         if "key_size" in options and "value_size" not in options and "memory" in serve:
-            serve.pop("value_size")  # the store's default for that key_size
+            ks = options["key_size"]
+            if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
+                # the largest record (32-byte header, key padded to 8, value) in 1 MiB
+                serve["value_size"] = (1 << 20) - 128 - (ks + 7) // 8 * 8
+            else:
+                serve.pop("value_size")  # from_serve below says what is wrong
+        if "timeout" in self._connect:
+            check_timeout(self._connect["timeout"])
+        if "read_cache" in self._connect:
+            check_read_cache(self._connect["read_cache"])
         from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
 
         from_serve(self.name, **serve)  # a bad option fails here, not at first use
         self._serve = serve
         self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
         self._store: shmstore.Store | None = None
         self._key_size = 0
 
@@ -155,6 +167,8 @@ class ShmStoreCache(BaseCache):
         """This process's handle (opened, and the store served if need be, on first use)."""
         s = self._store
         if s is None or s.closed:
+            if self._lock_pid != os.getpid():  # forked: a parent's thread may have held it
+                self._lock, self._lock_pid = threading.Lock(), os.getpid()
             with self._lock:
                 s = self._store
                 if s is None or s.closed:

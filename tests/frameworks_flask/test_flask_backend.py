@@ -244,6 +244,9 @@ def test_store_name_from_key_prefix(names):
     ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_OPTIONS": {"memory": -1}}, shmstore.InvalidLayoutError),
     ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_OPTIONS": {"value_type": int}}, shmstore.InvalidArgumentError),
     ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_DEFAULT_TIMEOUT": math.nan}, shmstore.InvalidArgumentError),
+    ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_OPTIONS": {"timeout": math.nan}}, shmstore.InvalidArgumentError),
+    ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_OPTIONS": {"read_cache": -1}}, shmstore.InvalidLayoutError),
+    ({"CACHE_SHMSTORE_NAME": "ok", "CACHE_OPTIONS": {"eviction": "fifo"}}, shmstore.ShmStoreError),
 ])
 def test_bad_config(config, error):
     app = flask.Flask(__name__)
@@ -257,3 +260,22 @@ def test_bad_keys(backend):
         backend.get(b"bytes")
     with pytest.raises(shmstore.InvalidArgumentError):
         backend.set(5, 1)
+
+
+def test_a_forked_child_uses_the_inherited_backend(backend):
+    """Gunicorn's preload_app: the app (and its backend, already used) is made before
+    the fork; the child's reads and writes go to the same store."""
+    import os
+
+    backend.set("before", "fork")
+    pid = os.fork()
+    if pid == 0:  # the child leaves through os._exit, whatever happens
+        code = 1
+        try:
+            if backend.get("before") == "fork" and backend.set("child", os.getpid()) and backend.inc("n") == 1:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert backend.get("child") == pid and backend.get("n") == 1
