@@ -293,3 +293,15 @@ def test_argument_without_a_stable_key(store):
     f = store.cached()(lambda obj: 1)
     with pytest.raises(shmstore.InvalidArgumentError, match="key="):
         f(object())
+
+
+def test_bare_decorator(store):
+    calls = []
+
+    @store.cached
+    def f(x):
+        calls.append(x)
+        return x
+
+    assert (f(1), f(1), calls) == (1, 1, [1])
+    assert store.get(f.cache_key(1)) == 1
