@@ -35,20 +35,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _find_sdist() -> str | None:
-    for where in (os.environ.get("SHMSTORE_SDISTS"), str(ROOT / "build" / "sdists")):
-        if where:
-            found = sorted(glob.glob(os.path.join(where, "flask_caching-*.tar.gz")))
-            if found:
-                return found[-1]
-    return None
-
-
-SDIST = _find_sdist()
-if SDIST is None:
-    pytest.skip("Flask-Caching's sdist (flask_caching-*.tar.gz) is in neither $SHMSTORE_SDISTS "
-                "nor build/sdists: run scripts/fetch_sdists.py build/sdists",
+#: where the sdists are (as tests/frameworks/sdists.py looks: $SHMSTORE_SDISTS, else build/sdists)
+SDISTS = os.environ.get("SHMSTORE_SDISTS") or str(ROOT / "build" / "sdists")
+_found = sorted(glob.glob(os.path.join(SDISTS, "flask_caching-*.tar.gz")))
+if not _found:
+    pytest.skip(f"no flask_caching-*.tar.gz in {SDISTS}: run `python scripts/fetch_sdists.py "
+                f"build/sdists` (or set $SHMSTORE_SDISTS) to run Flask-Caching's own tests",
                 allow_module_level=True)
+SDIST = _found[-1]
 flask = pytest.importorskip("flask")
 flask_caching = pytest.importorskip("flask_caching")
 
