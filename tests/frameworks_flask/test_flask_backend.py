@@ -181,6 +181,9 @@ def test_whole_api(backend):
     assert b.delete_many("b", "c", "never") == ["b", "c", "never"]
     assert b.get_many("b", "c") == [None, None]
     assert b.set("none", None) and b.has("none") and b.get("none") is None
+    assert b.set("text", "x")
+    with pytest.raises(shmstore.ValueEncodingError):
+        b.inc("text")
 
 
 def test_prefixes_share_a_store_and_clear_their_own(app, backend):
