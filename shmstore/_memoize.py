@@ -135,7 +135,7 @@ def _c_dict(obj: dict, out: list[bytes]) -> None:
 
 def _c_set(obj: Any, out: list[bytes]) -> None:
     items = sorted(_encoded(x) for x in obj)
-    out.append(b"<%d:" % len(items))
+    out.append((b">%d:" if isinstance(obj, frozenset) else b"<%d:") % len(items))
     out.extend(items)
 
 

@@ -164,7 +164,7 @@ def test_default_key_is_stable_across_processes(served):
     f = store.cached(ttl=60)(sample)
     mine = f.cache_key(3, "x", flag=True, opts={"a": None, "b": [1, 2.5]}, tags={"v", "u"})
     # the same call spelled another way is the same key
-    assert mine == f.cache_key(n=3, s="x", opts={"b": [1, 2.5], "a": None}, flag=True, tags=frozenset("uv"))
+    assert mine == f.cache_key(n=3, s="x", opts={"b": [1, 2.5], "a": None}, flag=True, tags={"u", "v"})
     assert mine != f.cache_key(3, "x", flag=False, opts={"a": None, "b": [1, 2.5]}, tags={"v", "u"})
     outs = []
     for seed in ("1", "2"):  # str hashes differ per process: the key must not use them
@@ -306,3 +306,20 @@ def test_bare_decorator(store):
 
     assert (f(1), f(1), calls) == (1, 1, [1])
     assert store.get(f.cache_key(1)) == 1
+
+
+def test_default_key_binds_arguments_and_tells_types_apart(store):
+    @store.cached()
+    def f(a, b=2):
+        return a
+
+    k = f.cache_key
+    assert k(1) == k(a=1) == k(1, 2) == k(b=2, a=1) == k(1, b=2)
+    assert k(1) != k(1, 3)
+    keys = [k((1, 2)), k([1, 2]), k(1), k(1.0), k(True), k("1"), k(b"1"), k(None), k({1: 2}),
+            k({1, 2}), k(frozenset({1, 2}))]
+    assert len(set(keys)) == len(keys)
+    assert k({"x": 1, "y": 2}) == k({"y": 2, "x": 1}) and k({3, 1, 2}) == k({1, 2, 3})
+    for bad in [lambda: f(), lambda: f(1, 2, 3), lambda: f(1, c=3), lambda: f(1, a=1)]:
+        with pytest.raises(TypeError, match="f()"):
+            bad()
