@@ -29,7 +29,8 @@ import functools
 import hashlib
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 try:
     from django.core.cache.backends.base import (
@@ -83,6 +84,9 @@ _CLEAR_CHUNK = 512
 # (never closed in the child: they belong to the parent).
 _handles: dict[str, tuple[int, shmstore.Store, int]] = {}
 _inherited: list[shmstore.Store] = []
+#: the coordinators this process started, per store (they are detached unless OPTIONS
+#: says otherwise; kept so that a test or an operator can stop them)
+started: dict[str, list[shmstore.Coordinator]] = {}
 _handles_lock = threading.Lock()
 
 #: bumped in every forked child: a backend instance compares it with the one it saw
@@ -108,9 +112,21 @@ def _open(name: str, serve_options: dict, connect_options: dict) -> tuple[shmsto
         if have is not None and have[0] != pid:
             _inherited.append(have[1])
         store = shmstore.open(name, **connect_options, **serve_options)
+        if store.coordinator is not None:
+            started.setdefault(name, []).append(store.coordinator)
         key_size = store.stats().key_size
         _handles[name] = (pid, store, key_size)
         return store, key_size
+
+
+def _restart(name: str, serve_options: dict, connect_options: dict) -> None:
+    """Start a coordinator for ``name`` if none runs (it adopts the segment: the records
+    stay). Handles already open go on with it."""
+    with _handles_lock:
+        store = shmstore.open(name, **connect_options, **serve_options)
+        if store.coordinator is not None:
+            started.setdefault(name, []).append(store.coordinator)
+        _inherited.append(store)  # not closed: the instances' handles are the old one
 
 
 class ShmStoreCache(BaseCache):
@@ -139,10 +155,11 @@ class ShmStoreCache(BaseCache):
             )
         self._connect_options = {k: options.pop(k) for k in _CONNECT_OPTIONS if k in options}
         serve_options = {**DEFAULT_OPTIONS, **options}
-        if "memory" not in options and ("capacity" in options or "value_size" in options):
-            serve_options.pop("memory")  # a fixed-slot store: capacity x value_size
+        if serve_options["memory"] is None:  # asked for: a fixed-slot store, capacity x value_size
             if "value_size" not in options:
-                serve_options.pop("value_size")
+                serve_options.pop("value_size")  # the store's default for that kind
+            if "key_size" not in options:
+                serve_options.pop("key_size")
         if "key_size" in options and "value_size" not in options and "memory" in serve_options:
             ks = options["key_size"]
             if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
@@ -267,14 +284,27 @@ class ShmStoreCache(BaseCache):
 
     # -- writes ------------------------------------------------------------------------
 
+    def _write(self, fn: Any, *args: Any, repeat: bool = True) -> Any:
+        """``fn(*args)``; if no coordinator answers (it died, or was stopped), start one
+        and, for a write that may be repeated, write again. ``add`` and ``incr`` are
+        not repeated (``repeat=False``): a write that failed after it was sent may have
+        been applied, and repeating would add twice or report a failed add."""
+        try:
+            return fn(*args)
+        except shmstore.CoordinatorUnavailableError:
+            _restart(self._name, self._serve_options, self._connect_options)
+            if not repeat:
+                raise
+            return fn(*args)
+
     def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
         k = self._key(key, version)
         v = dumps(value)  # before anything is written: an unpicklable value raises here
         ttl = self._ttl(timeout)
         if ttl == 0:
-            self.store.delete(k)
+            self._write(self.store.delete, k)
         else:
-            self.store.put(k, v, ttl=ttl)
+            self._write(functools.partial(self.store.put, ttl=ttl), k, v)
 
     def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k = self._key(key, version)
@@ -284,14 +314,15 @@ class ShmStoreCache(BaseCache):
         if ttl == 0:  # as RedisCache: True if it was absent, and nothing is kept
             return k not in store
         try:
-            store.compare_and_set(k, v, version=0, ttl=ttl)
+            self._write(functools.partial(store.compare_and_set, version=0, ttl=ttl), k, v, repeat=False)
         except shmstore.VersionConflictError:
             return False
         return True
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        k = self._key(key, version)
-        ttl = self._ttl(timeout)
+        return self._write(self._touch, self._key(key, version), self._ttl(timeout))
+
+    def _touch(self, k: str, ttl: float | None) -> bool:
         store = self.store
         if ttl == 0:
             return bool(store.delete(k))
@@ -309,7 +340,7 @@ class ShmStoreCache(BaseCache):
             return True
 
     def delete(self, key: Any, version: int | None = None) -> bool:
-        return bool(self.store.delete(self._key(key, version)))
+        return bool(self._write(self.store.delete, self._key(key, version)))
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         """Add ``delta`` atomically (across processes), keeping the record's expiry.
@@ -323,7 +354,9 @@ class ShmStoreCache(BaseCache):
             ValueError: the key is missing.
             TypeError: the value does not support ``+ delta``.
         """
-        k = self._key(key, version)
+        return self._write(self._incr, key, self._key(key, version), delta, repeat=False)
+
+    def _incr(self, key: Any, k: str, delta: Any) -> Any:
         store = self.store
         while True:
             ver = store.version(k)
@@ -347,8 +380,12 @@ class ShmStoreCache(BaseCache):
         if not items:
             return []
         if ttl == 0:
-            self._delete_keys([k for k, _ in items])
-            return []
+            self._write(self._delete_keys, [k for k, _ in items])
+        else:
+            self._write(self._put_many, items, ttl)
+        return []
+
+    def _put_many(self, items: list, ttl: float | None) -> None:
         store = self.store
         try:
             with store.batch() as b:  # all of them at once, as one write
@@ -357,10 +394,9 @@ class ShmStoreCache(BaseCache):
         except shmstore.RequestTooLargeError:  # more than one request holds: one by one
             for k, v in items:
                 store.put(k, v, ttl=ttl)
-        return []
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        self._delete_keys([self._key(k, version) for k in keys])
+        self._write(self._delete_keys, [self._key(k, version) for k in keys])
 
     def _delete_keys(self, keys: list) -> None:
         store = self.store
@@ -372,7 +408,7 @@ class ShmStoreCache(BaseCache):
     def clear(self) -> None:
         """Delete every record of the store: those of every alias sharing it (like
         RedisCache's FLUSHDB), and any other client's."""
-        self._delete_keys(list(self.store.keys()))
+        self._write(lambda: self._delete_keys(list(self.store.keys())))
 
     def close(self, **kwargs: Any) -> None:
         """Nothing to do: Django calls this after every request, and the process's

@@ -278,9 +278,6 @@ def test_backend_serves_the_store_when_none_runs(names):
         assert run_child('print(cache.get("k"))', name, {"OPTIONS": options}).strip() == "v"
         assert coord.alive  # the child used the running coordinator
     finally:
-        have = backend._handles.get(name)
-        if have is not None and have[1].coordinator is not None:
-            have[1].coordinator.stop()
         close_handles([name])
 
 
@@ -409,7 +406,61 @@ def test_key_size_option_keeps_the_largest_record_in_one_page(names):
         with pytest.raises(shmstore.ValueTooLargeError):
             cache.set("bigger", b"x" * st.value_size)
     finally:
-        have = backend._handles.get(name)
-        if have is not None and have[1].coordinator is not None:
-            have[1].coordinator.stop()
+        close_handles([name])
+
+
+def test_a_dead_coordinator_is_replaced_by_the_next_write(names):
+    name = names("dj-restart")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": 8 << 20, "timeout": 1}})
+    try:
+        cache.set("k", "v")
+        cache.set("n", 10)
+        first = backend.started[name][0]
+        first.kill()  # SIGKILL, reaped
+        cache.set("k2", "v2")  # no coordinator answers in 1 s: one is started, the set repeated
+        assert len(backend.started[name]) == 2 and backend.started[name][1].alive
+        assert cache.get_many(["k", "k2", "n"]) == {"k": "v", "k2": "v2", "n": 10}
+        backend.started[name][1].kill()
+        with pytest.raises(shmstore.CoordinatorUnavailableError):
+            cache.incr("n")  # may have been applied had it been sent: not repeated
+        assert cache.incr("n") == 11  # the failed one was not applied, nor repeated
+        assert len(backend.started[name]) == 3
+        with shmstore.connect(name) as plain:
+            assert plain.stats().coordinator_pid == backend.started[name][2].pid
+    finally:
+        close_handles([name])
+
+
+def test_add_of_one_key_by_many_processes_has_one_winner(django_cache, tmp_path):
+    go = tmp_path / "go"
+    code = f"""
+        import os, time
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(json.dumps([cache.add(f"slot{{i}}", os.getpid()) for i in range(50)]))
+    """
+    procs = [python(CHILD + textwrap.dedent(code), django_cache.store_name, "{}") for _ in range(4)]
+    try:
+        go.write_text("")
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        reap(*procs)
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    wins = [json.loads(out) for out, _ in outs]
+    cache = django_cache()
+    for i in range(50):  # exactly one process added each key, and its value is there
+        winners = [p.pid for p, w in zip(procs, wins) if w[i]]
+        assert len(winners) == 1, (i, wins)
+        assert cache.get(f"slot{i}") == winners[0]
+
+
+def test_memory_none_makes_a_fixed_slot_store(names):
+    name = names("dj-fixed")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": None, "capacity": 50, "value_size": 256}})
+    try:
+        cache.set("k", "v")
+        st = cache.store.stats()
+        assert (st.capacity, st.value_size, st.key_size) == (50, 256, 64)
+        assert st.memory == 0  # no page budget: one class of fixed slots
+    finally:
         close_handles([name])
