@@ -116,11 +116,12 @@ class ShmStoreCache(BaseCache):
                                        "cannot set value_type")
         self._connect = {k: options.pop(k) for k in CONNECT_OPTIONS if k in options}
         serve = {**DEFAULT_OPTIONS, **options}
-        if "memory" not in options and ("capacity" in options or "value_size" in options):
-            serve.pop("memory")  # a fixed-slot store: capacity x value_size
+        if serve["memory"] is None:  # asked for: a fixed-slot store, capacity x value_size
             if "value_size" not in options:
-                serve.pop("value_size")
-        if "key_size" in options and "value_size" not in options and "memory" in serve:
+                serve.pop("value_size")  # the store's default for that kind
+            if "key_size" not in options:
+                serve.pop("key_size")
+        elif "key_size" in options and "value_size" not in options:
             ks = options["key_size"]
             if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
                 # the largest record (32-byte header, key padded to 8, value) in 1 MiB

@@ -282,3 +282,29 @@ def test_a_forked_child_uses_the_inherited_backend(backend):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert backend.get("child") == pid and backend.get("n") == 1
+
+
+def test_store_options(names):
+    """The defaults hold unless CACHE_OPTIONS says otherwise; memory=None is a
+    fixed-slot store."""
+    made = []
+    try:
+        for options, want in [
+            ({}, {"memory": 64 << 20, "key_size": 256}),
+            ({"memory": 8 << 20, "key_size": 64}, {"memory": 8 << 20, "key_size": 64}),
+            ({"memory": None, "capacity": 100, "value_size": 512},
+             {"memory": None, "capacity": 100, "key_size": 64, "value_size": 512}),
+        ]:
+            b = ShmStoreCache(names("flopt"), key_prefix="p:", detach=False, **options)
+            made.append(b)
+            assert b.set("k", "v") and b.get("k") == "v"
+            st = b.store.stats()
+            for field, value in want.items():
+                got = getattr(st, field)
+                assert (not got if value is None else got == value), (options, field, got)
+    finally:
+        for b in made:
+            coord = b.store.coordinator if b._store is not None else None
+            b.close()
+            if coord is not None:
+                coord.stop()
