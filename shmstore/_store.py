@@ -317,6 +317,25 @@ class Store(FeedMixin, AsyncMixin):
 
         return Batch(self, bool(check_flag(wait, "wait")))
 
+    def cached(self, ttl: float | None = None, key: Any = None, *, lease: float = 30.0,
+               timeout: float | None = None) -> Any:
+        """Decorator: memoize a function across every process of the host.
+
+        ``ttl``: seconds a result lives (None: until evicted or deleted). ``key``: a
+        format of the arguments (``"user:{user_id}"``), a callable ``(args, kwargs) ->
+        str``, or None for one derived from the function's qualified name and its
+        arguments. Concurrent misses of one key compute once: one process claims the
+        key for ``lease`` seconds, the others wait for its value up to ``timeout``
+        (default: ``lease``), then compute themselves. How: ``shmstore/_memoize.py``.
+
+        Raises:
+            InvalidTTLError, InvalidArgumentError: a bad ``ttl``, ``lease``, ``timeout``
+                or ``key``, raised by this call.
+        """
+        from ._memoize import cached  # noqa: PLC0415  (only for processes that memoize)
+
+        return cached(self, ttl, key, lease=lease, timeout=timeout)
+
     # -- reads (lock-free) ---------------------------------------------------------------
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
