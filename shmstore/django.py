@@ -1,0 +1,296 @@
+"""A Django cache backend on a shmstore store: :class:`ShmStoreCache`.
+
+Settings (docs/django.md)::
+
+    CACHES = {
+        "default": {
+            "BACKEND": "shmstore.django.ShmStoreCache",
+            "LOCATION": "myapp-cache",         # the store name
+            "TIMEOUT": 300,                    # Django's default timeout
+            "OPTIONS": {"memory": 256 << 20},  # serve() settings, used if this starts it
+        }
+    }
+
+Every process (each Gunicorn worker) connects on its first cache call, not at import,
+so a preloading master forks no handle; if no coordinator serves the store, the first
+process to need one starts it (``shmstore.open``), detached by default so that it
+outlives that worker. Aliases naming the same LOCATION share one store whatever their
+KEY_PREFIX and VERSION, as aliases share one Redis; ``clear()`` empties the store.
+
+Values go through ``shmstore._objcodec``: plain data as msgpack (readable by any
+shmstore client), other objects pickled; see that module for why pickle is confined to
+the framework backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, Iterable
+
+try:
+    from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "shmstore.django needs Django: pip install 'shmstore[django]' (or Django>=4.2)"
+    ) from e
+
+import shmstore
+from shmstore._layout import check_name
+from shmstore._objcodec import dumps, loads
+from shmstore._ttl import MAX_TTL
+
+__all__ = ["ShmStoreCache"]
+
+#: serve() settings the backend uses when it starts the coordinator and OPTIONS leaves
+#: them out: a memory budget with LRU eviction (a cache, not a database) and keys up to
+#: 250 bytes (memcached's limit, which Django's key warnings are about) plus the
+#: ":version:" prefix, kept from making the largest record need more than a 1 MiB page.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "memory": 64 << 20,
+    "eviction": "lru",
+    "key_size": 256,
+    "value_size": (1 << 20) - 128 - 256,
+    "detach": True,
+}
+
+#: OPTIONS that are the connection's, not serve()'s
+_CONNECT_OPTIONS = ("timeout", "read_cache")
+
+#: keys longer than the store's key_size keep this many bytes of their start, then
+#: "#" and 32 hex digits of their BLAKE2b-128 hash (see _store_key)
+_HASH_TAIL = 33
+
+_MISSING = object()
+_CLEAR_CHUNK = 512
+
+# One handle per (process, store): shared by aliases and threads (Django makes a
+# backend instance per thread and alias; handles are thread-safe). Keyed by pid, so a
+# forked child connects on its own first call; handles it inherited stay referenced
+# (never closed in the child: they belong to the parent).
+_handles: dict[str, tuple[int, shmstore.Store, int]] = {}
+_inherited: list[shmstore.Store] = []
+_handles_lock = threading.Lock()
+
+
+def _open(name: str, serve_options: dict, connect_options: dict) -> tuple[shmstore.Store, int]:
+    pid = os.getpid()
+    with _handles_lock:
+        have = _handles.get(name)
+        if have is not None and have[0] == pid and not have[1].closed:
+            return have[1], have[2]
+        if have is not None and have[0] != pid:
+            _inherited.append(have[1])
+        store = shmstore.open(name, **connect_options, **serve_options)
+        key_size = store.stats().key_size
+        _handles[name] = (pid, store, key_size)
+        return store, key_size
+
+
+class ShmStoreCache(BaseCache):
+    """Django's cache API on a shared-memory store every process of the host shares.
+
+    Concurrency: reads (get, get_many, has_key) take no lock and never wait for the
+    coordinator; writes go through it, one at a time, so ``add``, ``incr``/``decr`` and
+    ``touch`` are atomic across processes (compare-and-set on the record's version).
+
+    Fork: nothing is opened until the first cache call of a process; a forked child
+    opens its own handle (Gunicorn's ``preload_app`` is safe).
+
+    Durability: as the store's (memory-only unless OPTIONS gives ``path``).
+    """
+
+    def __init__(self, location: str, params: dict) -> None:
+        super().__init__(params)
+        self._name = check_name(location)  # InvalidNameError
+        options = dict(params.get("OPTIONS") or {})
+        # Upper-case options are Django's (MAX_ENTRIES, CULL_FREQUENCY: read by
+        # BaseCache; the store's memory budget and eviction replace culling).
+        options = {k: v for k, v in options.items() if not k.isupper()}
+        if "value_type" in options:
+            raise shmstore.InvalidArgumentError(
+                "ShmStoreCache stores any Python object; OPTIONS cannot set value_type"
+            )
+        self._connect_options = {k: options.pop(k) for k in _CONNECT_OPTIONS if k in options}
+        serve_options = {**DEFAULT_OPTIONS, **options}
+        if "memory" not in options and ("capacity" in options or "value_size" in options):
+            serve_options.pop("memory")  # a fixed-slot store: capacity x value_size
+            if "value_size" not in options:
+                serve_options.pop("value_size")
+        if "key_size" in options and "value_size" not in options and "memory" in serve_options:
+            serve_options.pop("value_size")  # the store's default for that key_size
+        from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
+
+        from_serve(self._name, **serve_options)  # a bad option fails here, not at first use
+        self._serve_options = serve_options
+
+    # -- the store ---------------------------------------------------------------
+
+    @property
+    def store(self) -> shmstore.Store:
+        """This process's handle on the store (opened, and the store served, on first use)."""
+        return _open(self._name, self._serve_options, self._connect_options)[0]
+
+    def _key(self, key: Any, version: int | None) -> str:
+        """The store key of a Django key: Django's ``make_key`` (prefix, version), checked
+        by ``validate_key`` (warnings), hashed if longer than the store's key_size."""
+        return self._store_key(self.make_and_validate_key(key, version=version))
+
+    def _store_key(self, key: str) -> str:
+        key_size = _open(self._name, self._serve_options, self._connect_options)[1]
+        kb = key.encode("utf-8", "surrogatepass")
+        if len(kb) <= key_size:
+            return key
+        digest = hashlib.blake2b(kb, digest_size=16).hexdigest()
+        head = kb[: max(0, key_size - _HASH_TAIL)].decode("utf-8", "ignore")
+        return f"{head}#{digest}"
+
+    def _ttl(self, timeout: Any) -> float | None:
+        """Seconds to keep a record: None forever, 0 not at all (Django: 0 or less)."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return None
+        if timeout <= 0:
+            return 0
+        return min(float(timeout), MAX_TTL)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        value = self.store.get(self._key(key, version), _MISSING)
+        return default if value is _MISSING else loads(value)
+
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        return self._key(key, version) in self.store
+
+    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict:
+        wanted = {self._key(k, version): k for k in keys}
+        if not wanted:
+            return {}
+        values = self.store.get_many(list(wanted), _MISSING)
+        return {k: loads(v) for k, v in zip(wanted.values(), values) if v is not _MISSING}
+
+    # Reads never wait on anything: the async forms call them directly, not in a thread.
+    async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return self.get(key, default, version)
+
+    async def ahas_key(self, key: Any, version: int | None = None) -> bool:
+        return self.has_key(key, version)
+
+    async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict:
+        return self.get_many(keys, version)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        k = self._key(key, version)
+        v = dumps(value)  # before anything is written: an unpicklable value raises here
+        ttl = self._ttl(timeout)
+        if ttl == 0:
+            self.store.delete(k)
+        else:
+            self.store.put(k, v, ttl=ttl)
+
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        k = self._key(key, version)
+        v = dumps(value)
+        ttl = self._ttl(timeout)
+        store = self.store
+        if ttl == 0:  # as RedisCache: True if it was absent, and nothing is kept
+            return k not in store
+        try:
+            store.compare_and_set(k, v, version=0, ttl=ttl)
+        except shmstore.VersionConflictError:
+            return False
+        return True
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        k = self._key(key, version)
+        ttl = self._ttl(timeout)
+        store = self.store
+        if ttl == 0:
+            return bool(store.delete(k))
+        while True:
+            ver = store.version(k)
+            if ver is None:
+                return False
+            raw = store.get(k, _MISSING)
+            if raw is _MISSING:
+                return False
+            try:  # the same value, rewritten only if nobody wrote it since ``ver``
+                store.compare_and_set(k, raw, version=ver, ttl=ttl)
+            except shmstore.VersionConflictError:
+                continue
+            return True
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        return bool(self.store.delete(self._key(key, version)))
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        """Add ``delta`` atomically (across processes), keeping the record's expiry.
+
+        A compare-and-set loop, not ``store.incr``: ``store.incr`` counts a missing key
+        from 0, so "check it exists, then incr" would recreate (without its expiry) a
+        key deleted or expired between the two calls. Here the write only lands if the
+        record is still the version that was read.
+
+        Raises:
+            ValueError: the key is missing.
+            TypeError: the value does not support ``+ delta``.
+        """
+        k = self._key(key, version)
+        store = self.store
+        while True:
+            ver = store.version(k)
+            raw = _MISSING if ver is None else store.get(k, _MISSING)
+            if raw is _MISSING:
+                raise ValueError(f"Key '{key}' not found")
+            new = loads(raw) + delta
+            try:
+                ttl = store.ttl(k)
+            except KeyError:
+                raise ValueError(f"Key '{key}' not found") from None
+            try:
+                store.compare_and_set(k, dumps(new), version=ver, ttl=ttl)
+            except shmstore.VersionConflictError:
+                continue
+            return new
+
+    def set_many(self, data: dict, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> list:
+        items = [(self._key(k, version), dumps(v)) for k, v in data.items()]
+        ttl = self._ttl(timeout)
+        if not items:
+            return []
+        if ttl == 0:
+            self._delete_keys([k for k, _ in items])
+            return []
+        store = self.store
+        try:
+            with store.batch() as b:  # all of them at once, as one write
+                for k, v in items:
+                    b.put(k, v, ttl=ttl)
+        except shmstore.RequestTooLargeError:  # more than one request holds: one by one
+            for k, v in items:
+                store.put(k, v, ttl=ttl)
+        return []
+
+    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        self._delete_keys([self._key(k, version) for k in keys])
+
+    def _delete_keys(self, keys: list) -> None:
+        store = self.store
+        for i in range(0, len(keys), _CLEAR_CHUNK):
+            with store.batch() as b:
+                for k in keys[i:i + _CLEAR_CHUNK]:
+                    b.delete(k)
+
+    def clear(self) -> None:
+        """Delete every record of the store: those of every alias sharing it (like
+        RedisCache's FLUSHDB), and any other client's."""
+        self._delete_keys(list(self.store.keys()))
+
+    def close(self, **kwargs: Any) -> None:
+        """Nothing to do: Django calls this after every request, and the process's
+        handle is kept for the next (it holds no socket)."""
