@@ -47,7 +47,8 @@ if CACHE_LOCATION is None:
 STORE_NAME = CACHE_LOCATION
 STORE_OPTIONS = {
     "memory": int(os.environ.get("DJANGO_APP_CACHE_MEMORY", "64")) << 20,
-    "eviction": "lru",
+    "eviction": "lru",  # a cache: the least recently used records make room
+    "key_size": 256,  # memcached's 250-byte keys (Django's key warnings) + ":1:"
 }
 
 CACHES = {
