@@ -56,6 +56,8 @@ CONF = APP_DIR / "gunicorn.conf.py"
 BACKENDS = ("shmstore", "locmem", "redis", "diskcache")
 #: The view the benchmark measures.
 PATH = "/fragments"
+#: The shmstore store's name starts with this and the script's pid (destroyed at the end).
+STORE_PREFIX = "djbench-"
 #: Warm-up rounds at most (each: 8 requests per worker) before measuring anyway.
 WARM_ROUNDS = 20
 
@@ -295,15 +297,16 @@ def _skip_reason(backend: str) -> str | None:
 
 @contextlib.contextmanager
 def backend_servers(backends: list[str], tmp: str, *, workers: int, worker_class: str,
-                    skipped: dict[str, str]) -> Iterator[dict[str, AppServer]]:
+                    skipped: dict[str, str], stopped: dict[str, dict]) -> Iterator[dict[str, AppServer]]:
     """Start one app server per backend (and redis-server); stop them all at the end.
 
-    Backends that cannot run are left out, with the reason put in ``skipped``.
+    Backends that cannot run are left out, with the reason put in ``skipped``; each
+    server's master pid and exit code go into ``stopped`` when it has been stopped.
     """
     from shmstore._tools._bench._peers import RedisServer  # noqa: PLC0415
 
     servers: dict[str, AppServer] = {}
-    store_name = f"djbench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    store_name = f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
     redis_server = None
     try:
         for backend in backends:
@@ -327,7 +330,11 @@ def backend_servers(backends: list[str], tmp: str, *, workers: int, worker_class
             server.wait_ready()
         yield servers
     finally:
-        codes = {b: s.stop() for b, s in servers.items()}
+        codes = {}
+        for backend, server in servers.items():
+            codes[backend] = server.stop()
+            if server.proc is not None:
+                stopped[backend] = {"pid": server.pid, "exit_code": codes[backend]}
         if redis_server is not None:
             redis_server.stop()
         if "shmstore" in servers:
@@ -367,12 +374,14 @@ def bench(args: argparse.Namespace) -> dict:
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise SystemExit(f"unknown backends {unknown}: choose from {', '.join(BACKENDS)}")
+    load_before = os.getloadavg()[0]
     skipped: dict[str, str] = {}
+    stopped: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {}
     warmed: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="django-bench-") as tmp, \
             backend_servers(backends, tmp, workers=args.workers, worker_class=args.worker_class,
-                            skipped=skipped) as servers:
+                            skipped=skipped, stopped=stopped) as servers:
         for backend, server in servers.items():
             warmed[backend] = warm(server, args.clients)
         for _ in range(args.rounds):
@@ -407,9 +416,13 @@ def bench(args: argparse.Namespace) -> dict:
             "clients": args.clients, "requests": args.requests, "rounds": args.rounds,
             "python": platform.python_version(), "django": django.__version__,
             "gunicorn": gunicorn.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
+            # the 1-minute load average before and after: other work on the machine
+            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "results": rows,
         "skipped": skipped,
+        "servers": stopped,  # each gunicorn master: pid, exit code (0: a clean stop)
+        "store_prefix": f"{STORE_PREFIX}{os.getpid()}-",  # the shmstore store, destroyed at the end
     }
 
 
@@ -419,7 +432,8 @@ def markdown(report: dict) -> str:
         f"Django {c['django']} view reading {c['fragments']} cached fragments (`{c['view']}`), "
         f"Gunicorn {c['gunicorn']} with {c['workers']} {c['worker_class']} workers, "
         f"{c['clients']} client processes x {c['requests']} requests x {c['rounds']} rounds, "
-        f"Python {c['python']}, {c['cpus']} CPUs ({c['machine']}).",
+        f"Python {c['python']}, {c['cpus']} CPUs ({c['machine']}), load average "
+        f"{c['loadavg'][0]} before, {c['loadavg'][1]} after.",
         "",
         "| backend | req/s | p50 latency | p99 latency | cache time per request (p50) | misses |",
         "|---|---:|---:|---:|---:|---:|",
