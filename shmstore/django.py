@@ -24,19 +24,28 @@ the framework backends.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 try:
-    from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+    from django.core.cache.backends.base import (
+        DEFAULT_TIMEOUT,
+        MEMCACHE_MAX_KEY_LENGTH,
+        BaseCache,
+        memcached_error_chars_re,
+    )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "shmstore.django needs Django: pip install 'shmstore[django]' (or Django>=4.2)"
     ) from e
 
 import shmstore
+from shmstore._check_args import check_read_cache, check_timeout
 from shmstore._layout import check_name
 from shmstore._objcodec import dumps, loads
 from shmstore._ttl import MAX_TTL
@@ -51,7 +60,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "memory": 64 << 20,
     "eviction": "lru",
     "key_size": 256,
-    "value_size": (1 << 20) - 128 - 256,
+    "value_size": (1 << 20) - 128 - 256,  # as for any key_size: see __init__
     "detach": True,
 }
 
@@ -63,6 +72,10 @@ _CONNECT_OPTIONS = ("timeout", "read_cache")
 _HASH_TAIL = 33
 
 _MISSING = object()
+
+#: what Django's memcache_key_warnings looks for (its own constants)
+_MEMCACHED_MAX_KEY = MEMCACHE_MAX_KEY_LENGTH
+_MEMCACHED_BAD_CHAR = memcached_error_chars_re.search
 _CLEAR_CHUNK = 512
 
 # One handle per (process, store): shared by aliases and threads (Django makes a
@@ -71,7 +84,23 @@ _CLEAR_CHUNK = 512
 # (never closed in the child: they belong to the parent).
 _handles: dict[str, tuple[int, shmstore.Store, int]] = {}
 _inherited: list[shmstore.Store] = []
+#: the coordinators this process started, per store (they are detached unless OPTIONS
+#: says otherwise; kept so that a test or an operator can stop them)
+started: dict[str, list[shmstore.Coordinator]] = {}
 _handles_lock = threading.Lock()
+
+#: bumped in every forked child: a backend instance compares it with the one it saw
+#: when it took its handle (cheaper than os.getpid(), a system call, on every call)
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation, _handles_lock
+    _fork_generation += 1
+    _handles_lock = threading.Lock()  # a thread of the parent may have held it
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _open(name: str, serve_options: dict, connect_options: dict) -> tuple[shmstore.Store, int]:
@@ -83,9 +112,21 @@ def _open(name: str, serve_options: dict, connect_options: dict) -> tuple[shmsto
         if have is not None and have[0] != pid:
             _inherited.append(have[1])
         store = shmstore.open(name, **connect_options, **serve_options)
+        if store.coordinator is not None:
+            started.setdefault(name, []).append(store.coordinator)
         key_size = store.stats().key_size
         _handles[name] = (pid, store, key_size)
         return store, key_size
+
+
+def _restart(name: str, serve_options: dict, connect_options: dict) -> None:
+    """Start a coordinator for ``name`` if none runs (it adopts the segment: the records
+    stay). Handles already open go on with it."""
+    with _handles_lock:
+        store = shmstore.open(name, **connect_options, **serve_options)
+        if store.coordinator is not None:
+            started.setdefault(name, []).append(store.coordinator)
+        _inherited.append(store)  # not closed: the instances' handles are the old one
 
 
 class ShmStoreCache(BaseCache):
@@ -119,26 +160,53 @@ class ShmStoreCache(BaseCache):
             if "value_size" not in options:
                 serve_options.pop("value_size")
         if "key_size" in options and "value_size" not in options and "memory" in serve_options:
-            serve_options.pop("value_size")  # the store's default for that key_size
+            ks = options["key_size"]
+            if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
+                # the largest record (32-byte header, key padded to 8, value) in 1 MiB
+                serve_options["value_size"] = (1 << 20) - 128 - (ks + 7) // 8 * 8
+            else:
+                serve_options.pop("value_size")  # from_serve below says what is wrong
+        if "timeout" in self._connect_options:
+            check_timeout(self._connect_options["timeout"])
+        if "read_cache" in self._connect_options:
+            check_read_cache(self._connect_options["read_cache"])
         from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
 
         from_serve(self._name, **serve_options)  # a bad option fails here, not at first use
         self._serve_options = serve_options
+        #: the handle, its store's key_size, and the fork generation they belong to
+        self._handle: shmstore.Store | None = None
+        self._key_size = 0
+        self._generation = -1
 
     # -- the store ---------------------------------------------------------------
 
     @property
     def store(self) -> shmstore.Store:
         """This process's handle on the store (opened, and the store served, on first use)."""
-        return _open(self._name, self._serve_options, self._connect_options)[0]
+        if self._generation != _fork_generation:
+            generation = _fork_generation
+            self._handle, self._key_size = _open(self._name, self._serve_options, self._connect_options)
+            self._generation = generation
+        return self._handle  # type: ignore[return-value]
 
     def _key(self, key: Any, version: int | None) -> str:
         """The store key of a Django key: Django's ``make_key`` (prefix, version), checked
         by ``validate_key`` (warnings), hashed if longer than the store's key_size."""
         return self._store_key(self.make_and_validate_key(key, version=version))
 
+    def validate_key(self, key: str) -> None:
+        """Django's key warnings (CacheKeyWarning), with its messages: its own check runs
+        only for a key it would warn about, so a good key costs no generator."""
+        if len(key) > _MEMCACHED_MAX_KEY or _MEMCACHED_BAD_CHAR(key):
+            super().validate_key(key)
+
     def _store_key(self, key: str) -> str:
-        key_size = _open(self._name, self._serve_options, self._connect_options)[1]
+        if self._generation != _fork_generation:
+            self.store  # noqa: B018 - opens the handle, which knows the key_size
+        key_size = self._key_size
+        if len(key) * 4 <= key_size:  # UTF-8 takes at most 4 bytes a character
+            return key
         kb = key.encode("utf-8", "surrogatepass")
         if len(kb) <= key_size:
             return key
@@ -182,16 +250,60 @@ class ShmStoreCache(BaseCache):
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict:
         return self.get_many(keys, version)
 
+    # Writes wait for the coordinator: the async forms run the sync call in the handle's
+    # own write thread (see shmstore._aio), not in the thread Django keeps for the
+    # sync code of the request (the ORM).
+    async def _in_write_thread(self, fn: Any, *args: Any) -> Any:
+        pool = self.store._aio_pool()
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    async def aset(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        return await self._in_write_thread(self.set, key, value, timeout, version)
+
+    async def aadd(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.add, key, value, timeout, version)
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.touch, key, timeout, version)
+
+    async def adelete(self, key: Any, version: int | None = None) -> bool:
+        return await self._in_write_thread(self.delete, key, version)
+
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return await self._in_write_thread(self.incr, key, delta, version)
+
+    async def aset_many(self, data: dict, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> list:
+        return await self._in_write_thread(self.set_many, data, timeout, version)
+
+    async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        return await self._in_write_thread(self.delete_many, keys, version)
+
+    async def aclear(self) -> None:
+        return await self._in_write_thread(self.clear)
+
     # -- writes ------------------------------------------------------------------------
+
+    def _write(self, fn: Any, *args: Any, repeat: bool = True) -> Any:
+        """``fn(*args)``; if no coordinator answers (it died, or was stopped), start one
+        and, for a write that may be repeated, write again. ``add`` and ``incr`` are
+        not repeated (``repeat=False``): a write that failed after it was sent may have
+        been applied, and repeating would add twice or report a failed add."""
+        try:
+            return fn(*args)
+        except shmstore.CoordinatorUnavailableError:
+            _restart(self._name, self._serve_options, self._connect_options)
+            if not repeat:
+                raise
+            return fn(*args)
 
     def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
         k = self._key(key, version)
         v = dumps(value)  # before anything is written: an unpicklable value raises here
         ttl = self._ttl(timeout)
         if ttl == 0:
-            self.store.delete(k)
+            self._write(self.store.delete, k)
         else:
-            self.store.put(k, v, ttl=ttl)
+            self._write(functools.partial(self.store.put, ttl=ttl), k, v)
 
     def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k = self._key(key, version)
@@ -201,14 +313,15 @@ class ShmStoreCache(BaseCache):
         if ttl == 0:  # as RedisCache: True if it was absent, and nothing is kept
             return k not in store
         try:
-            store.compare_and_set(k, v, version=0, ttl=ttl)
+            self._write(functools.partial(store.compare_and_set, version=0, ttl=ttl), k, v, repeat=False)
         except shmstore.VersionConflictError:
             return False
         return True
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        k = self._key(key, version)
-        ttl = self._ttl(timeout)
+        return self._write(self._touch, self._key(key, version), self._ttl(timeout))
+
+    def _touch(self, k: str, ttl: float | None) -> bool:
         store = self.store
         if ttl == 0:
             return bool(store.delete(k))
@@ -226,7 +339,7 @@ class ShmStoreCache(BaseCache):
             return True
 
     def delete(self, key: Any, version: int | None = None) -> bool:
-        return bool(self.store.delete(self._key(key, version)))
+        return bool(self._write(self.store.delete, self._key(key, version)))
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         """Add ``delta`` atomically (across processes), keeping the record's expiry.
@@ -240,7 +353,9 @@ class ShmStoreCache(BaseCache):
             ValueError: the key is missing.
             TypeError: the value does not support ``+ delta``.
         """
-        k = self._key(key, version)
+        return self._write(self._incr, key, self._key(key, version), delta, repeat=False)
+
+    def _incr(self, key: Any, k: str, delta: Any) -> Any:
         store = self.store
         while True:
             ver = store.version(k)
@@ -264,8 +379,12 @@ class ShmStoreCache(BaseCache):
         if not items:
             return []
         if ttl == 0:
-            self._delete_keys([k for k, _ in items])
-            return []
+            self._write(self._delete_keys, [k for k, _ in items])
+        else:
+            self._write(self._put_many, items, ttl)
+        return []
+
+    def _put_many(self, items: list, ttl: float | None) -> None:
         store = self.store
         try:
             with store.batch() as b:  # all of them at once, as one write
@@ -274,10 +393,9 @@ class ShmStoreCache(BaseCache):
         except shmstore.RequestTooLargeError:  # more than one request holds: one by one
             for k, v in items:
                 store.put(k, v, ttl=ttl)
-        return []
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        self._delete_keys([self._key(k, version) for k in keys])
+        self._write(self._delete_keys, [self._key(k, version) for k in keys])
 
     def _delete_keys(self, keys: list) -> None:
         store = self.store
@@ -289,7 +407,7 @@ class ShmStoreCache(BaseCache):
     def clear(self) -> None:
         """Delete every record of the store: those of every alias sharing it (like
         RedisCache's FLUSHDB), and any other client's."""
-        self._delete_keys(list(self.store.keys()))
+        self._write(lambda: self._delete_keys(list(self.store.keys())))
 
     def close(self, **kwargs: Any) -> None:
         """Nothing to do: Django calls this after every request, and the process's

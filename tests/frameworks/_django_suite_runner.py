@@ -28,11 +28,14 @@ def main(tests_dir: str, store: str) -> int:
         MIDDLEWARE=[],
     )
     django.setup()
+    from cache.tests import (
+        BaseCacheTests,
+        caches_setting_for_tests,
+        redis_excluded_caches,
+    )
     from django.test import TestCase, override_settings
     from django.test.runner import DiscoverRunner
     from django.test.utils import setup_test_environment, teardown_test_environment
-
-    from cache.tests import BaseCacheTests, caches_setting_for_tests, redis_excluded_caches
 
     # As Django runs them for RedisCache: every alias on one store; the cull aliases
     # (MAX_ENTRIES, CULL_FREQUENCY) left out, so the cull tests skip.

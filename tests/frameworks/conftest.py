@@ -27,8 +27,13 @@ def django_cache(served, names):
 
 
 def close_handles(store_names) -> None:
+    """Stop the coordinators this process's backends started on these stores, and close
+    its handles on them."""
     from shmstore import django as backend
 
+    for n in store_names:
+        for coord in backend.started.pop(n, []):
+            coord.stop(timeout=10)
     for n in store_names:
         have = backend._handles.pop(n, None)
         if have is not None:

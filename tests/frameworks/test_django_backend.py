@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
+import http.client
 import json
 import os
 import pickle
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
+import time
 
 import msgspec
 import pytest
@@ -27,7 +32,7 @@ from django.core.cache import CacheKeyWarning  # noqa: E402
 import shmstore  # noqa: E402
 from shmstore import django as backend  # noqa: E402
 from shmstore._objcodec import PICKLE_EXT  # noqa: E402
-from tests.helpers.processes import python, reap  # noqa: E402
+from tests.helpers.processes import python, reap, wait_for  # noqa: E402
 
 from .conftest import close_handles  # noqa: E402
 
@@ -273,9 +278,6 @@ def test_backend_serves_the_store_when_none_runs(names):
         assert run_child('print(cache.get("k"))', name, {"OPTIONS": options}).strip() == "v"
         assert coord.alive  # the child used the running coordinator
     finally:
-        have = backend._handles.get(name)
-        if have is not None and have[1].coordinator is not None:
-            have[1].coordinator.stop()
         close_handles([name])
 
 
@@ -285,7 +287,168 @@ def test_backend_serves_the_store_when_none_runs(names):
     ("fine", {"eviction": "fifo"}, shmstore.InvalidLayoutError),
     ("fine", {"bogus": 1}, TypeError),
     ("fine", {"value_type": int}, shmstore.InvalidArgumentError),
+    ("fine", {"timeout": -1}, shmstore.InvalidArgumentError),
+    ("fine", {"read_cache": "big"}, shmstore.InvalidLayoutError),
+    ("fine", {"key_size": 0}, shmstore.InvalidLayoutError),
 ])
 def test_bad_settings_fail_when_the_backend_is_made(location, options, error):
     with pytest.raises(error):
         backend.ShmStoreCache(location, {"OPTIONS": options})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, body[-2000:]
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def _from_every_worker(port: int, path: str, workers: set[int], deadline: float) -> dict[int, dict]:
+    """Ask until each of ``workers`` has answered (the kernel picks who accepts)."""
+    seen: dict[int, dict] = {}
+    while set(seen) < workers:
+        assert time.monotonic() < deadline, f"workers {workers - set(seen)} never answered"
+        got = _request(port, path)
+        seen[got["pid"]] = got
+    return seen
+
+
+def _gunicorn_workers(master: int) -> set[int]:
+    import psutil
+
+    live = set()
+    for c in psutil.Process(master).children():  # the master's children are its workers
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE:
+                live.add(c.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+@pytest.mark.timeout(180)
+def test_gunicorn_workers_share_one_cache_and_a_killed_worker_changes_nothing(names, tmp_path):
+    pytest.importorskip("gunicorn", reason="Gunicorn is a dev dependency")
+    store = names("dj-gunicorn")
+    port = _free_port()
+    env = {**os.environ, "SHMSTORE_DJANGO_STORE": store}
+    master = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "4", "--bind", f"127.0.0.1:{port}",
+         "--preload", "--log-level", "warning", "tests.frameworks.djangoapp:application"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    coordinator = None
+    try:
+        deadline = time.monotonic() + 90
+        wait_for(lambda: len(_gunicorn_workers(master.pid)) == 4 or master.poll() is not None,
+                 timeout=60, what="4 gunicorn workers")
+        assert master.poll() is None, master.stdout.read()
+        workers = _gunicorn_workers(master.pid)
+        first = _request(port, "/set?k=shared&v=one")  # this worker starts the coordinator
+        assert first["started"], first
+        with shmstore.connect(store) as plain:
+            coordinator = plain.stats().coordinator_pid
+        _request(port, "/set?k=n&v=0&int=1")
+        answers = _from_every_worker(port, "/get?k=shared", workers, deadline)
+        assert {a["value"] for a in answers.values()} == {"one"}, answers
+
+        os.kill(first["pid"], signal.SIGKILL)  # the worker whose call started the coordinator
+        wait_for(lambda: (w := _gunicorn_workers(master.pid)) and first["pid"] not in w and len(w) == 4,
+                 timeout=30, what="gunicorn to replace the killed worker")
+        workers = _gunicorn_workers(master.pid)
+        _request(port, "/set?k=shared&v=two")  # writes still go through
+        counts = [_request(port, "/incr?k=n")["value"] for _ in range(20)]
+        assert sorted(counts) == list(range(1, 21)), counts
+        answers = _from_every_worker(port, "/get?k=shared", workers, deadline)
+        assert {a["value"] for a in answers.values()} == {"two"}, answers
+        assert not any(a["started"] for a in answers.values())  # nobody started another
+        with shmstore.connect(store) as plain:
+            assert plain.stats().coordinator_pid == coordinator
+    finally:
+        reap(master, timeout=15)
+        if coordinator is not None:  # detached: it outlives Gunicorn; stop it for the test
+            try:
+                os.kill(coordinator, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+            def stopped() -> bool:
+                try:
+                    shmstore.destroy(store)
+                except shmstore.CoordinatorRunningError:
+                    return False
+                return True
+
+            wait_for(stopped, timeout=20, what="the detached coordinator to stop")
+
+
+def test_key_size_option_keeps_the_largest_record_in_one_page(names):
+    name = names("dj-ks")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": 8 << 20, "key_size": 100}})
+    try:
+        cache.set("k" * 200, b"x" * 1000)  # hashed to 100 bytes
+        st = cache.store.stats()
+        assert (st.key_size, st.value_size) == (100, (1 << 20) - 128 - 104)
+        big = b"x" * (st.value_size - 10)  # a bytes value: msgpack adds 5 bytes
+        cache.set("big", big)
+        assert cache.get("big") == big
+        with pytest.raises(shmstore.ValueTooLargeError):
+            cache.set("bigger", b"x" * st.value_size)
+    finally:
+        close_handles([name])
+
+
+def test_a_dead_coordinator_is_replaced_by_the_next_write(names):
+    name = names("dj-restart")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": 8 << 20, "timeout": 1}})
+    try:
+        cache.set("k", "v")
+        cache.set("n", 10)
+        first = backend.started[name][0]
+        first.kill()  # SIGKILL, reaped
+        cache.set("k2", "v2")  # no coordinator answers in 1 s: one is started, the set repeated
+        assert len(backend.started[name]) == 2 and backend.started[name][1].alive
+        assert cache.get_many(["k", "k2", "n"]) == {"k": "v", "k2": "v2", "n": 10}
+        backend.started[name][1].kill()
+        with pytest.raises(shmstore.CoordinatorUnavailableError):
+            cache.incr("n")  # may have been applied had it been sent: not repeated
+        assert cache.incr("n") == 11  # the failed one was not applied, nor repeated
+        assert len(backend.started[name]) == 3
+        with shmstore.connect(name) as plain:
+            assert plain.stats().coordinator_pid == backend.started[name][2].pid
+    finally:
+        close_handles([name])
+
+
+def test_add_of_one_key_by_many_processes_has_one_winner(django_cache, tmp_path):
+    go = tmp_path / "go"
+    code = f"""
+        import os, time
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        print(json.dumps([cache.add(f"slot{{i}}", os.getpid()) for i in range(50)]))
+    """
+    procs = [python(CHILD + textwrap.dedent(code), django_cache.store_name, "{}") for _ in range(4)]
+    try:
+        go.write_text("")
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        reap(*procs)
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    wins = [json.loads(out) for out, _ in outs]
+    cache = django_cache()
+    for i in range(50):  # exactly one process added each key, and its value is there
+        winners = [p.pid for p, w in zip(procs, wins) if w[i]]
+        assert len(winners) == 1, (i, wins)
+        assert cache.get(f"slot{i}") == winners[0]

@@ -68,7 +68,7 @@ def test_other_values_pickle_and_msgpack_would_not_keep_them(v):
     assert type(back) is type(v) and back == v
 
 
-@pytest.mark.parametrize("v", [datetime.datetime(2024, 1, 2, tzinfo=datetime.timezone.utc),
+@pytest.mark.parametrize("v", [datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
                                {1: "int key"}], ids=repr)
 def test_pickled_by_rule_though_msgpack_keeps_them(v):
     # Aware UTC datetimes survive msgpack's timestamp, but other zones and naive ones
@@ -137,3 +137,21 @@ def test_through_a_store_and_a_plain_client(served):
         assert loads(s.get("tuple")) == (1, 2)
         plain.put("from-plain", [1, {"k": None}])
         assert loads(s.get("from-plain")) == [1, {"k": None}]
+
+
+def test_only_the_codec_imports_pickle():
+    """The core store (library, coordinator, workers) never pickles or unpickles: the
+    framework backends reach pickle only through shmstore._objcodec."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    importers = []
+    for folder in ("shmstore", "coordinator", "workers"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n.split(".")[0] in ("pickle", "_pickle", "dill", "cloudpickle") for n in names):
+                    importers.append(str(path.relative_to(root)))
+    assert importers == ["shmstore/_objcodec.py"]
