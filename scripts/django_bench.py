@@ -47,8 +47,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "examples" / "django_app"
@@ -87,7 +88,7 @@ class AppServer:
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
-    def __enter__(self) -> AppServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -303,7 +304,7 @@ def backend_servers(backends: list[str], tmp: str, *, workers: int, worker_class
     Backends that cannot run are left out, with the reason put in ``skipped``; each
     server's master pid and exit code go into ``stopped`` when it has been stopped.
     """
-    from shmstore._tools._bench._peers import RedisServer  # noqa: PLC0415
+    from shmstore._tools._bench._peers import RedisServer
 
     servers: dict[str, AppServer] = {}
     store_name = f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -345,7 +346,7 @@ def backend_servers(backends: list[str], tmp: str, *, workers: int, worker_class
 
 
 def _destroy_store(name: str) -> None:
-    import shmstore  # noqa: PLC0415
+    import shmstore
 
     deadline = time.monotonic() + 10
     while True:
@@ -407,8 +408,8 @@ def bench(args: argparse.Namespace) -> dict:
             "workers_seen": len({p for r in rounds for p in r["pids"]}),
             "warmup_requests": warmed[backend],
         })
-    import django  # noqa: PLC0415
-    import gunicorn  # noqa: PLC0415
+    import django
+    import gunicorn
 
     return {
         "config": {
@@ -429,11 +430,11 @@ def bench(args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [
-        f"Django {c['django']} view reading {c['fragments']} cached fragments (`{c['view']}`), "
-        f"Gunicorn {c['gunicorn']} with {c['workers']} {c['worker_class']} workers, "
-        f"{c['clients']} client processes x {c['requests']} requests x {c['rounds']} rounds, "
-        f"Python {c['python']}, {c['cpus']} CPUs ({c['machine']}), load average "
-        f"{c['loadavg'][0]} before, {c['loadavg'][1]} after.",
+        (f"Django {c['django']} view reading {c['fragments']} cached fragments (`{c['view']}`), "
+         f"Gunicorn {c['gunicorn']} with {c['workers']} {c['worker_class']} workers, "
+         f"{c['clients']} client processes x {c['requests']} requests x {c['rounds']} rounds, "
+         f"Python {c['python']}, {c['cpus']} CPUs ({c['machine']}), load average "
+         f"{c['loadavg'][0]} before, {c['loadavg'][1]} after."),
         "",
         "| backend | req/s | p50 latency | p99 latency | cache time per request (p50) | misses |",
         "|---|---:|---:|---:|---:|---:|",

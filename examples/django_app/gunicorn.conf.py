@@ -22,7 +22,7 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE.parent) not in sys.path:  # the master reads django_app.settings below
     sys.path.insert(0, str(_HERE.parent))
 
-from django_app import settings as _app  # noqa: E402  (plain Python: no Django set-up)
+from django_app import settings as _app  # plain Python: sets up nothing of Django
 
 wsgi_app = "django_app.wsgi:application"
 pythonpath = str(_HERE.parent)
