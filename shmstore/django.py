@@ -155,10 +155,11 @@ class ShmStoreCache(BaseCache):
             )
         self._connect_options = {k: options.pop(k) for k in _CONNECT_OPTIONS if k in options}
         serve_options = {**DEFAULT_OPTIONS, **options}
-        if "memory" not in options and ("capacity" in options or "value_size" in options):
-            serve_options.pop("memory")  # a fixed-slot store: capacity x value_size
+        if serve_options["memory"] is None:  # asked for: a fixed-slot store, capacity x value_size
             if "value_size" not in options:
-                serve_options.pop("value_size")
+                serve_options.pop("value_size")  # the store's default for that kind
+            if "key_size" not in options:
+                serve_options.pop("key_size")
         if "key_size" in options and "value_size" not in options and "memory" in serve_options:
             ks = options["key_size"]
             if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:

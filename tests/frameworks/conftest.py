@@ -34,6 +34,9 @@ def close_handles(store_names) -> None:
     for n in store_names:
         for coord in backend.started.pop(n, []):
             coord.stop(timeout=10)
+    for store in [s for s in backend._inherited if s.name in store_names]:
+        backend._inherited.remove(store)
+        store.close()
     for n in store_names:
         have = backend._handles.pop(n, None)
         if have is not None:

@@ -452,3 +452,15 @@ def test_add_of_one_key_by_many_processes_has_one_winner(django_cache, tmp_path)
         winners = [p.pid for p, w in zip(procs, wins) if w[i]]
         assert len(winners) == 1, (i, wins)
         assert cache.get(f"slot{i}") == winners[0]
+
+
+def test_memory_none_makes_a_fixed_slot_store(names):
+    name = names("dj-fixed")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": None, "capacity": 50, "value_size": 256}})
+    try:
+        cache.set("k", "v")
+        st = cache.store.stats()
+        assert (st.capacity, st.value_size, st.key_size) == (50, 256, 64)
+        assert st.memory == 0  # no page budget: one class of fixed slots
+    finally:
+        close_handles([name])
