@@ -49,6 +49,7 @@ STORE_OPTIONS = {
     "memory": int(os.environ.get("DJANGO_APP_CACHE_MEMORY", "64")) << 20,
     "eviction": "lru",  # a cache: the least recently used records make room
     "key_size": 256,  # memcached's 250-byte keys (Django's key warnings) + ":1:"
+    "value_size": (1 << 20) - 128 - 256,  # the largest record still fits a 1 MiB page
 }
 
 CACHES = {
