@@ -160,7 +160,7 @@ class ShmStoreCache(BaseCache):
                 serve_options.pop("value_size")  # the store's default for that kind
             if "key_size" not in options:
                 serve_options.pop("key_size")
-        if "key_size" in options and "value_size" not in options and "memory" in serve_options:
+        if "key_size" in options and "value_size" not in options and serve_options["memory"] is not None:
             ks = options["key_size"]
             if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
                 # the largest record (32-byte header, key padded to 8, value) in 1 MiB

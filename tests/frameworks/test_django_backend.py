@@ -464,3 +464,16 @@ def test_memory_none_makes_a_fixed_slot_store(names):
         assert st.memory == 0  # no page budget: one class of fixed slots
     finally:
         close_handles([name])
+
+
+def test_memory_none_with_key_size_keeps_the_fixed_store_default_value_size(names):
+    # key_size sizes value_size only for a budget store: a fixed-slot store made with
+    # a key_size alone keeps serve()'s value_size (1024), not a ~1 MiB slot per record.
+    name = names("dj-fixed-ks")
+    cache = backend.ShmStoreCache(name, {"OPTIONS": {"memory": None, "capacity": 50, "key_size": 100}})
+    try:
+        cache.set("k", "v")
+        st = cache.store.stats()
+        assert (st.memory, st.capacity, st.key_size, st.value_size) == (0, 50, 100, 1024)
+    finally:
+        close_handles([name])
