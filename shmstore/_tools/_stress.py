@@ -466,9 +466,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mixed: readers and writers, optional kills (this module; the default); "
                         "torn: readers that stall mid-read against writers rewriting slots "
                         "(_stress_torn; uses --readers --writers --seconds --ops --keys --value-size "
-                        "--start-method --name); crash: SIGKILL a durable store's coordinator again and "
+                        "--start-method --name --memory); crash: SIGKILL a durable store's coordinator again and "
                         "again, checking an exact model of what was acknowledged (_stress_crash; uses "
                         "--writers --seconds --kills --destroy --sync --seed)")
+    p.add_argument("--memory", type=_count(1 << 20, 1 << 36), default=None, metavar="BYTES",
+                   help="torn: serve a memory store of this budget whose records hop between size "
+                        "classes, so pages move while readers read (default: a single-class store)")
     p.add_argument("--readers", type=_count(0, 256), default=4, metavar="N", help="reader processes (default 4)")
     p.add_argument("--writers", type=_count(1, 256), default=2, metavar="M", help="writer processes (default 2)")
     p.add_argument("--seconds", type=_nonneg, default=10.0, metavar="S", help="how long to run (default 10)")
@@ -530,7 +533,7 @@ def run_from_args(args: argparse.Namespace, out: TextIO | None = None, err: Text
 
         return run_and_report(readers=args.readers, writers=args.writers, keys=args.keys,
                               value_size=args.value_size, ops=args.ops, seconds=args.seconds,
-                              method=args.start_method, name=args.name, out=out)
+                              method=args.start_method, name=args.name, out=out, memory=args.memory or 0)
     opts = StressOptions(readers=args.readers, writers=args.writers, seconds=args.seconds, keys=args.keys,
                          value_size=args.value_size, sync=args.sync, kill_coordinator=args.kill_coordinator,
                          kill_clients=args.kill_clients, seed=args.seed, name=args.name, progress=args.progress)
