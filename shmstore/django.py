@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import os
 import threading
 from collections.abc import Iterable
@@ -45,7 +44,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 import shmstore
-from shmstore._check_args import check_read_cache, check_timeout
+from shmstore import _frameworks
+from shmstore._frameworks import fit_key, split_options
 from shmstore._layout import check_name
 from shmstore._objcodec import dumps, loads
 from shmstore._ttl import MAX_TTL
@@ -56,20 +56,7 @@ __all__ = ["ShmStoreCache"]
 #: them out: a memory budget with LRU eviction (a cache, not a database) and keys up to
 #: 250 bytes (memcached's limit, which Django's key warnings are about) plus the
 #: ":version:" prefix, kept from making the largest record need more than a 1 MiB page.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "memory": 64 << 20,
-    "eviction": "lru",
-    "key_size": 256,
-    "value_size": (1 << 20) - 128 - 256,  # as for any key_size: see __init__
-    "detach": True,
-}
-
-#: OPTIONS that are the connection's, not serve()'s
-_CONNECT_OPTIONS = ("timeout", "read_cache")
-
-#: keys longer than the store's key_size keep this many bytes of their start, then
-#: "#" and 32 hex digits of their BLAKE2b-128 hash (see _store_key)
-_HASH_TAIL = 33
+DEFAULT_OPTIONS = _frameworks.DEFAULT_OPTIONS  # (shared with shmstore.flask)
 
 _MISSING = object()
 
@@ -149,31 +136,7 @@ class ShmStoreCache(BaseCache):
         # Upper-case options are Django's (MAX_ENTRIES, CULL_FREQUENCY: read by
         # BaseCache; the store's memory budget and eviction replace culling).
         options = {k: v for k, v in options.items() if not k.isupper()}
-        if "value_type" in options:
-            raise shmstore.InvalidArgumentError(
-                "ShmStoreCache stores any Python object; OPTIONS cannot set value_type"
-            )
-        self._connect_options = {k: options.pop(k) for k in _CONNECT_OPTIONS if k in options}
-        serve_options = {**DEFAULT_OPTIONS, **options}
-        if serve_options["memory"] is None:  # asked for: a fixed-slot store, capacity x value_size
-            if "value_size" not in options:
-                serve_options.pop("value_size")  # the store's default for that kind
-            if "key_size" not in options:
-                serve_options.pop("key_size")
-        if "key_size" in options and "value_size" not in options and serve_options["memory"] is not None:
-            ks = options["key_size"]
-            if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
-                # the largest record (32-byte header, key padded to 8, value) in 1 MiB
-                serve_options["value_size"] = (1 << 20) - 128 - (ks + 7) // 8 * 8
-            else:
-                serve_options.pop("value_size")  # from_serve below says what is wrong
-        if "timeout" in self._connect_options:
-            check_timeout(self._connect_options["timeout"])
-        if "read_cache" in self._connect_options:
-            check_read_cache(self._connect_options["read_cache"])
-        from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
-
-        from_serve(self._name, **serve_options)  # a bad option fails here, not at first use
+        serve_options, self._connect_options = split_options(self._name, options, "OPTIONS")
         self._serve_options = serve_options
         #: the handle, its store's key_size, and the fork generation they belong to
         self._handle: shmstore.Store | None = None
@@ -205,15 +168,7 @@ class ShmStoreCache(BaseCache):
     def _store_key(self, key: str) -> str:
         if self._generation != _fork_generation:
             self.store  # noqa: B018 - opens the handle, which knows the key_size
-        key_size = self._key_size
-        if len(key) * 4 <= key_size:  # UTF-8 takes at most 4 bytes a character
-            return key
-        kb = key.encode("utf-8", "surrogatepass")
-        if len(kb) <= key_size:
-            return key
-        digest = hashlib.blake2b(kb, digest_size=16).hexdigest()
-        head = kb[: max(0, key_size - _HASH_TAIL)].decode("utf-8", "ignore")
-        return f"{head}#{digest}"
+        return fit_key(key, self._key_size)
 
     def _ttl(self, timeout: Any) -> float | None:
         """Seconds to keep a record: None forever, 0 not at all (Django: 0 or less)."""

@@ -21,7 +21,6 @@ objects; see docs/flask.md for why pickle here does not widen who can run code.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
         "shmstore.flask needs Flask-Caching: pip install 'shmstore[flask]'") from e
 
 import shmstore
+from shmstore import _frameworks
 from shmstore._errors import (
     InvalidArgumentError,
     InvalidLayoutError,
@@ -42,7 +42,7 @@ from shmstore._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
-from shmstore._check_args import check_read_cache, check_timeout
+from shmstore._frameworks import HASH_TAIL, fit_key, split_options
 from shmstore._layout import check_name
 from shmstore._objcodec import dumps, loads
 from shmstore._ttl import MAX_TTL
@@ -54,20 +54,7 @@ log = logging.getLogger("shmstore.flask")
 #: serve() settings used when this backend starts the coordinator and CACHE_OPTIONS
 #: leaves them out (as shmstore.django's): a memory budget with LRU eviction, keys up to
 #: 256 bytes, the largest record kept within one 1 MiB page.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "memory": 64 << 20,
-    "eviction": "lru",
-    "key_size": 256,
-    "value_size": (1 << 20) - 128 - 256,
-    "detach": True,
-}
-#: CACHE_OPTIONS that are the connection's, not serve()'s
-CONNECT_OPTIONS = ("timeout", "read_cache")
-#: Flask-Caching passes these in the options; they are the backend's, not serve()'s
-_BACKEND_OPTIONS = ("default_timeout", "ignore_delete_many_errors")
-#: a key longer than the store's key_size keeps its start, then "#" and 32 hex digits
-#: of its BLAKE2b-128 hash (so it keeps its prefix: ``clear`` still finds it)
-_HASH_TAIL = 33
+DEFAULT_OPTIONS = _frameworks.DEFAULT_OPTIONS  # (shared with shmstore.django)
 _CLEAR_CHUNK = 512
 
 _MISSING = object()
@@ -111,30 +98,7 @@ class ShmStoreCache(BaseCache):
         if not isinstance(key_prefix, str):
             raise InvalidArgumentError(f"CACHE_KEY_PREFIX must be a str, got {type(key_prefix).__name__}")
         self.key_prefix = key_prefix
-        if "value_type" in options:
-            raise InvalidArgumentError("ShmStoreCache stores any Python object; CACHE_OPTIONS "
-                                       "cannot set value_type")
-        self._connect = {k: options.pop(k) for k in CONNECT_OPTIONS if k in options}
-        serve = {**DEFAULT_OPTIONS, **options}
-        if serve["memory"] is None:  # asked for: a fixed-slot store, capacity x value_size
-            if "value_size" not in options:
-                serve.pop("value_size")  # the store's default for that kind
-            if "key_size" not in options:
-                serve.pop("key_size")
-        elif "key_size" in options and "value_size" not in options:
-            ks = options["key_size"]
-            if isinstance(ks, int) and not isinstance(ks, bool) and 0 < ks <= 4096:
-                # the largest record (32-byte header, key padded to 8, value) in 1 MiB
-                serve["value_size"] = (1 << 20) - 128 - (ks + 7) // 8 * 8
-            else:
-                serve.pop("value_size")  # from_serve below says what is wrong
-        if "timeout" in self._connect:
-            check_timeout(self._connect["timeout"])
-        if "read_cache" in self._connect:
-            check_read_cache(self._connect["read_cache"])
-        from shmstore.coordinator._config import from_serve  # noqa: PLC0415  (the settings seam)
-
-        from_serve(self.name, **serve)  # a bad option fails here, not at first use
+        serve, self._connect = split_options(self.name, options, "CACHE_OPTIONS")
         self._serve = serve
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
@@ -175,7 +139,7 @@ class ShmStoreCache(BaseCache):
                 if s is None or s.closed:
                     s = shmstore.open(self.name, **self._connect, **self._serve)
                     key_size = s.stats().key_size
-                    if len(self.key_prefix.encode("utf-8", "surrogatepass")) > key_size - _HASH_TAIL:
+                    if len(self.key_prefix.encode("utf-8", "surrogatepass")) > key_size - HASH_TAIL:
                         s.close()
                         raise InvalidLayoutError(
                             f"CACHE_KEY_PREFIX {self.key_prefix!r:.60} leaves no room for keys in "
@@ -197,15 +161,7 @@ class ShmStoreCache(BaseCache):
         if self._store is None:
             self.store  # noqa: B018 - opening the handle learns the key_size
         full = self.key_prefix + key
-        key_size = self._key_size
-        if len(full) * 4 <= key_size:  # UTF-8 takes at most 4 bytes a character
-            return full
-        kb = full.encode("utf-8", "surrogatepass")
-        if len(kb) <= key_size:
-            return full
-        digest = hashlib.blake2b(kb, digest_size=16).hexdigest()
-        head = kb[: max(0, key_size - _HASH_TAIL)].decode("utf-8", "ignore")
-        return f"{head}#{digest}"
+        return fit_key(full, self._key_size)
 
     def _ttl(self, timeout: Any) -> float | None:
         """A Flask-Caching timeout as a ttl: None for "no expiry", -1 for "expired now"."""
