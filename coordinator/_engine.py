@@ -44,6 +44,7 @@ in ``Engine.put`` (Python ``key_hash`` ~1 us, ``find``/``_key_at`` ~2 us, ``_sto
 
 from __future__ import annotations
 
+from bisect import bisect_left
 
 import msgspec
 import numpy as np
@@ -59,7 +60,6 @@ from shmstore._errors import (
     VersionConflictError,
 )
 from shmstore._segment import Segment
-from bisect import bisect_left
 from shmstore._ttl import now_ns
 
 from ._freering import FreeRing
@@ -169,7 +169,7 @@ class Engine:
         free_flag = ((hdr[:, L.S_META] >> np.uint64(16)) & np.uint64(L.FLAG_FREE)) != 0
         orphans = refs[~used & ~free_flag & (hdr[:, L.S_SEQ] != 0)]
         for ref in orphans.tolist():
-            self._free_slot(int(ref), self.next_epoch(), account=False)
+            self._stamp_free(int(ref), self.next_epoch())
         if len(orphans):
             self.publish()
             hdr = seg.headers(refs)
@@ -266,25 +266,42 @@ class Engine:
             mv[vo : vo + len(vb)] = vb
         q[w] = 2 * epoch + 2
 
-    def _free_slot(self, slot: int, epoch: int, flags: int = L.FLAG_FREE, *, account: bool = True) -> None:
-        """Mark a slot free at ``epoch`` (its key kept for change feeds) and give it back
-        to its class's ring; ``account``: it held a live record (class counters)."""
-        q = self.q
-        w = self._slot_word(slot)
-        c = self.seg.class_of(slot)
-        if account:
-            meta = q[w + L.S_META]
-            q[L.class_word(c, L.C_RECORDS)] -= 1
-            q[L.class_word(c, L.C_ASKED)] -= L.slot_need(meta & 0xFFFF, meta >> 32)
+    def _stamp_free(self, slot: int, epoch: int, flags: int = L.FLAG_FREE) -> None:
+        """Stamp a slot free at ``epoch``: its key kept (for change feeds), its value gone."""
         if self.core is not None:
             self.core.free_record(slot, epoch, flags)
-        else:
-            q[w] = 2 * epoch + 1
-            meta = q[w + L.S_META]
-            q[w + L.S_META] = (meta & 0xFFFF) | (flags << 16)  # key kept, value gone
-            q[w + L.S_EXPIRY] = 0
-            q[w] = 2 * epoch + 2
+            return
+        q = self.q
+        w = self._slot_word(slot)
+        q[w] = 2 * epoch + 1
+        meta = q[w + L.S_META]
+        q[w + L.S_META] = (meta & 0xFFFF) | (flags << 16)
+        q[w + L.S_EXPIRY] = 0
+        q[w] = 2 * epoch + 2
+
+    def _free_slot(self, slot: int, epoch: int, flags: int = L.FLAG_FREE) -> None:
+        """Free the slot of a live record at ``epoch``: its class counters drop, it is
+        stamped free and goes back to its class's ring."""
+        q = self.q
+        c = self.seg.class_of(slot)
+        meta = q[self._slot_word(slot) + L.S_META]
+        q[L.class_word(c, L.C_RECORDS)] -= 1
+        q[L.class_word(c, L.C_ASKED)] -= L.slot_need(meta & 0xFFFF, meta >> 32)
+        self._stamp_free(slot, epoch, flags)
         self.frees[c].append(slot)
+
+    def _set_bucket(self, pos: int, h: int, slot: int) -> None:
+        """Point bucket ``pos`` at a published slot (one store)."""
+        if self.core is not None:
+            self.core.set_bucket(pos, h, slot)
+        else:
+            self.q[self.seg.idx0 + pos] = (h << 32) | (slot + 1)
+
+    def _page_refs(self, page: int, c: int) -> range:
+        """The slot references of ``page`` cut into class ``c``'s slots."""
+        first = page << self.seg.ref_shift
+        step = self.classes[c] // L.SLOT_UNIT
+        return range(first, first + self._per_page(c) * step, step)
 
     def _remove_bucket(self, pos: int) -> None:
         """Backward-shift deletion; the index generation is odd throughout."""
@@ -366,10 +383,7 @@ class Engine:
         q[L.class_word(c, L.C_ASKED)] += L.slot_need(len(kb), len(vb))
         if self.access is not None:
             self.access[new >> 2] = 0  # unreferenced until a reader reads it
-        if self.core is not None:
-            self.core.set_bucket(pos, h, new)
-        else:
-            q[self.seg.idx0 + pos] = (h << 32) | (new + 1)
+        self._set_bucket(pos, h, new)
         if old >= 0:
             self._free_slot(old, epoch)
         else:
@@ -499,10 +513,7 @@ class Engine:
         q[seg.pt0 + page] = (self.epoch << L.PTE_CLASS_BITS) | (c + 1)
         q[L.H_FREE_PAGES] = len(self.free_pages)
         q[L.class_word(c, L.C_PAGES)] += 1
-        size = self.classes[c]
-        first = page << seg.ref_shift
-        step = size // L.SLOT_UNIT
-        self.frees[c].extend(range(first, first + self._per_page(c) * step, step))
+        self.frees[c].extend(self._page_refs(page, c))
         if self.evictor is not None:
             self.evictor.reset()
         return page
@@ -588,28 +599,20 @@ class Engine:
             pos, _ = self.find(kb, h)
             new = ring.pop()
             self._write_slot(new, epoch, kb, vb, version, expiry, 0)
-            if self.core is not None:
-                self.core.set_bucket(pos, h, new)
-            else:
-                q[seg.idx0 + pos] = (h << 32) | (new + 1)
-            self._free_slot(ref, epoch)
-            q[L.class_word(src, L.C_RECORDS)] += 1  # _free_slot took it off; it moved
-            q[L.class_word(src, L.C_ASKED)] += L.slot_need(len(kb), len(vb))
-            ring.remove(ref)
-        # Invariant: the horizon rises before the page's change records are overwritten.
+            self._set_bucket(pos, h, new)
+            self._stamp_free(ref, epoch)  # the record moved within its class: counts unchanged
+        # Invariant: the horizon rises before the page's change records are overwritten
+        # (the slots just vacated carry this epoch's stamp).
         seqs = hdr[on_page, L.S_SEQ]
         top = int(seqs.max()) if len(seqs) else 0
-        for ref in movers:  # their slots were just stamped at this epoch
+        if movers:
             top = max(top, 2 * epoch + 2)
         if top >= 2 and (top - 1) >> 1 > q[H_FEED_HORIZON]:
             q[H_FEED_HORIZON] = (top - 1) >> 1
         self._stamp_page(page, dst, epoch)
         q[L.class_word(src, L.C_PAGES)] -= 1
         q[L.class_word(dst, L.C_PAGES)] += 1
-        size = self.classes[dst]
-        first = page << seg.ref_shift
-        step = size // L.SLOT_UNIT
-        self.frees[dst].extend(range(first, first + self._per_page(dst) * step, step))
+        self.frees[dst].extend(self._page_refs(page, dst))
         q[L.H_PAGE_MOVES] += 1
         if self.evictor is not None:
             self.evictor.reset()

@@ -138,8 +138,8 @@ class StampRecorder(Engine):
         super()._write_slot(slot, *args)
         self._note(slot)
 
-    def _free_slot(self, slot, epoch, *args, **kwargs) -> None:
-        super()._free_slot(slot, epoch, *args, **kwargs)
+    def _stamp_free(self, slot, epoch, *args) -> None:
+        super()._stamp_free(slot, epoch, *args)
         self._note(slot)
 
 
