@@ -414,7 +414,8 @@ class Engine:
                 if self.evictor is None:
                     raise self._full(kb, f"{self.capacity} records, its capacity; delete records or "
                                          f"serve it with a larger capacity= (or eviction='lru')")
-                self.evict_refs(self.evictor.victims(c, 1))
+                if not self.evict_refs(self.evictor.victims(c, 1)):
+                    raise self._full(kb, f"{self.capacity} records, its capacity, and none can be evicted")
                 changed = True
                 continue
             if len(self.frees[c]) >= (self.reserve[c] + 1 if insert else 1):
@@ -787,7 +788,11 @@ class Engine:
                         f"batch needs more new records than the store has room for (capacity "
                         f"{self.capacity}, holding {self.q[L.H_COUNT]}). Nothing in the batch was written."
                     )
-                self.evict_refs(self.evictor.victims(c, 1))
+                if not self.evict_refs(self.evictor.victims(c, 1)):
+                    raise StoreFullError(
+                        f"batch needs more new records than the store has room for (capacity "
+                        f"{self.capacity}, none can be evicted). Nothing in the batch was written."
+                    )
             elif not self._grow(c, kb, keep):
                 raise StoreFullError(
                     f"batch needs more {self.classes[c]}-byte slots than the store has room for "

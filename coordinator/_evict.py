@@ -63,8 +63,6 @@ class Clock:
         access: the access bytes, a writable uint8 array of ``Layout.access_size``.
     """
 
-    volatile = False
-
     def __init__(self, engine: object, access: np.ndarray) -> None:
         self.engine = engine
         self.seg = engine.seg
@@ -168,11 +166,6 @@ class Clock:
 
 class Volatile(Clock):
     """volatile-ttl: only records with an expiry are evicted, the soonest first."""
-
-    volatile = True
-
-    def batch(self, c: int) -> int:
-        return max(1, min(16, len(self.refs(c)) // 256))
 
     def victims(self, c: int, n: int) -> list[int]:
         refs = self.refs(c)

@@ -283,3 +283,16 @@ def test_read_slot_refuses_a_ref_past_the_last_whole_slot_of_its_page(served):
         assert ((last - page_start) * L.SLOT_UNIT) % 80 == 0
         assert seg.read_slot(last) is None
         assert seg.read_slot(last - 80 // L.SLOT_UNIT) is not None
+
+
+def test_at_capacity_with_nothing_evictable_the_write_is_refused_at_once(served):
+    # volatile-ttl with no record carrying an expiry: the record bound refuses the insert.
+    with _opened(served, memory=2 * MiB, capacity=20, eviction="volatile-ttl") as (name, _, s):
+        for i in range(20):
+            s.put(f"k{i}", i)
+        with pytest.raises(StoreFullError, match="capacity, and none can be evicted"):
+            s.put("one-more", 1)
+        with pytest.raises(StoreFullError, match="none can be evicted"):
+            with s.batch() as b:
+                b.put("new", 1)
+        assert s.stats().records == 20 and s.get("one-more") is None and s.get("new") is None
