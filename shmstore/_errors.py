@@ -177,6 +177,31 @@ class InvalidRowsError(ShmStoreError, ValueError):
     """Rows and values do not match (lengths differ, a row repeats, not integers)."""
 
 
+# -- replicas (serve(..., upstream="redis://...")) ---------------------------------------
+
+
+class UpstreamError(ShmStoreError):
+    """Base of the errors of a replica store and its upstream (the Redis primary that
+    orders every write, see docs/replicas.md)."""
+
+
+class UpstreamUnavailableError(UpstreamError, ConnectionError):
+    """The replica's upstream cannot be reached (refused, reset, not resolvable): the
+    write was not applied anywhere. Reads go on from the replica; retry later."""
+
+
+class UpstreamTimeoutError(UpstreamError, TimeoutError):
+    """The upstream did not answer within ``upstream_timeout``: the write may or may not
+    have been applied. If it was, every replica applies it (exactly once); read the key
+    to find out before retrying a non-idempotent write (incr)."""
+
+
+class ReplicaUnsupportedError(UpstreamError, NotImplementedError):
+    """The operation is not available on a replica store (tables, eviction, a local
+    data directory): its data is the upstream's, and only what the upstream orders is
+    replicated."""
+
+
 def from_wire(type_name: str, message: str) -> ShmStoreError:
     """Turn an error that crossed the coordinator protocol back into an exception.
 
