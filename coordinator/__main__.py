@@ -19,7 +19,16 @@ def main() -> int:
                         help="once serving, make this fd stderr (until then stderr is the starter's pipe)")
     args = parser.parse_args()
     try:
-        config = decode(args.config)  # the same struct and check as the caller's
+        import os  # noqa: PLC0415
+
+        import msgspec  # noqa: PLC0415
+
+        text = args.config
+        if '"env:SHMSTORE_UPSTREAM_URL"' in text:  # serve() passes a replica's URL this way
+            raw = msgspec.json.decode(text)
+            raw["upstream"] = os.environ.pop("SHMSTORE_UPSTREAM_URL", None)
+            text = msgspec.json.encode(raw)
+        config = decode(text)  # the same struct and check as the caller's
     except ShmStoreError as e:
         _report(args.ready_fd, e)  # the caller gets the typed error, not a timeout
         return EXIT_ERROR

@@ -96,10 +96,6 @@ class Applier:
         """
         replies = self.replies
         done = replies.done
-        ch = replies.chan
-        cq = ch.q
-        lay = ch.layout
-        w = replies.blocks[i] // 8
         reply = None
         err = None
         eng = self.engine
@@ -137,24 +133,39 @@ class Applier:
                 status = C.ST_ERROR
                 result = [type(e).__name__, e.message]
                 self.seg.q[L.H_ERRORS] += 1
-            if status == C.ST_OK and isinstance(result, Deferred):
-                # The client waits for this reply; it sends nothing more until it comes.
-                result.ticket = ticket
-                replies.deferred[i] = result
-                continue
-            if wait:
-                blob = _encode([ticket, status, result])
-                if len(blob) > lay.reply_size:
-                    blob = _encode([ticket, C.ST_ERROR, ["RequestTooLargeError",
-                                   f"the reply is {len(blob)} bytes, more than reply_size={lay.reply_size}; "
-                                   f"ask for fewer keys at once or serve with a larger reply_size"]])
-                reply = blob
-            elif status == C.ST_ERROR:
-                cq[w + C.C_ERR_COUNT] += 1
-                if not has_err and err is None:
-                    # Cut the message, never the encoding: the client must decode it.
-                    err = (ticket, _encode([result[0][:100], result[1][: C.ERR_AREA - 200]]))
+            reply, err = self.answer(i, ticket, wait, status, result, reply, err, has_err)
         return reply, err
+
+    def answer(self, i: int, ticket: int, wait: bool, status: int, result: object, reply: bytes | None,
+               err: tuple[int, bytes] | None, has_err: bool) -> tuple[bytes | None, tuple[int, bytes] | None]:
+        """Fold one frame's outcome into client ``i``'s ``(reply, err)`` of this drain:
+        a waited-for frame's reply replaces the previous one, a pipelined write's error
+        is counted and kept if the error area is free, a deferred result waits."""
+        replies = self.replies
+        if status == C.ST_OK and isinstance(result, Deferred):
+            # The client waits for this reply; it sends nothing more until it comes.
+            result.ticket = ticket
+            replies.deferred[i] = result
+            return reply, err
+        if wait:
+            lay = replies.chan.layout
+            blob = _encode([ticket, status, result])
+            if len(blob) > lay.reply_size:
+                blob = _encode([ticket, C.ST_ERROR, ["RequestTooLargeError",
+                               f"the reply is {len(blob)} bytes, more than reply_size={lay.reply_size}; "
+                               f"ask for fewer keys at once or serve with a larger reply_size"]])
+            return blob, err
+        if status == C.ST_ERROR:
+            replies.chan.q[replies.blocks[i] // 8 + C.C_ERR_COUNT] += 1
+            if not has_err and err is None:
+                # Cut the message, never the encoding: the client must decode it.
+                err = (ticket, _encode([result[0][:100], result[1][: C.ERR_AREA - 200]]))
+        return reply, err
+
+    def settle(self, served: list) -> list:
+        """The group's replies once everything in it is applied: here, as drained (a
+        replica's applier first sends the group's writes upstream: ``_replica``)."""
+        return served
 
 
     def apply(self, op: O.Request, payload: bytes) -> object:

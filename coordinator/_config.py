@@ -34,7 +34,7 @@ import msgspec
 from shmstore import _layout as L
 from shmstore._errors import InvalidLayoutError
 
-SECTIONS = ("store", "clients", "durability", "at-rest protection", "process")
+SECTIONS = ("store", "clients", "durability", "at-rest protection", "replica", "process")
 
 #: where a setting appears
 FIELD = "field"  # a field of ServerConfig (the coordinator process reads it)
@@ -209,6 +209,20 @@ SETTINGS: tuple[Setting, ...] = (
     S("key_file", str, None, "The file holding the 32-byte encryption key (raw or 64 hex digits). "
       "Never the key itself.", "at-rest protection", none=True, path=True, metavar="FILE",
       default_text="$SHMSTORE_KEY_FILE, else $SHMSTORE_KEY (64 hex digits)"),
+    S("upstream", str, None, "Make this store a replica of a dataset kept by a Redis primary: "
+      "a redis://, rediss:// or unix:// URL. Every write goes to Redis as one atomic step "
+      "that takes the next global version; every replica applies Redis's change stream in "
+      "order (docs/replicas.md). None: a store of its own.", "replica", none=True, metavar="URL"),
+    S("upstream_name", str, None, "The dataset's name in Redis (its keys are {NAME}:meta, "
+      "{NAME}:d and {NAME}:s). Several replicas of one dataset on one machine take different "
+      "store names and the same upstream_name.", "replica", none=True, metavar="NAME",
+      default_text="the store name"),
+    S("upstream_timeout", float, 2.0, "Seconds a write waits for Redis before it fails with "
+      "UpstreamTimeoutError (its outcome then unknown); also bounds connecting.", "replica",
+      lo=0, lo_open=True, hi=60, metavar="S"),
+    S("upstream_stream_max", int, 100_000, "Entries the dataset's change stream keeps (trimmed "
+      "approximately at each write). A replica that falls further behind resyncs from Redis's "
+      "records.", "replica", lo=100, hi=2**40, metavar="N"),
     S("detach", bool, False, "Keep serving after the calling process exits (else the coordinator "
       "stops with it).", "process", where=(SERVE,)),
     S("parent_pid", int, 0, "Stop when this process is gone (0: never); serve() sets it unless "
@@ -316,6 +330,7 @@ def validate(config: Any, *, cli: bool = False) -> Any:
     """
     spell: Spell = _cli if cli else _py
     L.check_name(config.name)
+    _check_replica(config, spell)
     changes: dict[str, Any] = {}
     for s in SETTINGS:
         if FIELD not in s.where or s.name == "name":
@@ -345,6 +360,37 @@ def validate(config: Any, *, cli: bool = False) -> Any:
                 f"{spell(name, value)} needs {spell('path')}: it protects the data directory's files"
             )
     return msgspec.structs.replace(config, **changes)
+
+
+def _check_replica(config: Any, spell: Spell) -> None:
+    """A replica's settings: a URL of a scheme redis-py speaks, a valid dataset name, and
+    none of what a replica cannot do (its data is the upstream's)."""
+    from shmstore._errors import ReplicaUnsupportedError  # noqa: PLC0415
+
+    url = config.upstream
+    if url is None:
+        for name in ("upstream_name",):
+            if getattr(config, name) is not None:
+                raise InvalidLayoutError(f"{spell(name, getattr(config, name))} needs {spell('upstream')}")
+        return
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")) or len(url) > 4096:
+        raise InvalidLayoutError(f"{spell('upstream')} must be a redis://, rediss:// or unix:// URL; "
+                                 f"got {str(url)[:60]!r}")
+    up_name = config.upstream_name
+    if up_name is not None:
+        if not isinstance(up_name, str):
+            raise InvalidLayoutError(f"{spell('upstream_name')} must be a string; got {up_name!r}")
+        L.check_name(up_name)
+    if config.path is not None:
+        raise ReplicaUnsupportedError(
+            f"{spell('path')} with {spell('upstream')}: a replica's durability is Redis's (see "
+            f"docs/replicas.md); serve it without a data directory: after a reboot it resyncs "
+            f"from Redis's records")
+    if config.eviction is not None:
+        raise ReplicaUnsupportedError(
+            f"{spell('eviction', config.eviction)} with {spell('upstream')}: every replica holds "
+            f"the whole dataset (a record evicted here would read as missing while it exists); "
+            f"give it memory= for the whole dataset")
 
 
 def check(name: str, value: Any) -> None:

@@ -151,6 +151,10 @@ class Engine:
         #: A lower bound of every expiry in the slots (0: unknown). The background
         #: reclaim scans the slots only once the clock passes it (coordinator/_expiry.py).
         self.next_expiry = 0
+        #: Whether a class short of room may take a page from another class by moving
+        #: its records (a logged MovePage, one epoch). A replica's epochs are the global
+        #: versions, so it takes none of its own: False there (coordinator/_replica.py).
+        self.page_moves = True
 
     # -- setup -----------------------------------------------------------------------
 
@@ -368,8 +372,10 @@ class Engine:
         """The size class a record of this key and value goes to."""
         return bisect_left(self.classes, L.SLOT_HEADER + (len(kb) + 7 & ~7) + len(vb))
 
-    def _store(self, kb: bytes, h: int, pos: int, old: int, vb: bytes, expiry: int, epoch: int) -> int:
-        """Write a record copy-on-write at ``epoch``; the caller made room (_make_room)."""
+    def _store(self, kb: bytes, h: int, pos: int, old: int, vb: bytes, expiry: int, epoch: int,
+               version: int = 0) -> int:
+        """Write a record copy-on-write at ``epoch`` (its version: ``epoch``, or
+        ``version`` if given); the caller made room (_make_room)."""
         c = self.class_for(kb, vb)
         new = self.frees[c].pop()
         q = self.q
@@ -378,7 +384,7 @@ class Engine:
         seq = q[self.seg.slot0 + new * self.seg.slot_words]
         if seq >= 2 and (seq - 1) >> 1 > q[H_FEED_HORIZON]:
             q[H_FEED_HORIZON] = (seq - 1) >> 1
-        self._write_slot(new, epoch, kb, vb, epoch, expiry, 0)
+        self._write_slot(new, epoch, kb, vb, version or epoch, expiry, 0)
         q[L.class_word(c, L.C_RECORDS)] += 1
         q[L.class_word(c, L.C_ASKED)] += L.slot_need(len(kb), len(vb))
         if self.access is not None:
@@ -437,7 +443,7 @@ class Engine:
         if self.free_pages:
             self.assign_page(c)
             return PAGED
-        src = self._page_donor(c)  # keeps every record: a batch's classes may give too
+        src = self._page_donor(c) if self.page_moves else -1  # keeps every record: a batch's classes may give too
         if src >= 0:
             self.move_page(src, c)
             return MOVED
@@ -660,6 +666,18 @@ class Engine:
         v = self._store(kb, h, pos, old, vb, expiry, self.next_epoch())
         self.publish()
         return v
+
+    def restore(self, kb: bytes, vb: bytes, version: int, expiry: int) -> None:
+        """Write a record as another store has it, ``version`` included, at the next
+        epoch (a replica's resync: coordinator/_replica.py). Not logged, not published:
+        the caller publishes once the whole state is in."""
+        h = key_hash(kb)
+        pos, old = self.find(kb, h)
+        while self._make_room(self.class_for(kb, vb), old < 0, kb):
+            pos, old = self.find(kb, h)
+        self._store(kb, h, pos, old, vb, expiry, self.next_epoch(), version)
+        if expiry and expiry < self.next_expiry:
+            self.next_expiry = expiry
 
     def delete(self, kb: bytes) -> bool:
         if self.core is not None:

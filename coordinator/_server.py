@@ -160,6 +160,7 @@ class CoordinatorServer:
         #: client -> a reply sent later (a backup being written); see ``_replies``
         self.deferred: dict[int, Deferred] = {}
         self._sleeps = 0  # blocking waits on the doorbell (the SLEEPING values)
+        self.replica = None  # a replica's upstream side (coordinator/_replica.py)
 
     # -- signals ---------------------------------------------------------------------
 
@@ -235,9 +236,18 @@ class CoordinatorServer:
             # No change records older than this segment exist (a rebuild from disk
             # keeps no freed slots): feeds from before it must resync.
             q[L.H_FEED_HORIZON] = self.engine.epoch
-        self.expirer = Expirer(self.engine, self.journal)
         clients = self.clients = ClientBlocks(self.name, start.channel_layout, q, self.deferred)
         clients.open()
+        self.replica = None
+        if cfg.upstream is not None:
+            from ._replica import Replica, ReplicaExpirer  # noqa: PLC0415
+
+            self.replica = Replica(cfg, seg, self.engine, clients.bell)
+            self.replica.start()  # the cursor checked (a resync if needed), the follower started
+            self.expirer = ReplicaExpirer(self.engine, self.journal, self.replica)
+        else:
+            q[L.H_UP_STATE] = 0
+            self.expirer = Expirer(self.engine, self.journal)
         ch = clients.chan
         #: the compiled ring reader and reply writer (None: the Python loads and stores)
         self.cw = C.compiled_writer()
@@ -247,8 +257,14 @@ class CoordinatorServer:
         self.metrics = ServerMetrics(q, ch)
         clients.bind(self.metrics, self.watch)
         self.replies = Replies(ch, clients.blocks, clients.done, self.deferred, clients.active, clients.reply_sems)
-        self.applier = Applier(seg=seg, engine=self.engine, journal=self.journal, expirer=self.expirer,
-                               handovers=self.handovers, replies=self.replies, durable=self.durable)
+        kw = dict(seg=seg, engine=self.engine, journal=self.journal, expirer=self.expirer,
+                  handovers=self.handovers, replies=self.replies, durable=self.durable)
+        if self.replica is not None:
+            from ._replica import ReplicaApplier  # noqa: PLC0415
+
+            self.applier = ReplicaApplier(replica=self.replica, **kw)
+        else:
+            self.applier = Applier(**kw)
         q[L.H_MAX_CLIENTS] = cfg.max_clients
         q[L.H_RING_SIZE] = cfg.ring_size
         q[L.H_REPLY_SIZE] = cfg.reply_size
@@ -370,6 +386,8 @@ class CoordinatorServer:
             if self._signal is not None:
                 self._handle_signal()
             self.serve_group()
+            if self.replica is not None:
+                self.replica.service()  # the stream's entries the follower read
             if self.deferred:
                 self.replies.reply_deferred(block=False)
             now = time.monotonic()
@@ -415,6 +433,7 @@ class CoordinatorServer:
         if not served:
             cl.scan_handshakes()
             return
+        served = self.applier.settle(served)  # a replica's writes go upstream here
         try:
             self.journal.commit()
         except StorageError as e:
@@ -528,6 +547,9 @@ class CoordinatorServer:
             if q[L.H_COORD_PID] == os.getpid():
                 q[L.H_COORD_INCARNATION] = 0
                 q[L.H_COORD_PID] = 0
+        replica = self.__dict__.pop("replica", None)
+        if replica is not None:
+            replica.close()
         watch = self.__dict__.pop("watch", None)
         if watch is not None:
             watch.close()

@@ -114,6 +114,10 @@ def serve(
     compression: str | None = None,
     encryption: str | None = None,
     key_file: str | os.PathLike | None = None,
+    upstream: str | None = None,
+    upstream_name: str | None = None,
+    upstream_timeout: float = 2.0,
+    upstream_stream_max: int = 100_000,
     detach: bool = False,
     timeout: float = 10.0,
 ) -> Coordinator:
@@ -242,6 +246,16 @@ def serve(
         compression: ``"zstd"`` or ``"none"``; None: the directory's (new: none).
         encryption: ``"aes-256-gcm"`` or ``"none"``; None: the directory's (new: none).
         key_file: the file holding the encryption key (see above).
+        upstream: a Redis URL (``redis://host:6379/0``, ``rediss://``, ``unix://``): the
+            store becomes a replica of the dataset ``upstream_name`` that Redis orders
+            (every write is one atomic step in Redis; the replica applies Redis's change
+            stream; see docs/replicas.md). None: a store of its own.
+        upstream_name: the dataset's name in Redis; default: the store's name.
+        upstream_timeout: seconds a replica's write waits for Redis
+            (:class:`UpstreamTimeoutError` after it; :class:`UpstreamUnavailableError`
+            at once when Redis refuses the connection).
+        upstream_stream_max: entries Redis's change stream keeps; a replica further
+            behind resyncs from the records.
         max_clients: processes that can write at once (each claims a client block).
         ring_size: bytes of each client's request queue (bounds the largest batch).
         reply_size: bytes of each client's reply area (bounds a get_many fallback).
@@ -289,6 +303,12 @@ def _start(config: Any, timeout: float) -> Coordinator:
     except OSError:
         own_err = -1  # no stderr to hand on: the coordinator keeps the pipe's
     er, ew = os.pipe() if own_err >= 0 else (-1, -1)
+    env = None
+    if config.upstream is not None:
+        # A Redis URL may hold a password: it goes through the environment (readable by
+        # this user only), not the command line (readable by everyone in ps).
+        env = dict(os.environ, SHMSTORE_UPSTREAM_URL=config.upstream)
+        config = msgspec.structs.replace(config, upstream="env:SHMSTORE_UPSTREAM_URL")
     try:
         args = [sys.executable, "-m", "shmstore.coordinator", "--config", msgspec.json.encode(config).decode(),
                 "--ready-fd", str(w)]
@@ -296,7 +316,7 @@ def _start(config: Any, timeout: float) -> Coordinator:
             args += ["--stderr-fd", str(own_err)]
         proc = subprocess.Popen(
             args, pass_fds=(w,) if own_err < 0 else (w, own_err), stdin=subprocess.DEVNULL,
-            stderr=ew if ew >= 0 else None, close_fds=True, start_new_session=detach,
+            stderr=ew if ew >= 0 else None, close_fds=True, start_new_session=detach, env=env,
         )
     finally:
         os.close(w)

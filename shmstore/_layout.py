@@ -187,6 +187,22 @@ H_EVICTIONS = 32  # records evicted to make room
 H_PAGE_MOVES = 33  # pages taken from one class (all its records evicted) for another
 H_FREE_PAGES = 34  # pages not yet handed to any class
 H_CLOCK_SCANS = 35  # slots the eviction clock looked at
+# A replica's upstream (serve(..., upstream=)), words 36-39 and 59-63 (one writer: the
+# coordinator). Its cursor is the id "H_EPOCH-H_UP_NONCE" of the last stream entry applied.
+H_UP_STATE = 36  # UP_* below; 0: the store is not a replica
+H_UP_NONCE = 37  # the nonce of the last applied entry's id (its version part is H_EPOCH)
+H_UP_HEAD = 38  # the newest global version this replica has heard of
+H_UP_LAG_MS = 39  # ms from the last applied entry's append in Redis to its apply here
+H_UP_RESYNCS = 59  # times this replica reloaded the dataset from the upstream's records
+H_UP_APPLIED = 60  # stream entries applied
+H_UP_ROUNDTRIPS = 61  # write round trips to the upstream
+H_UP_FAILURES = 62  # round trips and reads that failed (unreachable, timed out)
+H_UP_LAG_MS_MAX = 63  # the largest H_UP_LAG_MS seen
+UP_SYNCING = 1  # starting or resyncing: reads may see a mix of the old and new state
+UP_OK = 2  # following the stream
+UP_UNREACHABLE = 3  # the upstream cannot be reached: reads go on, writes fail
+UP_STALLED = 4  # an entry cannot be applied here (the store is too small): see the log
+UP_STATE_NAMES = {UP_SYNCING: "syncing", UP_OK: "ok", UP_UNREACHABLE: "unreachable", UP_STALLED: "stalled"}
 # Size classes, words 160-415: CLASS_WORDS words per class c from H_CLASSES + 4c.
 H_CLASSES = 160
 CLASS_WORDS = 4

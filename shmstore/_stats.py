@@ -151,6 +151,17 @@ class StoreStats(msgspec.Struct, frozen=True):
     eviction: str | None = None  #: the running coordinator's policy
     evictions: int = 0  #: records evicted to make room
     page_moves: int = 0  #: pages moved from one class to another
+    # -- a replica's upstream (serve(..., upstream=); None / 0 for a store of its own)
+    upstream_state: str | None = None  #: "syncing", "ok", "unreachable" or "stalled"
+    #: versions the replica is behind the newest it has heard of
+    upstream_lag_entries: int = 0
+    #: seconds from the last applied entry's append in Redis to its apply here (0 when caught up)
+    upstream_lag: float = 0.0
+    upstream_lag_max: float = 0.0
+    upstream_resyncs: int = 0  #: reloads of the whole dataset from the upstream's records
+    upstream_applied: int = 0  #: change stream entries applied
+    upstream_roundtrips: int = 0  #: write round trips to the upstream
+    upstream_failures: int = 0  #: round trips and reads that failed
     # -- durability (zero / None for memory-only stores)
     fsyncs: int = 0
     fsync_seconds: float = 0.0  #: summed fsync latency
@@ -340,6 +351,7 @@ def collect(seg: Segment, counters: _Counters, session: WriteSession) -> StoreSt
         total_write_latency_max=_secs(tot[5]) if tot[6] else None,
     )
     fields.update(_memory(seg))
+    fields.update(_upstream(q))
     prev = counters.prev_stats
     counters.prev_stats = (now, fields)
     if prev is not None:
@@ -382,6 +394,17 @@ def _memory(seg: Segment) -> dict:
                 segment_bytes=lay.size, fragmentation=1.0 - asked / spent if spent else 0.0,
                 classes=classes, eviction=_POLICY.get(q[L.H_EVICTION]),
                 evictions=q[L.H_EVICTIONS], page_moves=q[L.H_PAGE_MOVES])
+
+
+def _upstream(q: object) -> dict:
+    """The upstream fields of StoreStats (a replica's; none for a store of its own)."""
+    state = L.UP_STATE_NAMES.get(q[L.H_UP_STATE])
+    if state is None:
+        return {}
+    return dict(upstream_state=state, upstream_lag_entries=max(0, q[L.H_UP_HEAD] - q[L.H_EPOCH]),
+                upstream_lag=q[L.H_UP_LAG_MS] / 1e3, upstream_lag_max=q[L.H_UP_LAG_MS_MAX] / 1e3,
+                upstream_resyncs=q[L.H_UP_RESYNCS], upstream_applied=q[L.H_UP_APPLIED],
+                upstream_roundtrips=q[L.H_UP_ROUNDTRIPS], upstream_failures=q[L.H_UP_FAILURES])
 
 
 def _cap(x: float | None, top: float | None) -> float | None:
