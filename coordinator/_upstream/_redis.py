@@ -157,6 +157,11 @@ def _check_url(url: object) -> None:
         raise InvalidArgumentError(f"upstream URL {url!r:.120}: unix:// needs a socket path")
     if u.scheme != "unix" and not u.hostname:
         raise InvalidArgumentError(f"upstream URL {url!r:.120}: no host")
+    db = [d for d in urllib.parse.parse_qs(u.query).get("db", [])]
+    if u.scheme != "unix" and u.path not in ("", "/"):
+        db.append(u.path[1:])
+    if not all(d.isascii() and d.isdigit() for d in db):
+        raise InvalidArgumentError(f"upstream URL {url!r:.120}: the database must be a number")
     del port
 
 
@@ -228,7 +233,14 @@ class RedisUpstream:
         pool = client.connection_pool
         try:
             conn = pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, AuthenticationError, OSError) as e:
+        except redis.TimeoutError as e:
+            # TCP connected (a frozen server's kernel still accepts) but no answer to
+            # redis-py's handshake: nothing of this request was sent
+            raise UpstreamUnavailableError(
+                f"{self._where()} did not answer the connection handshake within {self.timeout} s "
+                f"(nothing was sent): {e}"
+            ) from e
+        except (redis.ConnectionError, AuthenticationError, OSError) as e:
             raise UpstreamUnavailableError(f"{self._where()} cannot be reached: {e}") from e
         try:
             try:
