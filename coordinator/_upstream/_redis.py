@@ -488,7 +488,7 @@ class RedisUpstream:
         Args:
             after: the id of the last entry applied.
             count: at most this many entries (1 or more).
-            block_ms: when there is none yet, wait this long for one (None: no wait).
+            block_ms: when there is none yet, wait this long for one (None or 0: no wait).
                 The wait does not count against ``timeout``.
 
         Returns:
@@ -503,6 +503,7 @@ class RedisUpstream:
         if block_ms is not None:
             if type(block_ms) is not int or block_ms < 0:
                 raise InvalidArgumentError(f"block_ms must be an int >= 0 or None, not {block_ms!r:.40}")
+        if block_ms:  # (0 is no wait, as None: Redis's BLOCK 0 would wait forever)
             args += (b"BLOCK", block_ms)
             client = self._blocking.get(block_ms)
             if client is None:

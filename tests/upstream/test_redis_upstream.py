@@ -267,6 +267,16 @@ def test_read_blocks_until_an_entry_arrives(shared_redis, up):
         up.read("nope", 10)
 
 
+def test_a_trimmed_stream_shows_as_a_gap(shared_redis, dataset):
+    with RedisUpstream(shared_redis.url, dataset, stream_max=10) as u:
+        for i in range(300):
+            u.submit([("put", b"k", enc(i), 0)], NOW)
+        es = u.read("0-0", 1000)
+        assert len(es) < 300 and es[-1].version == 300
+        assert es[0].prev != "0-0"  # a replica at 0-0 sees that the chain does not start at its id
+        assert u.read("0-0", 10, block_ms=0)[0] == es[0]
+
+
 def test_scan_many_records(up):
     up.submit([("put", b"k%d" % i, enc(i), i) for i in range(2500)], NOW)
     recs = records(up)
