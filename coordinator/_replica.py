@@ -62,6 +62,7 @@ from shmstore._errors import (
     ProtocolError,
     ReplicaUnsupportedError,
     ShmStoreError,
+    StoreFullError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -273,6 +274,11 @@ class Replica:
         if top:
             self._head(top)
             try:
+                # Caught up when it was sent: its own entries follow the cursor, applied
+                # from what was sent without reading them back (else: read).
+                appended = getattr(self.up, "appended", None)
+                if appended and getattr(self.up, "appended_after", None) == self.cursor:
+                    self.apply_entries(appended)
                 self.catch_up(top)
             except UpstreamError as e:
                 self._unreachable(e)
@@ -283,7 +289,7 @@ class Replica:
             except Stalled as e:
                 self._stall(str(e))
             if self.engine.epoch < top:
-                raise UpstreamTimeoutError(
+                raise (UpstreamError if self.stall_reason else UpstreamTimeoutError)(
                     f"replica {self.name!r}: the upstream took the write (version {top}) but this "
                     f"replica has not applied it ({self.stall_reason or 'not read back yet'})")
         return results
@@ -603,6 +609,8 @@ class ReplicaApplier(Applier):
         """A write as the upstream takes it, checked here as the engine would."""
         e = self.engine
         t = type(op)
+        if t is not O.Delete:
+            self._check_room(op)
         if t is O.Put:
             return ("put", e.check_key(op.key), e.check_value(op.value), op.expiry)
         if t is O.Delete:
@@ -618,6 +626,23 @@ class ReplicaApplier(Applier):
             if type(b) is O.BatchPut:
                 e.check_value(b.value)
         return ("batch", list(op.ops))
+
+    def _check_room(self, op: object) -> None:
+        """Refuse a write that would add records to a store already at its capacity
+        (StoreFullError, as a store of its own): the upstream would take it, and this
+        replica could not apply it (a stall). Room in a memory store's size classes is
+        not foreseen here: a record that finds none stalls the replica (see the module
+        docstring)."""
+        e = self.engine
+        q = self.seg.q
+        if q[L.H_COUNT] < e.capacity - 64:
+            return
+        keys = [b.key for b in op.ops if type(b) is O.BatchPut] if type(op) is O.Batch else [op.key]
+        new = sum(1 for kb in set(keys) if isinstance(kb, bytes) and kb and e.find(kb, L.key_hash(kb))[1] < 0)
+        if new and q[L.H_COUNT] + new > e.capacity:
+            raise StoreFullError(
+                f"store is full: {e.capacity} records, its capacity (a replica holds the whole "
+                f"dataset: serve every replica with a larger capacity=); nothing was written")
 
     _COUNTERS = {"put": L.H_PUTS, "delete": L.H_DELETES, "cas": L.H_CAS, "incr": L.H_INCRS, "batch": L.H_BATCHES}
 

@@ -195,6 +195,11 @@ class RedisUpstream:
         if type(stream_max) is not int or stream_max < 1:
             raise InvalidArgumentError(f"stream_max must be an int >= 1, not {stream_max!r}")
         self.url, self.name, self.timeout, self.stream_max = url, name, float(timeout), stream_max
+        #: the URL as messages show it: a password in it is never shown
+        self.shown_url = re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
+        #: the entries the last submit appended (see _appended), and the stream's tail before it
+        self.appended: list[Entry] = []
+        self.appended_after: str | None = None
         self.keys = (f"{{{name}}}:meta".encode(), f"{{{name}}}:d".encode(), f"{{{name}}}:s".encode())
         self._client = self._make_client(self.timeout)
         self._blocking: dict[int, redis.Redis] = {}
@@ -212,10 +217,10 @@ class RedisUpstream:
                 retry=Retry(NoBackoff(), 0),
             )
         except (ValueError, TypeError) as e:
-            raise InvalidArgumentError(f"upstream URL {self.url!r:.120}: {e}") from None
+            raise InvalidArgumentError(f"upstream URL {self.shown_url!r:.120}: {e}") from None
 
     def __repr__(self) -> str:
-        return f"RedisUpstream({self.url!r}, {self.name!r})"
+        return f"RedisUpstream({self.shown_url!r}, {self.name!r})"
 
     def __enter__(self) -> RedisUpstream:
         return self
@@ -226,7 +231,7 @@ class RedisUpstream:
     # -- the round trip --------------------------------------------------------------
 
     def _where(self) -> str:
-        return f"the upstream {self.url} (dataset {self.name!r})"
+        return f"the upstream {self.shown_url} (dataset {self.name!r})"
 
     def _once(self, client: redis.Redis, args: tuple, write: bool) -> object:
         """Send one command on a pooled connection and read its raw reply."""
@@ -339,14 +344,60 @@ class RedisUpstream:
             size += n
         if idx:
             calls.append((idx, argv))
+        self.appended = []
+        self.appended_after = None
+        self._incr_expiry: dict[int, int] = {}
         for idx, argv in calls:
             nonce = b"%d" % secrets.randbelow(1 << 53)
             reply = self._eval([nonce, b"%d" % self.stream_max, now, *argv])
-            if type(reply) is not list or len(reply) != len(idx):
+            if type(reply) is not list or len(reply) not in (len(idx), len(idx) + 1):
                 raise CorruptionError(f"{self._where()}: the script's reply does not fit the request")
             for i, r in zip(idx, reply):
+                if type(r) is list and len(r) == 4 and ops[i][0] == "incr":
+                    self._incr_expiry[i] = _dec(r[3], "incr's expiry")
+                    r = r[:3]
                 results[i] = self._result(ops[i], r)
+            if len(reply) == len(idx) + 1:
+                self._appended(ops, results, idx, reply[-1])
         return results
+
+    def _appended(self, ops: list[tuple], results: list, idx: list[int], tail: object) -> None:
+        """The entries one script call appended, made here from the ops and the results
+        (the same fields the stream holds), into ``appended``; ``appended_after`` is the
+        stream's tail before the first call. A replica whose cursor is that tail applies
+        them without reading the stream back."""
+        if type(tail) is not list or len(tail) != 2:
+            raise CorruptionError(f"{self._where()}: the script's reply does not fit the request")
+        prev = tail[0].decode() if type(tail[0]) is bytes else "?"
+        tms = _dec(tail[1], "the script's time")
+        if self.appended_after is None:
+            self.appended_after = prev
+        elif not self.appended or self.appended[-1].id != prev:
+            self.appended = []  # another writer came between two calls: read them back
+            self.appended_after = "?"
+            return
+        eb = _id_version(prev.encode(), "the stream's tail") if prev != "0-0" else 0
+        for i in idx:
+            eid, res = results[i]
+            if eid is None:
+                continue
+            op = ops[i]
+            kind = op[0]
+            if kind in ("put", "cas"):
+                o = _ops.Put(0, op[1], op[2], op[3])
+            elif kind == "delete":
+                o = _ops.Delete(0, op[1])
+            elif kind == "expire":
+                o = _ops.Expire(0, [op[1]], op[2])
+            elif kind == "batch":
+                o = _ops.Batch(0, list(op[1]))
+            elif kind == "incr":
+                o = _ops.Put(0, op[1], _encode(res), self._incr_expiry.pop(i, 0))
+            else:
+                o = None
+            v = _id_version(eid.encode(), "an entry id")
+            self.appended.append(Entry(id=eid, prev=prev, version=v, epoch_before=eb, op=o, time_ms=tms))
+            prev, eb = eid, v
 
     @staticmethod
     def _argv(op: tuple, results: list, i: int) -> list[bytes] | None:

@@ -5,7 +5,8 @@
 -- ARGV: nonce, stream_max, now_ns, then per op 6 strings: kind, key, a, b, c, d; a
 -- batch ("B", "", n, payload, "", "") is followed by its n ops, 4 strings each:
 -- kind ("P"/"D"), key, value, expiry.
--- Reply: per op {status, id, value}; status "ok" or an shmstore error class name.
+-- Reply: per op {status, id, value} (an incr's: {status, id, value, expiry}); status "ok"
+-- or an shmstore error class name; then {the stream's tail before the call, TIME in ms}.
 --
 -- Invariant: nothing is written before every check that can refuse the whole call has
 -- passed (types, meta vs stream tail), and no redis.call after the first write can
@@ -251,7 +252,7 @@ while i <= #ARGV do
           local nb = int_encode(hi, lo)
           local id = append(v + 1, 'k', key, 'v', nb, 'x', exp)
           redis.call('HSET', d, key, record(v, exp, nb))
-          res = {'ok', id, nb}
+          res = {'ok', id, nb, exp}
         end
       end
     end
@@ -302,4 +303,7 @@ end
 if last ~= m[2] then
   redis.call('HSET', meta, 'v', fmt(v), 'last', last)
 end
+-- Last: the stream's tail before this call and the entries' time, so that a replica
+-- whose cursor was that tail can apply this call's entries without reading them back.
+out[#out + 1] = {m[2] or '0-0', tms}
 return out

@@ -1,0 +1,362 @@
+"""Replica stores against a real redis-server on 127.0.0.1 (issue 18's done-when).
+
+Several "hosts" on one machine: each replica is a store of its own name, all with the
+same ``upstream_name``. Every test's stores, coordinators and processes are cleaned up
+by the ``names`` fixture and the redis fixtures, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+import shmstore
+from shmstore import _layout as L
+from tests.upstream._replica_workers import writer
+
+CTX = multiprocessing.get_context("fork")
+
+
+def _serve(served, url: str, dataset: str, tag: str, **kw):
+    kw.setdefault("capacity", 20_000)
+    kw.setdefault("value_size", 256)
+    return served(tag, upstream=url, upstream_name=dataset, upstream_timeout=1.0, **kw)
+
+
+def _int(record: bytes) -> int:
+    import msgspec  # noqa: PLC0415
+
+    return msgspec.msgpack.decode(record.split(b" ", 2)[2])
+
+
+def _records(name: str) -> dict[bytes, tuple[int, object]]:
+    s = shmstore.connect(name)
+    try:
+        return {k: (s.version(k), v) for k, v in s.items()}
+    finally:
+        s.close()
+
+
+def _wait_converged(names_: list[str], redis_client, dataset: str, timeout: float = 20.0) -> None:
+    """Until every replica's epoch is the upstream's version."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = int(redis_client.hget(f"{{{dataset}}}:meta", "v") or 0)
+        epochs = [shmstore.connect(n).epoch for n in names_]
+        if all(e == v for e in epochs):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replicas did not converge: upstream at {v}, replicas at {epochs}")
+        time.sleep(0.05)
+
+
+def _run_writers(names_: list[str], seconds: float, during=None) -> list[dict]:
+    q = CTX.Queue()
+    procs = [CTX.Process(target=writer, args=(n, f"h{i}", seconds, q)) for i, n in enumerate(names_)]
+    for p in procs:
+        p.start()
+    try:
+        if during is not None:
+            during()
+        results = [q.get(timeout=seconds + 60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results
+
+
+def _check_converged(names_: list[str], results: list[dict], *, exact: bool) -> dict:
+    recs = [_records(n) for n in names_]
+    for r in recs[1:]:
+        assert r == recs[0], "replicas hold different records or versions"
+    rec = recs[0]
+    acked_incrs = sum(r["incrs"] for r in results)
+    unknown = sum(r["unknown_incrs"] for r in results)
+    counter = rec[b"counter"][1]
+    if exact:
+        assert counter == acked_incrs
+    else:
+        assert acked_incrs <= counter <= acked_incrs + unknown, [
+            (r["incrs"], r["unknown_incrs"], r["errors"]) for r in results]
+    won = [v for r in results for v in r["cas"]]
+    assert len(won) == len(set(won)), "a CAS version was won twice"
+    if exact:
+        assert rec[b"cas"][1] == len(won)
+    else:
+        assert rec[b"cas"][1] >= len(won)
+    for r in results:
+        for k, v in r["puts"].items():
+            assert rec[k.encode()][1] == v, f"acknowledged put {k} lost"
+    return rec
+
+
+# -- the done-when -----------------------------------------------------------------------
+
+
+def test_three_replicas_converge_with_incr_and_cas_races(redis_server, served, dataset):
+    names_ = [_serve(served, redis_server.url, dataset, f"h{i}")[0] for i in range(3)]
+    results = _run_writers(names_, 3.0)
+    assert sum(r["incrs"] for r in results) > 30
+    assert all(not r["errors"] for r in results), results
+    _wait_converged(names_, redis_server.client(), dataset)
+    rec = _check_converged(names_, results, exact=True)
+    assert sum(len(r["cas"]) for r in results) > 0
+    # every record's version is the global one: the upstream's record says the same
+    c = redis_server.client()
+    up = c.hget(f"{{{dataset}}}:d", b"counter")
+    assert int(up.split(b" ", 1)[0]) == rec[b"counter"][0]
+    st = shmstore.connect(names_[0]).stats()
+    assert st.upstream_state == "ok" and st.upstream_resyncs == 0 and st.upstream_applied > 0
+
+
+def test_replica_sigkilled_and_served_again_mid_run(redis_server, served, names, dataset):
+    (n0, c0), (n1, c1) = (_serve(served, redis_server.url, dataset, f"k{i}") for i in range(2))
+
+    def kill_and_serve():
+        time.sleep(1.0)
+        os.kill(c1.pid, signal.SIGKILL)
+        c1._proc.wait(timeout=10)
+        time.sleep(0.5)
+        names.coordinators.append(
+            shmstore.serve(n1, upstream=redis_server.url, upstream_name=dataset, upstream_timeout=1.0))
+
+    results = _run_writers([n0, n1], 4.0, during=kill_and_serve)
+    assert c1.returncode == -signal.SIGKILL
+    _wait_converged([n0, n1], redis_server.client(), dataset)
+    c = redis_server.client()
+    up = c.hget(f"{{{dataset}}}:d", b"counter")
+    incr_entries = sum(1 for _, f in c.xrange(f"{{{dataset}}}:s") if f.get(b"k") == b"counter")
+    assert _int(up) == incr_entries  # each incr applied once: one entry each
+    _check_converged([n0, n1], results, exact=False)
+
+
+def test_redis_restarted_mid_run_with_aof(redis_aof, served, dataset):
+    names_ = [_serve(served, redis_aof.url, dataset, f"a{i}")[0] for i in range(2)]
+
+    def restart():
+        time.sleep(1.0)
+        redis_aof.restart()
+
+    results = _run_writers(names_, 4.0, during=restart)
+    _wait_converged(names_, redis_aof.client(), dataset)
+    _check_converged(names_, results, exact=False)
+    # appendfsync always: nothing acknowledged was lost, so no replica had to resync
+    for n in names_:
+        st = shmstore.connect(n).stats()
+        assert st.upstream_state == "ok"
+        assert st.upstream_resyncs == 0
+
+
+def test_stream_trimmed_while_a_replica_is_stopped(redis_server, served, dataset):
+    (n0, c0), (n1, c1) = (_serve(served, redis_server.url, dataset, f"t{i}") for i in range(2))
+    s0 = shmstore.connect(n0)
+    for i in range(50):
+        s0.put(f"a{i}", i)
+    _wait_converged([n0, n1], redis_server.client(), dataset)
+    c1.stop(timeout=5)
+    for i in range(50):
+        s0.put(f"b{i}", i)
+    s0.delete("a0")
+    s0.incr("a1", 10)
+    c = redis_server.client()
+    c.xtrim(f"{{{dataset}}}:s", maxlen=5, approximate=False)
+    c1b = shmstore.serve(n1, upstream=redis_server.url, upstream_name=dataset, upstream_timeout=1.0)
+    try:
+        _wait_converged([n0, n1], c, dataset)
+        assert _records(n1) == _records(n0)
+        st = shmstore.connect(n1).stats()
+        assert st.upstream_resyncs == 1 and st.upstream_state == "ok"
+        assert shmstore.connect(n1).get("a1") == 11 and shmstore.connect(n1).get("a0") is None
+        # and it follows the stream again
+        s0.put("after", 1)
+        _wait_converged([n0, n1], c, dataset)
+        assert shmstore.connect(n1).get("after") == 1
+    finally:
+        c1b.stop(timeout=5)
+        s0.close()
+
+
+# -- divergence, unreachability, what a replica refuses -------------------------------------
+
+
+def test_a_replaced_history_is_noticed_and_resynced(redis_server, served, dataset):
+    """A failover that lost entries, or a restart without the tail: another history
+    reaches the same versions. The replica must not take it for its own."""
+    (n0, c0), (n1, c1) = (_serve(served, redis_server.url, dataset, f"f{i}") for i in range(2))
+    s0 = shmstore.connect(n0)
+    for i in range(10):
+        s0.put(f"k{i}", i)
+    _wait_converged([n0, n1], redis_server.client(), dataset)
+    c1.stop(timeout=5)
+    c0.stop(timeout=5)
+    c = redis_server.client()
+    c.delete(f"{{{dataset}}}:meta", f"{{{dataset}}}:d", f"{{{dataset}}}:s")  # Redis lost it all
+    # a third host writes a new history of the same length
+    n2, c2 = _serve(served, redis_server.url, dataset, "f2")
+    s2 = shmstore.connect(n2)
+    for i in range(10):
+        s2.put(f"other{i}", i)
+    assert int(c.hget(f"{{{dataset}}}:meta", "v")) == 10
+    c1b = shmstore.serve(n1, upstream=redis_server.url, upstream_name=dataset, upstream_timeout=1.0)
+    try:
+        _wait_converged([n1, n2], c, dataset)
+        assert _records(n1) == _records(n2)
+        assert shmstore.connect(n1).get("k3") is None and shmstore.connect(n1).get("other3") == 3
+        st = shmstore.connect(n1).stats()
+        assert st.upstream_resyncs == 1
+        assert st.epoch > 10  # versions never go back: the resync fenced past its old epoch
+    finally:
+        c1b.stop(timeout=5)
+        s0.close()
+        s2.close()
+
+
+def test_upstream_unreachable_reads_go_on_writes_fail_typed_then_resume(redis_aof, served, dataset):
+    n0, c0 = _serve(served, redis_aof.url, dataset, "u0")
+    s = shmstore.connect(n0)
+    s.put("k", "v")
+    redis_aof.stop()
+    t = time.monotonic()
+    with pytest.raises(shmstore.UpstreamUnavailableError):
+        s.put("k", "w")
+    assert time.monotonic() - t < 5
+    assert s.get("k") == "v"  # reads go on
+    deadline = time.monotonic() + 5
+    while s.stats().upstream_state != "unreachable" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s.stats().upstream_state == "unreachable"
+    redis_aof.restart()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s.put("k", "w")
+            break
+        except shmstore.UpstreamError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert s.get("k") == "w"
+    assert s.stats().upstream_state == "ok"
+    assert s.stats().upstream_resyncs == 0  # the AOF kept everything: no resync
+    s.close()
+
+
+def test_frozen_upstream_bounds_a_write_by_its_timeout(redis_server, served, dataset):
+    n0, c0 = _serve(served, redis_server.url, dataset, "z0")
+    s = shmstore.connect(n0)
+    s.put("k", 1)
+    redis_server.freeze()
+    try:
+        t = time.monotonic()
+        with pytest.raises(shmstore.UpstreamError):
+            s.put("k", 2)
+        assert time.monotonic() - t < 10
+        assert s.get("k") in (1, 2)  # reads go on; the write's outcome is unknown
+    finally:
+        redis_server.thaw()
+    deadline = time.monotonic() + 10
+    while s.stats().upstream_state != "ok" or s.epoch != int(redis_server.client().hget(f"{{{dataset}}}:meta", "v")):
+        assert time.monotonic() < deadline, s.stats().upstream_state
+        time.sleep(0.05)
+    assert s.version("k") == int(redis_server.client().hget(f"{{{dataset}}}:d", b"k").split(b" ")[0])
+    s.close()
+
+
+def test_replica_settings_refused_in_the_caller(redis_server, names):
+    n = names("r")
+    url = redis_server.url
+    with pytest.raises(shmstore.ReplicaUnsupportedError):
+        shmstore.serve(n, upstream=url, eviction="lru", memory=8 << 20)
+    with pytest.raises(shmstore.ReplicaUnsupportedError):
+        shmstore.serve(n, upstream=url, path="/tmp/nowhere-shmstore")
+    for bad in ("http://127.0.0.1:1/", "", 5, True):
+        with pytest.raises(shmstore.InvalidLayoutError):
+            shmstore.serve(n, upstream=bad)
+    with pytest.raises(shmstore.InvalidLayoutError):
+        shmstore.serve(n, upstream_name="x")
+    with pytest.raises(shmstore.InvalidNameError):
+        shmstore.serve(n, upstream=url, upstream_name="bad name{}")
+    for bad in (float("nan"), 0, -1, True, "2"):
+        with pytest.raises(shmstore.InvalidLayoutError):
+            shmstore.serve(n, upstream=url, upstream_timeout=bad)
+
+
+def test_what_a_replica_does_and_refuses(redis_server, served, dataset, clock):
+    (n0, _), (n1, _) = (_serve(served, redis_server.url, dataset, f"w{i}") for i in range(2))
+    s0, s1 = shmstore.connect(n0), shmstore.connect(n1)
+    try:
+        with pytest.raises(shmstore.ReplicaUnsupportedError):
+            s0.table("t", dtype="i8", rows=4)
+        with pytest.raises(shmstore.DurabilityUnavailableError):
+            s0.checkpoint()
+        # get_many, a change feed and a snapshot see the other host's writes
+        e0 = s1.epoch
+        s0.put("a", 1)
+        with s0.batch() as b:
+            b.put("b", 2)
+            b.put("c", 3)
+        _wait_converged([n0, n1], redis_server.client(), dataset)
+        assert s1.get_many(["a", "b", "c", "d"]) == [1, 2, 3, None]
+        keys, _ = s1.changes(e0)
+        assert set(keys) >= {b"a", b"b", b"c"}
+        with s1.snapshot() as snap:
+            assert snap.get("c") == 3
+        # TTL: the record expires on every host (the upstream removes it once)
+        s0.put("t", "x", ttl=5)
+        _wait_converged([n0, n1], redis_server.client(), dataset)
+        assert s1.get("t") == "x" and s1.ttl("t") is not None
+        clock(10)
+        assert s1.get("t") is None  # readers hide it at once
+        deadline = time.monotonic() + 10
+        while redis_server.client().hexists(f"{{{dataset}}}:d", b"t"):
+            assert time.monotonic() < deadline, "the expired record was not removed upstream"
+            time.sleep(0.05)
+        _wait_converged([n0, n1], redis_server.client(), dataset)
+        assert b"t" not in dict(s0.items()) and b"t" not in dict(s1.items())
+        # incr and a CAS decided upstream; errors typed as on a store of its own
+        s0.put("s", "text")
+        with pytest.raises(shmstore.ValueEncodingError):
+            s1.incr("s")
+        with pytest.raises(shmstore.VersionConflictError):
+            s1.compare_and_set("a", 5, version=s1.version("a") + 1000)
+    finally:
+        s0.close()
+        s1.close()
+
+
+def test_a_replica_refuses_a_write_beyond_its_capacity(redis_server, served, dataset):
+    n0, _ = _serve(served, redis_server.url, dataset, "c0", capacity=100)
+    s = shmstore.connect(n0)
+    try:
+        for i in range(100):
+            s.put(f"k{i}", i)
+        with pytest.raises(shmstore.StoreFullError):
+            s.put("one-more", 1)
+        s.put("k5", 55)  # an update still goes
+        assert s.get("k5") == 55
+        assert s.stats().upstream_state == "ok"
+    finally:
+        s.close()
+
+
+def test_a_new_replica_loads_an_existing_dataset(redis_server, served, dataset):
+    n0, _ = _serve(served, redis_server.url, dataset, "n0")
+    s0 = shmstore.connect(n0)
+    for i in range(300):
+        s0.put(f"k{i}", {"i": i}, ttl=3600 if i % 2 else None)
+    n1, _ = _serve(served, redis_server.url, dataset, "n1")
+    _wait_converged([n0, n1], redis_server.client(), dataset)
+    assert _records(n1) == _records(n0)
+    s1 = shmstore.connect(n1)
+    assert s1.ttl("k1") is not None and s1.ttl("k2") is None
+    assert s1.stats().upstream_resyncs == 1
+    s0.close()
+    s1.close()
+    assert L.UP_STATE_NAMES[L.UP_OK] == "ok"
