@@ -570,6 +570,27 @@ class RedisUpstream:
             raise CorruptionError(f"{self._where()}: XREAD answered {r!r:.80}") from None
         return [self._entry(it) for it in items]
 
+    def newest_after(self, after: str, block_ms: int) -> int:
+        """Wait up to ``block_ms`` for an entry after ``after``; the version of the first
+        one (0: none came). Only its id is read: the follower thread of a replica uses it
+        to learn that there is something to apply (the loop reads the entries itself, so
+        the thread costs next to nothing while this host's own writes arrive)."""
+        after = _id_arg(after, "after")
+        if type(block_ms) is not int or block_ms < 1:
+            raise InvalidArgumentError(f"block_ms must be an int >= 1, not {block_ms!r:.40}")
+        client = self._blocking.get(block_ms)
+        if client is None:
+            client = self._blocking[block_ms] = self._make_client(self.timeout + block_ms / 1000)
+        r = self._read(b"XREAD", b"COUNT", 1, b"BLOCK", block_ms, b"STREAMS", self.keys[2], after, client=client)
+        if r is None:
+            return 0
+        try:
+            (stream, items), = r
+            (eid, _), = items
+        except (TypeError, ValueError):
+            raise CorruptionError(f"{self._where()}: XREAD answered {r!r:.80}") from None
+        return _id_version(eid, f"stream entry {eid!r:.60} of {self._where()}")
+
     def _entry(self, item: object) -> Entry:
         """A raw ``[id, [field, value, ...]]`` as a checked :class:`Entry`."""
         if type(item) is not list or len(item) != 2 or type(item[1]) is not list or len(item[1]) > 10:

@@ -468,3 +468,22 @@ def test_four_processes_incr_and_cas(shared_redis, dataset):
         cas_entries = [e for e in es if e.op.key == b"cas"]
         assert [e.version for e in cas_entries] == won, report
         assert len(es) == n_workers * n_ops // 2 + len(won), report
+
+
+def test_newest_after_waits_for_an_entry_and_reads_only_its_version(shared_redis, dataset):
+    up = RedisUpstream(shared_redis.url, dataset, timeout=2.0)
+    other = up.clone()
+    try:
+        t = time.monotonic()
+        assert up.newest_after("0-0", 50) == 0  # nothing came within the wait
+        assert time.monotonic() - t < 2
+        (eid, v), = other.submit([("put", b"k", b"v", 0)], time.time_ns())
+        assert up.newest_after("0-0", 50) == v == 1
+        assert up.newest_after(eid, 50) == 0
+        other.submit([("put", b"k", b"w", 0), ("put", b"j", b"w", 0)], time.time_ns())
+        assert up.newest_after(eid, 50) == 2  # the first entry after the cursor
+        with pytest.raises(InvalidArgumentError):
+            up.newest_after("0-0", 0)
+    finally:
+        up.close()
+        other.close()

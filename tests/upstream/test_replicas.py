@@ -360,3 +360,39 @@ def test_a_new_replica_loads_an_existing_dataset(redis_server, served, dataset):
     s0.close()
     s1.close()
     assert L.UP_STATE_NAMES[L.UP_OK] == "ok"
+
+
+def test_a_forged_entry_stalls_the_replica_without_killing_it(redis_server, served, dataset):
+    """Every byte in Redis is hostile: an entry that parses but cannot be applied here
+    (a key longer than this store's key_size), with a valid chain, stalls the replica;
+    its coordinator lives, reads go on, writes are refused with a typed error."""
+    import msgspec  # noqa: PLC0415
+
+    n0, c0 = _serve(served, redis_server.url, dataset, "g0", key_size=16)
+    s = shmstore.connect(n0)
+    try:
+        s.put("k", 1)
+        c = redis_server.client()
+        meta = f"{{{dataset}}}:meta"
+        v, last = int(c.hget(meta, "v")), c.hget(meta, "last").decode()
+        forged = msgspec.msgpack.encode([1, 0, b"x" * 40, msgspec.msgpack.encode(1), 0])
+        eid = f"{v + 1}-12345"
+        c.xadd(f"{{{dataset}}}:s", {"p": last, "t": "1", "o": forged}, id=eid)
+        c.hset(meta, mapping={"v": v + 1, "last": eid})
+        deadline = time.monotonic() + 10
+        while s.stats().upstream_state != "stalled":
+            assert time.monotonic() < deadline, s.stats().upstream_state
+            time.sleep(0.05)
+        assert c0.alive()
+        assert s.get("k") == 1
+        with pytest.raises(shmstore.UpstreamError, match="stalled"):
+            s.put("k", 2)
+        # garbage where an op belongs: still alive, still stalled, still typed
+        c.xadd(f"{{{dataset}}}:s", {"p": eid, "t": "1", "o": b"\xc1garbage"}, id=f"{v + 2}-1")
+        c.hset(meta, mapping={"v": v + 2, "last": f"{v + 2}-1"})
+        time.sleep(0.5)
+        assert c0.alive() and s.get("k") == 1
+        with pytest.raises(shmstore.UpstreamError):
+            s.put("k", 3)
+    finally:
+        s.close()
