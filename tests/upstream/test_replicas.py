@@ -16,6 +16,7 @@ import pytest
 
 import shmstore
 from shmstore import _layout as L
+from shmstore.coordinator import _replica as replica_mod
 from tests.upstream._replica_workers import writer
 
 CTX = multiprocessing.get_context("fork")
@@ -362,37 +363,55 @@ def test_a_new_replica_loads_an_existing_dataset(redis_server, served, dataset):
     assert L.UP_STATE_NAMES[L.UP_OK] == "ok"
 
 
-def test_a_forged_entry_stalls_the_replica_without_killing_it(redis_server, served, dataset):
-    """Every byte in Redis is hostile: an entry that parses but cannot be applied here
-    (a key longer than this store's key_size), with a valid chain, stalls the replica;
-    its coordinator lives, reads go on, writes are refused with a typed error."""
+def test_forged_entries_stall_the_replica_without_killing_it(redis_server, served, dataset):
+    """Every byte in Redis is hostile. An entry that does not parse, or parses but cannot
+    be applied here (a key longer than this store's key_size), with a valid chain,
+    stalls the replica: its coordinator lives, reads go on, writes are refused with a
+    typed error, and its periodic resync attempt meets the same entry and survives it."""
     import msgspec  # noqa: PLC0415
 
-    n0, c0 = _serve(served, redis_server.url, dataset, "g0", key_size=16)
-    s = shmstore.connect(n0)
-    try:
-        s.put("k", 1)
-        c = redis_server.client()
-        meta = f"{{{dataset}}}:meta"
+    (n0, c0), (n1, c1) = (_serve(served, redis_server.url, dataset, f"g{i}", key_size=16) for i in range(2))
+    s0, s1 = shmstore.connect(n0), shmstore.connect(n1)
+    c = redis_server.client()
+    meta = f"{{{dataset}}}:meta"
+
+    def forge(fields: dict) -> str:
         v, last = int(c.hget(meta, "v")), c.hget(meta, "last").decode()
-        forged = msgspec.msgpack.encode([1, 0, b"x" * 40, msgspec.msgpack.encode(1), 0])
         eid = f"{v + 1}-12345"
-        c.xadd(f"{{{dataset}}}:s", {"p": last, "t": "1", "o": forged}, id=eid)
+        c.xadd(f"{{{dataset}}}:s", {"p": last, "t": "1", **fields}, id=eid)
         c.hset(meta, mapping={"v": v + 1, "last": eid})
+        return eid
+
+    def wait_stalled(s) -> None:
         deadline = time.monotonic() + 10
         while s.stats().upstream_state != "stalled":
             assert time.monotonic() < deadline, s.stats().upstream_state
             time.sleep(0.05)
-        assert c0.alive()
-        assert s.get("k") == 1
-        with pytest.raises(shmstore.UpstreamError, match="stalled"):
-            s.put("k", 2)
-        # garbage where an op belongs: still alive, still stalled, still typed
-        c.xadd(f"{{{dataset}}}:s", {"p": eid, "t": "1", "o": b"\xc1garbage"}, id=f"{v + 2}-1")
-        c.hset(meta, mapping={"v": v + 2, "last": f"{v + 2}-1"})
-        time.sleep(0.5)
-        assert c0.alive() and s.get("k") == 1
-        with pytest.raises(shmstore.UpstreamError):
-            s.put("k", 3)
+
+    def check_stalled(value: int) -> None:
+        for co, s in ((c0, s0), (c1, s1)):
+            wait_stalled(s)
+            assert co.alive()
+            assert s.get("k") == value
+            with pytest.raises(shmstore.UpstreamError, match="stalled"):
+                s.put("k", 2)
+
+    try:
+        s0.put("k", 1)
+        _wait_converged([n0, n1], c, dataset)
+        forge({"o": b"\xc1garbage"})  # not msgpack at all
+        check_stalled(1)
+        # The periodic resync takes the records for the truth (the forged entry changed
+        # none) and fences past it: both replicas follow again, equal.
+        deadline = time.monotonic() + replica_mod.STALLED_RETRY_S + 10
+        while s0.stats().upstream_state != "ok" or s1.stats().upstream_state != "ok":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        s0.put("k", 5)
+        _wait_converged([n0, n1], c, dataset)
+        assert s1.get("k") == 5 and _records(n0) == _records(n1)
+        forge({"o": msgspec.msgpack.encode([1, 0, b"x" * 40, msgspec.msgpack.encode(1), 0])})  # too long here
+        check_stalled(5)
     finally:
-        s.close()
+        s0.close()
+        s1.close()
