@@ -376,6 +376,11 @@ def _check_replica(config: Any, spell: Spell) -> None:
     if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")) or len(url) > 4096:
         raise InvalidLayoutError(f"{spell('upstream')} must be a redis://, rediss:// or unix:// URL; "
                                  f"got {str(url)[:60]!r}")
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("redis") is None:
+        raise ReplicaUnsupportedError(
+            f"{spell('upstream')} needs the redis package: pip install 'shmstore[replica]'")
     up_name = config.upstream_name
     if up_name is not None:
         if not isinstance(up_name, str):

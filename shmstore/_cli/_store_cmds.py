@@ -101,6 +101,13 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
                   f"{100 * c.fragmentation:.0f}% unused") for c in s.classes if c.pages]
     elif s.evictions or s.eviction:
         rows.append(("eviction", f"{s.eviction or 'none'}: {s.evictions:,} evicted"))
+    if s.upstream_state is not None:
+        rows += [
+            ("upstream", f"{s.upstream_state}: {s.upstream_lag_entries:,} versions behind, lag "
+                         f"{duration(s.upstream_lag)} (max {duration(s.upstream_lag_max)})"),
+            ("  stream", f"{s.upstream_applied:,} entries applied, {s.upstream_resyncs:,} resyncs"),
+            ("  round trips", f"{s.upstream_roundtrips:,} ({s.upstream_failures:,} failed)"),
+        ]
     if s.fsyncs or s.wal_bytes or s.checkpoints:
         rows += [
             ("fsyncs", f"{s.fsyncs:,}: min {duration(s.fsync_min)}, avg {duration(s.fsync_avg)}, "
@@ -117,6 +124,17 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + client_table(s.clients)
 
 
+def replica_of(config: object) -> str:
+    """``"; a replica of dataset D at URL"`` (its password not shown), or ``""``."""
+    url = getattr(config, "upstream", None)
+    if url is None:
+        return ""
+    import re  # noqa: PLC0415
+
+    shown = re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
+    return f"; a replica of dataset {config.upstream_name or config.name!r} at {shown}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from shmstore._errors import InvalidLayoutError  # noqa: PLC0415
     from shmstore.coordinator import CoordinatorServer  # noqa: PLC0415
@@ -131,8 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lay = server.seg.layout
         budget = f"memory {lay.memory:,}, " if lay.memory else ""
         print(f"{PROG}: serving store {args.name!r} (coordinator pid {os.getpid()}; {budget}capacity "
-              f"{lay.capacity:,}, key_size {lay.key_size}, value_size {lay.value_size}); "
-              f"Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
+              f"{lay.capacity:,}, key_size {lay.key_size}, value_size {lay.value_size}"
+              f"{replica_of(config)}); Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
 
     server = CoordinatorServer(config, ready=ready)
     code = server.run()  # SIGTERM/SIGINT: drain, then return 0
