@@ -180,7 +180,8 @@ SETTINGS: tuple[Setting, ...] = (
       "blocks (0: never spin); a wake-up costs tens of microseconds.", "clients", lo=0,
       metavar="US"),
     S("path", str, None, "A data directory of its own for a durable store (created if missing, "
-      "mode 0700): manifest, checkpoints, write-ahead log. None: memory only.", "durability",
+      "mode 0700): manifest, checkpoints, write-ahead log. None: memory only. A replica's "
+      "(upstream=) keeps only a checkpoint there, to restart fast.", "durability",
       none=True, path=True, metavar="DIR"),
     S("sync", str, None, "What a crash can lose: 'always' (each group of writes is fsynced before "
       "it is acknowledged), 'periodic' (fsync at least every sync_interval) or 'never' (memory "
@@ -344,7 +345,7 @@ def validate(config: Any, *, cli: bool = False) -> Any:
         if value is not None and s.path:
             changes[s.name] = os.path.abspath(os.fspath(value))
     path = config.path
-    sync = config.sync or ("never" if path is None else "always")
+    sync = config.sync or ("never" if path is None or config.upstream is not None else "always")
     if path is None and sync != "never":
         raise InvalidLayoutError(
             f"{spell('sync', sync)} needs {spell('path')} (a data directory); a memory-only store "
@@ -386,11 +387,15 @@ def _check_replica(config: Any, spell: Spell) -> None:
         if not isinstance(up_name, str):
             raise InvalidLayoutError(f"{spell('upstream_name')} must be a string; got {up_name!r}")
         L.check_name(up_name)
-    if config.path is not None:
+    if config.sync not in (None, "never"):
         raise ReplicaUnsupportedError(
-            f"{spell('path')} with {spell('upstream')}: a replica's durability is Redis's (see "
-            f"docs/replicas.md); serve it without a data directory: after a reboot it resyncs "
-            f"from Redis's records")
+            f"{spell('sync', config.sync)} with {spell('upstream')}: a replica's durability is "
+            f"Redis's (docs/replicas.md); its {spell('path')} only keeps a checkpoint to restart fast")
+    for name in ("compression", "encryption", "key_file"):
+        if getattr(config, name) not in (None, "none"):
+            raise ReplicaUnsupportedError(
+                f"{spell(name, getattr(config, name))} with {spell('upstream')}: a replica's "
+                f"checkpoint is kept plain (the data is Redis's; protect Redis and the directory)")
     if config.eviction is not None:
         raise ReplicaUnsupportedError(
             f"{spell('eviction', config.eviction)} with {spell('upstream')}: every replica holds "

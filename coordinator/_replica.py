@@ -134,6 +134,13 @@ class Replica:
         self.thread: threading.Thread | None = None
         #: where the follower reads from (the loop moves it as it applies)
         self.follow_from = self.cursor
+        #: a checkpoint to restart fast (served with path=: coordinator/_replica_ckpt.py)
+        self.ckpt_path = cfg.path
+        self.dataset = cfg.upstream_name or cfg.name
+        self.ckpt_interval = cfg.checkpoint_interval
+        self.next_save = time.monotonic() + self.ckpt_interval
+        self.saved_epoch = self.engine.epoch
+        self.saver: threading.Thread | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -155,7 +162,37 @@ class Replica:
         self.thread = threading.Thread(target=self._follow, name="shmstore-upstream", daemon=True)
         self.thread.start()
 
+    def _save(self, *, background: bool) -> None:
+        """Take the checkpoint (the records now, between entries) and write it, in a
+        thread of its own unless ``background`` is False."""
+        from . import _replica_ckpt  # noqa: PLC0415
+
+        if self.saver is not None:
+            self.saver.join()
+            self.saver = None
+        epoch = self.engine.epoch
+        if epoch == self.saved_epoch or self.q[L.H_UP_STATE] != L.UP_OK:
+            return
+        snap = _replica_ckpt.snapshot(self.seg, epoch)
+        nonce = self.q[L.H_UP_NONCE]
+        self.saved_epoch = epoch
+
+        def write() -> None:
+            try:
+                _replica_ckpt.write(self.ckpt_path, self.dataset, snap, nonce)
+            except OSError as e:
+                self._say(f"its checkpoint in {self.ckpt_path!r} could not be written ({e}); it "
+                          f"resyncs from the upstream after a reboot")
+
+        if background:
+            self.saver = threading.Thread(target=write, name="shmstore-replica-checkpoint", daemon=True)
+            self.saver.start()
+        else:
+            write()
+
     def close(self) -> None:
+        if self.ckpt_path is not None:
+            self._save(background=False)  # a clean stop: the next start reads only what came after
         self.stop_event.set()
         self.consumed.set()
         t = self.thread
@@ -236,6 +273,9 @@ class Replica:
                 self.behind = 0
                 self.consumed.set()
                 return
+        if self.ckpt_path is not None and time.monotonic() >= self.next_save:
+            self.next_save = time.monotonic() + self.ckpt_interval
+            self._save(background=True)
         if self.behind:
             newest, self.behind = self.behind, 0
             try:

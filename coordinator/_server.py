@@ -161,6 +161,7 @@ class CoordinatorServer:
         self.deferred: dict[int, Deferred] = {}
         self._sleeps = 0  # blocking waits on the doorbell (the SLEEPING values)
         self.replica = None  # a replica's upstream side (coordinator/_replica.py)
+        self.replica_dir = None  # a replica's data directory (a checkpoint only), locked
 
     # -- signals ---------------------------------------------------------------------
 
@@ -192,7 +193,13 @@ class CoordinatorServer:
         start = self.startup = Startup(self.name, cfg)
         start.check_space_first()
         start.take_lock()
-        if cfg.path is not None and isinstance(self.journal, NullJournal):
+        if cfg.path is not None and cfg.upstream is not None:
+            # A replica's directory holds only a checkpoint to restart fast (_replica_ckpt).
+            from ._durable._datadir import DataDir  # noqa: PLC0415
+
+            self.replica_dir = DataDir(cfg.path)
+            self.replica_dir.open_and_lock()
+        elif cfg.path is not None and isinstance(self.journal, NullJournal):
             from ._durable import DurableJournal  # noqa: PLC0415
 
             self.journal = DurableJournal(cfg)
@@ -222,6 +229,10 @@ class CoordinatorServer:
                 unlink_quietly(posix_ipc.SharedMemory, L.data_name(self.name))
                 unlink_tables(self.name)  # a checkpoint's tables, made before the replay failed
                 raise
+        if start.created and self.replica_dir is not None:
+            from . import _replica_ckpt  # noqa: PLC0415
+
+            _replica_ckpt.load(seg, cfg.path, cfg.upstream_name or cfg.name, self.name)
         self.engine = Engine(seg)
         self.redo = RedoArea(self.name, cfg.ring_size)
         tables = tables_of(self.engine)  # snapshots/tables: adopt the table segments
@@ -549,7 +560,10 @@ class CoordinatorServer:
                 q[L.H_COORD_PID] = 0
         replica = self.__dict__.pop("replica", None)
         if replica is not None:
-            replica.close()
+            replica.close()  # its last checkpoint, if it keeps one
+        if self.replica_dir is not None:
+            self.replica_dir.unlock()
+            self.replica_dir = None
         watch = self.__dict__.pop("watch", None)
         if watch is not None:
             watch.close()

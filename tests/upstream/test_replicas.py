@@ -276,7 +276,9 @@ def test_replica_settings_refused_in_the_caller(redis_server, names):
     with pytest.raises(shmstore.ReplicaUnsupportedError):
         shmstore.serve(n, upstream=url, eviction="lru", memory=8 << 20)
     with pytest.raises(shmstore.ReplicaUnsupportedError):
-        shmstore.serve(n, upstream=url, path="/tmp/nowhere-shmstore")
+        shmstore.serve(n, upstream=url, path="/tmp/nowhere-shmstore", sync="always")
+    with pytest.raises(shmstore.ReplicaUnsupportedError):
+        shmstore.serve(n, upstream=url, path="/tmp/nowhere-shmstore", encryption="aes-256-gcm")
     for bad in ("http://127.0.0.1:1/", "", 5, True):
         with pytest.raises(shmstore.InvalidLayoutError):
             shmstore.serve(n, upstream=bad)
@@ -289,7 +291,7 @@ def test_replica_settings_refused_in_the_caller(redis_server, names):
             shmstore.serve(n, upstream=url, upstream_timeout=bad)
 
 
-def test_what_a_replica_does_and_refuses(redis_server, served, dataset, clock):
+def test_what_a_replica_does_and_refuses(redis_server, served, dataset, clock, tmp_path):
     (n0, _), (n1, _) = (_serve(served, redis_server.url, dataset, f"w{i}") for i in range(2))
     s0, s1 = shmstore.connect(n0), shmstore.connect(n1)
     try:
@@ -297,6 +299,8 @@ def test_what_a_replica_does_and_refuses(redis_server, served, dataset, clock):
             s0.table("t", dtype="i8", rows=4)
         with pytest.raises(shmstore.DurabilityUnavailableError):
             s0.checkpoint()
+        s0.put("before-backup", 1)
+        assert s0.backup(str(tmp_path / "b")) >= 1  # a local copy of the replica
         # get_many, a change feed and a snapshot see the other host's writes
         e0 = s1.epoch
         s0.put("a", 1)
@@ -415,3 +419,47 @@ def test_forged_entries_stall_the_replica_without_killing_it(redis_server, serve
     finally:
         s0.close()
         s1.close()
+
+
+def test_a_replica_restarts_from_its_checkpoint_without_a_resync(redis_server, served, names, dataset, tmp_path):
+    """path=: a checkpoint to restart fast. After its segment is gone (a reboot), the
+    replica lays its checkpoint and reads only the entries written since; a damaged
+    checkpoint is ignored (a resync instead)."""
+    n0, c0 = _serve(served, redis_server.url, dataset, "p0")
+    n1, c1 = _serve(served, redis_server.url, dataset, "p1", path=str(tmp_path / "d1"))
+    s0 = shmstore.connect(n0)
+    c = redis_server.client()
+    try:
+        for i in range(200):
+            s0.put(f"k{i}", i)
+        _wait_converged([n0, n1], c, dataset)
+        assert c1.stop(timeout=10) == 0  # a clean stop writes the checkpoint
+        shmstore.destroy(n1)  # as after a reboot: the segment is gone
+        for i in range(20):
+            s0.put(f"later{i}", i)
+        s0.delete("k0")
+
+        def again():
+            co = shmstore.serve(n1, upstream=redis_server.url, upstream_name=dataset, upstream_timeout=1.0,
+                                capacity=20_000, value_size=256, path=str(tmp_path / "d1"))
+            names.coordinators.append(co)
+            return co
+
+        c1 = again()
+        _wait_converged([n0, n1], c, dataset)
+        assert _records(n1) == _records(n0)
+        st = shmstore.connect(n1).stats()
+        assert st.upstream_resyncs == 0 and st.upstream_applied == 21  # only what came after
+        assert c1.stop(timeout=10) == 0
+        shmstore.destroy(n1)
+        ck = tmp_path / "d1" / "replica.ckpt"
+        data = bytearray(ck.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # damaged: its checksum fails
+        ck.write_bytes(bytes(data))
+        s0.put("after-damage", 1)
+        again()
+        _wait_converged([n0, n1], c, dataset)
+        assert _records(n1) == _records(n0)
+        assert shmstore.connect(n1).stats().upstream_resyncs == 1
+    finally:
+        s0.close()
