@@ -51,6 +51,7 @@ redis-server stopped and its directory removed, also after Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -59,12 +60,12 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import shmstore
@@ -85,6 +86,20 @@ READ_CHUNK = 256
 #: Seconds to wait for a worker's result past its measuring time.
 RESULT_GRACE = 60.0
 START_TIMEOUT = 10.0
+
+
+# -- cleanup ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (a cleanup is not cut short; the
+    signal then interrupts what follows)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # -- redis-server ---------------------------------------------------------------------
@@ -148,15 +163,16 @@ class RedisProcess:
         raise RuntimeError(f"redis-server did not come up on 127.0.0.1; see its log: {log}")
 
     def stop(self) -> None:
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with _uninterrupted():
+            p, self.proc = self.proc, None
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # -- the replicas -------------------------------------------------------------------------
@@ -174,6 +190,7 @@ class Replicas:
     def serve(self, dataset: str, *, capacity: int) -> str:
         self._n += 1
         name = f"{STORE_PREFIX}{os.getpid()}-{self._n}"
+        # (Not under _uninterrupted(): the coordinator would inherit the blocked signals.)
         self.served.append((name, None))  # destroyed even if serve() fails halfway
         coord = shmstore.serve(name, upstream=self.url, upstream_name=dataset, capacity=capacity,
                                value_size=2 * VALUE_BYTES + 56, key_size=32, upstream_timeout=5.0)
@@ -181,12 +198,13 @@ class Replicas:
         return name
 
     def close(self) -> None:
-        served, self.served = self.served, []
-        for _, coord in served:
-            if coord is not None:
-                coord.stop(timeout=10)
-        for name, _ in served:
-            shmstore.destroy(name)
+        with _uninterrupted():
+            served, self.served = self.served, []
+            for _, coord in served:
+                if coord is not None:
+                    coord.stop(timeout=10)
+            for name, _ in served:
+                shmstore.destroy(name)
 
 
 def _dataset(tag: str) -> str:
@@ -530,9 +548,9 @@ def _num(x: float) -> str:
 def markdown(res: dict) -> str:
     env, st = res["environment"], res["settings"]
     lines = [
-        f"Replica benchmark: {env['cpus']} CPUs, Python {env['python']}, {env['redis_server'].split(' sha')[0]}, "
-        f"redis-py {env['redis_py']} ({env['redis_py_parser']} parser); {st['seconds']} s per measurement, "
-        f"{st['keys']} keys, {VALUE_BYTES}-byte values. All processes share the machine's cores.",
+        (f"Replica benchmark: {env['cpus']} CPUs, Python {env['python']}, {env['redis_server'].split(' sha')[0]}, "
+         f"redis-py {env['redis_py']} ({env['redis_py_parser']} parser); {st['seconds']} s per measurement, "
+         f"{st['keys']} keys, {VALUE_BYTES}-byte values. All processes share the machine's cores."),
         "",
         "### 1. Replica lag under load (A writes, B reads)",
         "",
@@ -545,19 +563,19 @@ def markdown(res: dict) -> str:
         for label, key in ((f"lag: A's put until B reads it, {what} the load", "lag_ms"),
                            (f"A's sync put ack latency, {what} the load", "ack_ms")):
             lines.append(f"| {label} | {m[key]['p50']:.3f} | {m[key]['p99']:.3f} | {m[key]['count']:,} |")
-    lines += ["", f"The load: another process on A doing pipelined puts at full speed "
-              f"({_num(res['lag']['loaded']['background_puts_per_s'])} puts/s) while B's reader spins. "
-              "Samples: lag = new values B saw (B may apply several of A's puts at once), "
-              "ack = A's sync puts.",
+    lines += ["", (f"The load: another process on A doing pipelined puts at full speed "
+               f"({_num(res['lag']['loaded']['background_puts_per_s'])} puts/s) while B's reader spins. "
+               "Samples: lag = new values B saw (B may apply several of A's puts at once), "
+               "ack = A's sync puts."),
               "", "### 2. Writes/s through Redis (all writers together, acknowledged)", "",
-              "| hosts | shmstore sync put | shmstore pipelined put | redis-py SET | "
-              f"redis-py SET, pipelines of {REDIS_BATCH} |",
+              ("| hosts | shmstore sync put | shmstore pipelined put | redis-py SET | "
+               f"redis-py SET, pipelines of {REDIS_BATCH} |"),
               "|---:|---:|---:|---:|---:|"]
     for row in res["writes"]:
         lines.append(f"| {row['hosts']} | {_num(row['shmstore_sync'])} | {_num(row['shmstore_pipelined'])} | "
                      f"{_num(row['redis_sync'])} | {_num(row['redis_pipelined'])} |")
-    lines += ["", "One writer process per host (replica), each on its own keys; redis-py from the same "
-              "number of processes on the same Redis.", "",
+    lines += ["", ("One writer process per host (replica), each on its own keys; redis-py from the same "
+               "number of processes on the same Redis."), "",
               "### 3. Reads/s, one reader process", "",
               "| reader | random keys | one hot key | shmstore / this (random) | shmstore / this (hot) |",
               "|---|---:|---:|---:|---:|"]
@@ -570,8 +588,8 @@ def markdown(res: dict) -> str:
         ratio = row.get("shmstore_ratio", {"random": 1.0, "hot": 1.0})
         lines.append(f"| {labels[kind]} | {_num(row['random'])} | {_num(row['hot'])} | "
                      f"{ratio['random']:.1f}x | {ratio['hot']:.1f}x |")
-    lines += ["", "One reader process per row, rows one after another (the machine has "
-              f"{env['cpus']} cores); every key read once first (twice for the client-side cache: all hits)."]
+    lines += ["", ("One reader process per row, rows one after another (the machine has "
+               f"{env['cpus']} cores); every key read once first (twice for the client-side cache: all hits).")]
     return "\n".join(lines)
 
 
