@@ -12,7 +12,8 @@ in one run, on one machine (every peer in this process tree):
 1. **Replica lag under load.** Replicas A and B. On A one process does sync puts of
    key ``lag`` whose value is ``time.time_ns()`` (its own ack latency is timed), while
    another does pipelined puts (``wait=False``) of other keys at full speed. On B one
-   process spins ``get("lag")``; each new value (each is unique, so a new value is a
+   process polls ``get("lag")`` every 0.1 ms (sleeping between polls: a reader that
+   spun would take one of the machine's cores from the replicas); each new value (each is unique, so a new value is a
    new version) gives a lag sample ``time.time_ns() - value``: from the writer's call
    to the write being readable on the other host. The same again without the
    background writer is the baseline (a fresh pair of replicas each time).
@@ -80,6 +81,10 @@ STORE_PREFIX = "rbench-"
 REDIS_BATCH = 100
 #: The readers cycle over this many pseudo-random key indexes (seeded: the same for all).
 READ_SEQUENCE = 1 << 16
+#: the lag reader's pause between polls (seconds)
+POLL_S = 0.0001
+#: set (to a version) by --csc-version-floor for the client-side cache's reader process
+CSC_FLOOR_ENV = "SHMSTORE_BENCH_CSC_FLOOR"
 READ_SEED = 18
 #: The readers look at the clock after this many reads.
 READ_CHUNK = 256
@@ -297,7 +302,7 @@ def _load_writer(barrier: Any, name: str, seconds: float, keys: int) -> dict:
 def _lag_reader(barrier: Any, name: str, seconds: float) -> dict:
     s = shmstore.connect(name)
     try:
-        get, now_ns = s.get, time.time_ns
+        get, now_ns, sleep = s.get, time.time_ns, time.sleep
         deadline = time.monotonic() + START_TIMEOUT
         while get("lag") is None:  # the writer's first put, before the barrier
             if time.monotonic() > deadline:
@@ -308,14 +313,14 @@ def _lag_reader(barrier: Any, name: str, seconds: float) -> dict:
         lags = []
         deadline = time.perf_counter() + seconds + RESULT_GRACE / 2  # if the writer never says stop
         while time.perf_counter() < deadline:
-            for _ in range(256):
-                v = get("lag")
-                if v != last:
-                    t = now_ns()
-                    if v == -1:
-                        return {"lags_ns": lags}
-                    lags.append(t - v)
-                    last = v
+            v = get("lag")
+            if v != last:
+                t = now_ns()
+                if v == -1:
+                    return {"lags_ns": lags}
+                lags.append(t - v)
+                last = v
+            sleep(POLL_S)  # a reader that polls, not one that takes a core from the others
         raise TimeoutError("the writer's last put (-1) did not reach this replica")
     finally:
         s.close()
@@ -390,7 +395,13 @@ def _reader(barrier: Any, kind: str, target: Any, keys: int, seconds: float, hot
             r = redis.Redis(host="127.0.0.1", port=target)
         else:
             from redis.cache import CacheConfig  # noqa: PLC0415
+            from redis.connection import CacheProxyConnection  # noqa: PLC0415
 
+            if CSC_FLOOR_ENV in os.environ:
+                # redis-py refuses servers older than 7.4 "to maximize compatibility with
+                # all Redis products"; the tracking it relies on (CLIENT TRACKING, RESP3
+                # invalidation pushes) is in Redis since 6.0. The report says when this is used.
+                CacheProxyConnection.MIN_ALLOWED_VERSION = os.environ[CSC_FLOOR_ENV]
             r = redis.Redis(host="127.0.0.1", port=target, protocol=3,
                             cache_config=CacheConfig(max_size=2 * keys))
             try:
@@ -579,8 +590,10 @@ def markdown(res: dict) -> str:
               "### 3. Reads/s, one reader process", "",
               "| reader | random keys | one hot key | shmstore / this (random) | shmstore / this (hot) |",
               "|---|---:|---:|---:|---:|"]
+    floor = res["settings"].get("csc_version_floor")
     labels = {"shmstore": "shmstore replica `get`", "redis": "redis-py `get` (RESP2)",
-              "redis-csc": "redis-py client-side cache (RESP3)"}
+              "redis-csc": "redis-py client-side cache (RESP3)" + (
+                  f" (its 7.4 server floor lowered to {floor})" if floor else "")}
     for kind, row in res["reads"].items():
         if "skipped" in row:
             lines.append(f"| {labels[kind]} | skipped: {row['skipped']} | | | |")
@@ -620,7 +633,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="keys loaded for the reads, and cycled over by each writer (default 10000)")
     ap.add_argument("--hosts", type=_hosts, default=[1, 2, 4], help="replica counts for the writes (default 1,2,4)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    ap.add_argument("--csc-version-floor", metavar="VERSION", default=None,
+                    help="let redis-py's client-side cache run on a server older than the 7.4 it "
+                         "insists on (e.g. 7.0: Redis has had CLIENT TRACKING since 6.0); the report "
+                         "says so")
     args = ap.parse_args(argv)
+    if args.csc_version_floor:
+        os.environ[CSC_FLOOR_ENV] = args.csc_version_floor
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # so every finally below runs
@@ -633,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {
             "environment": environment(redis_p),
             "settings": {"seconds": args.seconds, "keys": args.keys, "hosts": args.hosts,
+                         "csc_version_floor": args.csc_version_floor,
                          "value_bytes": VALUE_BYTES, "redis_batch": REDIS_BATCH},
             "lag": measure_lag(redis_p, args.seconds, args.keys),
             "writes": measure_writes(redis_p, args.seconds, args.keys, args.hosts),
