@@ -607,6 +607,12 @@ class _Pending:
         self.has_err = has_err
 
 
+#: frames of one client settled per group; the rest wait for the next groups, so that a
+#: client pipelining thousands of writes does not hold another's sync write behind one
+#: huge round trip (measured with scripts/replica_bench.py: see the README)
+MAX_FRAMES = 256
+
+
 class ReplicaApplier(Applier):
     """The applier of a replica: writes go upstream as one round trip per group."""
 
@@ -614,8 +620,28 @@ class ReplicaApplier(Applier):
         super().__init__(**kw)
         self.replica = replica
         self.ops: list[tuple] = []  # the group's upstream ops, in drain order
+        #: client -> (its session, frames taken from its ring but not settled yet)
+        self.backlog: dict[int, tuple[int, list]] = {}
+
+    def _session(self, i: int) -> int:
+        r = self.replies
+        return r.chan.q[r.blocks[i] // 8 + C.C_SESSION]
+
+    def pending_backlog(self) -> list[int]:
+        """Clients with frames waiting (a client whose session ended loses them: it is
+        gone, and they were never acknowledged nor sent)."""
+        for i, (session, _) in list(self.backlog.items()):
+            if self._session(i) != session:
+                del self.backlog[i]
+        return list(self.backlog)
 
     def apply_frames(self, i: int, frames: list, has_err: bool) -> tuple[object, None]:
+        back = self.backlog.pop(i, None)
+        if back is not None:
+            frames = back[1] + frames
+        if len(frames) > MAX_FRAMES and None not in frames:
+            self.backlog[i] = (self._session(i), frames[MAX_FRAMES:])
+            frames = frames[:MAX_FRAMES]
         done = self.replies.done
         out = []
         for payload in frames:

@@ -369,9 +369,12 @@ class CoordinatorServer:
         # neither side's spin could ever win again (each waits for the other to spin).
         spin_ns = int(self.config.spin_us * 1000)
         next_tick = 0.0
+        backlog = getattr(self.applier, "backlog", None)  # a replica's frames taken but not settled
         while not self.stopping:
             # Wait for the doorbell: spin briefly (a wake-up costs ~80 us), then block.
-            if self.cw is not None:
+            if backlog:
+                pass  # frames are waiting already
+            elif self.cw is not None:
                 self._wait_compiled(bell, spin_ns)
             else:
                 got = bell.value > 0
@@ -436,8 +439,9 @@ class CoordinatorServer:
         tails = cl.tails
         served: list[tuple[int, bytes | None, tuple[int, bytes] | None]] = []
         nframes = 0
+        waiting = set(self.applier.pending_backlog()) if self.replica is not None else ()
         for i in list(cl.active):  # a client refused by _drain_client leaves it
-            if heads[i] != tails[i] and i not in self.deferred:  # a deferred client waits
+            if (heads[i] != tails[i] or i in waiting) and i not in self.deferred:  # a deferred client waits
                 reply, err, n = self._drain_client(i)
                 served.append((i, reply, err))
                 nframes += n
@@ -506,6 +510,11 @@ class CoordinatorServer:
         w = base // 8
         ring = base + C.CONTROL
         cw = self.cw
+        if self.replica is not None and i in self.applier.backlog:
+            # Its frames taken before go first; its ring waits (and fills: backpressure).
+            has_err = cq[w + C.C_ERR_TICKET] > cq[w + C.C_ERR_ACK]
+            reply, err = self.applier.apply_frames(i, [], has_err)
+            return reply, err, 0
         if cw is not None:
             # The same walk and checks in C, from an acquire load of HEAD.
             frames, tail, bad = cw.ring_take(ch.mm, w, ring, R, cq[w + C.C_TAIL])

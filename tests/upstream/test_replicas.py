@@ -463,3 +463,54 @@ def test_a_replica_restarts_from_its_checkpoint_without_a_resync(redis_server, s
         assert shmstore.connect(n1).stats().upstream_resyncs == 1
     finally:
         s0.close()
+
+
+def _pipeline(name: str, n: int, out: object) -> None:
+    s = shmstore.connect(name)
+    for i in range(n):
+        s.put("p", i, wait=False)
+        s.put(f"p{i % 100}", i, wait=False)
+    s.flush(timeout=60)
+    out.put(s.get("p"))
+    s.close()
+
+
+def _pipeline_forever(name: str) -> None:
+    s = shmstore.connect(name)
+    i = 0
+    while True:
+        s.put(f"q{i % 1000}", i, wait=False)
+        i += 1
+
+
+def test_a_pipelining_client_is_settled_in_slices_in_order(redis_server, served, dataset):
+    """A client's frames beyond replica.MAX_FRAMES wait for later groups (another
+    client's sync writes go in between): its writes still apply in its order, each
+    once; a client killed with frames waiting costs nobody else anything."""
+    n0, c0 = _serve(served, redis_server.url, dataset, "s0")
+    q = CTX.Queue()
+    n = 3 * replica_mod.MAX_FRAMES + 17
+    p = CTX.Process(target=_pipeline, args=(n0, n, q))
+    killed = CTX.Process(target=_pipeline_forever, args=(n0,))
+    s = shmstore.connect(n0)
+    try:
+        p.start()
+        killed.start()
+        for i in range(50):
+            s.put("sync", i)  # answered while the others' frames wait in slices
+        time.sleep(0.3)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.join()
+        assert q.get(timeout=60) == n - 1
+        p.join(timeout=10)
+        assert s.get("p") == n - 1 and s.get("sync") == 49
+        assert [s.get(f"p{j}") for j in range(100)] == [max(i for i in range(n) if i % 100 == j) for j in range(100)]
+        s.put("after", 1)
+        assert c0.alive() and s.get("after") == 1
+        _wait_converged([n0], redis_server.client(), dataset)
+    finally:
+        for proc in (p, killed):
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        s.close()
