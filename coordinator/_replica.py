@@ -80,6 +80,7 @@ import msgspec
 _encode = msgspec.msgpack.Encoder().encode
 #: seconds between attempts to reach an unreachable upstream, or to resync a stalled replica
 RETRY_S = 0.5
+RETRY_MAX_S = 4.0
 STALLED_RETRY_S = 5.0
 #: entries read per round trip
 READ_COUNT = 1000
@@ -130,6 +131,7 @@ class Replica:
         self.follower_failed = False
         self.need_check = True  # the cursor must be looked up in the upstream first
         self.next_try = 0.0
+        self.retry_delay = 0.0  # seconds to the next check while the upstream is unreachable
         self.stall_reason: str | None = None
         self.thread: threading.Thread | None = None
         #: where the follower reads from (the loop moves it as it applies)
@@ -226,6 +228,7 @@ class Replica:
                     else:
                         self.catch_up(v)
             self.need_check = False
+            self.retry_delay = 0.0
             if self.stall_reason is None:
                 self._state(L.UP_OK)
             return True
@@ -242,7 +245,10 @@ class Replica:
     def _unreachable(self, e: Exception) -> None:
         self.q[L.H_UP_FAILURES] += 1
         self.need_check = True
-        self.next_try = time.monotonic() + RETRY_S
+        # Each check waits up to upstream_timeout when Redis is frozen (not refusing):
+        # back off so the loop (ticks, pings, get_many fallbacks) is not held by it.
+        self.retry_delay = min(RETRY_MAX_S, 2 * self.retry_delay) if self.retry_delay else RETRY_S
+        self.next_try = time.monotonic() + self.retry_delay
         if self.q[L.H_UP_STATE] != L.UP_UNREACHABLE and self.stall_reason is None:
             self._say(f"the upstream cannot be reached ({type(e).__name__}: {e}); reads go on, writes fail")
             self._state(L.UP_UNREACHABLE)
