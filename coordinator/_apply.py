@@ -58,6 +58,21 @@ decode_request = O.decode_request
 _encode = msgspec.msgpack.Encoder().encode
 
 
+def decode_frame(payload: bytes | None) -> O.Request:
+    """A drained frame as a typed op (``None``: a frame that overran the ring).
+
+    Raises:
+        ProtocolError: the frame is not a request (its client is answered with it).
+    """
+    if payload is None:
+        raise ProtocolError("this client's ring words are out of sync with the coordinator (an impossible "
+                            "HEAD, TAIL or frame length); its channel is closed")
+    try:
+        return decode_request(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed request: {str(e)[:200]}") from None
+
+
 class Applier:
     """What each request does to the store (coordinator thread only).
 
@@ -120,12 +135,7 @@ class Applier:
                     continue
             wait = True
             try:
-                if payload is None:
-                    raise ProtocolError("this client's ring words are out of sync with the coordinator (an impossible HEAD, TAIL or frame length); its channel is closed")
-                try:
-                    op = decode_request(payload)
-                except msgspec.DecodeError as e:
-                    raise ProtocolError(f"malformed request: {str(e)[:200]}") from None
+                op = decode_frame(payload)
                 wait = bool(op.wait)
                 result = self.apply(op, payload)
                 status = C.ST_OK

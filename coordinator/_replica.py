@@ -61,7 +61,6 @@ import time
 from shmstore import _channel as C
 from shmstore import _layout as L
 from shmstore._errors import (
-    ProtocolError,
     ReplicaUnsupportedError,
     ShmStoreError,
     StoreFullError,
@@ -72,7 +71,7 @@ from shmstore._errors import (
 from shmstore._ttl import now_ns
 
 from . import _ops as O
-from ._apply import Applier, decode_request
+from ._apply import Applier, decode_frame
 from ._expiry import Expirer
 
 import msgspec
@@ -386,8 +385,8 @@ class Replica:
                 q[L.H_UP_APPLIED] += applied
                 q[L.H_OPS] += applied
                 self._head(last.version)
-                lag = max(0, int(time.time() * 1000) - last.time_ms)
-                q[L.H_UP_LAG_MS] = lag if eng.epoch < q[L.H_UP_HEAD] or lag else 0
+                lag = max(0, int(time.time() * 1000) - last.time_ms)  # the two hosts' clocks
+                q[L.H_UP_LAG_MS] = lag
                 if lag > q[L.H_UP_LAG_MS_MAX]:
                     q[L.H_UP_LAG_MS_MAX] = lag
                 self.follow_from = self.cursor
@@ -662,12 +661,7 @@ class ReplicaApplier(Applier):
     def _prepare(self, ticket: int, payload: bytes | None) -> list:
         wait = True
         try:
-            if payload is None:
-                raise ProtocolError("this client's ring words are out of sync with the coordinator (an impossible HEAD, TAIL or frame length); its channel is closed")
-            try:
-                op = decode_request(payload)
-            except msgspec.DecodeError as e:
-                raise ProtocolError(f"malformed request: {str(e)[:200]}") from None
+            op = decode_frame(payload)
             wait = bool(op.wait)
             t = type(op)
             if t in _REFUSED:

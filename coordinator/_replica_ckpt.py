@@ -41,14 +41,6 @@ def _say(name: str, what: str) -> None:
     print(f"shmstore coordinator: store {name!r} (replica): {what}", file=sys.stderr, flush=True)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load(seg: object, path: str, dataset: str, name: str) -> int | None:
     """Lay the directory's checkpoint into a new, empty segment if it fits; returns the
     cursor's nonce (the cursor is then ``"<H_EPOCH>-<nonce>"``), or None if nothing was
@@ -97,6 +89,7 @@ def write(path: str, dataset: str, snap: object, nonce: int) -> None:
     """Write the checkpoint of ``snap``, then the cursor naming it (each to a temporary
     file, fsynced, renamed). Any thread. Raises OSError."""
     from ._durable._checkpoint import write_checkpoint  # noqa: PLC0415
+    from ._durable._wal import fsync_dir  # noqa: PLC0415
 
     write_checkpoint(path, snap, ckpt_id=1, wal_id=0, name=CKPT)
     tmp = os.path.join(path, CURSOR + ".tmp")
@@ -107,4 +100,4 @@ def write(path: str, dataset: str, snap: object, nonce: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(path, CURSOR))
-    _fsync_dir(path)
+    fsync_dir(path)

@@ -155,7 +155,7 @@ class StoreStats(msgspec.Struct, frozen=True):
     upstream_state: str | None = None  #: "syncing", "ok", "unreachable" or "stalled"
     #: versions the replica is behind the newest it has heard of
     upstream_lag_entries: int = 0
-    #: seconds from the last applied entry's append in Redis to its apply here (0 when caught up)
+    #: seconds from the last applied entry's append in Redis to its apply here (both hosts' clocks)
     upstream_lag: float = 0.0
     upstream_lag_max: float = 0.0
     upstream_resyncs: int = 0  #: reloads of the whole dataset from the upstream's records
