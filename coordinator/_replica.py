@@ -220,6 +220,8 @@ class Replica:
                 if cur != last:
                     if cur == "0-0" and self.engine.epoch == 0 and self.q[L.H_COUNT] == 0 and v == 0:
                         pass  # both new
+                    elif cur == "0-0" and self.engine.epoch == 0 and self.q[L.H_COUNT] == 0:
+                        self.resync(f"a new replica: loading the dataset's records (version {v})")
                     elif cur == "0-0" or self.up.entry(cur) is None:
                         self.resync(f"the upstream's stream does not hold this replica's cursor {cur} "
                                     f"(its newest is {last}): trimmed past it, or Redis lost or replaced "
@@ -468,7 +470,7 @@ class Replica:
         self._state(L.UP_SYNCING)
         eng = self.engine
         q = self.q
-        margin = 1024
+        margin = 16  # versions to spare; a window that adds more keys retries with more
         for attempt in range(8):
             v0, last0 = self.up.head()
             snap: dict[bytes, tuple[int, int, bytes]] = {}
@@ -625,6 +627,8 @@ class ReplicaApplier(Applier):
         super().__init__(**kw)
         self.replica = replica
         self.ops: list[tuple] = []  # the group's upstream ops, in drain order
+        #: keys this group's writes add (counted only once the store is half full)
+        self.new_keys: set[bytes] = set()
         #: client -> (its session, frames taken from its ring but not settled yet)
         self.backlog: dict[int, tuple[int, list]] = {}
 
@@ -704,21 +708,28 @@ class ReplicaApplier(Applier):
         return ("batch", list(op.ops))
 
     def _check_room(self, op: object) -> None:
-        """Refuse a write that would add records to a store already at its capacity
-        (StoreFullError, as a store of its own): the upstream would take it, and this
-        replica could not apply it (a stall). Room in a memory store's size classes is
+        """Refuse a write that would add records to a store already at its capacity,
+        counting the group's earlier inserts (StoreFullError, as a store of its own): the
+        upstream would take it, and this replica could not apply it (a stall). Room in a memory store's size classes is
         not foreseen here: a record that finds none stalls the replica (see the module
         docstring)."""
         e = self.engine
         q = self.seg.q
-        if q[L.H_COUNT] < e.capacity - 64:
+        pending = self.new_keys  # inserts of this group not applied yet
+        if q[L.H_COUNT] + len(pending) < e.capacity - 64:
+            if q[L.H_COUNT] + len(pending) >= e.capacity // 2:
+                pending.update(k for k in self._keys(op) if e.find(k, L.key_hash(k))[1] < 0)
             return
-        keys = [b.key for b in op.ops if type(b) is O.BatchPut] if type(op) is O.Batch else [op.key]
-        new = sum(1 for kb in set(keys) if isinstance(kb, bytes) and kb and e.find(kb, L.key_hash(kb))[1] < 0)
-        if new and q[L.H_COUNT] + new > e.capacity:
+        new = {k for k in self._keys(op) if k not in pending and e.find(k, L.key_hash(k))[1] < 0}
+        if new and q[L.H_COUNT] + len(pending) + len(new) > e.capacity:
             raise StoreFullError(
                 f"store is full: {e.capacity} records, its capacity (a replica holds the whole "
                 f"dataset: serve every replica with a larger capacity=); nothing was written")
+
+    @staticmethod
+    def _keys(op: object) -> set[bytes]:
+        keys = [b.key for b in op.ops if type(b) is O.BatchPut] if type(op) is O.Batch else [op.key]
+        return {kb for kb in keys if isinstance(kb, bytes) and kb}
 
     _COUNTERS = {"put": L.H_PUTS, "delete": L.H_DELETES, "cas": L.H_CAS, "incr": L.H_INCRS, "batch": L.H_BATCHES}
 
@@ -726,6 +737,7 @@ class ReplicaApplier(Applier):
         """Send the group's writes upstream, apply the stream up to them, then answer
         every client's frames in ring order."""
         ops, self.ops = self.ops, []
+        self.new_keys.clear()
         results: list = []
         failure: ShmStoreError | None = None
         if ops:

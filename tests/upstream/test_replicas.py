@@ -514,3 +514,42 @@ def test_a_pipelining_client_is_settled_in_slices_in_order(redis_server, served,
                 proc.kill()
             proc.join()
         s.close()
+
+
+def _new_keys(name: str, seconds: float) -> None:
+    s = shmstore.connect(name)
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        s.put(f"n{i % 8000}", i, wait=False)  # new keys: the resync's window adds some
+        if i % 3 == 0:
+            s.delete(f"n{(i // 2) % 8000}", wait=False)
+        i += 1
+    s.flush()
+    s.close()
+
+
+def test_a_replica_joining_while_another_host_writes_converges(redis_server, served, dataset):
+    """The resync reads the records while they change (HSCAN is not a snapshot): it folds
+    the entries written meanwhile into what it read, fencing past them."""
+    n0, _ = _serve(served, redis_server.url, dataset, "j0")
+    s0 = shmstore.connect(n0)
+    for i in range(2000):
+        s0.put(f"base{i}", i, wait=False)
+    s0.flush()
+    p = CTX.Process(target=_new_keys, args=(n0, 3.0))
+    p.start()
+    try:
+        time.sleep(0.5)
+        names_ = [n0] + [_serve(served, redis_server.url, dataset, f"j{i}")[0] for i in (1, 2)]
+        p.join(timeout=60)
+        assert p.exitcode == 0
+        _wait_converged(names_, redis_server.client(), dataset)
+        recs = [_records(n) for n in names_]
+        assert recs[1] == recs[0] and recs[2] == recs[0]
+        assert len(recs[0]) > 2000
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join()
+        s0.close()
