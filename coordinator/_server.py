@@ -409,8 +409,13 @@ class CoordinatorServer:
                 next_tick = now + TICK
                 self.tick()
             self.watch.service()
-        # Drain what is already queued before going away (graceful stop).
+        # Drain what is already queued before going away (graceful stop), a replica's
+        # frames taken but not settled included (256 a client a group).
         self.serve_group()
+        for _ in range(100_000):
+            if not backlog or not self.applier.pending_backlog():
+                break
+            self.serve_group()
         self.replies.reply_deferred(block=True)
         if self.durable:
             self.journal.checkpoint()  # a clean stop leaves nothing to replay
@@ -567,7 +572,7 @@ class CoordinatorServer:
             if q[L.H_COORD_PID] == os.getpid():
                 q[L.H_COORD_INCARNATION] = 0
                 q[L.H_COORD_PID] = 0
-        replica = self.__dict__.pop("replica", None)
+        replica, self.replica = self.replica, None
         if replica is not None:
             replica.close()  # its last checkpoint, if it keeps one
         if self.replica_dir is not None:

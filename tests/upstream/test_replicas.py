@@ -553,3 +553,63 @@ def test_a_replica_joining_while_another_host_writes_converges(redis_server, ser
             p.kill()
         p.join()
         s0.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["empty-map", "nested-200000", "batch-op-is-a-map", "huge-head"])
+def test_hostile_frames_cost_their_sender_not_the_replica(redis_server, served, dataset, kind):
+    """The replica's applier decodes every frame as the store's own does: a malformed
+    frame, or impossible ring words, cost only their sender; nothing reaches Redis."""
+    from tests.helpers.rawclient import OP_BATCH, ST_ERROR, RawClient, encode, nested_array  # noqa: PLC0415
+    from tests.helpers.processes import wait_for  # noqa: PLC0415
+
+    frames = {"empty-map": encode({}), "nested-200000": nested_array(200_000),
+              "batch-op-is-a-map": encode([OP_BATCH, 1, [{"op": 1}]])}
+    n, coord = _serve(served, redis_server.url, dataset, "x")
+    c = redis_server.client()
+    with shmstore.connect(n, timeout=10) as other:
+        other.put("before", 1)
+        v = int(c.hget(f"{{{dataset}}}:meta", "v"))
+        with RawClient(n) as raw:
+            if kind == "huge-head":
+                raw.fill_ring_with_padding()
+                raw.set_head(2**50)
+                raw.ring()
+            else:
+                ticket = raw.send(frames[kind])
+                wait_for(lambda: raw.done() >= ticket or raw.channel_closed() or not coord.alive(),
+                         timeout=20, what="the replica to take the frame")
+                if not raw.channel_closed():
+                    assert raw.ch.reply()[1] == ST_ERROR
+            assert coord.alive()
+            assert int(c.hget(f"{{{dataset}}}:meta", "v")) == v  # nothing went upstream
+            assert other.put("after", 2, timeout=10) > v
+        assert other.get("after") == 2 and other.get("before") == 1
+
+
+def test_hostile_arguments_are_typed_errors_and_never_reach_redis(redis_server, served, dataset):
+    n, _ = _serve(served, redis_server.url, dataset, "y", key_size=16, value_size=64)
+    c = redis_server.client()
+    s = shmstore.connect(n)
+    try:
+        s.put("k", 1)
+        v = int(c.hget(f"{{{dataset}}}:meta", "v"))
+        for call, err in [
+            (lambda: s.put("x" * 17, 1), shmstore.KeyTooLongError),
+            (lambda: s.put("k", "v" * 100), shmstore.ValueTooLargeError),
+            (lambda: s.put("k", 1, ttl=float("nan")), shmstore.InvalidTTLError),
+            (lambda: s.compare_and_set("k", 2, version=True), shmstore.ShmStoreError),
+            (lambda: s.compare_and_set("k", 2, version=2**64 - 1), shmstore.VersionConflictError),
+            (lambda: s.incr("k", 2**64 - 1), shmstore.ValueEncodingError),
+            (lambda: s.incr("k", True), shmstore.ShmStoreError),
+            (lambda: s.incr("k", 1.5), shmstore.ShmStoreError),
+        ]:
+            with pytest.raises(err):
+                call()
+        assert int(c.hget(f"{{{dataset}}}:meta", "v")) == v  # none of them took a version
+        assert s.get("k") == 1 and s.incr("k", -(2**63)) == 1 - 2**63 and s.incr("k", -1) == -(2**63)
+        with pytest.raises(shmstore.ValueEncodingError):
+            s.incr("k", -1)  # below -2**63: refused in Redis, nothing changed
+        assert s.get("k") == -(2**63)
+    finally:
+        s.close()
