@@ -363,6 +363,13 @@ def validate(config: Any, *, cli: bool = False) -> Any:
     return msgspec.structs.replace(config, **changes)
 
 
+def shown_url(url: str) -> str:
+    """An upstream URL as messages show it: a password in it becomes ``***``."""
+    import re  # noqa: PLC0415
+
+    return re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
+
+
 def _check_replica(config: Any, spell: Spell) -> None:
     """A replica's settings: a URL of a scheme redis-py speaks, a valid dataset name, and
     none of what a replica cannot do (its data is the upstream's)."""

@@ -74,6 +74,7 @@ from shmstore._errors import (
 )
 
 from .. import _ops
+from .._config import shown_url
 from . import Entry
 
 __all__ = ["RedisUpstream"]
@@ -196,7 +197,7 @@ class RedisUpstream:
             raise InvalidArgumentError(f"stream_max must be an int >= 1, not {stream_max!r}")
         self.url, self.name, self.timeout, self.stream_max = url, name, float(timeout), stream_max
         #: the URL as messages show it: a password in it is never shown
-        self.shown_url = re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
+        self.shown_url = shown_url(url)
         #: the entries the last submit appended (see _appended), and the stream's tail before it
         self.appended: list[Entry] = []
         self.appended_after: str | None = None

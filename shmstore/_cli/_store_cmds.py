@@ -126,13 +126,12 @@ def render_stats(stats: shmstore.StoreStats, rates: dict[str, float] | None = No
 
 def replica_of(config: object) -> str:
     """``"; a replica of dataset D at URL"`` (its password not shown), or ``""``."""
+    from shmstore.coordinator._config import shown_url  # noqa: PLC0415
+
     url = getattr(config, "upstream", None)
     if url is None:
         return ""
-    import re  # noqa: PLC0415
-
-    shown = re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
-    return f"; a replica of dataset {config.upstream_name or config.name!r} at {shown}"
+    return f"; a replica of dataset {config.upstream_name or config.name!r} at {shown_url(url)}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
