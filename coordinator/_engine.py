@@ -219,6 +219,12 @@ class Engine:
     def _slot_word(self, slot: int) -> int:
         return self.seg.slot0 + slot * self.seg.slot_words
 
+    def _value_at(self, w: int) -> memoryview:
+        """The value bytes of the slot whose first word is ``w`` (a view of the segment)."""
+        meta = self.q[w + L.S_META]
+        vo = w * 8 + L.SLOT_HEADER + ((meta & 0xFFFF) + 7 & ~7)
+        return self.mv[vo : vo + (meta >> 32)]
+
     def _key_at(self, slot: int) -> bytes:
         w = self._slot_word(slot)
         klen = self.q[w + L.S_META] & 0xFFFF
@@ -364,9 +370,7 @@ class Engine:
         expiry = q[w + L.S_EXPIRY]
         if expiry and expiry <= now_ns():
             return None
-        meta = q[w + L.S_META]
-        vo = w * 8 + L.SLOT_HEADER + ((meta & 0xFFFF) + 7 & ~7)
-        return q[w + L.S_VERSION], bytes(self.mv[vo : vo + (meta >> 32)])
+        return q[w + L.S_VERSION], bytes(self._value_at(w))
 
     def class_for(self, kb: bytes, vb: bytes) -> int:
         """The size class a record of this key and value goes to."""
@@ -599,9 +603,7 @@ class Engine:
             kb = self._key_at(ref)
             version = q[w + L.S_VERSION]
             expiry = q[w + L.S_EXPIRY]
-            meta = q[w + L.S_META]
-            vo = w * 8 + L.SLOT_HEADER + ((meta & 0xFFFF) + 7 & ~7)
-            vb = bytes(self.mv[vo : vo + (meta >> 32)])
+            vb = bytes(self._value_at(w))
             h = key_hash(kb)
             pos, _ = self.find(kb, h)
             new = ring.pop()
@@ -676,8 +678,6 @@ class Engine:
         while self._make_room(self.class_for(kb, vb), old < 0, kb):
             pos, old = self.find(kb, h)
         self._store(kb, h, pos, old, vb, expiry, self.next_epoch(), version)
-        if expiry and expiry < self.next_expiry:
-            self.next_expiry = expiry
 
     def delete(self, kb: bytes) -> bool:
         if self.core is not None:
@@ -740,10 +740,8 @@ class Engine:
         if not self._current_version(old):
             return 0, 0  # missing, or expired: counts from 0 with no expiry
         w = self._slot_word(old)
-        meta = self.q[w + L.S_META]
-        vo = w * 8 + L.SLOT_HEADER + ((meta & 0xFFFF) + 7 & ~7)
         try:
-            return _int_decode(self.mv[vo : vo + (meta >> 32)]), self.q[w + L.S_EXPIRY]
+            return _int_decode(self._value_at(w)), self.q[w + L.S_EXPIRY]
         except msgspec.DecodeError:  # not an int, or not msgpack at all (a raw frame's value)
             raise ValueEncodingError(
                 f"incr on key {_show(kb)[:80]}: the stored value is not an integer"

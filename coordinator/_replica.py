@@ -443,9 +443,7 @@ class Replica:
             if not kb or eng.find(kb, L.key_hash(kb))[1] != ref:
                 continue
             w = eng._slot_word(ref)
-            meta = q[w + L.S_META]
-            vo = w * 8 + L.SLOT_HEADER + ((meta & 0xFFFF) + 7 & ~7)
-            out[kb] = (q[w + L.S_VERSION], q[w + L.S_EXPIRY], bytes(eng.mv[vo : vo + (meta >> 32)]))
+            out[kb] = (q[w + L.S_VERSION], q[w + L.S_EXPIRY], bytes(eng._value_at(w)))
         return out
 
     def _read_range(self, after: str, until: int) -> list:
