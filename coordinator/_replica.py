@@ -199,10 +199,7 @@ class Replica:
         t = self.thread
         if t is not None:
             t.join(timeout=3 * self._timeout() + 1)
-        try:
-            self.up.close()
-        except Exception:  # noqa: BLE001  (closing a dead connection)
-            pass
+        _close_quietly(self.up)
 
     def _timeout(self) -> float:
         return float(getattr(self.up, "timeout", 2.0))
@@ -233,15 +230,20 @@ class Replica:
             if self.stall_reason is None:
                 self._state(L.UP_OK)
             return True
-        except UpstreamError as e:
+        except (ShmStoreError, Stalled) as e:
+            self._trouble(e)
+            return False
+
+    def _trouble(self, e: Exception) -> None:
+        """What a failure means for the state: the upstream unreachable (UpstreamError),
+        an entry that does not fit (Stalled), or the upstream's data unusable (another
+        ShmStoreError: a CorruptionError). Never raised on: the loop must live."""
+        if isinstance(e, UpstreamError):
             self._unreachable(e)
-            return False
-        except Stalled as e:
+        elif isinstance(e, Stalled):
             self._stall(str(e))
-            return False
-        except ShmStoreError as e:  # CorruptionError: the upstream's data does not parse
+        else:
             self._stall(f"the upstream's data cannot be used ({type(e).__name__}: {e.message})")
-            return False
 
     def _unreachable(self, e: Exception) -> None:
         self.q[L.H_UP_FAILURES] += 1
@@ -288,12 +290,8 @@ class Replica:
             try:
                 if newest > self.engine.epoch:  # not this host's own write, applied meanwhile
                     self.catch_up(None)
-            except UpstreamError as e:
-                self._unreachable(e)
-            except Stalled as e:
-                self._stall(str(e))
-            except ShmStoreError as e:  # CorruptionError: the upstream's data does not parse
-                self._stall(f"the upstream's data cannot be used ({type(e).__name__}: {e.message})")
+            except (ShmStoreError, Stalled) as e:
+                self._trouble(e)
         self.consumed.set()
 
     def write_refusal(self) -> ShmStoreError | None:
@@ -336,10 +334,8 @@ class Replica:
                     f"replica {self.name!r}: the upstream took the write (version {top}) but this "
                     f"replica could not read it back ({e.message}); it is applied here once the "
                     f"upstream is reachable") from None
-            except Stalled as e:
-                self._stall(str(e))
-            except ShmStoreError as e:  # CorruptionError: the upstream's data does not parse
-                self._stall(f"the upstream's data cannot be used ({type(e).__name__}: {e.message})")
+            except (ShmStoreError, Stalled) as e:
+                self._trouble(e)
             if self.engine.epoch < top:
                 raise (UpstreamError if self.stall_reason else UpstreamTimeoutError)(
                     f"replica {self.name!r}: the upstream took the write (version {top}) but this "
@@ -534,12 +530,8 @@ class Replica:
             except ShmStoreError:  # unreachable, or an id that does not parse: the loop finds out
                 self.follower_failed = True
                 self._post()
-                if up is not None:
-                    try:
-                        up.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-                    up = None
+                _close_quietly(up)
+                up = None
                 self.stop_event.wait(delay)
                 delay = min(1.0, delay * 2)
                 continue
@@ -548,17 +540,23 @@ class Replica:
                 self.behind = newest
                 self._post()
                 self.consumed.wait(1.0)
-        if up is not None:
-            try:
-                up.close()
-            except Exception:  # noqa: BLE001
-                pass
+        _close_quietly(up)
 
     def _post(self) -> None:
         try:
             self.bell.release()
         except Exception:  # noqa: BLE001  (the channel is being closed)
             pass
+
+
+def _close_quietly(up: object) -> None:
+    """Close an upstream connection that may be dead already (or None)."""
+    if up is None:
+        return
+    try:
+        up.close()
+    except Exception:  # noqa: BLE001  (closing a dead connection)
+        pass
 
 
 def _fold(snap: dict, e: object) -> None:
