@@ -70,6 +70,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import shmstore
+from shmstore._tools._bench._peers import stop_process
 
 CTX = multiprocessing.get_context("fork")
 #: Every value written is this many bytes.
@@ -170,13 +171,7 @@ class RedisProcess:
     def stop(self) -> None:
         with _uninterrupted():
             p, self.proc = self.proc, None
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p)
             shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -114,6 +114,18 @@ def mem_reader_code(system: str) -> str:
     ])
 
 
+def stop_process(p: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, then reap (None: nothing)."""
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 class _Server:
     """A private server process: started in its own session, stopped TERM -> KILL."""
 
@@ -147,17 +159,8 @@ class _Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, then reap. Idempotent."""
-        p = self.proc
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.proc = None
+        p, self.proc = self.proc, None
+        stop_process(p)
 
 
 class MemcachedServer(_Server):
